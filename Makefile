@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ANIML_HOME ?= $(CURDIR)/.animl
+export ANIML_HOME
+
+.PHONY: setup demo test ui bench clean
+
+$(BIN)/animl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/animl  ## create .venv with the animl command and the test tools
+
+demo: setup  ## generate the sample export and materialize every asset for it
+	$(BIN)/animl demo
+
+test: setup  ## the whole test suite (CI runs exactly this)
+	$(BIN)/python -m pytest -n 2 --durations=15
+
+ui: setup  ## the Dagster UI and daemon (sensors, schedules) on http://127.0.0.1:3000
+	mkdir -p $(ANIML_HOME)/dagster
+	test -f $(ANIML_HOME)/dagster/dagster.yaml || cp dagster.yaml $(ANIML_HOME)/dagster/dagster.yaml
+	DAGSTER_HOME=$(ANIML_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml
+
+bench: setup  ## print the benchmark figures
+	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(ANIML_HOME)

@@ -1,0 +1,92 @@
+"""``images``: every image an export references, fetched, verified and listed in a manifest."""
+
+import posixpath
+
+import dagster as dg
+from pydantic import Field
+
+from animl_assets.assets.artifacts import artifact_key, markdown_table, read_csv, write_csv
+from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
+from animl_assets.core.cct import load_cct
+from animl_assets.core.exports import export_key_for
+from animl_assets.core.images import GOOD, STATUSES, ImageRequest, collect_images
+from animl_assets.core.store import Store
+from animl_assets.resources.storage import StoreResource, open_store
+
+IMAGES_ROOT_INFO_KEY = "animl_images_root"
+MANIFEST = "manifest.csv"
+
+
+class ImagesConfig(dg.Config):
+    """Where an export's images come from and how hard to try."""
+
+    images_root: str = Field(
+        default="",
+        description="Local folder or s3://bucket/prefix the export's image keys are relative to. Empty: the "
+                    "export's info.animl_images_root, else the image_source resource, else the export's folder.",
+    )
+    source_key_field: str = Field(
+        default="file_name",
+        description="Image field holding the key in the images root (Animl exports: serving_bucket_key); "
+                    "images without it fall back to file_name.",
+    )
+    workers: int = Field(default=8, ge=1, le=64, description="Parallel fetches.")
+    attempts: int = Field(default=3, ge=1, le=10, description="Tries per image before it is reported bad.")
+
+
+def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_source: StoreResource,
+                         exports: StoreResource) -> Store:
+    """The store the export's image keys are relative to, by the precedence ImagesConfig describes."""
+    info = cct.get("info") if isinstance(cct.get("info"), dict) else {}
+    root = config.images_root or info.get(IMAGES_ROOT_INFO_KEY) or image_source.uri
+    if root:
+        return open_store(root, exports.s3 or image_source.s3)
+    export_folder = posixpath.dirname(export_key_for(partition))
+    store = exports.store()
+    return store.child(export_folder) if export_folder else store
+
+
+@dg.asset(partitions_def=exports_partitions, deps=[cct_export], group_name="ingest", kinds={"jpeg"})
+def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: StoreResource,
+           exports: StoreResource, image_source: StoreResource) -> dg.MaterializeResult:
+    """Each referenced image copied into the artifact store if it decodes; every image in the manifest
+    with its category (good, nonexistent, non_image, truncated, bad). Good images already present are
+    not fetched again."""
+    partition = context.partition_key
+    store = storage.store()
+    cct = load_cct(store.read_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT)))
+    source = resolve_image_source(config, cct, partition, image_source, exports)
+    manifest_key = artifact_key("images", partition, MANIFEST)
+    previous = read_csv(store, manifest_key)
+    already_good = ({} if previous is None else
+                    {row["file_name"]: row for row in previous.to_dict("records") if row["status"] == GOOD})
+    requests = [
+        ImageRequest(str(image["id"]), str(image["file_name"]),
+                     str(image.get(config.source_key_field) or image["file_name"]))
+        for image in cct["images"]
+    ]
+    step = max(1, len(requests) // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            context.log.info(f"images: {done}/{total} checked")
+
+    context.log.info(f"images: {len(requests)} referenced, source {source.uri()}")
+    manifest = collect_images(requests, source, store.child(artifact_key("images", partition, "files")),
+                              already_good=already_good, workers=config.workers, attempts=config.attempts,
+                              on_progress=progress)
+    write_csv(store, manifest_key, manifest)
+    counts = manifest["status"].value_counts()
+    failures = manifest[manifest["status"] != GOOD][["file_name", "status", "error"]]
+    for row in failures.itertuples():
+        context.log.warning(f"image {row.file_name}: {row.status} ({row.error})")
+    return dg.MaterializeResult(
+        metadata={
+            **{f"num_{status}": int(counts.get(status, 0)) for status in STATUSES},
+            "num_fetched": int(manifest["fetched"].sum()),
+            "num_reused": int(((manifest["status"] == GOOD) & ~manifest["fetched"].astype(bool)).sum()),
+            "source": source.uri(),
+            "manifest": store.uri(manifest_key),
+            "failures": markdown_table(failures),
+        }
+    )

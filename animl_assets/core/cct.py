@@ -1,0 +1,176 @@
+"""COCO Camera Traps exports: loading, validation and summaries."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any
+
+import pandas as pd
+
+UNKNOWN_LOCATION = "unknown_location"
+BBOX_TOLERANCE_PX = 1.0  # exporters round box corners; a box may overhang by this much
+CHECKS = ("schema", "unique_ids", "references", "bboxes")
+
+
+class CCTFormatError(ValueError):
+    """The export cannot be read as a COCO Camera Traps JSON object at all."""
+
+
+def load_cct(data: bytes | str) -> dict[str, Any]:
+    """Parse an export; raise CCTFormatError with the position of the fault when it is not a JSON object."""
+    try:
+        cct = json.loads(data)
+    except UnicodeDecodeError as err:
+        raise CCTFormatError(f"export is not UTF-8 text: {err}") from err
+    except json.JSONDecodeError as err:
+        raise CCTFormatError(
+            f"export is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+        ) from err
+    if not isinstance(cct, dict):
+        raise CCTFormatError(f"export must be a JSON object, not {type(cct).__name__}")
+    return cct
+
+
+@dataclass
+class CCTValidation:
+    """Problems found per check (see CHECKS); a check passes when its list is empty."""
+
+    problems: dict[str, list[str]] = field(default_factory=lambda: {name: [] for name in CHECKS})
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.problems.values())
+
+    def add(self, check: str, message: str) -> None:
+        self.problems[check].append(message)
+
+
+def _records(cct: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = cct.get(key)
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, dict)]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_schema(cct: dict[str, Any], report: CCTValidation) -> None:
+    for key in ("images", "annotations", "categories"):
+        if key not in cct:
+            report.add("schema", f"missing top-level key '{key}'")
+        elif not isinstance(cct[key], list):
+            report.add("schema", f"'{key}' must be a list, not {type(cct[key]).__name__}")
+        else:
+            for index, item in enumerate(cct[key]):
+                if not isinstance(item, dict):
+                    report.add("schema", f"{key}[{index}] must be an object, not {type(item).__name__}")
+    for index, image in enumerate(_records(cct, "images")):
+        where = f"images[{index}]"
+        if not _is_id(image.get("id")):
+            report.add("schema", f"{where}: 'id' must be an int or string")
+        if not isinstance(image.get("file_name"), str) or not image.get("file_name"):
+            report.add("schema", f"{where}: 'file_name' must be a non-empty string")
+        for dim in ("width", "height"):
+            if dim in image and not (isinstance(image[dim], int) and image[dim] > 0):
+                report.add("schema", f"{where}: '{dim}' must be a positive integer")
+    for index, ann in enumerate(_records(cct, "annotations")):
+        where = f"annotations[{index}]"
+        for key in ("id", "image_id", "category_id"):
+            if not _is_id(ann.get(key)):
+                report.add("schema", f"{where}: '{key}' must be an int or string")
+        if "bbox" in ann and ann["bbox"] is not None:
+            bbox = ann["bbox"]
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+                report.add("schema", f"{where}: 'bbox' must be [x, y, width, height] numbers")
+    for index, cat in enumerate(_records(cct, "categories")):
+        where = f"categories[{index}]"
+        if not _is_id(cat.get("id")):
+            report.add("schema", f"{where}: 'id' must be an int or string")
+        if not isinstance(cat.get("name"), str) or not cat.get("name"):
+            report.add("schema", f"{where}: 'name' must be a non-empty string")
+
+
+def _check_unique(cct: dict[str, Any], report: CCTValidation) -> None:
+    for key, field_name in (("images", "id"), ("images", "file_name"), ("annotations", "id"),
+                            ("categories", "id"), ("categories", "name")):
+        values = [item.get(field_name) for item in _records(cct, key) if field_name in item]
+        for value, count in Counter(map(str, values)).items():
+            if count > 1:
+                report.add("unique_ids", f"{key}.{field_name} {value!r} occurs {count} times")
+
+
+def _check_references(cct: dict[str, Any], report: CCTValidation) -> None:
+    image_ids = {str(image.get("id")) for image in _records(cct, "images")}
+    category_ids = {str(cat.get("id")) for cat in _records(cct, "categories")}
+    for ann in _records(cct, "annotations"):
+        if str(ann.get("image_id")) not in image_ids:
+            report.add("references", f"annotation {ann.get('id')!r} points at missing image {ann.get('image_id')!r}")
+        if str(ann.get("category_id")) not in category_ids:
+            report.add("references",
+                       f"annotation {ann.get('id')!r} points at missing category {ann.get('category_id')!r}")
+
+
+def _check_bboxes(cct: dict[str, Any], report: CCTValidation) -> None:
+    images = {str(image.get("id")): image for image in _records(cct, "images")}
+    for ann in _records(cct, "annotations"):
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+            continue  # absent boxes are fine (empty images); malformed ones are schema problems
+        x, y, w, h = bbox
+        where = f"annotation {ann.get('id')!r} bbox {bbox}"
+        if w < 0 or h < 0 or x < 0 or y < 0:
+            report.add("bboxes", f"{where} has a negative coordinate or size")
+            continue
+        image = images.get(str(ann.get("image_id")))
+        if image is None or not all(isinstance(image.get(d), int) for d in ("width", "height")):
+            continue
+        if x + w > image["width"] + BBOX_TOLERANCE_PX or y + h > image["height"] + BBOX_TOLERANCE_PX:
+            report.add("bboxes", f"{where} reaches outside its {image['width']}x{image['height']} image")
+
+
+def validate_cct(cct: dict[str, Any]) -> CCTValidation:
+    """Run every check in CHECKS over a parsed export; never raises on malformed content."""
+    report = CCTValidation()
+    for check in (_check_schema, _check_unique, _check_references, _check_bboxes):
+        check(cct, report)
+    return report
+
+
+def image_location(image: dict[str, Any]) -> str:
+    """An image's location as a string; missing or blank locations become UNKNOWN_LOCATION."""
+    location = image.get("location")
+    if location is None or str(location).strip() == "":
+        return UNKNOWN_LOCATION
+    return str(location)
+
+
+def category_location_table(cct: dict[str, Any]) -> pd.DataFrame:
+    """Annotation counts with one row per category name and one column per location."""
+    categories = {str(cat.get("id")): str(cat.get("name")) for cat in _records(cct, "categories")}
+    locations = {str(image.get("id")): image_location(image) for image in _records(cct, "images")}
+    rows = [
+        (categories.get(str(ann.get("category_id")), "?"), locations.get(str(ann.get("image_id")), "?"))
+        for ann in _records(cct, "annotations")
+    ]
+    frame = pd.DataFrame(rows, columns=["category", "location"])
+    return pd.crosstab(frame["category"], frame["location"]) if rows else frame
+
+
+def summarize_cct(cct: dict[str, Any]) -> dict[str, int]:
+    """Counts of images, annotations, categories and distinct locations."""
+    images = _records(cct, "images")
+    return {
+        "images": len(images),
+        "annotations": len(_records(cct, "annotations")),
+        "categories": len(_records(cct, "categories")),
+        "locations": len({image_location(image) for image in images}),
+    }

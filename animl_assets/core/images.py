@@ -1,0 +1,136 @@
+"""Fetching and verifying the images an export references.
+
+Every image ends in one of the categories of MegaDetector's ``analyze_failed_images.py``:
+good, nonexistent, non_image, truncated or bad.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from animl_assets.core.paths import UnsafePathError, safe_relative_path
+from animl_assets.core.store import Store
+
+GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD = "good", "nonexistent", "non_image", "truncated", "bad"
+STATUSES = (GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD)
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """The outcome of decoding one image file completely."""
+
+    status: str
+    error: str = ""
+    width: int | None = None
+    height: int | None = None
+    mode: str = ""
+    orientation: int = 1
+
+
+def verify_image(data: bytes) -> ImageCheck:
+    """Decode ``data`` fully and say whether it is a usable image, and if not, which kind of failure."""
+    if not data:
+        return ImageCheck(NON_IMAGE, "empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            orientation = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+            return ImageCheck(GOOD, "", image.width, image.height, image.mode, orientation)
+    except UnidentifiedImageError:
+        return ImageCheck(NON_IMAGE, "not a recognised image format")
+    except OSError as err:
+        status = TRUNCATED if "truncat" in str(err).lower() else BAD
+        return ImageCheck(status, f"{type(err).__name__}: {err}")
+    except Exception as err:  # noqa: BLE001 - any decoder fault is a bad image, never a crashed run
+        return ImageCheck(BAD, f"{type(err).__name__}: {err}")
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to make available: its id, its file name in the export and its key in the source."""
+
+    image_id: str
+    file_name: str
+    source_key: str
+
+
+MANIFEST_COLUMNS = ["image_id", "file_name", "status", "error", "bytes", "width", "height", "mode",
+                    "orientation", "fetched"]
+
+
+def _fetch(source: Store, key: str, attempts: int, backoff_s: float) -> bytes:
+    for attempt in range(1, attempts + 1):
+        try:
+            return source.read_bytes(key)
+        except (FileNotFoundError, UnsafePathError):
+            raise
+        except Exception:  # noqa: BLE001 - transient transport faults are retried, then reported
+            if attempt == attempts:
+                raise
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def collect_images(
+    requests: Iterable[ImageRequest],
+    source: Store,
+    dest: Store,
+    *,
+    already_good: dict[str, dict] | None = None,
+    workers: int = 8,
+    attempts: int = 3,
+    backoff_s: float = 0.2,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> pd.DataFrame:
+    """Copy each requested image from ``source`` to ``<file_name>`` in ``dest`` if it decodes.
+
+    ``already_good`` maps file names verified by an earlier run to their manifest row; those still
+    present in ``dest`` with the recorded size are neither fetched nor decoded again. Returns the manifest:
+    one row per request (MANIFEST_COLUMNS), in request order. Only good images are written.
+    """
+    already_good = already_good or {}
+    requests = list(requests)
+    done = 0
+
+    def handle(request: ImageRequest) -> dict:
+        row = {"image_id": request.image_id, "file_name": request.file_name, "bytes": None, "fetched": False}
+        try:
+            relative = safe_relative_path(request.file_name)
+            safe_relative_path(request.source_key)
+        except UnsafePathError as err:
+            return row | asdict(ImageCheck(BAD, f"rejected: {err}"))
+        earlier = already_good.get(request.file_name)
+        if earlier is not None:
+            present = dest.stat(relative)
+            if present is not None and present.size == earlier.get("bytes"):
+                return {**earlier, **row, "bytes": present.size, "status": GOOD, "error": ""}
+        try:
+            data = _fetch(source, request.source_key, attempts, backoff_s)
+        except FileNotFoundError:
+            return row | asdict(ImageCheck(NONEXISTENT, f"not found in {source.uri(request.source_key)}"))
+        except Exception as err:  # noqa: BLE001
+            return row | asdict(ImageCheck(BAD, f"fetch failed after {attempts} attempts: {err}"))
+        check = verify_image(data)
+        if check.status == GOOD:
+            dest.write_bytes(relative, data)
+        return row | asdict(check) | {"bytes": len(data), "fetched": True}
+
+    def tracked(request: ImageRequest) -> dict:
+        nonlocal done
+        row = handle(request)
+        done += 1
+        if on_progress is not None:
+            on_progress(done, len(requests))
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        rows = list(pool.map(tracked, requests))
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

@@ -1,0 +1,31 @@
+"""Relative paths taken from untrusted input (export file names, object keys)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class UnsafePathError(ValueError):
+    """A name that would land outside the folder it is meant for."""
+
+
+def safe_relative_path(name: str) -> str:
+    """Return ``name`` as a normalised POSIX relative path, or raise UnsafePathError.
+
+    Rejects empty names, absolute paths, drive letters, backslash separators that hide ``..``,
+    NUL bytes and any ``..`` component, so the result can be joined under a root safely.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UnsafePathError(f"empty file name {name!r}")
+    if "\x00" in name:
+        raise UnsafePathError(f"file name {name!r} contains a NUL byte")
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or _DRIVE.match(posix):
+        raise UnsafePathError(f"file name {name!r} is absolute; it must be relative to the images root")
+    parts = [part for part in PurePosixPath(posix).parts if part not in ("", ".")]
+    if not parts or ".." in parts:
+        raise UnsafePathError(f"file name {name!r} escapes the images folder")
+    return "/".join(parts)

@@ -1,0 +1,160 @@
+"""A small, deterministic, real COCO Camera Traps export for demos and tests.
+
+Four animal classes a classifier can tell apart (each has its own colour, shape and texture),
+several locations with their own backdrop, boxes of varied size and aspect (some touching the
+borders, some images with two animals), empty images, and a few deliberately awkward files:
+CMYK, grayscale and EXIF-rotated JPEGs (valid), plus zero-byte, truncated, non-image and missing
+files (broken).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SPECIES = ("deer", "fox", "raccoon", "turkey")
+CATEGORIES = [{"id": 0, "name": "empty"}] + [{"id": i + 1, "name": name} for i, name in enumerate(SPECIES)]
+LOCATIONS = ("ridge", "creek", "meadow", "pines", "quarry")
+BACKDROPS = {"ridge": (96, 110, 70), "creek": (70, 100, 110), "meadow": (120, 140, 60),
+             "pines": (40, 70, 45), "quarry": (130, 120, 110)}
+EXPORT_NAME = "sample_export.json"
+BROKEN = ("zero_byte", "truncated", "not_an_image", "missing")
+ODD_BUT_VALID = ("cmyk", "grayscale", "exif_rotated")
+
+
+@dataclass(frozen=True)
+class SampleExport:
+    """Where the generated export lies and what it holds."""
+
+    path: Path
+    images: int
+    annotations: int
+    broken_files: tuple[str, ...]
+
+
+def _backdrop(rng: np.random.Generator, size: tuple[int, int], location: str) -> Image.Image:
+    width, height = size
+    base = np.array(BACKDROPS[location], dtype=np.float32)
+    noise = rng.normal(0, 18, (height, width, 1)).astype(np.float32)
+    gradient = np.linspace(-25, 25, height, dtype=np.float32)[:, None, None]
+    pixels = np.clip(base + noise + gradient, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _draw_animal(draw: ImageDraw.ImageDraw, species: str, box: tuple[int, int, int, int]) -> None:
+    x, y, w, h = box
+    x1, y1 = x + w - 1, y + h - 1
+    if species == "deer":  # brown body with white spots
+        draw.ellipse((x, y, x1, y1), fill=(140, 90, 40))
+        for i in range(1, 4):
+            cx, cy = x + w * i // 4, y + h // 3
+            r = max(1, min(w, h) // 12)
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(240, 235, 220))
+    elif species == "fox":  # orange wedge with a white tail tip
+        draw.polygon([(x, y1), (x1, y1), ((x + x1) // 2, y)], fill=(230, 110, 20))
+        r = max(1, min(w, h) // 8)
+        draw.ellipse((x1 - 2 * r, y1 - 2 * r, x1, y1), fill=(250, 250, 250))
+    elif species == "raccoon":  # grey body with black rings
+        draw.rectangle((x, y, x1, y1), fill=(120, 120, 125))
+        for i in range(4):
+            sx = x + (2 * i + 1) * w // 9
+            draw.rectangle((sx, y, sx + max(1, w // 9), y1), fill=(20, 20, 20))
+    else:  # turkey: dark body, red head, blue fan
+        draw.ellipse((x, y, x1, y1), fill=(35, 30, 45))
+        draw.pieslice((x, y, x1, y + h), 200, 340, fill=(40, 60, 200))
+        r = max(1, min(w, h) // 7)
+        draw.ellipse((x + w // 2 - r, y, x + w // 2 + r, y + 2 * r), fill=(210, 30, 30))
+
+
+def _random_box(rng: np.random.Generator, width: int, height: int, border: str | None) -> list[int]:
+    w = int(rng.uniform(0.12, 0.55) * width)
+    aspect = rng.uniform(0.5, 2.0)
+    h = int(min(max(8, w / aspect), height * 0.8))
+    x = int(rng.integers(0, width - w + 1))
+    y = int(rng.integers(0, height - h + 1))
+    x = {"left": 0, "right": width - w}.get(border, x)
+    y = {"top": 0, "bottom": height - h}.get(border, y)
+    return [x, y, w, h]
+
+
+def _jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_and_location: int = 3,
+                        size: tuple[int, int] = (640, 480)) -> SampleExport:
+    """Write ``sample_export.json`` and its JPEGs (file names relative to ``out_dir``) deterministically."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    images, annotations, files = [], [], {}
+    borders = [None, "left", "right", "top", "bottom", None]
+
+    def add_image(file_name: str, location: str, pixels: Image.Image, boxes: list[tuple[int, list[int]]],
+                  data: bytes | None = None) -> None:
+        image_id = f"img{len(images):04d}"
+        images.append({"id": image_id, "file_name": file_name, "width": pixels.width, "height": pixels.height,
+                       "location": location, "datetime": f"2024-06-{1 + len(images) % 28:02d} 12:00:00",
+                       "seq_id": f"seq{len(images):04d}", "frame_num": 0})
+        for category_id, bbox in boxes:
+            annotations.append({"id": f"ann{len(annotations):04d}", "image_id": image_id,
+                                "category_id": category_id, "bbox": bbox})
+        files[file_name] = _jpeg(pixels) if data is None else data
+
+    for location in LOCATIONS:
+        for category_id, species in enumerate(SPECIES, start=1):
+            for index in range(images_per_class_and_location):
+                width, height = size if index % 3 != 2 else size[::-1]  # some portrait frames
+                pixels = _backdrop(rng, (width, height), location)
+                draw = ImageDraw.Draw(pixels)
+                count = 2 if rng.random() < 0.25 else 1
+                boxes = []
+                for _ in range(count):
+                    bbox = _random_box(rng, width, height, borders[int(rng.integers(len(borders)))])
+                    _draw_animal(draw, species, tuple(bbox))
+                    boxes.append((category_id, bbox))
+                add_image(f"{location}/{species}_{index:03d}.jpg", location, pixels, boxes)
+        add_image(f"{location}/empty_000.jpg", location, _backdrop(rng, size, location), [(0, None)])
+
+    # Valid but awkward encodings: each has one deer at a known box in display coordinates.
+    for odd in ODD_BUT_VALID:
+        pixels = _backdrop(rng, size, "meadow")
+        bbox = [200, 150, 180, 120]
+        _draw_animal(ImageDraw.Draw(pixels), "deer", tuple(bbox))
+        if odd == "cmyk":
+            data = _jpeg(pixels.convert("CMYK"))
+        elif odd == "grayscale":
+            data = _jpeg(pixels.convert("L"))
+        else:  # stored rotated; EXIF orientation 6 asks viewers to rotate 90° clockwise back
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            data = _jpeg(pixels.transpose(Image.Transpose.ROTATE_90), exif=exif)
+        add_image(f"odd/{odd}.jpg", "meadow", pixels, [(1, bbox)], data)
+
+    # Broken files, each annotated so that its loss is reported downstream.
+    good = _jpeg(_backdrop(rng, size, "quarry"))
+    broken_data = {"zero_byte": b"", "truncated": good[: len(good) // 2],
+                   "not_an_image": b"this is a text file, not a JPEG\n"}
+    for name in BROKEN:
+        pixels = Image.new("RGB", size)
+        add_image(f"broken/{name}.jpg", "quarry", pixels, [(2, [10, 10, 100, 80])], broken_data.get(name))
+        if name == "missing":
+            files.pop(f"broken/{name}.jpg")
+
+    for file_name, data in files.items():
+        target = out_dir / file_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    export = {
+        "info": {"version": "1.0", "description": "animl-assets synthetic sample export", "seed": seed},
+        "images": images, "annotations": annotations, "categories": CATEGORIES,
+    }
+    path = out_dir / EXPORT_NAME
+    path.write_text(json.dumps(export, indent=1))
+    return SampleExport(path, len(images), len(annotations), tuple(f"broken/{n}.jpg" for n in BROKEN))

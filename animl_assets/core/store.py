@@ -1,0 +1,47 @@
+"""The file store protocol the core works against: local folders and S3 prefixes alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One listed file: its key relative to the store root, its size and last-modified time."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+class Store(Protocol):
+    """A folder of files addressed by relative POSIX keys (a local directory or an S3 prefix)."""
+
+    def uri(self, key: str = "") -> str:
+        """Where ``key`` lives, as a path or ``s3://`` URI."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes:
+        """The file's bytes; FileNotFoundError when it does not exist."""
+        ...
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write atomically: readers see the old file or the whole new one, never a part."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def stat(self, key: str) -> StoredFile | None:
+        """Size and mtime of ``key``, or None when it does not exist."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[StoredFile]:
+        """Every file under ``prefix``, recursively."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+
+    def child(self, prefix: str) -> "Store":
+        """The store rooted at ``prefix`` below this one."""
+        ...

@@ -1,0 +1,106 @@
+"""Shared fixtures: a sample export, a real Dagster instance in a temp dir, and moto's S3 server over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+import boto3
+import dagster as dg
+import pytest
+
+from animl_assets.core.exports import partition_key_for
+from animl_assets.core.sample import EXPORT_NAME, write_sample_export
+from animl_assets.definitions import INGEST_JOB, build_definitions
+from animl_assets.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+ENA24 = REPO.parent / "shared" / "data" / "ena24_small"
+
+
+@pytest.fixture(scope="session")
+def ena24_dir() -> Path:
+    if not ENA24.is_dir():
+        pytest.skip(f"shared test data not found at {ENA24}")
+    return ENA24
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """The generated sample export (read-only for tests; copy it before changing it)."""
+    out = tmp_path_factory.mktemp("sample")
+    write_sample_export(out)
+    return out
+
+
+@pytest.fixture()
+def animl_home(tmp_path) -> Path:
+    return tmp_path / "animl"
+
+
+@pytest.fixture()
+def settings(animl_home) -> Settings:
+    return Settings.from_env({"ANIML_HOME": str(animl_home)})
+
+
+@pytest.fixture()
+def instance(tmp_path):
+    """A real, persistent DagsterInstance (SQLite) configured by the project's dagster.yaml."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        yield instance
+
+
+def add_export(settings: Settings, instance: dg.DagsterInstance, source: Path, folder: str = "sample") -> str:
+    """Copy an export folder (JSON + images beside it) into the local exports location; register it."""
+    shutil.copytree(source, Path(settings.exports_uri) / folder)
+    partition = partition_key_for(f"{folder}/{EXPORT_NAME}")
+    instance.add_dynamic_partitions("exports", [partition])
+    return partition
+
+
+def run_ingest(settings: Settings, instance: dg.DagsterInstance, partition: str, run_config=None):
+    """Materialize the per-export job through the Definitions for one partition."""
+    defs = build_definitions(settings)
+    return defs.resolve_job_def(INGEST_JOB).execute_in_process(
+        partition_key=partition, instance=instance, run_config=run_config or {}, raise_on_error=False
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    """moto's S3 server listening on 127.0.0.1; boto3 talks to it over real HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_client(moto_endpoint):
+    return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture()
+def bucket(s3_client) -> str:
+    """A fresh bucket per test, created by the test itself."""
+    name = f"animl-test-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,89 @@
+import copy
+import json
+
+import pytest
+
+from animl_assets.core.cct import (UNKNOWN_LOCATION, CCTFormatError, category_location_table, load_cct,
+                                   summarize_cct, validate_cct)
+
+GOOD = {
+    "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80, "location": 7},
+               {"id": "b", "file_name": "b.jpg", "width": 100, "height": 80}],
+    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 90, 70]},
+                    {"id": 2, "image_id": "b", "category_id": 0}],
+    "categories": [{"id": 0, "name": "empty"}, {"id": 1, "name": "deer"}],
+}
+
+
+def problems(cct):
+    return {name: items for name, items in validate_cct(cct).problems.items() if items}
+
+
+def test_valid_export_passes_every_check():
+    assert validate_cct(GOOD).ok
+    assert summarize_cct(GOOD) == {"images": 2, "annotations": 2, "categories": 2, "locations": 2}
+
+
+@pytest.mark.parametrize("data, message", [
+    (b'{"images": [', "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"\xff\xfe\x00", "not"),
+    (b"", "not valid JSON"),
+])
+def test_unreadable_exports_raise_a_clear_error(data, message):
+    with pytest.raises(CCTFormatError, match=message):
+        load_cct(data)
+
+
+def test_missing_and_mistyped_keys_fail_schema():
+    cct = {"images": {"not": "a list"}, "categories": [{"id": 1}],
+           "annotations": [{"id": 1, "image_id": None, "category_id": 1, "bbox": [1, 2]}]}
+    found = problems(cct)["schema"]
+    assert "'images' must be a list, not dict" in found
+    assert any("categories[0]: 'name'" in p for p in found)
+    assert any("annotations[0]: 'image_id'" in p for p in found)
+    assert any("'bbox' must be [x, y, width, height]" in p for p in found)
+    assert "missing top-level key 'annotations'" in problems({"images": [], "categories": []})["schema"]
+
+
+def test_duplicate_ids_and_file_names_are_reported():
+    cct = copy.deepcopy(GOOD)
+    cct["images"].append({"id": 1, "file_name": "a.jpg", "width": 5, "height": 5})
+    cct["categories"].append({"id": 2, "name": "deer"})
+    found = problems(cct)["unique_ids"]
+    assert "images.id '1' occurs 2 times" in found
+    assert "images.file_name 'a.jpg' occurs 2 times" in found
+    assert "categories.name 'deer' occurs 2 times" in found
+
+
+def test_dangling_references_are_reported():
+    cct = copy.deepcopy(GOOD)
+    cct["annotations"].append({"id": 3, "image_id": 99, "category_id": 5})
+    found = problems(cct)
+    assert set(found) == {"references"}
+    assert found["references"] == ["annotation 3 points at missing image 99",
+                                   "annotation 3 points at missing category 5"]
+
+
+@pytest.mark.parametrize("bbox, ok", [
+    ([0, 0, 100, 80], True), ([0.5, 0.5, 100, 80], True),  # within the 1 px rounding tolerance
+    ([10, 10, 95, 10], False), ([10, 75, 10, 10], False), ([-3, 0, 10, 10], False), ([0, 0, -1, 5], False),
+])
+def test_boxes_must_lie_inside_their_image(bbox, ok):
+    cct = copy.deepcopy(GOOD)
+    cct["annotations"][0]["bbox"] = bbox
+    assert ("bboxes" not in problems(cct)) is ok
+
+
+def test_category_by_location_table_counts_annotations():
+    table = category_location_table(GOOD)
+    assert table.loc["deer", "7"] == 1
+    assert table.loc["empty", UNKNOWN_LOCATION] == 1
+
+
+def test_sample_export_is_valid(sample_dir):
+    cct = load_cct((sample_dir / "sample_export.json").read_bytes())
+    assert validate_cct(cct).ok
+    summary = summarize_cct(cct)
+    assert summary["categories"] == 5 and summary["locations"] >= 4
+    assert json.loads((sample_dir / "sample_export.json").read_text())["info"]["seed"] == 0
