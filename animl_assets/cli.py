@@ -44,8 +44,9 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
     else:
         folder, _, name = source_uri.rpartition("/")
         cct = load_cct(open_store(folder, exports_resource.s3).read_bytes(name))
-        info = cct.setdefault("info", {}) if isinstance(cct.get("info"), dict) else cct.setdefault("info", {})
-        info["animl_images_root"] = images_root or folder
+        if not isinstance(cct.get("info"), dict):
+            cct["info"] = {}
+        cct["info"]["animl_images_root"] = images_root or folder
         export_key = name
         exports.write_bytes(export_key, json.dumps(cct).encode())
     partition = partition_key_for(export_key)
@@ -55,13 +56,13 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
     return partition
 
 
-def materialize_export(partition: str) -> bool:
+def materialize_export(settings: Settings, partition: str) -> bool:
     """Run the per-export job for one partition through the Definitions; True when it succeeded."""
     import dagster as dg
 
-    from animl_assets.definitions import INGEST_JOB, defs
+    from animl_assets.definitions import INGEST_JOB, build_definitions
 
-    job = defs.resolve_job_def(INGEST_JOB)
+    job = build_definitions(settings).resolve_job_def(INGEST_JOB)
     result = job.execute_in_process(partition_key=partition, instance=dg.DagsterInstance.get(),
                                     run_config=QUIET_LOGS, raise_on_error=False)
     for event in result.all_events:
@@ -93,7 +94,7 @@ def run_demo(settings: Settings) -> int:
     partition = register_export(settings, str(export_dir / EXPORT_NAME))
     print(f"      partition: {partition}")
     print("[3/3] materializing cct_export -> images")
-    ok = materialize_export(partition)
+    ok = materialize_export(settings, partition)
     print(f"\n{'done' if ok else 'FAILED'} in {time.perf_counter() - started:.1f}s")
     print(f"artifacts:    {settings.storage_uri}")
     print(f"dagster home: {os.environ['DAGSTER_HOME']}")
@@ -117,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("demo", help="sample export -> register -> materialize, all under ANIML_HOME")
     args = parser.parse_args(argv)
 
-    settings = Settings.from_env()
+    try:
+        return _run(args, Settings.from_env())
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, no traceback
+        print(f"animl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "sample-export":
         from animl_assets.core.sample import write_sample_export
 
@@ -130,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "register":
         partition = register_export(settings, args.path_or_uri, args.images_root)
         print(f"registered partition {partition!r}")
-        return 0 if args.no_run else (0 if materialize_export(partition) else 1)
-    return 0 if materialize_export(args.partition) else 1
+        return 0 if args.no_run else (0 if materialize_export(settings, partition) else 1)
+    return 0 if materialize_export(settings, args.partition) else 1
 
 
 if __name__ == "__main__":

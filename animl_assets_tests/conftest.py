@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -104,3 +105,6 @@ def bucket(s3_client) -> str:
     name = f"animl-test-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log drowns test failures

@@ -1,0 +1,133 @@
+"""cct_export and images materialized through the Definitions with a real DagsterInstance."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from animl_assets.core.sample import BROKEN, EXPORT_NAME
+from animl_assets.settings import Settings
+from animl_assets_tests.conftest import add_export, run_ingest
+
+
+def materialization(result, asset: str):
+    events = result.asset_materializations_for_node(asset)
+    assert len(events) == 1, f"{asset} was not materialized"
+    return {key: value.value for key, value in events[0].metadata.items()}
+
+
+def manifest(settings: Settings, partition: str) -> pd.DataFrame:
+    return pd.read_csv(Path(settings.storage_uri) / "images" / partition / "manifest.csv", keep_default_na=False)
+
+
+def test_sample_export_is_validated_and_every_image_accounted_for(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    result = run_ingest(settings, instance, partition)
+    assert result.success
+    export_meta = materialization(result, "cct_export")
+    assert export_meta["num_images"] == 72 and export_meta["num_locations"] == 5
+    assert "| deer" in export_meta["category_by_location"]
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"schema": True, "unique_ids": True, "references": True, "bboxes": True}
+
+    images_meta = materialization(result, "images")
+    assert images_meta["num_good"] == 68 and images_meta["num_fetched"] == 71
+    assert (images_meta["num_non_image"], images_meta["num_truncated"], images_meta["num_nonexistent"]) == (2, 1, 1)
+    for name in BROKEN:
+        assert f"broken/{name}.jpg" in images_meta["failures"]
+    table = manifest(settings, partition)
+    assert len(table) == 72
+    files = Path(settings.storage_uri) / "images" / partition / "files"
+    for row in table[table["status"] == "good"].itertuples():  # no good image lost, byte for byte
+        assert (files / row.file_name).read_bytes() == (sample_dir / row.file_name).read_bytes()
+    assert (Path(settings.storage_uri) / "cct_export" / partition / "export.json").read_bytes() == \
+        (sample_dir / EXPORT_NAME).read_bytes()
+
+
+def test_rerun_fetches_nothing_already_verified(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    assert run_ingest(settings, instance, partition).success
+    second = run_ingest(settings, instance, partition)
+    meta = materialization(second, "images")
+    assert meta["num_good"] == 68 and meta["num_reused"] == 68
+    assert meta["num_fetched"] == 3  # only the broken-but-present files are looked at again
+
+
+def write_export(settings: Settings, instance, cct, name="bad") -> str:
+    exports = Path(settings.exports_uri)
+    exports.mkdir(parents=True, exist_ok=True)
+    (exports / f"{name}.json").write_text(cct if isinstance(cct, str) else json.dumps(cct))
+    instance.add_dynamic_partitions("exports", [name])
+    return name
+
+
+def test_malformed_json_fails_with_a_clear_error(settings, instance):
+    partition = write_export(settings, instance, '{"images": [')
+    result = run_ingest(settings, instance, partition)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "is malformed: export is not valid JSON" in failure.event_specific_data.error.message
+    assert not result.asset_materializations_for_node("images")
+
+
+def test_dangling_references_block_images(settings, instance, tmp_path):
+    cct = {"images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
+           "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [0, 0, 20, 5]}],
+           "categories": [{"id": 0, "name": "empty"}]}
+    partition = write_export(settings, instance, cct)
+    result = run_ingest(settings, instance, partition)
+    assert not result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["references"].passed and checks["references"].metadata["problems"].value == 2
+    assert checks["schema"].passed and checks["bboxes"].passed  # image 2 is unknown: no box to check
+    assert "annotation 1 points at missing image 2" in checks["references"].metadata["examples"].value
+    assert result.asset_materializations_for_node("cct_export")
+    assert not result.asset_materializations_for_node("images")  # the blocking check held it back
+
+
+def test_path_traversal_in_export_is_rejected_and_nothing_escapes(settings, instance, tmp_path):
+    images_root = tmp_path / "images"
+    images_root.mkdir()
+    (tmp_path / "secret.jpg").write_bytes(b"must never be copied")
+    cct = {"images": [{"id": 1, "file_name": "../secret.jpg"}, {"id": 2, "file_name": "/etc/hostname"},
+                      {"id": 3, "file_name": "C:/x.jpg"}],
+           "annotations": [], "categories": [{"id": 0, "name": "empty"}]}
+    partition = write_export(settings, instance, cct)
+    result = run_ingest(settings, instance, partition,
+                        {"ops": {"images": {"config": {"images_root": str(images_root)}}}})
+    assert result.success
+    meta = materialization(result, "images")
+    assert meta["num_bad"] == 3 and meta["num_good"] == 0
+    table = manifest(settings, partition)
+    assert table["error"].str.startswith("rejected").all()
+    written = list((Path(settings.storage_uri) / "images").rglob("*.jpg"))
+    assert written == []
+
+
+@pytest.mark.slow
+def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, bucket, tmp_path, instance, sample_dir):
+    """Exports, artifacts and images all in S3 (moto over HTTP); images found by serving_bucket_key."""
+    cct = json.loads((sample_dir / EXPORT_NAME).read_text())
+    for image in cct["images"]:
+        image["serving_bucket_key"] = f"serving/{image['id']}.jpg"
+        path = sample_dir / image["file_name"]
+        if path.exists():
+            s3_client.put_object(Bucket=bucket, Key=f"images/{image['serving_bucket_key']}", Body=path.read_bytes())
+    s3_client.put_object(Bucket=bucket, Key="exports/animl/project1.json", Body=json.dumps(cct).encode())
+    settings = Settings.from_env({
+        "ANIML_HOME": str(tmp_path / "home"), "ANIML_STORAGE_URI": f"s3://{bucket}/artifacts",
+        "ANIML_EXPORTS_URI": f"s3://{bucket}/exports", "ANIML_IMAGES_URI": f"s3://{bucket}/images",
+        "ANIML_S3_ENDPOINT_URL": moto_endpoint,
+    })
+    instance.add_dynamic_partitions("exports", ["animl/project1"])
+    result = run_ingest(settings, instance, "animl/project1",
+                        {"ops": {"images": {"config": {"source_key_field": "serving_bucket_key", "workers": 4}}}})
+    assert result.success
+    meta = materialization(result, "images")
+    assert meta["num_good"] == 68 and meta["num_nonexistent"] == 1
+    assert meta["source"] == f"s3://{bucket}/images"
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/images/animl/project1/files/")
+    assert listed["KeyCount"] == 68
+    body = s3_client.get_object(Bucket=bucket, Key="artifacts/images/animl/project1/manifest.csv")["Body"].read()
+    assert body.startswith(b"image_id,file_name,status")
