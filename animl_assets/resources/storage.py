@@ -1,7 +1,6 @@
 """Stores for artifacts, exports and images: a local folder, or an S3 prefix through dagster-aws."""
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -9,10 +8,9 @@ import dagster as dg
 from botocore.exceptions import ClientError
 from dagster_aws.s3 import S3Resource
 
+from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.paths import safe_relative_path
 from animl_assets.core.store import Store, StoredFile
-
-TEMP_PREFIX = ".tmp-"
 
 
 def _join(prefix: str, key: str) -> str:
@@ -39,16 +37,7 @@ class LocalStore:
         return path.read_bytes()
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(key), data)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -1,0 +1,305 @@
+"""Square (or tight) crops of MegaDetector boxes, with the reference geometry, at full machine speed.
+
+One decode per image for all its boxes (libjpeg-turbo through simplejpeg for ordinary JPEGs, Pillow
+for everything else), EXIF orientation applied before boxes are mapped, worker processes for the
+decode-bound part, and a manifest so that a re-run decodes only images whose crops are missing or
+whose source or boxes changed. This module imports neither torch nor Dagster: workers start light.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from animl_assets.core.files import atomic_write
+from animl_assets.core.paths import UnsafePathError, safe_relative_path
+
+MANIFEST = "crops.csv"
+MANIFEST_COLUMNS = ["crop", "file", "detection_index", "category", "conf", "bbox", "square",
+                    "width", "height", "source_size", "source_mtime_ns"]
+JPEG_MAGIC = b"\xff\xd8"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_EXIF_TRANSPOSES = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1),
+}
+
+
+def detector_tag(detector: str) -> str:
+    """``info.detector`` made filesystem-safe: its base name, other characters than [A-Za-z0-9._-] as '_'."""
+    base = re.split(r"[\\/]", detector.strip())[-1]
+    return _UNSAFE.sub("_", base).strip("._") or "detector"
+
+
+def crop_name(file: str, index: int, detector: str) -> str:
+    """``<file>___crop<NN>_<detector>.jpg``, NN the box's index among the image's detections."""
+    return f"{file}___crop{index:02d}_{detector_tag(detector)}.jpg"
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Where to cut: ``left, top, width, height`` in pixels (may reach past the image, which reads
+    as black, as Pillow's crop does) and ``side``, the square's side to pad to (0 for tight crops)."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+    side: int
+
+
+def crop_box(image_width: int, image_height: int, bbox: list[float], square: bool) -> CropBox | None:
+    """The reference geometry of crop_detections.py; None for a zero-size box.
+
+    Unlike the reference, a box that is zero pixels wide or high is skipped in square mode too
+    (the reference would square it into a crop of a line).
+    """
+    x, y = int(bbox[0] * image_width), int(bbox[1] * image_height)
+    w, h = int(bbox[2] * image_width), int(bbox[3] * image_height)
+    if w == 0 or h == 0:
+        return None
+    side = 0
+    if square:
+        side = max(w, h)
+        x = max(0, min(x - int((side - w) / 2), image_width - w))
+        y = max(0, min(y - int((side - h) / 2), image_height - h))
+        w, h = min(image_width, side), min(image_height, side)
+    return CropBox(x, y, w, h, side)
+
+
+def cut(pixels: np.ndarray, box: CropBox) -> np.ndarray:
+    """The crop as an RGB array, black where the box reaches past the image, padded to a centred
+    square as ``ImageOps.pad(color=0)`` does when the clipped crop is not square."""
+    height, width = pixels.shape[:2]
+    out = np.zeros((box.height, box.width, 3), dtype=np.uint8)
+    x0, y0 = max(box.left, 0), max(box.top, 0)
+    x1, y1 = min(box.left + box.width, width), min(box.top + box.height, height)
+    if x1 > x0 and y1 > y0:
+        out[y0 - box.top:y1 - box.top, x0 - box.left:x1 - box.left] = pixels[y0:y1, x0:x1]
+    if not box.side or box.width == box.height:
+        return out
+    if box.width < box.side and box.height < box.side:  # only for boxes beyond the image: let Pillow scale
+        return np.asarray(ImageOps.pad(Image.fromarray(out), (box.side, box.side), color=0))
+    square = np.zeros((box.side, box.side, 3), dtype=np.uint8)
+    left, top = round((box.side - box.width) * 0.5), round((box.side - box.height) * 0.5)
+    square[top:top + box.height, left:left + box.width] = out
+    return square
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits instead of clipping
+        wide = np.asarray(image, dtype=np.uint32)
+        return Image.fromarray((wide >> 8 if wide.max() > 255 else wide).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(data: bytes) -> np.ndarray:
+    """Decode to an upright RGB array: EXIF orientation applied, any mode (CMYK, L, P, RGBA, 16-bit)
+    converted. Ordinary JPEGs go through libjpeg-turbo directly, with the same pixels as Pillow."""
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        orientation = image.getexif().get(0x0112, 1)
+        if data[:2] == JPEG_MAGIC and image.mode in ("RGB", "L"):
+            import simplejpeg
+
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        else:
+            image.load()
+            pixels = np.asarray(_to_rgb(image))
+    transpose = _EXIF_TRANSPOSES.get(orientation)
+    return np.ascontiguousarray(transpose(pixels)) if transpose else pixels
+
+
+def encode_jpeg(pixels: np.ndarray) -> bytes:
+    """JPEG bytes as the reference's ``crop.save(path)`` writes them (Pillow defaults, quality 75)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def failure_category(error: BaseException) -> str:
+    """analyze_failed_images.py's category for an error raised while reading or decoding an image."""
+    if isinstance(error, FileNotFoundError):
+        return "nonexistent"
+    if isinstance(error, UnidentifiedImageError) or "not a jpeg" in str(error).lower():
+        return "non_image"
+    if "truncat" in str(error).lower() or "premature end" in str(error).lower():
+        return "truncated"
+    return "bad"
+
+
+@dataclass
+class CropReport:
+    """What a crop run did: images seen, crops made and reused, zero-size boxes, and each failed image
+    with its category (``failures``) and message (``errors``)."""
+
+    images: int = 0
+    crops: int = 0
+    reused: int = 0
+    zero_size: int = 0
+    images_decoded: int = 0
+    seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Task:
+    file: str
+    source: str
+    crops_dir: str
+    boxes: tuple[tuple[int, str, float, tuple[float, ...]], ...]  # (index, category, conf, bbox)
+    square: bool
+    detector: str
+    previous: tuple[tuple[str, Any], ...]  # crop name -> earlier manifest row, for this image
+
+
+def _row(task: _Task, index: int, category: str, conf: float, bbox: tuple, size: tuple[int, int],
+         stat: os.stat_result) -> dict[str, Any]:
+    return {"crop": crop_name(task.file, index, task.detector), "file": task.file, "detection_index": index,
+            "category": category, "conf": conf, "bbox": json.dumps(list(bbox)), "square": task.square,
+            "width": size[0], "height": size[1], "source_size": stat.st_size,
+            "source_mtime_ns": stat.st_mtime_ns}
+
+
+def _crop_image(task: _Task) -> dict[str, Any]:
+    """Worker: crop every box of one image that is missing or stale. Never raises."""
+    result: dict[str, Any] = {"file": task.file, "rows": [], "made": 0, "reused": 0, "zero": 0, "decoded": False}
+    try:
+        stat = os.stat(task.source)
+        previous = dict(task.previous)
+        todo = []
+        for index, category, conf, bbox in task.boxes:
+            name = crop_name(task.file, index, task.detector)
+            earlier = previous.get(name)
+            fresh = (earlier is not None and earlier["bbox"] == json.dumps(list(bbox))
+                     and str(earlier["square"]) == str(task.square)
+                     and int(earlier["source_size"]) == stat.st_size
+                     and int(earlier["source_mtime_ns"]) == stat.st_mtime_ns
+                     and os.path.exists(os.path.join(task.crops_dir, name)))
+            if fresh:
+                result["rows"].append(dict(earlier))
+                result["reused"] += 1
+            else:
+                todo.append((index, category, conf, bbox, name))
+        if not todo:
+            return result
+        with open(task.source, "rb") as handle:
+            pixels = load_rgb(handle.read())
+        result["decoded"] = True
+        height, width = pixels.shape[:2]
+        for index, category, conf, bbox, name in todo:
+            box = crop_box(width, height, list(bbox), task.square)
+            if box is None:
+                result["zero"] += 1
+                continue
+            crop = cut(pixels, box)
+            atomic_write(os.path.join(task.crops_dir, name), encode_jpeg(crop))
+            result["rows"].append(_row(task, index, category, conf, bbox, (crop.shape[1], crop.shape[0]), stat))
+            result["made"] += 1
+    except Exception as err:  # noqa: BLE001 - one bad image never aborts the run
+        result["failure"] = failure_category(err)
+        result["error"] = f"{type(err).__name__}: {err}"
+        result["rows"] = []
+    return result
+
+
+def read_manifest(crops_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The crop manifest a previous run left in ``crops_dir`` (empty when there is none)."""
+    path = Path(crops_dir) / MANIFEST
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_manifest(crops_dir: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda row: row["crop"]))
+    atomic_write(crops_dir / MANIFEST, buffer.getvalue().encode())
+
+
+def _tasks(detections: dict[str, Any], images_dir: Path, crops_dir: Path, threshold: float, square: bool,
+           previous: dict[str, dict], report: CropReport) -> Iterable[_Task]:
+    animal = {k for k, v in detections.get("detection_categories", {}).items() if v == "animal"}
+    detector = str(detections.get("info", {}).get("detector") or "unknown")
+    for image in detections.get("images", []):
+        file = image.get("file")
+        boxes = tuple(
+            (index, det["category"], float(det.get("conf", 1.0)), tuple(det["bbox"]))
+            for index, det in enumerate(image.get("detections") or [])
+            if det.get("category") in animal and float(det.get("conf", 1.0)) >= threshold
+        )
+        if not boxes:
+            continue  # images without animal boxes at the threshold (and failed detections) have no crops
+        report.images += 1
+        try:
+            relative = safe_relative_path(file)
+        except UnsafePathError as err:
+            report.failures[str(file)], report.errors[str(file)] = "bad", f"rejected: {err}"
+            continue
+        names = {crop_name(relative, index, detector) for index, *_ in boxes}
+        yield _Task(relative, str(images_dir / relative), str(crops_dir), boxes, square, detector,
+                    tuple((name, previous[name]) for name in sorted(names & previous.keys())))
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[str],
+                    crops_dir: str | os.PathLike[str], *, threshold: float = 0.0, square: bool = True,
+                    workers: int | None = None) -> CropReport:
+    """Crop every ``animal`` box at or above ``threshold`` in MegaDetector batch output ``detections``.
+
+    Images are read from ``images_dir/<file>``; crops go to ``crops_dir/<file>___cropNN_<detector>.jpg``
+    with a manifest (``crops.csv``). A re-run only decodes images whose crops are missing or whose
+    source or boxes changed. ``workers`` processes (default: all cores; 1 runs in this process).
+    """
+    started = time.perf_counter()
+    images_dir, crops_dir = Path(images_dir), Path(crops_dir)
+    crops_dir.mkdir(parents=True, exist_ok=True)
+    report = CropReport()
+    previous = {row["crop"]: row for row in read_manifest(crops_dir)}
+    tasks = list(_tasks(detections, images_dir, crops_dir, threshold, square, previous, report))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+    if workers == 1:
+        results = map(_crop_image, tasks)
+    else:
+        pool = _pool(workers)
+        results = pool.map(_crop_image, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 4))))
+    try:
+        for result in results:
+            report.rows.extend(result["rows"])
+            report.crops += result["made"]
+            report.reused += result["reused"]
+            report.zero_size += result["zero"]
+            report.images_decoded += result["decoded"]
+            if "failure" in result:
+                report.failures[result["file"]] = result["failure"]
+                report.errors[result["file"]] = result["error"]
+    finally:
+        if workers > 1:
+            pool.shutdown()
+    _write_manifest(crops_dir, report.rows)
+    report.seconds = time.perf_counter() - started
+    return report
