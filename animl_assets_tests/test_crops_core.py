@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from animl_assets.core.crops import MANIFEST, crop_box, crop_detections, crop_name, cut, detector_tag, load_rgb
+from animl_assets.core.crops import MANIFEST, _draft_factor, crop_box, crop_detections, crop_name, cut, detector_tag, load_rgb
 from animl_assets_tests.images_testdata import BROKEN, jpeg
 
 
@@ -191,3 +191,40 @@ def test_real_camera_trap_images_crop_in_parallel(ena24_dir, tmp_path):
             assert crop.mode == "RGB" and crop.width == crop.height
     assert os.path.getsize(tmp_path / "crops" / MANIFEST) > 0
     shutil.rmtree(tmp_path / "crops")
+
+
+def test_process_workers_give_the_same_crops(workdir, tmp_path):
+    images, crops = workdir
+    md = md_for({"loc/a.jpg": [("1", 0.9, [0.1, 0.1, 0.3, 0.3])], "loc/b.jpg": [("1", 0.9, [0.6, 0.2, 0.3, 0.1])],
+                 "zero.jpg": [("1", 0.9, [0.1, 0.1, 0.3, 0.3])]})
+    threads = crop_detections(md, images, crops, workers=2)
+    processes = crop_detections(md, images, tmp_path / "by_process", workers=2, executor="processes")
+    assert processes.failures == threads.failures == {"zero.jpg": "non_image"}
+    for row in threads.rows:
+        assert (crops / row["crop"]).read_bytes() == (tmp_path / "by_process" / row["crop"]).read_bytes()
+    with pytest.raises(ValueError, match="executor"):
+        crop_detections(md, images, tmp_path / "x", workers=2, executor="fibers")
+
+
+def test_draft_factor_keeps_every_crop_at_least_max_side():
+    boxes = [(0.1, 0.1, 0.3, 0.3), (0.5, 0.5, 0.2, 0.1)]  # smallest crop side: 0.2 * 2048 = 409 px
+    assert _draft_factor((2048, 1536), boxes, 224) == 1
+    assert _draft_factor((2048, 1536), boxes, 100) == 4
+    assert _draft_factor((2048, 1536), boxes, 50) == 8
+    assert _draft_factor((2048, 1536), boxes, None) == 1
+
+
+def test_max_side_decodes_scaled_and_shrinks_crops(ena24_dir, tmp_path):
+    md = json.loads((ena24_dir / "md_annotations.json").read_text())
+    md["images"] = md["images"][:4]
+    full = crop_detections(md, ena24_dir, tmp_path / "full", workers=1)
+    small = crop_detections(md, ena24_dir, tmp_path / "small", workers=1, max_side=128)
+    for row_full, row_small in zip(full.rows, small.rows):
+        assert max(int(row_small["width"]), int(row_small["height"])) == 128
+        assert int(row_full["width"]) > 128
+        with Image.open(tmp_path / "full" / row_full["crop"]) as a, Image.open(tmp_path / "small" / row_small["crop"]) as b:
+            thumbs = [np.asarray(x.resize((32, 32), Image.Resampling.BOX), dtype=np.int16) for x in (a, b)]
+            assert np.abs(thumbs[0] - thumbs[1]).mean() < 6  # the same content, only smaller
+    # changing max_side is a change: everything is cropped again
+    again = crop_detections(md, ena24_dir, tmp_path / "small", workers=1, max_side=64)
+    assert again.crops == small.crops and again.reused == 0

@@ -1,9 +1,12 @@
 """Square (or tight) crops of MegaDetector boxes, with the reference geometry, at full machine speed.
 
 One decode per image for all its boxes (libjpeg-turbo through simplejpeg for ordinary JPEGs, Pillow
-for everything else), EXIF orientation applied before boxes are mapped, worker processes for the
-decode-bound part, and a manifest so that a re-run decodes only images whose crops are missing or
-whose source or boxes changed. This module imports neither torch nor Dagster: workers start light.
+for everything else), EXIF orientation applied before boxes are mapped, parallel workers for the
+decode-bound part (threads by default: libjpeg-turbo and Pillow's encoder release the GIL, so threads
+scale without process start-up; processes on request), and a manifest so that a re-run decodes only
+images whose crops are missing or whose source or boxes changed. Opt-in: ``max_side`` decodes JPEGs
+DCT-scaled (draft mode) when every crop stays at least that large, and shrinks crops to it.
+This module imports neither torch nor Dagster: workers start light.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import multiprocessing
 import os
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,7 +31,7 @@ from animl_assets.core.paths import UnsafePathError, safe_relative_path
 
 MANIFEST = "crops.csv"
 MANIFEST_COLUMNS = ["crop", "file", "detection_index", "category", "conf", "bbox", "square",
-                    "width", "height", "source_size", "source_mtime_ns"]
+                    "width", "height", "source_size", "source_mtime_ns", "max_side"]
 JPEG_MAGIC = b"\xff\xd8"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _EXIF_TRANSPOSES = {
@@ -106,16 +109,31 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(data: bytes) -> np.ndarray:
+def _draft_factor(size: tuple[int, int], boxes: Iterable[tuple], max_side: int | None) -> int:
+    """The coarsest DCT scale (1, 2, 4, 8) at which every box's crop keeps a side of ``max_side``."""
+    if not max_side:
+        return 1
+    sides = [max(int(b[2] * size[0]), int(b[3] * size[1])) for b in boxes]
+    smallest = min(sides, default=0)
+    return next((f for f in (8, 4, 2) if smallest // f >= max_side), 1)
+
+
+def load_rgb(data: bytes, *, boxes: Iterable[tuple] = (), max_side: int | None = None) -> np.ndarray:
     """Decode to an upright RGB array: EXIF orientation applied, any mode (CMYK, L, P, RGBA, 16-bit)
-    converted. Ordinary JPEGs go through libjpeg-turbo directly, with the same pixels as Pillow."""
+    converted. Ordinary JPEGs go through libjpeg-turbo directly, with the same pixels as Pillow.
+    With ``max_side``, JPEGs are decoded DCT-scaled as far as the normalized ``boxes`` allow."""
     with Image.open(io.BytesIO(data)) as image:  # reads the header only
         orientation = image.getexif().get(0x0112, 1)
+        upright = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size
+        factor = _draft_factor(upright, boxes, max_side) if image.format == "JPEG" else 1
         if data[:2] == JPEG_MAGIC and image.mode in ("RGB", "L"):
             import simplejpeg
 
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=factor,
+                                            min_width=image.width // factor, min_height=image.height // factor)
         else:
+            if factor > 1:
+                image.draft("RGB", (image.width // factor, image.height // factor))
             image.load()
             pixels = np.asarray(_to_rgb(image))
     transpose = _EXIF_TRANSPOSES.get(orientation)
@@ -165,6 +183,7 @@ class _Task:
     square: bool
     detector: str
     previous: tuple[tuple[str, Any], ...]  # crop name -> earlier manifest row, for this image
+    max_side: int | None = None
 
 
 def _row(task: _Task, index: int, category: str, conf: float, bbox: tuple, size: tuple[int, int],
@@ -172,7 +191,7 @@ def _row(task: _Task, index: int, category: str, conf: float, bbox: tuple, size:
     return {"crop": crop_name(task.file, index, task.detector), "file": task.file, "detection_index": index,
             "category": category, "conf": conf, "bbox": json.dumps(list(bbox)), "square": task.square,
             "width": size[0], "height": size[1], "source_size": stat.st_size,
-            "source_mtime_ns": stat.st_mtime_ns}
+            "source_mtime_ns": stat.st_mtime_ns, "max_side": task.max_side or ""}
 
 
 def _crop_image(task: _Task) -> dict[str, Any]:
@@ -187,6 +206,7 @@ def _crop_image(task: _Task) -> dict[str, Any]:
             earlier = previous.get(name)
             fresh = (earlier is not None and earlier["bbox"] == json.dumps(list(bbox))
                      and str(earlier["square"]) == str(task.square)
+                     and str(earlier.get("max_side") or "") == str(task.max_side or "")
                      and int(earlier["source_size"]) == stat.st_size
                      and int(earlier["source_mtime_ns"]) == stat.st_mtime_ns
                      and os.path.exists(os.path.join(task.crops_dir, name)))
@@ -198,7 +218,7 @@ def _crop_image(task: _Task) -> dict[str, Any]:
         if not todo:
             return result
         with open(task.source, "rb") as handle:
-            pixels = load_rgb(handle.read())
+            pixels = load_rgb(handle.read(), boxes=[bbox for *_, bbox, _ in todo], max_side=task.max_side)
         result["decoded"] = True
         height, width = pixels.shape[:2]
         for index, category, conf, bbox, name in todo:
@@ -207,6 +227,10 @@ def _crop_image(task: _Task) -> dict[str, Any]:
                 result["zero"] += 1
                 continue
             crop = cut(pixels, box)
+            if task.max_side and max(crop.shape[:2]) > task.max_side:
+                crop = np.asarray(Image.fromarray(crop).resize(
+                    (max(1, crop.shape[1] * task.max_side // max(crop.shape[:2])),
+                     max(1, crop.shape[0] * task.max_side // max(crop.shape[:2]))), Image.Resampling.BILINEAR))
             atomic_write(os.path.join(task.crops_dir, name), encode_jpeg(crop))
             result["rows"].append(_row(task, index, category, conf, bbox, (crop.shape[1], crop.shape[0]), stat))
             result["made"] += 1
@@ -235,7 +259,7 @@ def _write_manifest(crops_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _tasks(detections: dict[str, Any], images_dir: Path, crops_dir: Path, threshold: float, square: bool,
-           previous: dict[str, dict], report: CropReport) -> Iterable[_Task]:
+           max_side: int | None, previous: dict[str, dict], report: CropReport) -> Iterable[_Task]:
     animal = {k for k, v in detections.get("detection_categories", {}).items() if v == "animal"}
     detector = str(detections.get("info", {}).get("detector") or "unknown")
     for image in detections.get("images", []):
@@ -255,10 +279,14 @@ def _tasks(detections: dict[str, Any], images_dir: Path, crops_dir: Path, thresh
             continue
         names = {crop_name(relative, index, detector) for index, *_ in boxes}
         yield _Task(relative, str(images_dir / relative), str(crops_dir), boxes, square, detector,
-                    tuple((name, previous[name]) for name in sorted(names & previous.keys())))
+                    tuple((name, previous[name]) for name in sorted(names & previous.keys())), max_side)
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
+def _pool(workers: int, executor: str) -> Executor:
+    if executor == "threads":
+        return ThreadPoolExecutor(max_workers=workers)
+    if executor != "processes":
+        raise ValueError(f"executor must be 'threads' or 'processes', not {executor!r}")
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if context.get_start_method() == "forkserver":
@@ -268,24 +296,27 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[str],
                     crops_dir: str | os.PathLike[str], *, threshold: float = 0.0, square: bool = True,
-                    workers: int | None = None) -> CropReport:
+                    workers: int | None = None, executor: str = "threads",
+                    max_side: int | None = None) -> CropReport:
     """Crop every ``animal`` box at or above ``threshold`` in MegaDetector batch output ``detections``.
 
     Images are read from ``images_dir/<file>``; crops go to ``crops_dir/<file>___cropNN_<detector>.jpg``
     with a manifest (``crops.csv``). A re-run only decodes images whose crops are missing or whose
-    source or boxes changed. ``workers`` processes (default: all cores; 1 runs in this process).
+    source or boxes changed. ``workers`` (default: all cores; 1 runs in this thread) are threads or,
+    with ``executor="processes"``, processes. ``max_side`` (opt-in, not pixel-identical to the
+    reference): DCT-scaled JPEG decoding, crops shrunk to at most that side.
     """
     started = time.perf_counter()
     images_dir, crops_dir = Path(images_dir), Path(crops_dir)
     crops_dir.mkdir(parents=True, exist_ok=True)
     report = CropReport()
     previous = {row["crop"]: row for row in read_manifest(crops_dir)}
-    tasks = list(_tasks(detections, images_dir, crops_dir, threshold, square, previous, report))
+    tasks = list(_tasks(detections, images_dir, crops_dir, threshold, square, max_side, previous, report))
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     if workers == 1:
         results = map(_crop_image, tasks)
     else:
-        pool = _pool(workers)
+        pool = _pool(workers, executor)
         results = pool.map(_crop_image, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 4))))
     try:
         for result in results:
