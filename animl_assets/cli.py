@@ -93,7 +93,7 @@ def run_demo(settings: Settings) -> int:
     print("[2/3] registering it as a partition of 'exports'")
     partition = register_export(settings, str(export_dir / EXPORT_NAME))
     print(f"      partition: {partition}")
-    print("[3/3] materializing cct_export -> images")
+    print("[3/3] materializing cct_export -> images -> md_detections -> crops")
     ok = materialize_export(settings, partition)
     print(f"\n{'done' if ok else 'FAILED'} in {time.perf_counter() - started:.1f}s")
     print(f"artifacts:    {settings.storage_uri}")

@@ -14,7 +14,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """Local folders under ANIML_HOME by default; any location may be an s3:// URI instead."""
     s3 = S3Resource(endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region)
     return {
-        "storage": StoreResource(uri=settings.storage_uri, s3=s3),
+        "storage": StoreResource(uri=settings.storage_uri, s3=s3, cache_dir=str(settings.home / "cache")),
         "exports": StoreResource(uri=settings.exports_uri, s3=s3),
         "image_source": StoreResource(uri=settings.images_uri, s3=s3),
     }
@@ -25,7 +25,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     ingest_job = dg.define_asset_job(
         INGEST_JOB, selection=dg.AssetSelection.assets(*PER_EXPORT_ASSETS),
-        description="Validate one export and make its images available.",
+        description="Validate one export, make its images available, detect and crop its animals.",
     )
     return dg.Definitions(
         assets=PER_EXPORT_ASSETS,

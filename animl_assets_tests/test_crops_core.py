@@ -4,6 +4,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -228,3 +230,9 @@ def test_max_side_decodes_scaled_and_shrinks_crops(ena24_dir, tmp_path):
     # changing max_side is a change: everything is cropped again
     again = crop_detections(md, ena24_dir, tmp_path / "small", workers=1, max_side=64)
     assert again.crops == small.crops and again.reused == 0
+
+
+def test_crop_module_starts_light():
+    code = "import sys, animl_assets.core.crops; print(sorted({'torch', 'dagster'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

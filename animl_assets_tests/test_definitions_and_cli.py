@@ -18,9 +18,9 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     defs = build_definitions()
     repo = defs.get_repository_def()
-    assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} >= {"cct_export", "images"}
+    assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {"cct_export", "images", "md_detections", "crops"}
     assert repo.has_job(INGEST_JOB) and repo.has_sensor_def("new_exports")
-    assert len(defs.resolve_asset_graph().asset_check_keys) == 4
+    assert len(defs.resolve_asset_graph().asset_check_keys) == 5
     storage = defs.resources["storage"]
     assert storage.uri == str(tmp_path / ".animl" / "artifacts")
     assert isinstance(storage.store(), LocalStore)

@@ -29,7 +29,7 @@ def test_sample_export_is_validated_and_every_image_accounted_for(settings, inst
     assert export_meta["num_images"] == 72 and export_meta["num_locations"] == 5
     assert "| deer" in export_meta["category_by_location"]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"schema": True, "unique_ids": True, "references": True, "bboxes": True}
+    assert checks == {"schema": True, "unique_ids": True, "references": True, "bboxes": True, "md_format": True}
 
     images_meta = materialization(result, "images")
     assert images_meta["num_good"] == 68 and images_meta["num_fetched"] == 71
@@ -131,3 +131,13 @@ def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, buck
     assert listed["KeyCount"] == 68
     body = s3_client.get_object(Bucket=bucket, Key="artifacts/images/animl/project1/manifest.csv")["Body"].read()
     assert body.startswith(b"image_id,file_name,status")
+    # detections and crops on S3 too: the crops are published under the artifacts prefix
+    assert materialization(result, "crops")["num_crops"] == 83
+    crops = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/crops/animl/project1/", MaxKeys=1000)
+    keys = [item["Key"].removeprefix("artifacts/crops/animl/project1/") for item in crops["Contents"]]
+    assert {"crops.csv", "failures.csv", "contact_sheet.png"} <= set(keys)
+    assert sum(key.endswith("_cct_to_md.jpg") for key in keys) == 83
+    rerun = run_ingest(settings, instance, "animl/project1",
+                       {"ops": {"images": {"config": {"source_key_field": "serving_bucket_key"}}}})
+    assert materialization(rerun, "crops")["num_reused_crops"] == 83
+    assert materialization(rerun, "crops")["uploaded"] == 0

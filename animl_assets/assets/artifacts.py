@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
+from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
+from animl_assets.resources.storage import LocalStore
 
 
 def artifact_key(asset: str, partition: str | None, name: str) -> str:
@@ -44,3 +48,34 @@ def markdown_table(frame: pd.DataFrame, limit: int = 50) -> dg.MetadataValue:
     if len(frame) > limit:
         text += f"\n\n_… and {len(frame) - limit} more rows_"
     return dg.MetadataValue.md(text)
+
+
+def local_folder(store: Store, cache_dir: Path) -> Path:
+    """A local folder holding ``store``'s files: the folder itself for a local store, else ``cache_dir``
+    synced from it (files already there with the same size are not downloaded again)."""
+    if isinstance(store, LocalStore):
+        return store.root
+    for item in store.list():
+        target = cache_dir / item.key
+        if not (target.is_file() and target.stat().st_size == item.size):
+            atomic_write(target, store.read_bytes(item.key))
+    return cache_dir
+
+
+def publish(folder: Path, store: Store) -> int:
+    """Upload the files of ``folder`` that ``store`` lacks or holds at another size; returns how many."""
+    if isinstance(store, LocalStore) and store.root == folder:
+        return 0
+    present = {item.key: item.size for item in store.list()}
+    uploaded = 0
+    for path in sorted(folder.rglob("*")):
+        key = path.relative_to(folder).as_posix()
+        if path.is_file() and not path.name.startswith(TEMP_PREFIX) and present.get(key) != path.stat().st_size:
+            store.write_bytes(key, path.read_bytes())
+            uploaded += 1
+    return uploaded
+
+
+def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
+    """A PNG shown inline in the Dagster UI."""
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")

@@ -1,11 +1,25 @@
-"""The pure domain core: formats, images, exports. No Dagster imports here."""
+"""The pure domain core: formats, images, detections, crops. No Dagster imports here.
 
-from animl_assets.core.cct import CCTFormatError, CCTValidation, load_cct, summarize_cct, validate_cct
-from animl_assets.core.images import ImageCheck, ImageRequest, collect_images, verify_image
-from animl_assets.core.paths import UnsafePathError, safe_relative_path
-from animl_assets.core.sample import write_sample_export
+Names are loaded on first use, so that importing one module (a crop worker importing
+``animl_assets.core.crops``, say) does not import the others.
+"""
 
-__all__ = [
-    "CCTFormatError", "CCTValidation", "ImageCheck", "ImageRequest", "UnsafePathError", "collect_images",
-    "load_cct", "safe_relative_path", "summarize_cct", "validate_cct", "verify_image", "write_sample_export",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "CCTFormatError": "cct", "CCTValidation": "cct", "load_cct": "cct", "summarize_cct": "cct",
+    "validate_cct": "cct",
+    "ImageCheck": "images", "ImageRequest": "images", "collect_images": "images", "verify_image": "images",
+    "UnsafePathError": "paths", "safe_relative_path": "paths",
+    "write_sample_export": "sample",
+    "cct_to_md": "megadetector", "validate_batch_output": "megadetector", "merge_detections": "megadetector",
+    "upgrade_batch_output": "megadetector",
+    "CropReport": "crops", "crop_detections": "crops",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -207,19 +207,33 @@ def upgrade_batch_output(md: dict[str, Any]) -> dict[str, Any]:
 def merge_detections(ground_truth: dict[str, Any], detector: dict[str, Any]) -> dict[str, Any]:
     """One batch output: the detector's images plus the export's boxes, which win for the same file.
 
-    Category tables are united; the detector's must not give a known id another name.
+    Detector categories are matched to the export's by name and renumbered where their ids differ
+    (MegaDetector v2/v3 files say ``3: group, 4: vehicle``; v4 and later ``3: vehicle``); names the
+    export's table lacks get the next free id.
     """
     categories = dict(ground_truth["detection_categories"])
+    by_name = {name: category_id for category_id, name in categories.items()}
+    remap = {}
     for category_id, name in detector.get("detection_categories", {}).items():
-        if categories.setdefault(category_id, name) != name:
-            raise ValueError(f"detector category {category_id!r} is {name!r}, not {categories[category_id]!r}")
-    boxed = {image["file"]: image for image in ground_truth["images"]}
-    merged = [image for image in detector.get("images", []) if image.get("file") not in boxed]
+        if name not in by_name:
+            by_name[name] = str(max(map(int, categories), default=0) + 1)
+            categories[by_name[name]] = name
+        remap[category_id] = by_name[name]
+    boxed = {image["file"] for image in ground_truth["images"]}
+    merged = []
+    for image in detector.get("images", []):
+        if image.get("file") in boxed:
+            continue
+        image = dict(image)
+        if image.get("detections"):
+            image["detections"] = [{**det, "category": remap.get(det.get("category"), det.get("category"))}
+                                   for det in image["detections"]]
+        merged.append(image)
     merged += ground_truth["images"]
     info = dict(detector.get("info", {})) | {"format_version": FORMAT_VERSION}
     info["detector"] = detector.get("info", {}).get("detector", CCT_TO_MD_DETECTOR)
     result = {"info": info, "detection_categories": categories,
-              "images": sorted(merged, key=lambda image: image["file"])}
+              "images": sorted(merged, key=lambda image: str(image["file"]))}
     if "classification_categories" in detector:
         result["classification_categories"] = detector["classification_categories"]
     return result
@@ -231,3 +245,27 @@ def animal_category(md: dict[str, Any]) -> str:
         if name == "animal":
             return category_id
     raise ValueError("batch output has no 'animal' detection category")
+
+
+def box_labels(cct: dict[str, Any], md: dict[str, Any]) -> pd.DataFrame:
+    """The label of every box in ``md``: ``file, detection_index, label, source``.
+
+    Boxes from the export carry their annotation's category; detector boxes carry the image's
+    category when the export gives that image exactly one, and an empty label otherwise.
+    """
+    truth = ground_truth_labels(cct).assign(source="ground_truth")
+    names = {str(cat["id"]): str(cat["name"]) for cat in cct.get("categories", [])}
+    files = {str(image["id"]): image["file_name"] for image in cct.get("images", [])}
+    per_image: dict[str, set[str]] = {}
+    for ann in cct.get("annotations", []):
+        per_image.setdefault(files.get(str(ann.get("image_id")), ""), set()).add(names.get(str(ann.get("category_id")), ""))
+    boxed = set(truth["file"])
+    rows = []
+    for image in md.get("images", []):
+        if image["file"] in boxed:
+            continue
+        found = per_image.get(image["file"], set()) - {""}
+        label = next(iter(found)) if len(found) == 1 else ""
+        rows += [(image["file"], index, label, "detector") for index in range(len(image.get("detections") or []))]
+    detector = pd.DataFrame(rows, columns=["file", "detection_index", "label", "source"])
+    return pd.concat([truth, detector], ignore_index=True) if rows else truth

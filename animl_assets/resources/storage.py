@@ -1,12 +1,14 @@
 """Stores for artifacts, exports and images: a local folder, or an S3 prefix through dagster-aws."""
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import dagster as dg
 from botocore.exceptions import ClientError
 from dagster_aws.s3 import S3Resource
+from pydantic import Field
 
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.paths import safe_relative_path
@@ -138,6 +140,12 @@ class StoreResource(dg.ConfigurableResource):
 
     uri: str
     s3: S3Resource | None = None
+    cache_dir: str = Field(default="", description="Local working folder for stages that need files on "
+                                                    "disk when the store is remote (default: the temp dir).")
 
     def store(self) -> Store:
         return open_store(self.uri, self.s3)
+
+    def cache(self, *parts: str) -> Path:
+        """A local working folder below ``cache_dir``."""
+        return Path(self.cache_dir or Path(tempfile.gettempdir()) / "animl-cache").joinpath(*parts)

@@ -1,0 +1,96 @@
+"""``crops``: a square (or tight) JPEG crop of every animal box, with a manifest and a failure report."""
+
+from typing import Literal
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from animl_assets.assets.artifacts import (artifact_key, local_folder, markdown_table, png_markdown, publish,
+                                           read_csv, read_json, write_csv)
+from animl_assets.assets.detections import DETECTIONS, LABELS, md_detections
+from animl_assets.assets.exports import exports_partitions
+from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
+from animl_assets.core.contact_sheet import contact_sheet
+from animl_assets.core.crops import crop_detections
+from animl_assets.core.images import GOOD
+from animl_assets.resources.storage import StoreResource
+
+SIZE_BINS = [0, 32, 64, 128, 224, 512, 1024, 100_000]
+
+
+class CropsConfig(dg.Config):
+    """How to crop."""
+
+    threshold: float = Field(default=0.0, ge=0, le=1, description="Crop animal boxes with conf at or above this.")
+    square: bool = Field(default=True, description="Square crops (reference geometry); False: tight boxes.")
+    workers: int = Field(default=0, ge=0, description="Parallel workers; 0: all cores.")
+    executor: Literal["threads", "processes"] = "threads"
+    max_side: int = Field(default=0, ge=0, description="Opt-in: shrink crops to this side and decode JPEGs "
+                                                       "DCT-scaled (faster, not pixel-identical). 0: off.")
+
+
+def size_histogram(rows: pd.DataFrame) -> pd.DataFrame:
+    """Crop counts by longest side in pixels."""
+    sides = rows[["width", "height"]].astype(int).max(axis=1) if len(rows) else pd.Series(dtype=int)
+    counts, edges = np.histogram(sides, bins=SIZE_BINS)
+    return pd.DataFrame({"longest side (px)": [f"{a}–{b - 1}" for a, b in zip(edges[:-1], edges[1:])],
+                         "crops": counts})
+
+
+@dg.asset(partitions_def=exports_partitions, deps=[md_detections], group_name="detections", kinds={"jpeg"})
+def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: StoreResource) -> dg.MaterializeResult:
+    """Every animal box at or above the threshold cropped to ``<file>___cropNN_<detector>.jpg``; a re-run
+    crops only what is missing or changed. Failed images are reported with their category."""
+    partition = context.partition_key
+    store = storage.store()
+    md = read_json(store, artifact_key("md_detections", partition, DETECTIONS))
+    images_dir = local_folder(store.child(artifact_key("images", partition, "files")),
+                              storage.cache("images", partition))
+    crops_store = store.child(artifact_key("crops", partition, ""))
+    crops_dir = local_folder(crops_store, storage.cache("crops", partition))
+    report = crop_detections(md, images_dir, crops_dir, threshold=config.threshold, square=config.square,
+                             workers=config.workers or None, executor=config.executor,
+                             max_side=config.max_side or None)
+    failures = pd.DataFrame([{"file": file, "category": category, "error": report.errors.get(file, "")}
+                             for file, category in sorted(report.failures.items())],
+                            columns=["file", "category", "error"])
+    verified = read_csv(store, artifact_key("images", partition, IMAGES_MANIFEST)).set_index("file_name")
+    rejected = failures["file"].isin(verified.index[verified["status"] != GOOD])
+    if rejected.any():  # images the images stage rejected: report its category and reason, not "missing"
+        earlier = verified.loc[failures.loc[rejected, "file"]]
+        failures.loc[rejected, "category"] = earlier["status"].to_numpy()
+        failures.loc[rejected, "error"] = ("rejected by images: " + earlier["error"].astype(str)).to_numpy()
+    (crops_dir / "failures.csv").write_text(failures.to_csv(index=False))
+    rows = pd.DataFrame(report.rows)
+    labels = read_csv(store, artifact_key("md_detections", partition, LABELS))
+    if len(rows):
+        rows["detection_index"] = rows["detection_index"].astype(int)
+        rows = rows.merge(labels[["file", "detection_index", "label"]], on=["file", "detection_index"], how="left")
+        rows["label"] = rows["label"].fillna("").replace("", "(unlabelled)")
+        per_class = rows.groupby("label").size().rename("crops").reset_index()
+        sheet = contact_sheet(crops_dir, rows.groupby("label")["crop"].apply(list).to_dict())
+        (crops_dir / "contact_sheet.png").write_bytes(sheet)
+    else:
+        per_class, sheet = pd.DataFrame(columns=["label", "crops"]), None
+    uploaded = publish(crops_dir, crops_store)
+    for row in failures.itertuples():
+        context.log.warning(f"crops: {row.file}: {row.category} ({row.error})")
+    context.log.info(f"crops: {report.crops} new, {report.reused} reused, {len(failures)} failed images, "
+                     f"{report.seconds:.1f}s")
+    return dg.MaterializeResult(metadata={
+        "num_images": report.images,
+        "num_crops": len(report.rows),
+        "num_new_crops": report.crops,
+        "num_reused_crops": report.reused,
+        "num_zero_size_skipped": report.zero_size,
+        "num_failed_images": len(failures),
+        "crops_per_second": round(report.crops / report.seconds, 1) if report.crops else 0.0,
+        "crops_per_class": markdown_table(per_class),
+        "crop_sizes": markdown_table(size_histogram(rows)),
+        "failures": markdown_table(failures),
+        "contact_sheet": png_markdown(sheet, "sample crops per class") if sheet else "no crops",
+        "path": crops_store.uri(),
+        "uploaded": uploaded,
+    })

@@ -1,0 +1,115 @@
+"""``md_detections``: MegaDetector batch output for an export, from its own boxes and detector results."""
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from animl_assets.assets.artifacts import artifact_key, local_folder, markdown_table, read_csv, write_csv, write_json
+from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
+from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
+from animl_assets.assets.images import images
+from animl_assets.core.cct import load_cct
+from animl_assets.core.detector import DetectorUnavailable, run_megadetector
+from animl_assets.core.images import GOOD
+from animl_assets.core.megadetector import (box_labels, cct_to_md, images_without_boxes, merge_detections,
+                                            upgrade_batch_output, validate_batch_output)
+from animl_assets.resources.storage import StoreResource
+
+DETECTIONS = "md_detections.json"
+LABELS = "labels.csv"
+MDCACHE_SUFFIX = ".md.json"
+
+
+class DetectionsConfig(dg.Config):
+    """Where detections come from besides the export's own boxes."""
+
+    use_mdcache: bool = Field(default=True, description="Merge MegaDetector results found beside the export "
+                                                        "as <export>.md.json (any format_version from 1.1).")
+    run_detector: bool = Field(default=False, description="Run MegaDetector (extra [detector]) on good "
+                                                          "images that have no box yet.")
+    detector_weights: str = Field(default="", description="Path of the MegaDetector weights file.")
+    detector_threshold: float = Field(default=0.005, ge=0, le=1)
+
+
+def _image_sizes(manifest) -> dict[str, tuple[int, int]]:
+    """Upright (EXIF-applied) sizes of the verified images, by file name."""
+    sizes = {}
+    for row in manifest[manifest["status"] == GOOD].itertuples():
+        width, height = int(row.width), int(row.height)
+        sizes[row.file_name] = (height, width) if int(row.orientation or 1) in (5, 6, 7, 8) else (width, height)
+    return sizes
+
+
+@dg.asset(
+    partitions_def=exports_partitions, deps=[images], group_name="detections", kinds={"json"},
+    check_specs=[dg.AssetCheckSpec("md_format", asset="md_detections", blocking=True,
+                                   description="The batch output follows MegaDetector's format rules "
+                                               "(validate_batch_results.py).")],
+)
+def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, storage: StoreResource,
+                  exports: StoreResource) -> dg.MaterializeResult:
+    """MegaDetector batch output (format 1.4): the export's boxes (cct_to_md, conf 1.0) merged with ingested
+    or freshly run detector results; the export's boxes win for the same image."""
+    partition = context.partition_key
+    store = storage.store()
+    cct = load_cct(store.read_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT)))
+    manifest = read_csv(store, artifact_key("images", partition, IMAGES_MANIFEST))
+    sizes = _image_sizes(manifest)
+    md = cct_to_md(cct, image_sizes=sizes)
+    detector, mdcache_problems, sources = None, [], {"export boxes": len(md["images"])}
+
+    mdcache_key = partition + MDCACHE_SUFFIX
+    if config.use_mdcache and exports.store().exists(mdcache_key):
+        try:
+            raw = json.loads(exports.store().read_bytes(mdcache_key))
+        except json.JSONDecodeError as err:
+            raise dg.Failure(f"MegaDetector results {exports.store().uri(mdcache_key)} are not valid JSON: {err}")
+        mdcache_problems = validate_batch_output(raw)
+        detector = upgrade_batch_output(raw)
+        sources["ingested"] = len(detector.get("images", []))
+        context.log.info(f"md_detections: ingested {sources['ingested']} images from {mdcache_key}")
+
+    if config.run_detector:
+        covered = {image["file"] for image in md["images"]} | {i["file"] for i in (detector or {}).get("images", [])}
+        todo = [file for file in images_without_boxes(cct) if file in sizes and file not in covered]
+        images_dir = local_folder(store.child(artifact_key("images", partition, "files")),
+                                  storage.cache("images", partition))
+        try:
+            ran = run_megadetector(config.detector_weights, images_dir, todo, threshold=config.detector_threshold)
+        except DetectorUnavailable as err:
+            raise dg.Failure(str(err)) from err
+        sources["detector run"] = len(ran["images"])
+        detector = ran if detector is None else merge_detections(ran, detector)
+
+    if detector is not None:
+        md = merge_detections(md, detector)
+    problems = validate_batch_output(md)
+    labels = box_labels(cct, md)
+    no_boxes = [file for file in images_without_boxes(cct) if file not in {i["file"] for i in md["images"]}]
+    write_json(store, artifact_key("md_detections", partition, DETECTIONS), md)
+    write_csv(store, artifact_key("md_detections", partition, LABELS), labels)
+    write_json(store, artifact_key("md_detections", partition, "images_without_boxes.json"), no_boxes)
+    detections = sum(len(image.get("detections") or []) for image in md["images"])
+    return dg.MaterializeResult(
+        metadata={
+            "num_images": len(md["images"]),
+            "num_detections": detections,
+            "num_failures": sum(image.get("failure") is not None for image in md["images"]),
+            "num_images_without_boxes": len(no_boxes),
+            "sources": dg.MetadataValue.json(sources),
+            "detector": md["info"]["detector"],
+            "path": store.uri(artifact_key("md_detections", partition, DETECTIONS)),
+            "ingested_file_problems": markdown_table(_problem_frame(mdcache_problems)),
+        },
+        check_results=[dg.AssetCheckResult(
+            check_name="md_format", passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"problems": len(problems), "examples": markdown_table(_problem_frame(problems), 20)},
+        )],
+    )
+
+
+def _problem_frame(problems: list[str]):
+    import pandas as pd
+
+    return pd.DataFrame({"problem": problems})

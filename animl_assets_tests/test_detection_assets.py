@@ -1,0 +1,97 @@
+"""md_detections and crops materialized through the Definitions on the sample export."""
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from animl_assets.core.megadetector import validate_batch_output
+from animl_assets_tests.conftest import add_export, run_ingest
+from animl_assets_tests.test_ingest_assets import materialization
+
+
+def artifacts(settings, asset, partition) -> Path:
+    return Path(settings.storage_uri) / asset / partition
+
+
+def test_sample_export_is_detected_and_cropped(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    result = run_ingest(settings, instance, partition)
+    assert result.success
+    md = json.loads((artifacts(settings, "md_detections", partition) / "md_detections.json").read_text())
+    assert validate_batch_output(md) == [] and md["info"]["detector"] == "cct_to_md"
+    meta = materialization(result, "md_detections")
+    assert meta["num_images"] == 67 and meta["num_detections"] == 87 and meta["num_images_without_boxes"] == 5
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["md_format"]
+
+    crops = materialization(result, "crops")
+    assert crops["num_crops"] == 83 and crops["num_failed_images"] == 4
+    for name, category in [("zero_byte", "non_image"), ("truncated", "truncated"), ("not_an_image", "non_image"),
+                           ("missing", "nonexistent")]:
+        assert re.search(rf"broken/{name}\.jpg\s*\|\s*{category}\s*\|", crops["failures"])
+    assert "| deer" in crops["crops_per_class"] and "data:image/png;base64," in crops["contact_sheet"]
+    folder = artifacts(settings, "crops", partition)
+    manifest = pd.read_csv(folder / "crops.csv")
+    assert len(manifest) == 83 and (folder / "contact_sheet.png").is_file()
+    for crop in manifest["crop"]:
+        assert crop.endswith("_cct_to_md.jpg") and (folder / crop).is_file()
+    # the EXIF-rotated frame is cropped upright: same crop as the plain frame drawn the same way
+    assert (folder / "odd/exif_rotated.jpg___crop00_cct_to_md.jpg").is_file()
+
+    again = run_ingest(settings, instance, partition)
+    rerun = materialization(again, "crops")
+    assert rerun["num_new_crops"] == 0 and rerun["num_reused_crops"] == 83
+
+
+def test_megadetector_results_beside_the_export_are_merged(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    old_format = {
+        "info": {"format_version": "1.2", "detector": "megadetector_v3.pb"},
+        "detection_categories": {"1": "animal", "2": "person", "3": "group", "4": "vehicle"},
+        "images": [{"file": "creek/empty_000.jpg", "max_detection_conf": 0.6,
+                    "detections": [{"category": "1", "conf": 0.6, "bbox": [0.2, 0.2, 0.3, 0.3]},
+                                   {"category": "3", "conf": 0.3, "bbox": [0.0, 0.0, 0.5, 0.5]}]},
+                   {"file": "creek/deer_000.jpg", "detections": [{"category": "1", "conf": 0.9,
+                                                                  "bbox": [0.1, 0.1, 0.1, 0.1]}]},
+                   {"file": "ridge/empty_000.jpg", "failure": "Failure image access"}],
+    }
+    (Path(settings.exports_uri) / f"{partition}.md.json").write_text(json.dumps(old_format))
+    result = run_ingest(settings, instance, partition, {"ops": {"crops": {"config": {"threshold": 0.5}}}})
+    assert result.success
+    md = json.loads((artifacts(settings, "md_detections", partition) / "md_detections.json").read_text())
+    by_file = {image["file"]: image for image in md["images"]}
+    assert by_file["creek/empty_000.jpg"]["detections"][1]["category"] == "4"  # group, renumbered
+    assert by_file["creek/deer_000.jpg"]["detections"][0]["conf"] == 1.0  # the export's box wins
+    assert by_file["ridge/empty_000.jpg"]["failure"] == "Failure image access"
+    assert md["info"]["detector"] == "megadetector_v3.pb"
+    meta = materialization(result, "md_detections")
+    assert meta["num_images"] == 69 and meta["sources"] == {"export boxes": 67, "ingested": 3}
+    crops = pd.read_csv(artifacts(settings, "crops", partition) / "crops.csv")
+    detector_crops = crops[crops["file"] == "creek/empty_000.jpg"]
+    assert detector_crops["crop"].tolist() == ["creek/empty_000.jpg___crop00_megadetector_v3.pb.jpg"]
+    assert re.search(r"\|\s*empty\s*\|\s*1\s*\|", materialization(result, "crops")["crops_per_class"])
+
+
+def test_broken_detector_results_block_the_crops(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    bad = {"info": {"format_version": "1.4", "detector": "x"}, "detection_categories": {"1": "animal"},
+           "images": [{"file": "creek/empty_000.jpg",
+                       "detections": [{"category": "1", "conf": 0.9, "bbox": [0.8, 0.1, 0.5, 0.5]}]}]}
+    (Path(settings.exports_uri) / f"{partition}.md.json").write_text(json.dumps(bad))
+    result = run_ingest(settings, instance, partition)
+    assert not result.success
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "md_format")
+    assert not check.passed and "not within 0-1" in check.metadata["examples"].value
+    assert not result.asset_materializations_for_node("crops")
+
+
+def test_running_the_detector_without_weights_says_what_to_do(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    result = run_ingest(settings, instance, partition, {"ops": {"md_detections": {"config": {
+        "run_detector": True, "detector_weights": "/nowhere/md_v5a.0.0.pt"}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert "MegaDetector weights not found at /nowhere/md_v5a.0.0.pt" in message and "detector_weights" in message
