@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from animl_assets.core.crops import MANIFEST, _draft_factor, crop_box, crop_detections, crop_name, cut, detector_tag, load_rgb
+from animl_assets.core.sample import BROKEN as BROKEN_SAMPLE
 from animl_assets_tests.images_testdata import BROKEN, jpeg
 
 
@@ -236,3 +237,13 @@ def test_crop_module_starts_light():
     code = "import sys, animl_assets.core.crops; print(sorted({'torch', 'dagster'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_core_api_is_importable_from_the_package(sample_dir, tmp_path):
+    from animl_assets.core import cct_to_md, crop_detections as api_crop, load_cct, validate_batch_output
+
+    md = cct_to_md(load_cct((sample_dir / "sample_export.json").read_bytes()))
+    assert validate_batch_output(md) == []
+    report = api_crop(md, sample_dir, tmp_path / "c", threshold=0.0, square=True, workers=None)
+    assert report.crops == 87 - 4 and set(report.failures) == {f"broken/{n}.jpg" for n in BROKEN_SAMPLE}
+    assert report.failures["broken/missing.jpg"] == "nonexistent"

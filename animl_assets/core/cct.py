@@ -63,6 +63,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+_ID = ("an int or string", _is_id)
+_NAME = ("a non-empty string", _is_name)
+_REQUIRED_FIELDS = {
+    "images": {"id": _ID, "file_name": _NAME},
+    "annotations": {"id": _ID, "image_id": _ID, "category_id": _ID},
+    "categories": {"id": _ID, "name": _NAME},
+}
+
+
 def _check_schema(cct: dict[str, Any], report: CCTValidation) -> None:
     for key in ("images", "annotations", "categories"):
         if key not in cct:
@@ -73,30 +86,19 @@ def _check_schema(cct: dict[str, Any], report: CCTValidation) -> None:
             for index, item in enumerate(cct[key]):
                 if not isinstance(item, dict):
                     report.add("schema", f"{key}[{index}] must be an object, not {type(item).__name__}")
+    for key, fields in _REQUIRED_FIELDS.items():
+        for index, item in enumerate(_records(cct, key)):
+            for name, (what, is_valid) in fields.items():
+                if not is_valid(item.get(name)):
+                    report.add("schema", f"{key}[{index}]: '{name}' must be {what}")
     for index, image in enumerate(_records(cct, "images")):
-        where = f"images[{index}]"
-        if not _is_id(image.get("id")):
-            report.add("schema", f"{where}: 'id' must be an int or string")
-        if not isinstance(image.get("file_name"), str) or not image.get("file_name"):
-            report.add("schema", f"{where}: 'file_name' must be a non-empty string")
         for dim in ("width", "height"):
             if dim in image and not (isinstance(image[dim], int) and image[dim] > 0):
-                report.add("schema", f"{where}: '{dim}' must be a positive integer")
+                report.add("schema", f"images[{index}]: '{dim}' must be a positive integer")
     for index, ann in enumerate(_records(cct, "annotations")):
-        where = f"annotations[{index}]"
-        for key in ("id", "image_id", "category_id"):
-            if not _is_id(ann.get(key)):
-                report.add("schema", f"{where}: '{key}' must be an int or string")
-        if "bbox" in ann and ann["bbox"] is not None:
-            bbox = ann["bbox"]
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
-                report.add("schema", f"{where}: 'bbox' must be [x, y, width, height] numbers")
-    for index, cat in enumerate(_records(cct, "categories")):
-        where = f"categories[{index}]"
-        if not _is_id(cat.get("id")):
-            report.add("schema", f"{where}: 'id' must be an int or string")
-        if not isinstance(cat.get("name"), str) or not cat.get("name"):
-            report.add("schema", f"{where}: 'name' must be a non-empty string")
+        bbox = ann.get("bbox")
+        if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+            report.add("schema", f"annotations[{index}]: 'bbox' must be [x, y, width, height] numbers")
 
 
 def _check_unique(cct: dict[str, Any], report: CCTValidation) -> None:
