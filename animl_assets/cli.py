@@ -56,26 +56,34 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
     return partition
 
 
-def materialize_export(settings: Settings, partition: str) -> bool:
-    """Run the per-export job for one partition through the Definitions; True when it succeeded."""
+def run_job(settings: Settings, job_name: str, partition: str | None = None) -> bool:
+    """Run one of the Definitions' jobs (for one partition, if given), printing what it materialized."""
     import dagster as dg
 
-    from animl_assets.definitions import INGEST_JOB, build_definitions
+    from animl_assets.definitions import build_definitions
 
-    job = build_definitions(settings).resolve_job_def(INGEST_JOB)
+    job = build_definitions(settings).resolve_job_def(job_name)
     result = job.execute_in_process(partition_key=partition, instance=dg.DagsterInstance.get(),
                                     run_config=QUIET_LOGS, raise_on_error=False)
+    where = f" [{partition}]" if partition else ""
     for event in result.all_events:
         if event.event_type_value == "ASSET_MATERIALIZATION":
             materialization = event.event_specific_data.materialization
             counts = {k: v.value for k, v in materialization.metadata.items()
-                      if k.startswith("num_") and isinstance(v.value, int)}
-            print(f"  materialized {materialization.asset_key.to_user_string()} [{partition}]: {counts}")
+                      if (k.startswith("num_") or k == "score") and isinstance(v.value, (int, float))}
+            print(f"  materialized {materialization.asset_key.to_user_string()}{where}: {counts}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.event_specific_data.passed:
             print(f"  check failed: {event.event_specific_data.check_name}")
         elif event.event_type_value == "STEP_FAILURE":
             print(f"  step failed: {event.step_key}: {event.event_specific_data.error.message.strip()}")
     return result.success
+
+
+def materialize_export(settings: Settings, partition: str) -> bool:
+    """Run the per-export job for one partition; True when it succeeded."""
+    from animl_assets.definitions import INGEST_JOB
+
+    return run_job(settings, INGEST_JOB, partition)
 
 
 def run_demo(settings: Settings) -> int:
@@ -86,15 +94,20 @@ def run_demo(settings: Settings) -> int:
     export_dir = Path(settings.exports_uri) / "sample"
     if settings.exports_uri.startswith("s3://"):
         export_dir = settings.home / "sample_export"
-    print(f"[1/3] writing the sample export to {export_dir}")
+    print(f"[1/4] writing the sample export to {export_dir}")
     sample = write_sample_export(export_dir)
     print(f"      {sample.images} images, {sample.annotations} annotations, "
           f"{len(sample.broken_files)} deliberately broken files")
-    print("[2/3] registering it as a partition of 'exports'")
+    print("[2/4] registering it as a partition of 'exports'")
     partition = register_export(settings, str(export_dir / EXPORT_NAME))
     print(f"      partition: {partition}")
-    print("[3/3] materializing cct_export -> images -> md_detections -> crops")
+    print("[3/4] materializing cct_export -> images -> md_detections -> crops")
     ok = materialize_export(settings, partition)
+    if ok:
+        from animl_assets.definitions import DATASET_JOB
+
+        print("[4/4] materializing classification_dataset -> splits (all exports)")
+        ok = run_job(settings, DATASET_JOB)
     print(f"\n{'done' if ok else 'FAILED'} in {time.perf_counter() - started:.1f}s")
     print(f"artifacts:    {settings.storage_uri}")
     print(f"dagster home: {os.environ['DAGSTER_HOME']}")
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     register.add_argument("--no-run", action="store_true", help="only add the partition")
     materialize = commands.add_parser("materialize", help="materialize the per-export assets of a partition")
     materialize.add_argument("partition")
+    commands.add_parser("build-dataset", help="materialize classification_dataset and splits over all exports")
     commands.add_parser("demo", help="sample export -> register -> materialize, all under ANIML_HOME")
     args = parser.parse_args(argv)
 
@@ -139,6 +153,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         partition = register_export(settings, args.path_or_uri, args.images_root)
         print(f"registered partition {partition!r}")
         return 0 if args.no_run else (0 if materialize_export(settings, partition) else 1)
+    if args.command == "build-dataset":
+        from animl_assets.definitions import DATASET_JOB
+
+        return 0 if run_job(settings, DATASET_JOB) else 1
     return 0 if materialize_export(settings, args.partition) else 1
 
 

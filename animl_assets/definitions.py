@@ -3,11 +3,12 @@
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from animl_assets.assets import PER_EXPORT_ASSETS, make_new_exports_sensor
+from animl_assets.assets import DATASET_ASSETS, PER_EXPORT_ASSETS, make_new_exports_sensor
 from animl_assets.resources.storage import StoreResource
 from animl_assets.settings import Settings
 
 INGEST_JOB = "ingest_export"
+DATASET_JOB = "build_dataset"
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -27,9 +28,13 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         INGEST_JOB, selection=dg.AssetSelection.assets(*PER_EXPORT_ASSETS),
         description="Validate one export, make its images available, detect and crop its animals.",
     )
+    dataset_job = dg.define_asset_job(
+        DATASET_JOB, selection=dg.AssetSelection.assets(*DATASET_ASSETS),
+        description="Build one dataset version across exports and split it by location.",
+    )
     return dg.Definitions(
-        assets=PER_EXPORT_ASSETS,
-        jobs=[ingest_job],
+        assets=[*PER_EXPORT_ASSETS, *DATASET_ASSETS],
+        jobs=[ingest_job, dataset_job],
         sensors=[make_new_exports_sensor(ingest_job)],
         resources=build_resources(settings),
     )

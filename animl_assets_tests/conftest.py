@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ import dagster as dg
 import pytest
 
 from animl_assets.core.exports import partition_key_for
-from animl_assets.core.sample import EXPORT_NAME, write_sample_export
+from animl_assets.core.sample import BROKEN, EXPORT_NAME, write_sample_export
 from animl_assets.definitions import INGEST_JOB, build_definitions
 from animl_assets.settings import Settings
 
@@ -108,3 +109,20 @@ def bucket(s3_client) -> str:
 
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log drowns test failures
+
+
+@pytest.fixture(scope="session")
+def sample_counts(sample_dir) -> dict[str, int]:
+    """What the sample export holds, counted from its JSON (so tests follow the generator)."""
+    cct = json.loads((sample_dir / EXPORT_NAME).read_text())
+    broken = {f"broken/{name}.jpg" for name in BROKEN}
+    files = {image["id"]: image["file_name"] for image in cct["images"]}
+    boxes = [files[a["image_id"]] for a in cct["annotations"] if a.get("bbox")]
+    return {
+        "images": len(cct["images"]), "good": len(cct["images"]) - len(broken), "broken": len(broken),
+        "present": len(cct["images"]) - 1,  # every file but broken/missing.jpg exists
+        "locations": len({image["location"] for image in cct["images"]}),
+        "boxed_images": len(set(boxes)), "boxes": len(boxes),
+        "crops": sum(file not in broken for file in boxes),
+        "unboxed_images": len(cct["images"]) - len(set(boxes)),
+    }

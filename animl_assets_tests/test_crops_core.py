@@ -239,11 +239,11 @@ def test_crop_module_starts_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_core_api_is_importable_from_the_package(sample_dir, tmp_path):
+def test_core_api_is_importable_from_the_package(sample_dir, sample_counts, tmp_path):
     from animl_assets.core import cct_to_md, crop_detections as api_crop, load_cct, validate_batch_output
 
     md = cct_to_md(load_cct((sample_dir / "sample_export.json").read_bytes()))
     assert validate_batch_output(md) == []
     report = api_crop(md, sample_dir, tmp_path / "c", threshold=0.0, square=True, workers=None)
-    assert report.crops == 87 - 4 and set(report.failures) == {f"broken/{n}.jpg" for n in BROKEN_SAMPLE}
+    assert report.crops == sample_counts["crops"] and set(report.failures) == {f"broken/{n}.jpg" for n in BROKEN_SAMPLE}
     assert report.failures["broken/missing.jpg"] == "nonexistent"

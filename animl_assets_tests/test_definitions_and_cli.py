@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 
 from animl_assets.cli import main
-from animl_assets.definitions import INGEST_JOB, build_definitions
+from animl_assets.definitions import DATASET_JOB, INGEST_JOB, build_definitions
 from animl_assets.resources.storage import LocalStore, S3Store
 from animl_assets.settings import Settings
 
@@ -18,9 +18,13 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     defs = build_definitions()
     repo = defs.get_repository_def()
-    assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {"cct_export", "images", "md_detections", "crops"}
+    assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
+        "cct_export", "images", "md_detections", "crops", "classification_dataset", "splits"}
     assert repo.has_job(INGEST_JOB) and repo.has_sensor_def("new_exports")
-    assert len(defs.resolve_asset_graph().asset_check_keys) == 5
+    assert {key.name for key in defs.resolve_asset_graph().asset_check_keys} == {
+        "schema", "unique_ids", "references", "bboxes", "md_format", "no_location_leakage",
+        "every_label_in_every_split"}
+    assert repo.has_job(DATASET_JOB)
     storage = defs.resources["storage"]
     assert storage.uri == str(tmp_path / ".animl" / "artifacts")
     assert isinstance(storage.store(), LocalStore)
@@ -41,14 +45,15 @@ def test_workspace_loads_the_definitions_module():
     assert out.stdout.strip() == "Definitions"
 
 
-def test_cli_register_copies_an_outside_export_and_materializes_it(tmp_path, monkeypatch, sample_dir, capsys):
+def test_cli_register_copies_an_outside_export_and_materializes_it(tmp_path, monkeypatch, sample_dir, sample_counts,
+                                                                  capsys):
     home = tmp_path / "home"
     monkeypatch.setenv("ANIML_HOME", str(home))
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     assert main(["register", str(sample_dir / "sample_export.json")]) == 0
     out = capsys.readouterr().out
     assert "registered partition 'sample_export'" in out
-    assert "materialized images [sample_export]" in out and "'num_good': 68" in out
+    assert "materialized images [sample_export]" in out and f"'num_good': {sample_counts['good']}" in out
     assert (home / "exports" / "sample_export.json").is_file()
     assert (home / "artifacts" / "images" / "sample_export" / "manifest.csv").is_file()
     instance = dg.DagsterInstance.from_config(str(home / "dagster"))

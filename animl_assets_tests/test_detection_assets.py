@@ -15,26 +15,27 @@ def artifacts(settings, asset, partition) -> Path:
     return Path(settings.storage_uri) / asset / partition
 
 
-def test_sample_export_is_detected_and_cropped(settings, instance, sample_dir):
+def test_sample_export_is_detected_and_cropped(settings, instance, sample_dir, sample_counts):
     partition = add_export(settings, instance, sample_dir)
     result = run_ingest(settings, instance, partition)
     assert result.success
     md = json.loads((artifacts(settings, "md_detections", partition) / "md_detections.json").read_text())
     assert validate_batch_output(md) == [] and md["info"]["detector"] == "cct_to_md"
     meta = materialization(result, "md_detections")
-    assert meta["num_images"] == 67 and meta["num_detections"] == 87 and meta["num_images_without_boxes"] == 5
+    assert meta["num_images"] == sample_counts["boxed_images"] and meta["num_detections"] == sample_counts["boxes"]
+    assert meta["num_images_without_boxes"] == sample_counts["unboxed_images"]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["md_format"]
 
     crops = materialization(result, "crops")
-    assert crops["num_crops"] == 83 and crops["num_failed_images"] == 4
+    assert crops["num_crops"] == sample_counts["crops"] and crops["num_failed_images"] == sample_counts["broken"]
     for name, category in [("zero_byte", "non_image"), ("truncated", "truncated"), ("not_an_image", "non_image"),
                            ("missing", "nonexistent")]:
         assert re.search(rf"broken/{name}\.jpg\s*\|\s*{category}\s*\|", crops["failures"])
     assert "| deer" in crops["crops_per_class"] and "data:image/png;base64," in crops["contact_sheet"]
     folder = artifacts(settings, "crops", partition)
     manifest = pd.read_csv(folder / "crops.csv")
-    assert len(manifest) == 83 and (folder / "contact_sheet.png").is_file()
+    assert len(manifest) == sample_counts["crops"] and (folder / "contact_sheet.png").is_file()
     for crop in manifest["crop"]:
         assert crop.endswith("_cct_to_md.jpg") and (folder / crop).is_file()
     # the EXIF-rotated frame is cropped upright: same crop as the plain frame drawn the same way
@@ -42,10 +43,10 @@ def test_sample_export_is_detected_and_cropped(settings, instance, sample_dir):
 
     again = run_ingest(settings, instance, partition)
     rerun = materialization(again, "crops")
-    assert rerun["num_new_crops"] == 0 and rerun["num_reused_crops"] == 83
+    assert rerun["num_new_crops"] == 0 and rerun["num_reused_crops"] == sample_counts["crops"]
 
 
-def test_megadetector_results_beside_the_export_are_merged(settings, instance, sample_dir):
+def test_megadetector_results_beside_the_export_are_merged(settings, instance, sample_dir, sample_counts):
     partition = add_export(settings, instance, sample_dir)
     old_format = {
         "info": {"format_version": "1.2", "detector": "megadetector_v3.pb"},
@@ -67,7 +68,8 @@ def test_megadetector_results_beside_the_export_are_merged(settings, instance, s
     assert by_file["ridge/empty_000.jpg"]["failure"] == "Failure image access"
     assert md["info"]["detector"] == "megadetector_v3.pb"
     meta = materialization(result, "md_detections")
-    assert meta["num_images"] == 69 and meta["sources"] == {"export boxes": 67, "ingested": 3}
+    assert meta["num_images"] == sample_counts["boxed_images"] + 2  # two empty frames gained an entry
+    assert meta["sources"] == {"export boxes": sample_counts["boxed_images"], "ingested": 3}
     crops = pd.read_csv(artifacts(settings, "crops", partition) / "crops.csv")
     detector_crops = crops[crops["file"] == "creek/empty_000.jpg"]
     assert detector_crops["crop"].tolist() == ["creek/empty_000.jpg___crop00_megadetector_v3.pb.jpg"]

@@ -21,23 +21,25 @@ def manifest(settings: Settings, partition: str) -> pd.DataFrame:
     return pd.read_csv(Path(settings.storage_uri) / "images" / partition / "manifest.csv", keep_default_na=False)
 
 
-def test_sample_export_is_validated_and_every_image_accounted_for(settings, instance, sample_dir):
+def test_sample_export_is_validated_and_every_image_accounted_for(settings, instance, sample_dir, sample_counts):
     partition = add_export(settings, instance, sample_dir)
     result = run_ingest(settings, instance, partition)
     assert result.success
     export_meta = materialization(result, "cct_export")
-    assert export_meta["num_images"] == 72 and export_meta["num_locations"] == 5
+    assert export_meta["num_images"] == sample_counts["images"]
+    assert export_meta["num_locations"] == sample_counts["locations"]
     assert "| deer" in export_meta["category_by_location"]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"schema": True, "unique_ids": True, "references": True, "bboxes": True, "md_format": True}
 
     images_meta = materialization(result, "images")
-    assert images_meta["num_good"] == 68 and images_meta["num_fetched"] == 71
+    assert images_meta["num_good"] == sample_counts["good"]
+    assert images_meta["num_fetched"] == sample_counts["present"]
     assert (images_meta["num_non_image"], images_meta["num_truncated"], images_meta["num_nonexistent"]) == (2, 1, 1)
     for name in BROKEN:
         assert f"broken/{name}.jpg" in images_meta["failures"]
     table = manifest(settings, partition)
-    assert len(table) == 72
+    assert len(table) == sample_counts["images"]
     files = Path(settings.storage_uri) / "images" / partition / "files"
     for row in table[table["status"] == "good"].itertuples():  # no good image lost, byte for byte
         assert (files / row.file_name).read_bytes() == (sample_dir / row.file_name).read_bytes()
@@ -45,13 +47,13 @@ def test_sample_export_is_validated_and_every_image_accounted_for(settings, inst
         (sample_dir / EXPORT_NAME).read_bytes()
 
 
-def test_rerun_fetches_nothing_already_verified(settings, instance, sample_dir):
+def test_rerun_fetches_nothing_already_verified(settings, instance, sample_dir, sample_counts):
     partition = add_export(settings, instance, sample_dir)
     assert run_ingest(settings, instance, partition).success
     second = run_ingest(settings, instance, partition)
     meta = materialization(second, "images")
-    assert meta["num_good"] == 68 and meta["num_reused"] == 68
-    assert meta["num_fetched"] == 3  # only the broken-but-present files are looked at again
+    assert meta["num_good"] == meta["num_reused"] == sample_counts["good"]
+    assert meta["num_fetched"] == sample_counts["broken"] - 1  # only the broken-but-present files, again
 
 
 def write_export(settings: Settings, instance, cct, name="bad") -> str:
@@ -106,7 +108,8 @@ def test_path_traversal_in_export_is_rejected_and_nothing_escapes(settings, inst
 
 
 @pytest.mark.slow
-def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, bucket, tmp_path, instance, sample_dir):
+def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, bucket, tmp_path, instance, sample_dir,
+                                                  sample_counts):
     """Exports, artifacts and images all in S3 (moto over HTTP); images found by serving_bucket_key."""
     cct = json.loads((sample_dir / EXPORT_NAME).read_text())
     for image in cct["images"]:
@@ -125,19 +128,19 @@ def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, buck
                         {"ops": {"images": {"config": {"source_key_field": "serving_bucket_key", "workers": 4}}}})
     assert result.success
     meta = materialization(result, "images")
-    assert meta["num_good"] == 68 and meta["num_nonexistent"] == 1
+    assert meta["num_good"] == sample_counts["good"] and meta["num_nonexistent"] == 1
     assert meta["source"] == f"s3://{bucket}/images"
     listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/images/animl/project1/files/")
-    assert listed["KeyCount"] == 68
+    assert listed["KeyCount"] == sample_counts["good"]
     body = s3_client.get_object(Bucket=bucket, Key="artifacts/images/animl/project1/manifest.csv")["Body"].read()
     assert body.startswith(b"image_id,file_name,status")
     # detections and crops on S3 too: the crops are published under the artifacts prefix
-    assert materialization(result, "crops")["num_crops"] == 83
+    assert materialization(result, "crops")["num_crops"] == sample_counts["crops"]
     crops = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/crops/animl/project1/", MaxKeys=1000)
     keys = [item["Key"].removeprefix("artifacts/crops/animl/project1/") for item in crops["Contents"]]
     assert {"crops.csv", "failures.csv", "contact_sheet.png"} <= set(keys)
-    assert sum(key.endswith("_cct_to_md.jpg") for key in keys) == 83
+    assert sum(key.endswith("_cct_to_md.jpg") for key in keys) == sample_counts["crops"]
     rerun = run_ingest(settings, instance, "animl/project1",
                        {"ops": {"images": {"config": {"source_key_field": "serving_bucket_key"}}}})
-    assert materialization(rerun, "crops")["num_reused_crops"] == 83
+    assert materialization(rerun, "crops")["num_reused_crops"] == sample_counts["crops"]
     assert materialization(rerun, "crops")["uploaded"] == 0

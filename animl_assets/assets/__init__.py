@@ -1,11 +1,13 @@
 """Thin asset definitions, one module per stage."""
 
 from animl_assets.assets.crops import crops
+from animl_assets.assets.dataset import classification_dataset, splits
 from animl_assets.assets.detections import md_detections
 from animl_assets.assets.exports import cct_export, exports_partitions, make_new_exports_sensor
 from animl_assets.assets.images import images
 
 PER_EXPORT_ASSETS = [cct_export, images, md_detections, crops]
+DATASET_ASSETS = [classification_dataset, splits]
 
-__all__ = ["PER_EXPORT_ASSETS", "cct_export", "crops", "exports_partitions", "images", "make_new_exports_sensor",
-           "md_detections"]
+__all__ = ["DATASET_ASSETS", "PER_EXPORT_ASSETS", "cct_export", "classification_dataset", "crops",
+           "exports_partitions", "images", "make_new_exports_sensor", "md_detections", "splits"]

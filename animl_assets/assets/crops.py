@@ -70,7 +70,8 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Store
         rows = rows.merge(labels[["file", "detection_index", "label"]], on=["file", "detection_index"], how="left")
         rows["label"] = rows["label"].fillna("").replace("", "(unlabelled)")
         per_class = rows.groupby("label").size().rename("crops").reset_index()
-        sheet = contact_sheet(crops_dir, rows.groupby("label")["crop"].apply(list).to_dict())
+        sheet = contact_sheet(rows.groupby("label")["crop"].apply(list).to_dict(),
+                              lambda crop: (crops_dir / crop).read_bytes())
         (crops_dir / "contact_sheet.png").write_bytes(sheet)
     else:
         per_class, sheet = pd.DataFrame(columns=["label", "crops"]), None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageDraw
 
@@ -11,8 +11,8 @@ THUMB = 96
 LABEL_WIDTH = 140
 
 
-def contact_sheet(crops_dir: str | Path, crops_by_label: dict[str, list[str]], per_label: int = 8) -> bytes:
-    """PNG bytes: one row per label with up to ``per_label`` thumbnails of its crops."""
+def contact_sheet(crops_by_label: dict[str, list[str]], read: Callable[[str], bytes], per_label: int = 8) -> bytes:
+    """PNG bytes: one row per label with up to ``per_label`` thumbnails of its crops (bytes from ``read``)."""
     labels = sorted(crops_by_label)
     sheet = Image.new("RGB", (LABEL_WIDTH + per_label * (THUMB + 4), max(1, len(labels)) * (THUMB + 4)),
                       (255, 255, 255))
@@ -21,7 +21,7 @@ def contact_sheet(crops_dir: str | Path, crops_by_label: dict[str, list[str]], p
         top = row * (THUMB + 4)
         draw.text((4, top + THUMB // 2 - 6), f"{label} ({len(crops_by_label[label])})", fill=(0, 0, 0))
         for column, crop in enumerate(sorted(crops_by_label[label])[:per_label]):
-            with Image.open(Path(crops_dir) / crop) as image:
+            with Image.open(io.BytesIO(read(crop))) as image:
                 image.thumbnail((THUMB, THUMB))
                 sheet.paste(image.convert("RGB"), (LABEL_WIDTH + column * (THUMB + 4), top))
     buffer = io.BytesIO()

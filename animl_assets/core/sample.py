@@ -19,9 +19,10 @@ from PIL import Image, ImageDraw
 
 SPECIES = ("deer", "fox", "raccoon", "turkey")
 CATEGORIES = [{"id": 0, "name": "empty"}] + [{"id": i + 1, "name": name} for i, name in enumerate(SPECIES)]
-LOCATIONS = ("ridge", "creek", "meadow", "pines", "quarry")
-BACKDROPS = {"ridge": (96, 110, 70), "creek": (70, 100, 110), "meadow": (120, 140, 60),
-             "pines": (40, 70, 45), "quarry": (130, 120, 110)}
+LOCATIONS = ("ridge", "creek", "meadow", "pines", "quarry", "marsh", "bluff", "glade", "ford", "hollow")
+BACKDROPS = {"ridge": (96, 110, 70), "creek": (70, 100, 110), "meadow": (120, 140, 60), "pines": (40, 70, 45),
+             "quarry": (130, 120, 110), "marsh": (85, 105, 80), "bluff": (140, 125, 95), "glade": (105, 135, 75),
+             "ford": (75, 90, 100), "hollow": (60, 75, 55)}
 EXPORT_NAME = "sample_export.json"
 BROKEN = ("zero_byte", "truncated", "not_an_image", "missing")
 ODD_BUT_VALID = ("cmyk", "grayscale", "exif_rotated")
@@ -88,7 +89,7 @@ def _jpeg(image: Image.Image, **options) -> bytes:
     return buffer.getvalue()
 
 
-def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_and_location: int = 3,
+def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_and_location: int = 2,
                         size: tuple[int, int] = (640, 480)) -> SampleExport:
     """Write ``sample_export.json`` and its JPEGs (file names relative to ``out_dir``) deterministically."""
     out_dir = Path(out_dir)
@@ -107,10 +108,11 @@ def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_
                                 "category_id": category_id, "bbox": bbox})
         files[file_name] = _jpeg(pixels) if data is None else data
 
-    for location in LOCATIONS:
+    for location_index, location in enumerate(LOCATIONS):
         for category_id, species in enumerate(SPECIES, start=1):
             for index in range(images_per_class_and_location):
-                width, height = size if index % 3 != 2 else size[::-1]  # some portrait frames
+                portrait = (location_index + category_id + index) % 3 == 0
+                width, height = size[::-1] if portrait else size
                 pixels = _backdrop(rng, (width, height), location)
                 draw = ImageDraw.Draw(pixels)
                 count = 2 if rng.random() < 0.25 else 1

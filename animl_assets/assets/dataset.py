@@ -1,0 +1,184 @@
+"""``classification_dataset`` and ``splits``: one dataset version across exports, split by location."""
+
+import io
+import json
+from typing import Literal
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from animl_assets.assets.artifacts import (artifact_key, markdown_table, png_markdown, read_csv, read_json, write_csv,
+                                           write_json)
+from animl_assets.assets.crops import crops
+from animl_assets.assets.detections import LABELS
+from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
+from animl_assets.core.cct import image_location, load_cct
+from animl_assets.core.contact_sheet import contact_sheet
+from animl_assets.core.crops import MANIFEST as CROPS_MANIFEST
+from animl_assets.core.dataset import CROP_COLUMNS, build_classification_dataset, label_index, match_test
+from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, default_label_mapping,
+                                          parse_label_spec, parse_taxonomy, resolve_label_spec)
+from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
+from animl_assets.core.store import Store
+from animl_assets.resources.storage import StoreResource, open_store
+
+DATASET_CSV = "classification_ds.csv"
+LABEL_INDEX = "label_index.json"
+SPEC_USED = "label_spec.json"
+MATCH_TEST = "match_test_locations.json"
+SPLITS_JSON = "splits.json"
+
+
+class DatasetConfig(dg.Config):
+    """Which crops make the dataset and how they are labelled."""
+
+    exports: list[str] = Field(default=[], description="Export partitions to include; empty: every export "
+                                                       "whose crops are materialized.")
+    label_spec: str = Field(default="", description="Label spec file (.json or .csv; path or s3:// URI). "
+                                                    "Empty: each export category is its own label.")
+    taxonomy_csv: str = Field(default="", description="Taxonomy mapping CSV for 'taxa' in the spec.")
+    excluded_classes: list[str] = Field(default=list(DEFAULT_EXCLUDED),
+                                        description="Classes left out when there is no spec.")
+    threshold: float = Field(default=0.0, ge=0, le=1, description="Minimum detection confidence of a crop.")
+    min_locs: int = Field(default=0, ge=0, description="Drop labels seen at fewer (dataset, location) pairs.")
+    one_label_per_image: bool = True
+    seed: int = 0
+    match_test_csv: str = Field(default="", description="An earlier classification_ds.csv whose test-split "
+                                                        "crops are appended (with match_test_splits).")
+    match_test_splits: str = ""
+
+
+def _read_text(uri: str, storage: StoreResource) -> str:
+    folder, _, name = uri.rpartition("/")
+    return open_store(folder or ".", storage.s3).read_bytes(name).decode()
+
+
+def _crop_rows(store: Store, partition: str) -> pd.DataFrame:
+    """CROP_COLUMNS rows for one export's crops, with its class and location per crop."""
+    manifest = read_csv(store, artifact_key("crops", partition, CROPS_MANIFEST))
+    labels = read_csv(store, artifact_key("md_detections", partition, LABELS))
+    cct = load_cct(store.read_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT)))
+    locations = {image["file_name"]: image_location(image) for image in cct["images"]}
+    rows = manifest.merge(labels[["file", "detection_index", "label"]], how="left", on=["file", "detection_index"])
+    return pd.DataFrame({
+        "path": partition + "/" + rows["crop"].astype(str), "dataset": partition,
+        "location": rows["file"].map(locations).fillna("unknown_location"),
+        "dataset_class": rows["label"].fillna("").astype(str), "confidence": rows["conf"].astype(float),
+        "image": rows["file"],
+    }, columns=CROP_COLUMNS)
+
+
+@dg.asset(deps=[crops], group_name="dataset", kinds={"csv"})
+def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig,
+                           storage: StoreResource) -> dg.MaterializeResult:
+    """``classification_ds.csv`` + ``label_index.json`` over the crops of the chosen exports (each export a
+    dataset), labelled by the label spec; every crop left out is counted by reason."""
+    store = storage.store()
+    registered = context.instance.get_dynamic_partitions(exports_partitions.name)
+    wanted = config.exports or registered
+    unknown = sorted(set(wanted) - set(registered))
+    if unknown:
+        raise dg.Failure(f"not registered exports: {unknown}")
+    ready = [p for p in wanted if store.exists(artifact_key("crops", p, CROPS_MANIFEST))]
+    if not ready:
+        raise dg.Failure(f"no crops materialized yet for {wanted or 'any export'}: materialize crops first")
+    skipped = sorted(set(wanted) - set(ready))
+    frame = pd.concat([_crop_rows(store, p) for p in ready], ignore_index=True)
+    classes = set(zip(frame["dataset"], frame["dataset_class"])) - {(d, "") for d in ready}
+    spec = None
+    try:
+        if config.label_spec:
+            fmt = "csv" if config.label_spec.lower().endswith(".csv") else "json"
+            spec = parse_label_spec(_read_text(config.label_spec, storage), fmt)
+            taxonomy = parse_taxonomy(_read_text(config.taxonomy_csv, storage)) if config.taxonomy_csv else None
+            mapping = resolve_label_spec(spec, classes, taxonomy)
+        else:
+            mapping = default_label_mapping(classes, config.excluded_classes)
+    except (LabelSpecError, FileNotFoundError) as err:
+        raise dg.Failure(f"label spec: {err}") from err
+    ds, report = build_classification_dataset(frame, mapping, spec=spec, threshold=config.threshold,
+                                              min_locs=config.min_locs or None,
+                                              one_label_per_image=config.one_label_per_image, seed=config.seed)
+    test_locations = []
+    if config.match_test_csv:
+        earlier = pd.read_csv(io.StringIO(_read_text(config.match_test_csv, storage)),
+                              dtype={"location": str}, keep_default_na=False)
+        ds, test_locations = match_test(ds, earlier, json.loads(_read_text(config.match_test_splits, storage)))
+    if ds.empty:
+        raise dg.Failure(f"the dataset is empty; left out: {report.dropped}")
+    write_csv(store, artifact_key("classification_dataset", None, DATASET_CSV), ds)
+    write_json(store, artifact_key("classification_dataset", None, LABEL_INDEX), label_index(ds))
+    write_json(store, artifact_key("classification_dataset", None, SPEC_USED), spec or {
+        "generated": {f"{d}|{c}": label for (d, c), label in sorted(mapping.items())}})
+    write_json(store, artifact_key("classification_dataset", None, MATCH_TEST), test_locations)
+    per_label = pd.DataFrame({
+        "crops": ds.groupby("label").size(),
+        "datasets": ds.groupby("label")["dataset"].nunique(),
+        "locations": ds.drop_duplicates(["label", "dataset", "location"]).groupby("label").size(),
+    }).reset_index(names="label")
+    sample = ds.groupby("label")["path"].apply(lambda s: list(s.sample(min(len(s), 8), random_state=0))).to_dict()
+    grid = contact_sheet(sample, lambda path: store.read_bytes(artifact_key("crops", None, path)))
+    return dg.MaterializeResult(metadata={
+        "num_crops": len(ds), "num_labels": ds["label"].nunique(), "num_datasets": ds["dataset"].nunique(),
+        "num_locations": ds[["dataset", "location"]].drop_duplicates().shape[0],
+        "exports": dg.MetadataValue.json(ready), "exports_without_crops": dg.MetadataValue.json(skipped),
+        "crops_per_label": markdown_table(per_label),
+        "left_out": dg.MetadataValue.json(report.dropped),
+        "conflicting_images": markdown_table(report.conflicts),
+        "sampled": dg.MetadataValue.json({k: {"before": a, "after": b} for k, (a, b) in report.sampled.items()}),
+        "match_test_locations": len(test_locations),
+        "sample_grid": png_markdown(grid, "sample crops per label"),
+        "path": store.uri(artifact_key("classification_dataset", None, DATASET_CSV)),
+    })
+
+
+class SplitsConfig(dg.Config):
+    """How to divide locations into train, val and test."""
+
+    val_frac: float = Field(default=0.15, ge=0, lt=1)
+    test_frac: float = Field(default=0.15, ge=0, lt=1, description="Ignored (0) when match_test fixes the test split.")
+    method: Literal["random", "smallest_first"] = "random"
+    seed: int = 0
+    trials: int = Field(default=10_000, ge=1, description="Random assignments tried by 'random'.")
+
+
+@dg.asset(
+    deps=[classification_dataset], group_name="dataset", kinds={"json"},
+    check_specs=[
+        dg.AssetCheckSpec("no_location_leakage", asset="splits", blocking=True,
+                          description="Every (dataset, location) is in exactly one split."),
+        dg.AssetCheckSpec("every_label_in_every_split", asset="splits", blocking=True,
+                          description="Each label has crops in train, val and test."),
+    ],
+)
+def splits(config: SplitsConfig, storage: StoreResource) -> dg.MaterializeResult:
+    """``splits.json``: (dataset, location) pairs for train, val and test."""
+    store = storage.store()
+    ds = read_csv(store, artifact_key("classification_dataset", None, DATASET_CSV))
+    ds["location"] = ds["location"].astype(str)
+    spec = read_json(store, artifact_key("classification_dataset", None, SPEC_USED))
+    test_locations = read_json(store, artifact_key("classification_dataset", None, MATCH_TEST))
+    test_frac = 0.0 if test_locations else config.test_frac
+    result = make_splits(ds, val_frac=config.val_frac, test_frac=test_frac, method=config.method,
+                         seed=config.seed, trials=config.trials, prioritize=prioritize_by_label(spec),
+                         test_locations=test_locations)
+    write_json(store, artifact_key("splits", None, SPLITS_JSON), result)
+    leaks, missing = check_splits(ds, result)
+    score = split_score(ds, result, val_frac=config.val_frac, test_frac=test_frac)
+    return dg.MaterializeResult(
+        metadata={
+            "score": round(score, 4), "method": config.method,
+            **{f"num_{name}_locations": len(result[name]) for name in result},
+            "crops_per_label_and_split": markdown_table(split_table(ds, result).reset_index(names="label")),
+            "path": store.uri(artifact_key("splits", None, SPLITS_JSON)),
+        },
+        check_results=[
+            dg.AssetCheckResult(check_name="no_location_leakage", passed=not leaks,
+                                severity=dg.AssetCheckSeverity.ERROR,
+                                metadata={"problems": dg.MetadataValue.json(leaks[:50])}),
+            dg.AssetCheckResult(check_name="every_label_in_every_split", passed=not missing,
+                                severity=dg.AssetCheckSeverity.ERROR,
+                                metadata={"labels_that_cannot_be_placed": dg.MetadataValue.json(missing)}),
+        ],
+    )

@@ -1,0 +1,145 @@
+"""The classification dataset: ``classification_ds.csv`` and ``label_index.json`` from labelled crops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from animl_assets.core.crops import crop_name
+from animl_assets.core.label_spec import Pair
+
+DS_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
+CROP_COLUMNS = DS_COLUMNS[:-1] + ["image"]  # what the builder takes: one row per crop, before labelling
+
+
+@dataclass
+class DatasetReport:
+    """What the builder left out and why: counts per reason, conflicting images, sampling."""
+
+    dropped: dict[str, int] = field(default_factory=dict)
+    conflicts: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["dataset", "image", "labels"]))
+    sampled: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def drop(self, reason: str, count: int) -> None:
+        if count:
+            self.dropped[reason] = self.dropped.get(reason, 0) + int(count)
+
+
+def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFrame,
+                   locations: dict[str, str]) -> pd.DataFrame:
+    """One CROP_COLUMNS row per animal box of batch output ``md``, named as ``crop_detections`` names
+    its crops; ``dataset_classes`` has ``file, detection_index, label`` and ``locations`` maps file to
+    location. For building a dataset from detections alone (no crops on disk, e.g. benchmarks)."""
+    animal = {k for k, v in md["detection_categories"].items() if v == "animal"}
+    detector = str(md["info"].get("detector", "unknown"))
+    files, indices, confidences = [], [], []
+    for image in md["images"]:
+        for index, det in enumerate(image.get("detections") or []):
+            if det["category"] in animal:
+                files.append(image["file"])
+                indices.append(index)
+                confidences.append(float(det.get("conf", 1.0)))
+    rows = pd.DataFrame({"file": files, "detection_index": indices, "confidence": confidences})
+    rows = rows.merge(dataset_classes[["file", "detection_index", "label"]], how="left",
+                      on=["file", "detection_index"])
+    return pd.DataFrame({
+        "path": [f"{dataset}/{crop_name(f, i, detector)}" for f, i in zip(rows["file"], rows["detection_index"])],
+        "dataset": dataset,
+        "location": rows["file"].map(locations).fillna("unknown_location").astype(str),
+        "dataset_class": rows["label"].fillna("").astype(str),
+        "confidence": rows["confidence"],
+        "image": rows["file"],
+    })
+
+
+def _sample_with_priority(rows: pd.DataFrame, max_count: int, prioritize: list[list[str]],
+                          rng: np.random.Generator) -> pd.DataFrame:
+    """At most ``max_count`` rows, taking datasets level by level in ``prioritize`` order, then the rest;
+    a level larger than what is left is sampled at random."""
+    chosen, remaining, taken = [], max_count, pd.Series(False, index=rows.index)
+    for level in [*prioritize, None]:
+        pool = rows[~taken & (rows["dataset"].isin(level) if level is not None else ~taken)]
+        if len(pool) > remaining:
+            pool = pool.iloc[np.sort(rng.choice(len(pool), remaining, replace=False))]
+        chosen.append(pool)
+        taken |= rows.index.isin(pool.index) | (rows["dataset"].isin(level) if level is not None else False)
+        remaining -= len(pool)
+        if remaining == 0:
+            break
+    return pd.concat(chosen)
+
+
+def build_classification_dataset(
+    crops: pd.DataFrame, mapping: dict[Pair, str], *, spec: dict[str, dict[str, Any]] | None = None,
+    threshold: float = 0.0, min_locs: int | None = None, one_label_per_image: bool = True, seed: int = 0,
+) -> tuple[pd.DataFrame, DatasetReport]:
+    """``classification_ds.csv`` rows (DS_COLUMNS, sorted by path) from CROP_COLUMNS rows.
+
+    ``mapping`` takes (dataset, dataset_class) to an output label (see label_spec); crops below
+    ``threshold``, without a dataset class or outside the mapping are left out, as are images whose
+    crops would get different labels (reported, not guessed), labels seen at fewer than ``min_locs``
+    distinct (dataset, location) pairs, and crops beyond a label's ``max_count`` (sampled with its
+    ``prioritize`` order, seeded). Every row left out is counted in the report by reason.
+    """
+    report = DatasetReport()
+    rows = crops.copy()
+    rows["location"] = rows["location"].astype(str).replace({"": "unknown_location", "nan": "unknown_location"})
+    below = rows["confidence"] < threshold
+    report.drop(f"detection confidence below {threshold}", below.sum())
+    rows = rows[~below]
+    unlabelled = rows["dataset_class"].astype(str).str.strip() == ""
+    report.drop("no class in the export (detector box on an image without one label)", unlabelled.sum())
+    rows = rows[~unlabelled]
+    keys = pd.MultiIndex.from_arrays([rows["dataset"], rows["dataset_class"]])
+    labels = pd.Series(mapping, dtype=object)
+    rows = rows.assign(label=labels.reindex(keys).to_numpy() if len(labels) else None)
+    unmapped = rows["label"].isna()
+    report.drop("class not in any output label (excluded)", unmapped.sum())
+    rows = rows[~unmapped]
+
+    if one_label_per_image and len(rows):
+        per_image = rows.groupby(["dataset", "image"])["label"].agg(lambda s: ",".join(sorted(set(s))))
+        conflicted = per_image[per_image.str.contains(",")]
+        report.conflicts = conflicted.rename("labels").reset_index()
+        clash = pd.MultiIndex.from_arrays([rows["dataset"], rows["image"]]).isin(conflicted.index)
+        report.drop("image with crops of different labels", clash.sum())
+        rows = rows[~clash]
+
+    if min_locs:
+        locs = rows.drop_duplicates(["label", "dataset", "location"]).groupby("label").size()
+        rare = rows["label"].map(locs) < min_locs
+        report.drop(f"label at fewer than {min_locs} locations", rare.sum())
+        rows = rows[~rare]
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for label, group in rows.groupby("label", sort=True):
+        body = (spec or {}).get(label, {})
+        max_count = body.get("max_count")
+        if max_count and len(group) > max_count:
+            sampled = _sample_with_priority(group, max_count, body.get("prioritize", []), rng)
+            report.sampled[label] = (len(group), len(sampled))
+            report.drop(f"over max_count", len(group) - len(sampled))
+            group = sampled
+        parts.append(group)
+    rows = pd.concat(parts) if parts else rows
+    return rows[DS_COLUMNS].sort_values("path", kind="stable").reset_index(drop=True), report
+
+
+def label_index(ds: pd.DataFrame) -> dict[str, str]:
+    """``label_index.json``: ``{"0": name, …}`` over the sorted label names."""
+    return {str(i): name for i, name in enumerate(sorted(ds["label"].unique()))}
+
+
+def match_test(ds: pd.DataFrame, earlier_ds: pd.DataFrame, earlier_splits: dict[str, list]) -> tuple[pd.DataFrame, list]:
+    """Append the crops of an earlier dataset that lie at its test locations (labels this dataset
+    knows only); returns the rows and those test locations, which the splits keep in test."""
+    test = {(str(d), str(loc)) for d, loc in earlier_splits.get("test", [])}
+    at_test = pd.Series(list(zip(earlier_ds["dataset"].astype(str), earlier_ds["location"].astype(str))),
+                        index=earlier_ds.index).isin(test)
+    extra = earlier_ds[at_test & earlier_ds["label"].isin(set(ds["label"]))]
+    rows = pd.concat([ds, extra[DS_COLUMNS]]).drop_duplicates("path", keep="first")
+    return rows.sort_values("path", kind="stable").reset_index(drop=True), sorted(test)

@@ -1,0 +1,172 @@
+"""Train/val/test splits by (dataset, location), so no camera site leaks across splits.
+
+``random`` minimizes MegaDetector's objective over many random location assignments, all scored at
+once with matrix products (the reference scores one trial at a time in pandas); ``smallest_first``
+is the greedy method of the reference README, with its location-order bug fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+JITTER = 0.03  # the reference jitters the train (and val) share by up to this much per trial
+
+
+def _targets(val_frac: float, test_frac: float) -> np.ndarray:
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"val_frac {val_frac} and test_frac {test_frac} must be fractions summing below 1")
+    return np.array([1.0 - val_frac - test_frac, val_frac, test_frac])
+
+
+def location_label_counts(ds: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str], np.ndarray]:
+    """(dataset, location) keys, sorted labels, and the crops per location (rows) and label (columns)."""
+    loc_codes, locs = pd.factorize(pd.MultiIndex.from_arrays([ds["dataset"].astype(str),
+                                                               ds["location"].astype(str)]), sort=True)
+    label_codes, labels = pd.factorize(ds["label"], sort=True)
+    counts = np.bincount(loc_codes * len(labels) + label_codes, minlength=len(locs) * len(labels))
+    return [tuple(loc) for loc in locs], list(labels), counts.reshape(len(locs), len(labels))
+
+
+def _score_assignments(assign: np.ndarray, counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The objective of each row of ``assign`` (trials x locations, split codes 0/1/2)."""
+    crops = counts.astype(np.float32)
+    present = (counts > 0).astype(np.float32)
+    onehot = (assign[:, None, :] == np.arange(3, dtype=assign.dtype)[None, :, None]).astype(np.float32)
+    flat = onehot.reshape(-1, counts.shape[0])
+    crop_frac = (flat @ crops).reshape(len(assign), 3, -1) / crops.sum(axis=0)
+    loc_frac = (flat @ present).reshape(len(assign), 3, -1) / present.sum(axis=0)
+    wanted = targets.astype(np.float32)[None, :, None]
+    return (2 * ((crop_frac - wanted) ** 2).sum(axis=(1, 2)) + ((loc_frac - wanted) ** 2).sum(axis=(1, 2)))
+
+
+def _random_assignment(counts: np.ndarray, val_frac: float, test_frac: float, seed: int, trials: int,
+                       chunk: int = 256) -> tuple[np.ndarray, float]:
+    num_locs = counts.shape[0]
+    targets = _targets(val_frac, test_frac)
+    rng = np.random.default_rng(seed)
+    positions = np.arange(num_locs)
+    best, best_score = None, np.inf
+    for start in range(0, trials, chunk):
+        n = min(chunk, trials - start)
+        num_train = (num_locs * (targets[0] + rng.uniform(-JITTER, JITTER, n))).astype(int)
+        num_val = ((num_locs * (val_frac + rng.uniform(-JITTER, JITTER, n))).astype(int) if test_frac > 0
+                   else num_locs - num_train)
+        order = rng.permuted(np.broadcast_to(positions, (n, num_locs)), axis=1)  # order[t, j]: j-th location
+        split_at = ((positions >= num_train[:, None]).astype(np.int8)
+                    + (positions >= (num_train + num_val)[:, None]).astype(np.int8))
+        assign = np.empty((n, num_locs), dtype=np.int8)
+        np.put_along_axis(assign, order, split_at, axis=1)
+        scores = _score_assignments(assign, counts, targets)
+        winner = int(np.argmin(scores))
+        if scores[winner] < best_score:
+            best, best_score = assign[winner].copy(), float(scores[winner])
+    return best, best_score
+
+
+def _smallest_first(locs: list, labels: list[str], counts: np.ndarray, val_frac: float, test_frac: float,
+                    prioritize: dict[str, list[str]]) -> np.ndarray:
+    assign = np.full(len(locs), -1, dtype=np.int8)
+    totals = counts.sum(axis=0)
+    per_split = np.zeros((3, len(labels)))
+    for k in sorted(range(len(labels)), key=lambda k: (totals[k], labels[k])):  # fewest crops first
+        preferred = set(prioritize.get(labels[k], []))
+        candidates = [i for i in np.flatnonzero(counts[:, k]) if assign[i] < 0]
+        for i in sorted(candidates, key=lambda i: (locs[i][0] not in preferred, counts[i, k], locs[i])):
+            if per_split[2, k] < test_frac * totals[k]:
+                split = 2
+            elif per_split[1, k] < val_frac * totals[k]:
+                split = 1
+            else:
+                split = 0
+            assign[i] = split
+            per_split[split] += counts[i]
+    return assign
+
+
+def _as_splits(locs: list, assign: np.ndarray) -> dict[str, list[list[str]]]:
+    return {name: [list(locs[i]) for i in np.flatnonzero(assign == code)] for code, name in enumerate(SPLITS)}
+
+
+def make_splits(ds: pd.DataFrame, *, val_frac: float, test_frac: float, method: str = "random", seed: int = 0,
+                trials: int = 10_000, prioritize: dict[str, list[str]] | None = None,
+                test_locations: list | None = None) -> dict[str, list[list[str]]]:
+    """``splits.json``: {"train"|"val"|"test": [[dataset, location], …]} for classification_ds rows.
+
+    ``random``: the best of ``trials`` seeded random assignments under ``split_score``.
+    ``smallest_first``: labels from fewest crops up, each label's unassigned locations from smallest up
+    (datasets in ``prioritize[label]`` first), filling test, then val, then train.
+    ``test_locations`` (from match_test) are put in test; the rest is split into train and val.
+    """
+    if method not in ("random", "smallest_first"):
+        raise ValueError(f"method must be 'random' or 'smallest_first', not {method!r}")
+    fixed = {(str(d), str(loc)) for d, loc in (test_locations or [])}
+    if fixed and test_frac:
+        raise ValueError("test_frac must be 0 when the test split comes from match_test")
+    keep = ~pd.Series(list(zip(ds["dataset"].astype(str), ds["location"].astype(str))), index=ds.index).isin(fixed)
+    locs, labels, counts = location_label_counts(ds[keep])
+    _targets(val_frac, test_frac)
+    if not locs:
+        assign = np.zeros(0, dtype=np.int8)
+    elif method == "random":
+        assign, _ = _random_assignment(counts, val_frac, test_frac, seed, trials)
+    else:
+        assign = _smallest_first(locs, labels, counts, val_frac, test_frac, prioritize or {})
+    splits = _as_splits(locs, assign)
+    splits["test"] = sorted(splits["test"] + [list(loc) for loc in fixed])
+    return splits
+
+
+def _assignment_of(locs: list, splits: dict[str, list]) -> np.ndarray:
+    where = {(str(d), str(loc)): code for code, name in enumerate(SPLITS) for d, loc in splits.get(name, [])}
+    return np.array([where.get(loc, -1) for loc in locs], dtype=np.int8)
+
+
+def split_score(ds: pd.DataFrame, splits: dict[str, list], *, val_frac: float, test_frac: float) -> float:
+    """The reference objective: Σ over splits of 2·Σ_label (crop fraction − target)² +
+    Σ_label (location fraction − target)²; lower is better."""
+    locs, _, counts = location_label_counts(ds)
+    return float(_score_assignments(_assignment_of(locs, splits)[None, :], counts,
+                                    _targets(val_frac, test_frac))[0])
+
+
+def check_splits(ds: pd.DataFrame, splits: dict[str, list]) -> tuple[list[str], dict[str, str]]:
+    """Leaks (a location in two splits, or in none) and, per label missing from a split, why."""
+    seen: dict[tuple[str, str], str] = {}
+    leaks = []
+    for name in SPLITS:
+        for d, loc in splits.get(name, []):
+            key = (str(d), str(loc))
+            if key in seen:
+                leaks.append(f"location {key} is in both {seen[key]} and {name}")
+            seen[key] = name
+    locs, labels, counts = location_label_counts(ds)
+    leaks += [f"location {loc} has crops but no split" for loc in locs if loc not in seen]
+    assign = np.array([SPLITS.index(seen[loc]) if loc in seen else -1 for loc in locs])
+    wanted = [code for code, name in enumerate(SPLITS) if splits.get(name)] or [0]
+    missing: dict[str, str] = {}
+    for k, label in enumerate(labels):
+        at = np.flatnonzero(counts[:, k])
+        absent = [SPLITS[code] for code in wanted if not (assign[at] == code).any()]
+        if absent:
+            reason = (f"only {len(at)} location(s), fewer than the {len(wanted)} splits"
+                      if len(at) < len(wanted) else "the chosen split put none of its locations there")
+            missing[label] = f"missing from {', '.join(absent)}: {reason}"
+    return leaks, missing
+
+
+def split_table(ds: pd.DataFrame, splits: dict[str, list]) -> pd.DataFrame:
+    """Crops per label (rows) and split (columns)."""
+    where = {(str(d), str(loc)): name for name in SPLITS for d, loc in splits.get(name, [])}
+    split = pd.Series(list(zip(ds["dataset"].astype(str), ds["location"].astype(str)))).map(where)
+    return pd.crosstab(ds["label"].to_numpy(), split.fillna("none").to_numpy()).reindex(
+        columns=[s for s in SPLITS if s in set(split)] + (["none"] if split.isna().any() else []), fill_value=0)
+
+
+def prioritize_by_label(spec: dict[str, dict[str, Any]] | None) -> dict[str, list[str]]:
+    """label -> datasets to take first, flattened from the spec's ``prioritize`` levels."""
+    return {label: [d for level in body.get("prioritize", []) for d in level]
+            for label, body in (spec or {}).items() if body.get("prioritize")}
