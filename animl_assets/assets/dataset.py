@@ -164,7 +164,9 @@ def splits(config: SplitsConfig, storage: StoreResource) -> dg.MaterializeResult
                          seed=config.seed, trials=config.trials, prioritize=prioritize_by_label(spec),
                          test_locations=test_locations)
     write_json(store, artifact_key("splits", None, SPLITS_JSON), result)
-    leaks, missing = check_splits(ds, result)
+    expected = tuple(name for name, wanted in (("train", True), ("val", config.val_frac > 0),
+                                               ("test", test_frac > 0 or bool(test_locations))) if wanted)
+    leaks, missing = check_splits(ds, result, expected)
     score = split_score(ds, result, val_frac=config.val_frac, test_frac=test_frac)
     return dg.MaterializeResult(
         metadata={

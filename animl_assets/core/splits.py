@@ -133,8 +133,9 @@ def split_score(ds: pd.DataFrame, splits: dict[str, list], *, val_frac: float, t
                                     _targets(val_frac, test_frac))[0])
 
 
-def check_splits(ds: pd.DataFrame, splits: dict[str, list]) -> tuple[list[str], dict[str, str]]:
-    """Leaks (a location in two splits, or in none) and, per label missing from a split, why."""
+def check_splits(ds: pd.DataFrame, splits: dict[str, list], expected: tuple[str, ...] = SPLITS
+                 ) -> tuple[list[str], dict[str, str]]:
+    """Leaks (a location in two splits, or in none) and, per label missing from an ``expected`` split, why."""
     seen: dict[tuple[str, str], str] = {}
     leaks = []
     for name in SPLITS:
@@ -146,14 +147,17 @@ def check_splits(ds: pd.DataFrame, splits: dict[str, list]) -> tuple[list[str], 
     locs, labels, counts = location_label_counts(ds)
     leaks += [f"location {loc} has crops but no split" for loc in locs if loc not in seen]
     assign = np.array([SPLITS.index(seen[loc]) if loc in seen else -1 for loc in locs])
-    wanted = [code for code, name in enumerate(SPLITS) if splits.get(name)] or [0]
+    wanted = [SPLITS.index(name) for name in expected]
     missing: dict[str, str] = {}
     for k, label in enumerate(labels):
         at = np.flatnonzero(counts[:, k])
         absent = [SPLITS[code] for code in wanted if not (assign[at] == code).any()]
         if absent:
             reason = (f"only {len(at)} location(s), fewer than the {len(wanted)} splits"
-                      if len(at) < len(wanted) else "the chosen split put none of its locations there")
+                      if len(at) < len(wanted) else
+                      "the chosen split put none of its locations there" if all(splits.get(s) for s in absent) else
+                      f"{' and '.join(s for s in absent if not splits.get(s))} got no location at all "
+                      f"(too few locations for the requested fractions)")
             missing[label] = f"missing from {', '.join(absent)}: {reason}"
     return leaks, missing
 

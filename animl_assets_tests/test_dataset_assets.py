@@ -1,0 +1,112 @@
+"""classification_dataset and splits materialized through the Definitions after the per-export job."""
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from animl_assets.definitions import DATASET_JOB, build_definitions
+from animl_assets_tests.conftest import add_export, run_ingest
+from animl_assets_tests.test_ingest_assets import materialization
+
+
+def run_dataset(settings, instance, run_config=None):
+    return build_definitions(settings).resolve_job_def(DATASET_JOB).execute_in_process(
+        instance=instance, run_config=run_config or {}, raise_on_error=False)
+
+
+def config(dataset=None, splits=None):
+    ops = {}
+    if dataset:
+        ops["classification_dataset"] = {"config": dataset}
+    if splits:
+        ops["splits"] = {"config": splits}
+    return {"ops": ops}
+
+
+@pytest.fixture()
+def ingested(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    assert run_ingest(settings, instance, partition).success
+    return partition
+
+
+def test_dataset_and_splits_from_the_sample_export(settings, instance, ingested, sample_counts):
+    result = run_dataset(settings, instance)
+    assert result.success
+    root = Path(settings.storage_uri)
+    ds = pd.read_csv(root / "classification_dataset" / "classification_ds.csv", keep_default_na=False)
+    assert list(ds.columns) == ["path", "dataset", "location", "dataset_class", "confidence", "label"]
+    assert len(ds) == sample_counts["crops"] and set(ds["dataset"]) == {ingested}
+    assert set(ds["label"]) == {"deer", "fox", "raccoon", "turkey"}  # "empty" left out by default
+    assert (ds["confidence"] == 1.0).all()
+    for path in ds["path"]:
+        assert (root / "crops" / path).is_file()
+    index = json.loads((root / "classification_dataset" / "label_index.json").read_text())
+    assert index == {"0": "deer", "1": "fox", "2": "raccoon", "3": "turkey"}
+    meta = materialization(result, "classification_dataset")
+    assert meta["num_locations"] == sample_counts["locations"] and "data:image/png;base64," in meta["sample_grid"]
+
+    splits = json.loads((root / "splits" / "splits.json").read_text())
+    assert set(splits) == {"train", "val", "test"} and all(splits.values())
+    placed = [tuple(loc) for name in splits for loc in splits[name]]
+    assert len(placed) == len(set(placed)) == sample_counts["locations"]
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"no_location_leakage": True, "every_label_in_every_split": True}
+    split_meta = materialization(result, "splits")
+    assert re.search(r"\|\s*deer\s*\|\s*\d+\s*\|\s*\d+\s*\|\s*\d+\s*\|", split_meta["crops_per_label_and_split"])
+
+
+def test_csv_label_spec_groups_classes(settings, instance, ingested, tmp_path):
+    spec = tmp_path / "spec.csv"
+    spec.write_text(f"output_label,type,content\nmammal,row,{ingested}|deer\nmammal,row,{ingested}|fox\n"
+                    f"mammal,row,{ingested}|raccoon\nbird,row,{ingested}|turkey\nmammal,max_count,30\n")
+    result = run_dataset(settings, instance, config({"label_spec": str(spec), "seed": 3},
+                                                    {"method": "smallest_first"}))
+    assert result.success
+    ds = pd.read_csv(Path(settings.storage_uri) / "classification_dataset" / "classification_ds.csv")
+    assert set(ds["label"]) == {"mammal", "bird"} and (ds["label"] == "mammal").sum() == 30
+    meta = materialization(result, "classification_dataset")
+    assert meta["left_out"] == {"over max_count": meta["sampled"]["mammal"]["before"] - 30}
+
+
+def test_bad_label_spec_fails_with_the_reason(settings, instance, ingested, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"deer": {"dataset_labels": {ingested: ["deer", "moose"]}}}))
+    result = run_dataset(settings, instance, config({"label_spec": str(spec)}))
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert f"class 'moose' of dataset '{ingested}' is not in the data" in failure.event_specific_data.error.message
+
+
+def test_labels_that_cannot_reach_every_split_fail_the_blocking_check(settings, instance, ingested):
+    result = run_dataset(settings, instance, config(splits={"val_frac": 0.02, "test_frac": 0.02, "trials": 50}))
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "every_label_in_every_split")
+    assert not check.passed
+    reasons = check.metadata["labels_that_cannot_be_placed"].value
+    assert set(reasons) == {"deer", "fox", "raccoon", "turkey"}
+    for reason in reasons.values():  # 2% of 10 locations rounds to none; test keeps what train leaves
+        assert reason.startswith("missing from val") and "got no location at all (too few locations" in reason
+
+
+def test_match_test_keeps_the_earlier_test_split(settings, instance, ingested, tmp_path):
+    assert run_dataset(settings, instance).success
+    root = Path(settings.storage_uri)
+    earlier_csv, earlier_splits = tmp_path / "earlier.csv", tmp_path / "earlier_splits.json"
+    earlier_csv.write_bytes((root / "classification_dataset" / "classification_ds.csv").read_bytes())
+    earlier_splits.write_bytes((root / "splits" / "splits.json").read_bytes())
+    earlier_test = json.loads(earlier_splits.read_text())["test"]
+    result = run_dataset(settings, instance, config(
+        {"match_test_csv": str(earlier_csv), "match_test_splits": str(earlier_splits)}, {"seed": 5}))
+    assert result.success
+    assert json.loads((root / "splits" / "splits.json").read_text())["test"] == sorted(earlier_test)
+    assert materialization(result, "classification_dataset")["match_test_locations"] == len(earlier_test)
+
+
+def test_dataset_needs_crops_first(settings, instance):
+    instance.add_dynamic_partitions("exports", ["never_ingested"])
+    result = run_dataset(settings, instance)
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "materialize crops first" in failure.event_specific_data.error.message
