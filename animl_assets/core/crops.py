@@ -49,7 +49,13 @@ def detector_tag(detector: str) -> str:
 
 def crop_name(file: str, index: int, detector: str) -> str:
     """``<file>___crop<NN>_<detector>.jpg``, NN the box's index among the image's detections."""
-    return f"{file}___crop{index:02d}_{detector_tag(detector)}.jpg"
+    return crop_names([file], [index], detector)[0]
+
+
+def crop_names(files: Iterable[str], indices: Iterable[int], detector: str) -> list[str]:
+    """``crop_name`` for many boxes of one batch output (the detector tag is made once)."""
+    tag = detector_tag(detector)
+    return [f"{file}___crop{index:02d}_{tag}.jpg" for file, index in zip(files, indices)]
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from animl_assets.core.crops import crop_name
+from animl_assets.core.crops import crop_names
 from animl_assets.core.label_spec import Pair
+from animl_assets.core.splits import pair_keys
 
 DS_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
 CROP_COLUMNS = DS_COLUMNS[:-1] + ["image"]  # what the builder takes: one row per crop, before labelling
@@ -46,7 +47,7 @@ def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFra
     rows = rows.merge(dataset_classes[["file", "detection_index", "label"]], how="left",
                       on=["file", "detection_index"])
     return pd.DataFrame({
-        "path": [f"{dataset}/{crop_name(f, i, detector)}" for f, i in zip(rows["file"], rows["detection_index"])],
+        "path": [f"{dataset}/{name}" for name in crop_names(rows["file"], rows["detection_index"], detector)],
         "dataset": dataset,
         "location": rows["file"].map(locations).fillna("unknown_location").astype(str),
         "dataset_class": rows["label"].fillna("").astype(str),
@@ -101,10 +102,9 @@ def build_classification_dataset(
     rows = rows[~unmapped]
 
     if one_label_per_image and len(rows):
-        per_image = rows.groupby(["dataset", "image"])["label"].agg(lambda s: ",".join(sorted(set(s))))
-        conflicted = per_image[per_image.str.contains(",")]
-        report.conflicts = conflicted.rename("labels").reset_index()
-        clash = pd.MultiIndex.from_arrays([rows["dataset"], rows["image"]]).isin(conflicted.index)
+        clash = rows.groupby(["dataset", "image"], sort=False)["label"].transform("nunique").to_numpy() > 1
+        report.conflicts = (rows[clash].groupby(["dataset", "image"])["label"]
+                            .agg(lambda s: ",".join(sorted(set(s)))).rename("labels").reset_index())
         report.drop("image with crops of different labels", clash.sum())
         rows = rows[~clash]
 
@@ -138,8 +138,7 @@ def match_test(ds: pd.DataFrame, earlier_ds: pd.DataFrame, earlier_splits: dict[
     """Append the crops of an earlier dataset that lie at its test locations (labels this dataset
     knows only); returns the rows and those test locations, which the splits keep in test."""
     test = {(str(d), str(loc)) for d, loc in earlier_splits.get("test", [])}
-    at_test = pd.Series(list(zip(earlier_ds["dataset"].astype(str), earlier_ds["location"].astype(str))),
-                        index=earlier_ds.index).isin(test)
+    at_test = pair_keys(earlier_ds).isin({f"{d}\x1f{loc}" for d, loc in test})
     extra = earlier_ds[at_test & earlier_ds["label"].isin(set(ds["label"]))]
     rows = pd.concat([ds, extra[DS_COLUMNS]]).drop_duplicates("path", keep="first")
     return rows.sort_values("path", kind="stable").reset_index(drop=True), sorted(test)

@@ -16,6 +16,15 @@ SPLITS = ("train", "val", "test")
 JITTER = 0.03  # the reference jitters the train (and val) share by up to this much per trial
 
 
+def pair_keys(frame: pd.DataFrame) -> pd.Series:
+    """One string per row for its (dataset, location) pair, built column-wise (no per-row Python)."""
+    return frame["dataset"].astype(str) + "\x1f" + frame["location"].astype(str)
+
+
+def _key(dataset: Any, location: Any) -> str:
+    return f"{dataset}\x1f{location}"
+
+
 def _targets(val_frac: float, test_frac: float) -> np.ndarray:
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"val_frac {val_frac} and test_frac {test_frac} must be fractions summing below 1")
@@ -24,11 +33,15 @@ def _targets(val_frac: float, test_frac: float) -> np.ndarray:
 
 def location_label_counts(ds: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str], np.ndarray]:
     """(dataset, location) keys, sorted labels, and the crops per location (rows) and label (columns)."""
-    loc_codes, locs = pd.factorize(pd.MultiIndex.from_arrays([ds["dataset"].astype(str),
-                                                               ds["location"].astype(str)]), sort=True)
+    dataset_codes, datasets = pd.factorize(ds["dataset"].astype(str), sort=True)
+    location_codes, locations = pd.factorize(ds["location"].astype(str), sort=True)
+    # codes of sorted uniques combine into one code per pair that sorts as (dataset, location) does
+    pair_codes, loc_codes = np.unique(dataset_codes.astype(np.int64) * len(locations) + location_codes,
+                                      return_inverse=True)
     label_codes, labels = pd.factorize(ds["label"], sort=True)
-    counts = np.bincount(loc_codes * len(labels) + label_codes, minlength=len(locs) * len(labels))
-    return [tuple(loc) for loc in locs], list(labels), counts.reshape(len(locs), len(labels))
+    counts = np.bincount(loc_codes * len(labels) + label_codes, minlength=len(pair_codes) * len(labels))
+    locs = [(datasets[code // len(locations)], locations[code % len(locations)]) for code in pair_codes]
+    return locs, list(labels), counts.reshape(len(locs), len(labels))
 
 
 def _score_assignments(assign: np.ndarray, counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -106,8 +119,9 @@ def make_splits(ds: pd.DataFrame, *, val_frac: float, test_frac: float, method: 
     fixed = {(str(d), str(loc)) for d, loc in (test_locations or [])}
     if fixed and test_frac:
         raise ValueError("test_frac must be 0 when the test split comes from match_test")
-    keep = ~pd.Series(list(zip(ds["dataset"].astype(str), ds["location"].astype(str))), index=ds.index).isin(fixed)
-    locs, labels, counts = location_label_counts(ds[keep])
+    if fixed:
+        ds = ds[~pair_keys(ds).isin({_key(*loc) for loc in fixed}).to_numpy()]
+    locs, labels, counts = location_label_counts(ds)
     _targets(val_frac, test_frac)
     if not locs:
         assign = np.zeros(0, dtype=np.int8)
@@ -164,8 +178,8 @@ def check_splits(ds: pd.DataFrame, splits: dict[str, list], expected: tuple[str,
 
 def split_table(ds: pd.DataFrame, splits: dict[str, list]) -> pd.DataFrame:
     """Crops per label (rows) and split (columns)."""
-    where = {(str(d), str(loc)): name for name in SPLITS for d, loc in splits.get(name, [])}
-    split = pd.Series(list(zip(ds["dataset"].astype(str), ds["location"].astype(str)))).map(where)
+    where = {_key(d, loc): name for name in SPLITS for d, loc in splits.get(name, [])}
+    split = pair_keys(ds).map(where)
     return pd.crosstab(ds["label"].to_numpy(), split.fillna("none").to_numpy()).reindex(
         columns=[s for s in SPLITS if s in set(split)] + (["none"] if split.isna().any() else []), fill_value=0)
 
