@@ -1,5 +1,4 @@
 import pandas as pd
-import pytest
 
 from animl_assets.core.dataset import build_classification_dataset, detection_rows, label_index, match_test
 

@@ -97,3 +97,13 @@ def test_running_the_detector_without_weights_says_what_to_do(settings, instance
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.event_specific_data.error.message
     assert "MegaDetector weights not found at /nowhere/md_v5a.0.0.pt" in message and "detector_weights" in message
+
+
+def test_malformed_detector_results_fail_with_the_file_named(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    (Path(settings.exports_uri) / f"{partition}.md.json").write_text('{"images": [')
+    result = run_ingest(settings, instance, partition)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert f"{partition}.md.json are not valid JSON" in failure.event_specific_data.error.message
+    assert failure.step_key == "md_detections" and not result.asset_materializations_for_node("crops")

@@ -11,7 +11,6 @@ in threads as it runs them) on the same input.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -111,8 +110,8 @@ def main() -> None:
                 out = Path(tmp) / f"reference{threads}-{attempt}"
                 started = time.perf_counter()
                 with ThreadPoolExecutor(threads) as pool:
-                    made = sum(pool.map(lambda i: reference_image(str(images_dir / i["file"]), i["detections"],
-                                                                  str(out), detector, i["file"]), md["images"]))
+                    made = sum(pool.map(lambda i, out=out: reference_image(
+                        str(images_dir / i["file"]), i["detections"], str(out), detector, i["file"]), md["images"]))
                 rates.append(made / (time.perf_counter() - started))
             print(f"  reference algorithm threads={threads}: {statistics.median(rates):6.1f} crops/s median, "
                   f"{max(rates):6.1f} best, on the same input")

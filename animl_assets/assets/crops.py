@@ -8,7 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from animl_assets.assets.artifacts import (artifact_key, local_folder, markdown_table, png_markdown, publish,
-                                           read_csv, read_json, write_csv)
+                                           read_csv, read_json)
 from animl_assets.assets.detections import DETECTIONS, LABELS, md_detections
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST

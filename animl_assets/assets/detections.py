@@ -64,7 +64,7 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
         try:
             raw = json.loads(exports.store().read_bytes(mdcache_key))
         except json.JSONDecodeError as err:
-            raise dg.Failure(f"MegaDetector results {exports.store().uri(mdcache_key)} are not valid JSON: {err}")
+            raise dg.Failure(f"MegaDetector results {exports.store().uri(mdcache_key)} are not valid JSON: {err}") from err
         mdcache_problems = validate_batch_output(raw)
         detector = upgrade_batch_output(raw)
         sources["ingested"] = len(detector.get("images", []))

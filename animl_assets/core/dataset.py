@@ -122,7 +122,7 @@ def build_classification_dataset(
         if max_count and len(group) > max_count:
             sampled = _sample_with_priority(group, max_count, body.get("prioritize", []), rng)
             report.sampled[label] = (len(group), len(sampled))
-            report.drop(f"over max_count", len(group) - len(sampled))
+            report.drop("over max_count", len(group) - len(sampled))
             group = sampled
         parts.append(group)
     rows = pd.concat(parts) if parts else rows
