@@ -40,6 +40,9 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
     exports_root = exports.uri().rstrip("/") + "/"
     source_uri = path_or_uri if path_or_uri.startswith("s3://") else str(Path(path_or_uri).absolute())
     if source_uri.startswith(exports_root):
+        if images_root:
+            raise ValueError("--images-root is for exports outside the exports location; for this one set "
+                             "ANIML_IMAGES_URI or the images asset's images_root config")
         export_key = source_uri[len(exports_root):]
     else:
         folder, _, name = source_uri.rpartition("/")
@@ -47,8 +50,11 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
         if not isinstance(cct.get("info"), dict):
             cct["info"] = {}
         cct["info"]["animl_images_root"] = images_root or folder
-        export_key = name
-        exports.write_bytes(export_key, json.dumps(cct).encode())
+        export_key, data = name, json.dumps(cct).encode()
+        if exports.exists(export_key) and exports.read_bytes(export_key) != data:
+            raise ValueError(f"another export is already registered as {exports.uri(export_key)}: "
+                             "rename this one (its file name becomes the partition key)")
+        exports.write_bytes(export_key, data)
     partition = partition_key_for(export_key)
     instance = dg.DagsterInstance.get()
     if not instance.has_dynamic_partition(exports_partitions.name, partition):

@@ -80,3 +80,20 @@ def test_sample_export_command_is_deterministic(tmp_path):
     assert files_a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_cli_never_overwrites_a_different_export_of_the_same_name(tmp_path, monkeypatch, sample_dir, capsys):
+    monkeypatch.setenv("ANIML_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    assert main(["register", str(sample_dir / "sample_export.json"), "--no-run"]) == 0
+    assert main(["register", str(sample_dir / "sample_export.json"), "--no-run"]) == 0  # the same one again
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "sample_export.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    kept = (tmp_path / "home" / "exports" / "sample_export.json").read_bytes()
+    assert main(["register", str(other / "sample_export.json"), "--no-run"]) == 2
+    assert "another export is already registered" in capsys.readouterr().err
+    assert (tmp_path / "home" / "exports" / "sample_export.json").read_bytes() == kept
+    inside = tmp_path / "home" / "exports" / "sample_export.json"
+    assert main(["register", str(inside), "--images-root", "/x", "--no-run"]) == 2
+    assert "--images-root is for exports outside" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +60,23 @@ def local_folder(store: Store, cache_dir: Path) -> Path:
         target = cache_dir / item.key
         if not (target.is_file() and target.stat().st_size == item.size):
             atomic_write(target, store.read_bytes(item.key))
+            os.utime(target, (item.mtime, item.mtime))  # a copy is as old as its object: see publish
     return cache_dir
 
 
 def publish(folder: Path, store: Store) -> int:
-    """Upload the files of ``folder`` that ``store`` lacks or holds at another size; returns how many."""
+    """Upload the files of ``folder`` that ``store`` lacks, holds at another size, or holds older than
+    the local file (written since it was synced down); returns how many were uploaded."""
     if isinstance(store, LocalStore) and store.root == folder:
         return 0
-    present = {item.key: item.size for item in store.list()}
+    present = {item.key: item for item in store.list()}
     uploaded = 0
     for path in sorted(folder.rglob("*")):
-        key = path.relative_to(folder).as_posix()
-        if path.is_file() and not path.name.startswith(TEMP_PREFIX) and present.get(key) != path.stat().st_size:
+        if not path.is_file() or path.name.startswith(TEMP_PREFIX):
+            continue
+        key, stat = path.relative_to(folder).as_posix(), path.stat()
+        remote = present.get(key)
+        if remote is None or remote.size != stat.st_size or stat.st_mtime > remote.mtime + 1:
             store.write_bytes(key, path.read_bytes())
             uploaded += 1
     return uploaded
