@@ -114,3 +114,11 @@ def test_checks_catch_leaks_and_name_labels_that_cannot_be_placed():
         "owl": "missing from test: the chosen split put none of its locations there"}
     table = split_table(ds, split)
     assert table.loc["deer"].tolist() == [6, 3, 2] and table.loc["fox"].tolist() == [2, 0, 0]
+
+
+def test_split_api_is_exposed_by_the_core_package():
+    from animl_assets.core import make_splits as api_make_splits, split_score as api_split_score
+
+    ds = dataset({("d", f"l{i}"): {"deer": 5, "fox": 5} for i in range(10)})
+    splits = api_make_splits(ds, val_frac=0.1, test_frac=0.1, method="random", seed=0, trials=100)
+    assert api_split_score(ds, splits, val_frac=0.1, test_frac=0.1) == pytest.approx(0, abs=1e-9)

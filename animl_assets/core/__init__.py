@@ -1,4 +1,4 @@
-"""The pure domain core: formats, images, detections, crops. No Dagster imports here.
+"""The pure domain core: formats, images, detections, crops, dataset, splits. No Dagster imports here.
 
 Names are loaded on first use, so that importing one module (a crop worker importing
 ``animl_assets.core.crops``, say) does not import the others.
@@ -15,6 +15,9 @@ _EXPORTS = {
     "cct_to_md": "megadetector", "validate_batch_output": "megadetector", "merge_detections": "megadetector",
     "upgrade_batch_output": "megadetector",
     "CropReport": "crops", "crop_detections": "crops",
+    "LabelSpecError": "label_spec", "parse_label_spec": "label_spec", "resolve_label_spec": "label_spec",
+    "build_classification_dataset": "dataset", "label_index": "dataset",
+    "make_splits": "splits", "split_score": "splits", "check_splits": "splits",
 }
 __all__ = sorted(_EXPORTS)
 
