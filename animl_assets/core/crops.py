@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from animl_assets.core.failures import failure_category
 from animl_assets.core.files import atomic_write
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 
@@ -151,17 +152,6 @@ def encode_jpeg(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG")
     return buffer.getvalue()
-
-
-def failure_category(error: BaseException) -> str:
-    """analyze_failed_images.py's category for an error raised while reading or decoding an image."""
-    if isinstance(error, FileNotFoundError):
-        return "nonexistent"
-    if isinstance(error, UnidentifiedImageError) or "not a jpeg" in str(error).lower():
-        return "non_image"
-    if "truncat" in str(error).lower() or "premature end" in str(error).lower():
-        return "truncated"
-    return "bad"
 
 
 @dataclass

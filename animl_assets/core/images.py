@@ -15,11 +15,12 @@ from typing import Callable, Iterable
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from animl_assets.core.failures import BAD, GOOD, NON_IMAGE, NONEXISTENT, STATUSES, TRUNCATED, failure_category
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 from animl_assets.core.store import Store
 
-GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD = "good", "nonexistent", "non_image", "truncated", "bad"
-STATUSES = (GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD)
+__all__ = ["BAD", "GOOD", "NONEXISTENT", "NON_IMAGE", "STATUSES", "TRUNCATED", "ImageCheck", "ImageRequest",
+           "collect_images", "verify_image"]
 EXIF_ORIENTATION_TAG = 0x0112
 
 
@@ -46,11 +47,8 @@ def verify_image(data: bytes) -> ImageCheck:
             return ImageCheck(GOOD, "", image.width, image.height, image.mode, orientation)
     except UnidentifiedImageError:
         return ImageCheck(NON_IMAGE, "not a recognised image format")
-    except OSError as err:
-        status = TRUNCATED if "truncat" in str(err).lower() else BAD
-        return ImageCheck(status, f"{type(err).__name__}: {err}")
-    except Exception as err:  # noqa: BLE001 - any decoder fault is a bad image, never a crashed run
-        return ImageCheck(BAD, f"{type(err).__name__}: {err}")
+    except Exception as err:  # noqa: BLE001 - any decoder fault is a failed image, never a crashed run
+        return ImageCheck(failure_category(err), f"{type(err).__name__}: {err}")
 
 
 @dataclass(frozen=True)
