@@ -182,9 +182,9 @@ class _Task:
     max_side: int | None = None
 
 
-def _row(task: _Task, index: int, category: str, conf: float, bbox: tuple, size: tuple[int, int],
+def _row(task: _Task, name: str, index: int, category: str, conf: float, bbox: tuple, size: tuple[int, int],
          stat: os.stat_result) -> dict[str, Any]:
-    return {"crop": crop_name(task.file, index, task.detector), "file": task.file, "detection_index": index,
+    return {"crop": name, "file": task.file, "detection_index": index,
             "category": category, "conf": conf, "bbox": json.dumps(list(bbox)), "square": task.square,
             "width": size[0], "height": size[1], "source_size": stat.st_size,
             "source_mtime_ns": stat.st_mtime_ns, "max_side": task.max_side or ""}
@@ -228,7 +228,7 @@ def _crop_image(task: _Task) -> dict[str, Any]:
                     (max(1, crop.shape[1] * task.max_side // max(crop.shape[:2])),
                      max(1, crop.shape[0] * task.max_side // max(crop.shape[:2]))), Image.Resampling.BILINEAR))
             atomic_write(os.path.join(task.crops_dir, name), encode_jpeg(crop))
-            result["rows"].append(_row(task, index, category, conf, bbox, (crop.shape[1], crop.shape[0]), stat))
+            result["rows"].append(_row(task, name, index, category, conf, bbox, (crop.shape[1], crop.shape[0]), stat))
             result["made"] += 1
     except Exception as err:  # noqa: BLE001 - one bad image never aborts the run
         result["failure"] = failure_category(err)
