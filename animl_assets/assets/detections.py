@@ -3,6 +3,7 @@
 import json
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 
 from animl_assets.assets.artifacts import artifact_key, local_folder, markdown_table, read_csv, write_csv, write_json
@@ -59,12 +60,12 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
     md = cct_to_md(cct, image_sizes=sizes)
     detector, mdcache_problems, sources = None, [], {"export boxes": len(md["images"])}
 
-    mdcache_key = partition + MDCACHE_SUFFIX
-    if config.use_mdcache and exports.store().exists(mdcache_key):
+    mdcache_key, exports_store = partition + MDCACHE_SUFFIX, exports.store()
+    if config.use_mdcache and exports_store.exists(mdcache_key):
         try:
-            raw = json.loads(exports.store().read_bytes(mdcache_key))
+            raw = json.loads(exports_store.read_bytes(mdcache_key))
         except json.JSONDecodeError as err:
-            raise dg.Failure(f"MegaDetector results {exports.store().uri(mdcache_key)} are not valid JSON: {err}") from err
+            raise dg.Failure(f"MegaDetector results {exports_store.uri(mdcache_key)} are not valid JSON: {err}") from err
         mdcache_problems = validate_batch_output(raw)
         detector = upgrade_batch_output(raw)
         sources["ingested"] = len(detector.get("images", []))
@@ -86,7 +87,8 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
         md = merge_detections(md, detector)
     problems = validate_batch_output(md)
     labels = box_labels(cct, md)
-    no_boxes = [file for file in images_without_boxes(cct) if file not in {i["file"] for i in md["images"]}]
+    listed = {image["file"] for image in md["images"]}
+    no_boxes = [file for file in images_without_boxes(cct) if file not in listed]
     write_json(store, artifact_key("md_detections", partition, DETECTIONS), md)
     write_csv(store, artifact_key("md_detections", partition, LABELS), labels)
     write_json(store, artifact_key("md_detections", partition, "images_without_boxes.json"), no_boxes)
@@ -109,7 +111,5 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
     )
 
 
-def _problem_frame(problems: list[str]):
-    import pandas as pd
-
+def _problem_frame(problems: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"problem": problems})
