@@ -33,7 +33,7 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
     from animl_assets.core.cct import load_cct
     from animl_assets.core.exports import partition_key_for
     from animl_assets.definitions import build_resources
-    from animl_assets.resources.storage import open_store
+    from animl_assets.resources.storage import read_uri
 
     exports_resource = build_resources(settings)["exports"]
     exports = exports_resource.store()
@@ -46,7 +46,7 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
         export_key = source_uri[len(exports_root):]
     else:
         folder, _, name = source_uri.rpartition("/")
-        cct = load_cct(open_store(folder, exports_resource.s3).read_bytes(name))
+        cct = load_cct(read_uri(source_uri, exports_resource.s3))
         if not isinstance(cct.get("info"), dict):
             cct["info"] = {}
         cct["info"]["animl_images_root"] = images_root or folder

@@ -12,6 +12,7 @@ from animl_assets.assets.artifacts import (artifact_key, local_folder, markdown_
 from animl_assets.assets.detections import DETECTIONS, LABELS, md_detections
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
+from animl_assets.assets.images import images_folder
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import crop_detections
 from animl_assets.core.images import GOOD
@@ -46,8 +47,7 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Store
     partition = context.partition_key
     store = storage.store()
     md = read_json(store, artifact_key("md_detections", partition, DETECTIONS))
-    images_dir = local_folder(store.child(artifact_key("images", partition, "files")),
-                              storage.cache("images", partition))
+    images_dir = images_folder(storage, partition)
     crops_store = store.child(artifact_key("crops", partition, ""))
     crops_dir = local_folder(crops_store, storage.cache("crops", partition))
     report = crop_detections(md, images_dir, crops_dir, threshold=config.threshold, square=config.square,

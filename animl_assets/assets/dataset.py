@@ -21,7 +21,7 @@ from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, defa
                                           parse_label_spec, parse_taxonomy, resolve_label_spec)
 from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
 from animl_assets.core.store import Store
-from animl_assets.resources.storage import StoreResource, open_store
+from animl_assets.resources.storage import StoreResource, read_uri
 
 DATASET_CSV = "classification_ds.csv"
 LABEL_INDEX = "label_index.json"
@@ -50,8 +50,7 @@ class DatasetConfig(dg.Config):
 
 
 def _read_text(uri: str, storage: StoreResource) -> str:
-    folder, _, name = uri.rpartition("/")
-    return open_store(folder or ".", storage.s3).read_bytes(name).decode()
+    return read_uri(uri, storage.s3).decode()
 
 
 def _crop_rows(store: Store, partition: str) -> pd.DataFrame:

@@ -6,10 +6,10 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, local_folder, markdown_table, read_csv, write_csv, write_json
+from animl_assets.assets.artifacts import artifact_key, markdown_table, read_csv, write_csv, write_json
 from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
-from animl_assets.assets.images import images
+from animl_assets.assets.images import images, images_folder
 from animl_assets.core.cct import load_cct
 from animl_assets.core.detector import DetectorUnavailable, run_megadetector
 from animl_assets.core.images import GOOD
@@ -74,8 +74,7 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
     if config.run_detector:
         covered = {image["file"] for image in md["images"]} | {i["file"] for i in (detector or {}).get("images", [])}
         todo = [file for file in images_without_boxes(cct) if file in sizes and file not in covered]
-        images_dir = local_folder(store.child(artifact_key("images", partition, "files")),
-                                  storage.cache("images", partition))
+        images_dir = images_folder(storage, partition)
         try:
             ran = run_megadetector(config.detector_weights, images_dir, todo, threshold=config.detector_threshold)
         except DetectorUnavailable as err:

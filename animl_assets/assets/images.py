@@ -1,11 +1,12 @@
 """``images``: every image an export references, fetched, verified and listed in a manifest."""
 
 import posixpath
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, markdown_table, read_csv, write_csv
+from animl_assets.assets.artifacts import artifact_key, local_folder, markdown_table, read_csv, write_csv
 from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
 from animl_assets.core.cct import load_cct
 from animl_assets.core.exports import export_key_for
@@ -32,6 +33,12 @@ class ImagesConfig(dg.Config):
     )
     workers: int = Field(default=8, ge=1, le=64, description="Parallel fetches.")
     attempts: int = Field(default=3, ge=1, le=10, description="Tries per image before it is reported bad.")
+
+
+def images_folder(storage: StoreResource, partition: str) -> Path:
+    """An export's verified images as a local folder (synced into the cache when storage is remote)."""
+    return local_folder(storage.store().child(artifact_key("images", partition, "files")),
+                        storage.cache("images", partition))
 
 
 def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_source: StoreResource,

@@ -135,6 +135,12 @@ def open_store(uri: str, s3: S3Resource | None = None) -> Store:
     return LocalStore(uri)
 
 
+def read_uri(uri: str, s3: S3Resource | None = None) -> bytes:
+    """The bytes of one file named by a local path or an ``s3://bucket/key`` URI."""
+    folder, _, name = uri.rpartition("/")
+    return open_store(folder or ".", s3).read_bytes(name)
+
+
 class StoreResource(dg.ConfigurableResource):
     """A place for files: a local folder, or ``s3://bucket/prefix`` reached through dagster-aws."""
 
