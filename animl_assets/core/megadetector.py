@@ -34,8 +34,7 @@ def _md_category(name: str) -> str:
     return "1"
 
 
-def _ground_truth_boxes(cct: dict[str, Any], sizes: dict[str, tuple[int, int]] | None
-                        ) -> Iterator[tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]]:
+def _ground_truth_boxes(cct: dict[str, Any]) -> Iterator[tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]]:
     """Each image with its boxed annotations (annotation, category name), in export order."""
     names = {str(cat["id"]): str(cat["name"]) for cat in cct.get("categories", [])}
     boxes: dict[str, list[tuple[dict, str]]] = {}
@@ -60,7 +59,7 @@ def cct_to_md(cct: dict[str, Any], *, image_sizes: dict[str, tuple[int, int]] | 
     the export lacks them; an image whose size is unknown gets a ``failure`` entry instead.
     """
     images = []
-    for image, boxes in _ground_truth_boxes(cct, image_sizes):
+    for image, boxes in _ground_truth_boxes(cct):
         if not boxes:
             continue
         size = _image_size(image, image_sizes)
@@ -85,13 +84,13 @@ def cct_to_md(cct: dict[str, Any], *, image_sizes: dict[str, tuple[int, int]] | 
 def ground_truth_labels(cct: dict[str, Any]) -> pd.DataFrame:
     """The export's category name for each box cct_to_md writes: ``file, detection_index, label``."""
     rows = [(image["file_name"], index, name)
-            for image, boxes in _ground_truth_boxes(cct, None) for index, (_, name) in enumerate(boxes)]
+            for image, boxes in _ground_truth_boxes(cct) for index, (_, name) in enumerate(boxes)]
     return pd.DataFrame(rows, columns=["file", "detection_index", "label"])
 
 
 def images_without_boxes(cct: dict[str, Any]) -> list[str]:
     """File names of images with no box in the export: the ones a detector could be run on."""
-    return [image["file_name"] for image, boxes in _ground_truth_boxes(cct, None) if not boxes]
+    return [image["file_name"] for image, boxes in _ground_truth_boxes(cct) if not boxes]
 
 
 def _version(value: Any) -> tuple[int, ...] | None:
