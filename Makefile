@@ -7,7 +7,7 @@ export ANIML_HOME
 
 .PHONY: setup demo test ui bench clean
 
-$(BIN)/animl: pyproject.toml
+$(BIN)/animl: pyproject.toml animl_assets/core/_jpegregion.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

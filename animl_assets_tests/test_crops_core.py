@@ -16,8 +16,8 @@ from animl_assets.core.sample import BROKEN as BROKEN_SAMPLE
 from animl_assets_tests.images_testdata import BROKEN, jpeg
 
 
-def reference_crop(img: Image.Image, bbox, square):
-    """crop_detections.py's save_crop, as the oracle (Pillow crop + ImageOps.pad)."""
+def reference_crop(img: Image.Image, bbox, square) -> Image.Image | None:
+    """crop_detections.py's save_crop, as the oracle (Pillow crop + ImageOps.pad): the image it saves."""
     img_w, img_h = img.size
     xmin, ymin = int(bbox[0] * img_w), int(bbox[1] * img_h)
     box_w, box_h = int(bbox[2] * img_w), int(bbox[3] * img_h)
@@ -31,7 +31,7 @@ def reference_crop(img: Image.Image, bbox, square):
     crop = img.crop(box=[xmin, ymin, xmin + box_w, ymin + box_h])
     if square and box_w != box_h:
         crop = ImageOps.pad(crop, size=(box_size, box_size), color=0)
-    return np.asarray(crop)
+    return crop
 
 
 def noise(width, height, seed=0):
@@ -59,6 +59,7 @@ def test_geometry_and_pixels_equal_the_reference(size, square):
     pixels = np.asarray(image)
     for bbox in EDGE_BOXES:
         expected = reference_crop(image, bbox, square)
+        expected = None if expected is None else np.asarray(expected)
         box = crop_box(*size, bbox, square)
         if int(bbox[2] * size[0]) == 0 or int(bbox[3] * size[1]) == 0:
             assert box is None, bbox  # zero-size boxes are skipped (the reference squares them)
@@ -175,14 +176,19 @@ def test_rerun_does_nothing_and_changes_are_recropped(workdir):
     assert first.crops == 2
 
 
-def test_crops_on_disk_are_the_reference_bytes(workdir):
+@pytest.mark.parametrize("bbox", [[0.9, 0.1, 0.1, 0.4], [0.0, 0.0, 0.9, 1.2], [0.2, 0.3, 0.1, 0.2]],
+                         ids=["square", "padded", "small"])
+@pytest.mark.parametrize("square", [True, False], ids=["square", "tight"])
+def test_crops_on_disk_are_the_reference_bytes(workdir, bbox, square):
+    """Byte for byte what crop_detections.py writes: Pillow's crop keeps the source's JPEG comment
+    (camera traps write their trigger data there), a padded crop is a new image without it."""
     images, crops = workdir
-    bbox = [0.9, 0.1, 0.1, 0.4]
-    crop_detections(md_for({"loc/a.jpg": [("1", 0.9, bbox)]}), images, crops, workers=1)
+    noise(640, 480, 3).save(images / "loc" / "c.jpg", comment=b"Trg: M 3/10\rTmp: 21 C")
+    crop_detections(md_for({"loc/c.jpg": [("1", 0.9, bbox)]}), images, crops, workers=1, square=square)
     expected = io.BytesIO()
-    Image.fromarray(reference_crop(Image.open(images / "loc" / "a.jpg").convert("RGB"), bbox, True)).save(
-        expected, "JPEG")
-    assert (crops / "loc" / "a.jpg___crop00_md_v5a.0.0.pt.jpg").read_bytes() == expected.getvalue()
+    with Image.open(images / "loc" / "c.jpg") as source:
+        reference_crop(source, bbox, square).save(expected, "JPEG")
+    assert (crops / "loc" / "c.jpg___crop00_md_v5a.0.0.pt.jpg").read_bytes() == expected.getvalue()
 
 
 def test_real_camera_trap_images_crop_in_parallel(ena24_dir, tmp_path):

@@ -33,6 +33,9 @@ def test_sample_export_is_detected_and_cropped(settings, instance, sample_dir, s
                            ("missing", "nonexistent")]:
         assert re.search(rf"broken/{name}\.jpg\s*\|\s*{category}\s*\|", crops["failures"])
     assert "| deer" in crops["crops_per_class"] and "data:image/png;base64," in crops["contact_sheet"]
+    # every good image decodes only the region its crops need, but for the CMYK and EXIF-rotated ones
+    assert crops["num_images_decoded"] == sample_counts["boxed_images"] - sample_counts["broken"]
+    assert crops["num_images_region_decoded"] == crops["num_images_decoded"] - 2
     folder = artifacts(settings, "crops", partition)
     manifest = pd.read_csv(folder / "crops.csv")
     assert len(manifest) == sample_counts["crops"] and (folder / "contact_sheet.png").is_file()

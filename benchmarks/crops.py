@@ -5,7 +5,8 @@
 Default input: the real ENA24 JPEGs and boxes in ../shared/data/ena24_small (md_annotations.json),
 repeated to --count images (at least 200). Prints images/s, crops/s and peak RSS for 1 worker and all
 cores, the re-run, and the reference algorithm (crop_detections.py's Pillow load + crop + pad + save,
-in threads as it runs them) on the same input.
+in threads as it runs them) on the same input; then the same runs with whole-image decodes instead of
+the region decoder, and how many crops are byte-identical to the reference's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from animl_assets.core import crops as crops_module
 from animl_assets.core.crops import crop_detections, crop_name
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ena24_small"
@@ -62,6 +64,21 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
+def rate_of(run, repeat: int) -> tuple[float, float]:
+    """Median and best crops/s of ``repeat`` calls of ``run(attempt) -> (crops, seconds)``."""
+    rates = [crops / seconds for crops, seconds in map(run, range(repeat))]
+    return statistics.median(rates), max(rates)
+
+
+def run_reference(md: dict, images_dir: Path, out: Path, threads: int) -> tuple[int, float]:
+    detector = md["info"]["detector"]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        made = sum(pool.map(lambda i: reference_image(str(images_dir / i["file"]), i["detections"], str(out),
+                                                      detector, i["file"]), md["images"]))
+    return made, time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images-dir", type=Path, default=DEFAULT_DIR)
@@ -82,43 +99,51 @@ def main() -> None:
         boxes = sum(len(image["detections"]) for image in md["images"])
         megapixels = sum(Image.open(images_dir / i["file"]).size[0] * Image.open(images_dir / i["file"]).size[1]
                          for i in md["images"]) / 1e6 / len(md["images"])
-        print(f"{len(md['images'])} images ({megapixels:.1f} MP average), {boxes} boxes, {cores} cores")
-        runs = [(1, "threads", None)] + [(cores, executor, None) for executor in ("threads", "processes")]
-        runs += [(cores, "threads", 224)]
+        print(f"{len(md['images'])} images ({megapixels:.1f} MP average), {boxes} boxes, {cores} cores, "
+              f"region decoder built: {crops_module.region_decoding_available()}")
+        worker_counts = sorted({1, cores})
+        same_input = {}
+        for threads in worker_counts:
+            same_input[threads] = rate_of(lambda attempt, threads=threads: run_reference(
+                md, images_dir, Path(tmp) / f"reference{threads}-{attempt}", threads), args.repeat)
+            print(f"  reference algorithm threads={threads}: {same_input[threads][0]:6.1f} crops/s median, "
+                  f"{same_input[threads][1]:6.1f} best, on the same input")
+        runs = [(workers, "threads", None) for workers in worker_counts] + [(cores, "processes", None),
+                                                                           (cores, "threads", 224)]
         for workers, executor, max_side in runs:
-            rates = []
-            for attempt in range(args.repeat):
-                crops_dir = Path(tmp) / f"crops{workers}{executor}{max_side}-{attempt}"
-                report = crop_detections(md, images_dir, crops_dir, workers=workers, executor=executor,
-                                         max_side=max_side)
+            report = None
+
+            def ours(attempt: int) -> tuple[int, float]:
+                nonlocal report
+                report = crop_detections(md, images_dir, Path(tmp) / f"crops{workers}{executor}{max_side}-{attempt}",
+                                         workers=workers, executor=executor, max_side=max_side)
                 assert report.crops == boxes and not report.failures, report.errors
-                rates.append(report.crops / report.seconds)
-            rate, best = statistics.median(rates), max(rates)
+                return report.crops, report.seconds
+
+            rate, best = rate_of(ours, args.repeat)
             label = f"workers={workers} {executor}" + (f" max_side={max_side} (draft decode)" if max_side else "")
-            reference = REFERENCE_CROPS_PER_S.get(workers, float("nan"))
-            print(f"  crop_detections {label}: {rate:6.1f} crops/s median, {best:6.1f} best of {args.repeat} "
-                  f"({len(md['images']) * rate / report.crops:.1f} images/s; {rate / reference:.2f}x median, "
-                  f"{best / reference:.2f}x best vs the reference figure {reference})")
+            reference, restated = REFERENCE_CROPS_PER_S.get(workers, float("nan")), same_input[workers][0]
+            print(f"  crop_detections {label}: {rate:6.1f} crops/s median, {best:6.1f} best "
+                  f"({len(md['images']) * rate / report.crops:.1f} images/s, {report.images_region_decoded} "
+                  f"region-decoded); {rate / restated:.2f}x the reference algorithm on the same input, "
+                  f"{rate / reference:.2f}x the reference figure {reference}")
+        region_decoder, crops_module.decode_region = crops_module.decode_region, None
+        try:
+            for workers in worker_counts:
+                rate, best = rate_of(lambda attempt, workers=workers: (lambda r: (r.crops, r.seconds))(crop_detections(
+                    md, images_dir, Path(tmp) / f"whole{workers}-{attempt}", workers=workers)), args.repeat)
+                print(f"  without the region decoder (whole-image simplejpeg decodes) workers={workers}: "
+                      f"{rate:6.1f} crops/s median, {rate / same_input[workers][0]:.2f}x the same-input reference")
+        finally:
+            crops_module.decode_region = region_decoder
         crops_dir = Path(tmp) / f"crops{cores}threadsNone-0"
         rerun = crop_detections(md, images_dir, crops_dir, workers=cores)
         print(f"  re-run, nothing to do: {rerun.seconds:.2f}s ({rerun.reused} crops reused, "
               f"{rerun.images_decoded} images decoded)")
-        detector = md["info"]["detector"]
-        for threads in sorted({1, cores}):
-            rates = []
-            for attempt in range(args.repeat):
-                out = Path(tmp) / f"reference{threads}-{attempt}"
-                started = time.perf_counter()
-                with ThreadPoolExecutor(threads) as pool:
-                    made = sum(pool.map(lambda i, out=out: reference_image(
-                        str(images_dir / i["file"]), i["detections"], str(out), detector, i["file"]), md["images"]))
-                rates.append(made / (time.perf_counter() - started))
-            print(f"  reference algorithm threads={threads}: {statistics.median(rates):6.1f} crops/s median, "
-                  f"{max(rates):6.1f} best, on the same input")
-        sample = md["images"][0]
-        ours = (crops_dir / crop_name(sample["file"], 0, detector)).read_bytes()
-        theirs = (out / crop_name(sample["file"], 0, detector)).read_bytes()
-        print(f"  crop bytes identical to the reference's: {ours == theirs}")
+        reference_dir = Path(tmp) / f"reference{cores}-0"
+        names = [row["crop"] for row in rerun.rows]
+        same = sum((crops_dir / n).read_bytes() == (reference_dir / n).read_bytes() for n in names)
+        print(f"  crops byte-identical to the reference's: {same} of {len(names)}")
     print(f"  peak RSS: {peak_rss_mb():.0f} MB (largest of this process and its workers)")
 
 

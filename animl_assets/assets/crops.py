@@ -87,6 +87,8 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Store
         "num_reused_crops": report.reused,
         "num_zero_size_skipped": report.zero_size,
         "num_failed_images": len(failures),
+        "num_images_decoded": report.images_decoded,
+        "num_images_region_decoded": report.images_region_decoded,
         "crops_per_second": round(report.crops / report.seconds, 1) if report.crops else 0.0,
         "crops_per_class": markdown_table(per_class),
         "crop_sizes": markdown_table(size_histogram(rows)),

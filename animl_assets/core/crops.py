@@ -1,7 +1,9 @@
 """Square (or tight) crops of MegaDetector boxes, with the reference geometry, at full machine speed.
 
-One decode per image for all its boxes (libjpeg-turbo through simplejpeg for ordinary JPEGs, Pillow
-for everything else), EXIF orientation applied before boxes are mapped, parallel workers for the
+One decode per image for all its boxes, and only of the part they cover: ordinary JPEGs decode just
+the rows and iMCU columns the crops need (libjpeg-turbo's partial decoding, ``_jpegregion``; the same
+pixels as a full decode), other JPEGs through simplejpeg, everything else through Pillow. EXIF
+orientation is applied before boxes are mapped, parallel workers for the
 decode-bound part (threads by default: libjpeg-turbo and Pillow's encoder release the GIL, so threads
 scale without process start-up; processes on request), and a manifest so that a re-run decodes only
 images whose crops are missing or whose source or boxes changed. Opt-in: ``max_side`` decodes JPEGs
@@ -30,10 +32,16 @@ from animl_assets.core.failures import failure_category
 from animl_assets.core.files import atomic_write
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 
+try:
+    from animl_assets.core._jpegregion import decode_region
+except ImportError:  # built without libjpeg's headers: every image is decoded whole
+    decode_region = None
+
 MANIFEST = "crops.csv"
 MANIFEST_COLUMNS = ["crop", "file", "detection_index", "category", "conf", "bbox", "square",
                     "width", "height", "source_size", "source_mtime_ns", "max_side"]
 JPEG_MAGIC = b"\xff\xd8"
+JPEG_END = b"\xff\xd9"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _EXIF_TRANSPOSES = {
     2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
@@ -147,10 +155,63 @@ def load_rgb(data: bytes, *, boxes: Iterable[tuple] = (), max_side: int | None =
     return np.ascontiguousarray(transpose(pixels)) if transpose else pixels
 
 
-def encode_jpeg(pixels: np.ndarray) -> bytes:
-    """JPEG bytes as the reference's ``crop.save(path)`` writes them (Pillow defaults, quality 75)."""
+def region_decoding_available() -> bool:
+    """Whether the partial JPEG decoder was built (it needs libjpeg's headers at install time)."""
+    return decode_region is not None
+
+
+@dataclass(frozen=True)
+class DecodedCrops:
+    """What ``decode_for_crops`` decoded: ``pixels`` (RGB, upright), each box's ``CropBox`` in those
+    pixels (None for a zero-size box), whether only a ``region`` was decoded, and the source's
+    ``comment`` (the reference's crops carry it when they are not padded)."""
+
+    pixels: np.ndarray
+    boxes: list[CropBox | None]
+    region: bool
+    comment: bytes | None
+
+
+def decode_for_crops(data: bytes, bboxes: list[tuple[float, ...]], *, square: bool = True,
+                     max_side: int | None = None) -> DecodedCrops:
+    """Decode what the crops of the normalized ``bboxes`` need.
+
+    A complete YCbCr, RGB or grayscale JPEG without EXIF rotation decodes only the rows and iMCU
+    columns the crops cover, with the same pixels as a full decode; anything else, or a region
+    decode that meets corrupt data, decodes whole through ``load_rgb``.
+    """
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        comment = image.info.get("comment")
+        width, height = image.size
+        plain = (decode_region is not None and not max_side and data[:2] == JPEG_MAGIC
+                 and image.mode in ("RGB", "L") and image.getexif().get(0x0112, 1) == 1)
+    if plain and data[-65536:].rstrip(b"\0").endswith(JPEG_END):
+        boxes = [crop_box(width, height, list(bbox), square) for bbox in bboxes]
+        inside = [(max(b.left, 0), max(b.top, 0), min(b.left + b.width, width), min(b.top + b.height, height))
+                  for b in boxes if b is not None]
+        if not inside:
+            return DecodedCrops(np.zeros((0, 0, 3), np.uint8), boxes, True, comment)
+        try:
+            raw, x0, y0, region_width, region_height = decode_region(
+                data, min(i[0] for i in inside), min(i[1] for i in inside),
+                max(i[2] for i in inside), max(i[3] for i in inside))
+        except ValueError:
+            pass  # corrupt somewhere in the region: a full decode reports it as it always did
+        else:
+            pixels = np.frombuffer(raw, np.uint8).reshape(region_height, region_width, 3)
+            moved = [None if b is None else CropBox(b.left - x0, b.top - y0, b.width, b.height, b.side)
+                     for b in boxes]
+            return DecodedCrops(pixels, moved, True, comment)
+    pixels = load_rgb(data, boxes=bboxes, max_side=max_side)
+    height, width = pixels.shape[:2]
+    return DecodedCrops(pixels, [crop_box(width, height, list(bbox), square) for bbox in bboxes], False, comment)
+
+
+def encode_jpeg(pixels: np.ndarray, comment: bytes | None = None) -> bytes:
+    """JPEG bytes as the reference's ``crop.save(path)`` writes them (Pillow defaults, quality 75),
+    with the source's ``comment`` where the reference's crop carries it."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG")
+    Image.fromarray(pixels).save(buffer, "JPEG", comment=comment)
     return buffer.getvalue()
 
 
@@ -164,6 +225,7 @@ class CropReport:
     reused: int = 0
     zero_size: int = 0
     images_decoded: int = 0
+    images_region_decoded: int = 0
     seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -192,7 +254,8 @@ def _row(task: _Task, name: str, index: int, category: str, conf: float, bbox: t
 
 def _crop_image(task: _Task) -> dict[str, Any]:
     """Worker: crop every box of one image that is missing or stale. Never raises."""
-    result: dict[str, Any] = {"file": task.file, "rows": [], "made": 0, "reused": 0, "zero": 0, "decoded": False}
+    result: dict[str, Any] = {"file": task.file, "rows": [], "made": 0, "reused": 0, "zero": 0, "decoded": False,
+                              "region": False}
     try:
         stat = os.stat(task.source)
         previous = dict(task.previous)
@@ -214,20 +277,20 @@ def _crop_image(task: _Task) -> dict[str, Any]:
         if not todo:
             return result
         with open(task.source, "rb") as handle:
-            pixels = load_rgb(handle.read(), boxes=[bbox for *_, bbox, _ in todo], max_side=task.max_side)
-        result["decoded"] = True
-        height, width = pixels.shape[:2]
-        for index, category, conf, bbox, name in todo:
-            box = crop_box(width, height, list(bbox), task.square)
+            decoded = decode_for_crops(handle.read(), [bbox for *_, bbox, _ in todo], square=task.square,
+                                       max_side=task.max_side)
+        result["decoded"], result["region"] = True, decoded.region
+        for (index, category, conf, bbox, name), box in zip(todo, decoded.boxes):
             if box is None:
                 result["zero"] += 1
                 continue
-            crop = cut(pixels, box)
+            crop = cut(decoded.pixels, box)
+            padded = bool(box.side) and box.width != box.height  # a new image in the reference: no comment
             if task.max_side and max(crop.shape[:2]) > task.max_side:
                 crop = np.asarray(Image.fromarray(crop).resize(
                     (max(1, crop.shape[1] * task.max_side // max(crop.shape[:2])),
                      max(1, crop.shape[0] * task.max_side // max(crop.shape[:2]))), Image.Resampling.BILINEAR))
-            atomic_write(os.path.join(task.crops_dir, name), encode_jpeg(crop))
+            atomic_write(os.path.join(task.crops_dir, name), encode_jpeg(crop, None if padded else decoded.comment))
             result["rows"].append(_row(task, name, index, category, conf, bbox, (crop.shape[1], crop.shape[0]), stat))
             result["made"] += 1
     except Exception as err:  # noqa: BLE001 - one bad image never aborts the run
@@ -321,6 +384,7 @@ def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[st
             report.reused += result["reused"]
             report.zero_size += result["zero"]
             report.images_decoded += result["decoded"]
+            report.images_region_decoded += result["region"]
             if "failure" in result:
                 report.failures[result["file"]] = result["failure"]
                 report.errors[result["file"]] = result["error"]
