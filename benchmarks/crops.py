@@ -1,12 +1,13 @@
 """Crop throughput: `crop_detections` against the reference algorithm on the same real JPEGs.
 
-    python benchmarks/crops.py [--images-dir DIR] [--count N]
+    python benchmarks/crops.py [--images-dir DIR] [--count N] [--repeat R] [--boxes-per-image B]
 
 Default input: the real ENA24 JPEGs and boxes in ../shared/data/ena24_small (md_annotations.json),
-repeated to --count images (at least 200). Prints images/s, crops/s and peak RSS for 1 worker and all
-cores, the re-run, and the reference algorithm (crop_detections.py's Pillow load + crop + pad + save,
-in threads as it runs them) on the same input; then the same runs with whole-image decodes instead of
-the region decoder, and how many crops are byte-identical to the reference's.
+repeated to --count images (at least 200); --boxes-per-image adds random boxes of the real box's size.
+Prints images/s, crops/s and peak RSS for 1 worker and all cores, the re-run, and the reference
+algorithm (crop_detections.py's Pillow load + crop + pad + save, in threads as it runs them) on the
+same input; then the same runs with whole-image decodes instead of the region decoder, and how many
+crops are byte-identical to the reference's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -84,9 +86,12 @@ def main() -> None:
     parser.add_argument("--images-dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--count", type=int, default=210)
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (median and best)")
+    parser.add_argument("--boxes-per-image", type=int, default=1,
+                        help="add random boxes (seeded, the real box's size) until each image has this many")
     args = parser.parse_args()
     source = json.loads((args.images_dir / "md_annotations.json").read_text())
     cores = os.cpu_count() or 1
+    rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         images_dir = Path(tmp) / "images"
         images_dir.mkdir()
@@ -95,7 +100,11 @@ def main() -> None:
             image = source["images"][i % len(source["images"])]
             name = f"{i:05d}_{image['file']}"
             shutil.copyfile(args.images_dir / image["file"], images_dir / name)
-            md["images"].append({**image, "file": name})
+            detections = list(image["detections"])
+            while len(detections) < args.boxes_per_image:
+                w, h = detections[0]["bbox"][2:]
+                detections.append({**detections[0], "bbox": [rng.uniform(0, 1 - w), rng.uniform(0, 1 - h), w, h]})
+            md["images"].append({**image, "file": name, "detections": detections})
         boxes = sum(len(image["detections"]) for image in md["images"])
         megapixels = sum(Image.open(images_dir / i["file"]).size[0] * Image.open(images_dir / i["file"]).size[1]
                          for i in md["images"]) / 1e6 / len(md["images"])
