@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
 from animl_assets.core._jpegregion import decode_region  # CI builds it: .ci/run installs libjpeg's headers
@@ -13,19 +14,24 @@ from animl_assets.core.failures import failure_category
 from animl_assets_tests.images_testdata import BROKEN, VALID, corrupt_jpeg, jpeg, rgb
 
 
-def full_decode(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+def full_decode(data: bytes, scale: int = 1) -> np.ndarray:
+    """Pillow's decode of the whole image (libjpeg-turbo's DCT-scaled decode for scale > 1)."""
+    if scale == 1:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    height, width = simplejpeg.decode_jpeg_header(data)[:2]
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=scale, min_width=-(-width // scale),
+                                  min_height=-(-height // scale))
 
 
-def assert_regions_match(data: bytes, trials: int, seed: int) -> None:
-    """Random regions, each decoded alone, equal the same pixels of Pillow's full decode."""
-    full = full_decode(data)
+def assert_regions_match(data: bytes, trials: int, seed: int, scale: int = 1) -> None:
+    """Random regions, each decoded alone, equal the same pixels of a whole decode."""
+    full = full_decode(data, scale)
     height, width = full.shape[:2]
     rng = random.Random(seed)
     for _ in range(trials):
         left, top = rng.randrange(width), rng.randrange(height)
         right, bottom = rng.randrange(left + 1, width + 1), rng.randrange(top + 1, height + 1)
-        raw, x0, y0, region_width, region_height = decode_region(data, left, top, right, bottom)
+        raw, x0, y0, region_width, region_height = decode_region(data, left, top, right, bottom, scale)
         region = np.frombuffer(raw, np.uint8).reshape(region_height, region_width, 3)
         assert x0 <= left and y0 <= top and x0 + region_width >= right and y0 + region_height == bottom
         assert np.array_equal(region[top - y0:, left - x0:right - x0], full[top:bottom, left:right]), \
@@ -57,6 +63,14 @@ def test_every_jpeg_layout_decodes_by_region_exactly(subsampling, progressive, s
     assert_regions_match(path.read_bytes(), trials=12, seed=size[0])
 
 
+@pytest.mark.parametrize("subsampling", [0, 1, 2], ids=["4:4:4", "4:2:2", "4:2:0"])
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_dct_scaled_regions_equal_the_whole_scaled_decode(subsampling, scale):
+    data = jpeg(photo(1021, 767), subsampling=subsampling)
+    assert full_decode(data, scale).shape == (-(-767 // scale), -(-1021 // scale), 3)
+    assert_regions_match(data, trials=10, seed=scale, scale=scale)
+
+
 def test_restart_markers_and_grayscale_decode_by_region_exactly():
     assert_regions_match(jpeg(photo(700, 500), restart_marker_blocks=3), trials=20, seed=1)
     assert_regions_match(jpeg(photo(700, 500).convert("L")), trials=20, seed=2)
@@ -67,9 +81,11 @@ def test_refusals_are_value_errors_not_crashes():
     with pytest.raises(ValueError, match="YCbCr"):
         decode_region(cmyk, 0, 0, 8, 8)
     plain = jpeg(rgb(64, 48))
-    for region in [(0, 0, 65, 10), (0, 0, 10, 49), (5, 5, 5, 10), (5, 9, 10, 9)]:
+    for region in [(0, 0, 65, 10), (0, 0, 10, 49), (5, 5, 5, 10), (5, 9, 10, 9), (0, 0, 33, 10, 2)]:
         with pytest.raises(ValueError, match="region"):
             decode_region(plain, *region)
+    with pytest.raises(ValueError, match="scale"):
+        decode_region(plain, 0, 0, 8, 8, 3)
     for data in [b"", b"hello, not an image", plain[:300], corrupt_jpeg()]:
         with pytest.raises(ValueError, match="libjpeg"):
             decode_region(data, 0, 0, 64, 48)
@@ -104,12 +120,25 @@ def test_other_jpegs_fall_back_to_a_whole_decode(name):
     assert decoded.boxes == [crop_box(*decoded.pixels.shape[1::-1], [0.1, 0.1, 0.5, 0.5], True)]
 
 
-def test_png_grayscale_and_max_side_choose_the_right_decoder():
+def test_png_and_grayscale_choose_the_right_decoder():
     buffer = io.BytesIO()
     photo(64, 48).save(buffer, "PNG")
     assert not decode_for_crops(buffer.getvalue(), [[0.1, 0.1, 0.5, 0.5]]).region
     assert decode_for_crops(VALID["gray.jpg"](), [[0.1, 0.1, 0.5, 0.5]]).region
-    assert not decode_for_crops(jpeg(photo(640, 480)), [[0.1, 0.1, 0.5, 0.5]], max_side=64).region
+
+
+
+@pytest.mark.parametrize("max_side", [40, 80, 160, 1000])
+def test_draft_decoding_by_region_equals_the_whole_draft_decode(max_side):
+    """With max_side the region is decoded DCT-scaled, as load_rgb decodes the whole image."""
+    data = jpeg(photo(1021, 767))
+    boxes = [[0.3, 0.2, 0.25, 0.3], [0.7, 0.6, 0.2, 0.35]]
+    decoded = decode_for_crops(data, boxes, max_side=max_side)
+    whole = load_rgb(data, boxes=boxes, max_side=max_side)
+    assert decoded.region and decoded.pixels.size < whole.size
+    for bbox, box in zip(boxes, decoded.boxes):
+        expected = crop_box(whole.shape[1], whole.shape[0], bbox, True)
+        assert np.array_equal(cut(decoded.pixels, box), cut(whole, expected)), (max_side, bbox)
 
 
 def test_a_truncated_jpeg_fails_even_when_its_boxes_lie_above_the_cut():

@@ -22,12 +22,13 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from animl_assets.core import crops as crops_module
-from animl_assets.core.crops import crop_detections, crop_name
+from animl_assets.core.crops import CropReport, crop_detections, crop_name
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ena24_small"
 REFERENCE_CROPS_PER_S = {1: 57.5, 2: 99.8}  # crop_detections.py --square-crops, in-process, this machine class
@@ -66,14 +67,9 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
-def rate_of(run, repeat: int) -> tuple[float, float]:
-    """Median and best crops/s of ``repeat`` calls of ``run(attempt) -> (crops, seconds)``."""
-    rates = [crops / seconds for crops, seconds in map(run, range(repeat))]
-    return statistics.median(rates), max(rates)
-
-
-def run_reference(md: dict, images_dir: Path, out: Path, threads: int) -> tuple[int, float]:
-    detector = md["info"]["detector"]
+def run_reference(md: dict, images_dir: Path, tmp: Path, threads: int, attempt: int) -> tuple[int, float]:
+    """The reference algorithm over ``md``, in ``threads`` threads: (crops made, seconds)."""
+    detector, out = md["info"]["detector"], tmp / f"reference{threads}-{attempt}"
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         made = sum(pool.map(lambda i: reference_image(str(images_dir / i["file"]), i["detections"], str(out),
@@ -81,11 +77,37 @@ def run_reference(md: dict, images_dir: Path, out: Path, threads: int) -> tuple[
     return made, time.perf_counter() - started
 
 
+def run_ours(md: dict, images_dir: Path, tmp: Path, workers: int, executor: str, max_side: int | None,
+             region: bool, attempt: int) -> CropReport:
+    """``crop_detections`` over ``md``; with ``region`` False, the region decoder switched off."""
+    decoder = crops_module.decode_region
+    crops_module.decode_region = decoder if region else None
+    try:
+        report = crop_detections(md, images_dir, tmp / f"{workers}{executor}{max_side}{region}-{attempt}",
+                                 workers=workers, executor=executor, max_side=max_side)
+    finally:
+        crops_module.decode_region = decoder
+    assert report.crops == sum(len(i["detections"]) for i in md["images"]) and not report.failures, report.errors
+    return report
+
+
+def paired(ours, reference, repeat: int) -> tuple[float, float, float, CropReport]:
+    """Alternate ``ours(attempt)`` and ``reference(attempt)`` ``repeat`` times, so that both see the same
+    machine load: median crops/s of each, the median of the ratios, and the last report."""
+    pairs = []
+    for attempt in range(repeat):
+        made, seconds = reference(attempt)
+        report = ours(attempt)
+        pairs.append((report.crops / report.seconds, made / seconds))
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[0] / p[1] for p in pairs), report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images-dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--count", type=int, default=210)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (median and best)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per configuration (medians)")
     parser.add_argument("--boxes-per-image", type=int, default=1,
                         help="add random boxes (seeded, the real box's size) until each image has this many")
     args = parser.parse_args()
@@ -111,45 +133,24 @@ def main() -> None:
         print(f"{len(md['images'])} images ({megapixels:.1f} MP average), {boxes} boxes, {cores} cores, "
               f"region decoder built: {crops_module.region_decoding_available()}")
         worker_counts = sorted({1, cores})
-        same_input = {}
-        for threads in worker_counts:
-            same_input[threads] = rate_of(lambda attempt, threads=threads: run_reference(
-                md, images_dir, Path(tmp) / f"reference{threads}-{attempt}", threads), args.repeat)
-            print(f"  reference algorithm threads={threads}: {same_input[threads][0]:6.1f} crops/s median, "
-                  f"{same_input[threads][1]:6.1f} best, on the same input")
-        runs = [(workers, "threads", None) for workers in worker_counts] + [(cores, "processes", None),
-                                                                           (cores, "threads", 224)]
-        for workers, executor, max_side in runs:
-            report = None
-
-            def ours(attempt: int) -> tuple[int, float]:
-                nonlocal report
-                report = crop_detections(md, images_dir, Path(tmp) / f"crops{workers}{executor}{max_side}-{attempt}",
-                                         workers=workers, executor=executor, max_side=max_side)
-                assert report.crops == boxes and not report.failures, report.errors
-                return report.crops, report.seconds
-
-            rate, best = rate_of(ours, args.repeat)
-            label = f"workers={workers} {executor}" + (f" max_side={max_side} (draft decode)" if max_side else "")
-            reference, restated = REFERENCE_CROPS_PER_S.get(workers, float("nan")), same_input[workers][0]
-            print(f"  crop_detections {label}: {rate:6.1f} crops/s median, {best:6.1f} best "
-                  f"({len(md['images']) * rate / report.crops:.1f} images/s, {report.images_region_decoded} "
-                  f"region-decoded); {rate / restated:.2f}x the reference algorithm on the same input, "
-                  f"{rate / reference:.2f}x the reference figure {reference}")
-        region_decoder, crops_module.decode_region = crops_module.decode_region, None
-        try:
-            for workers in worker_counts:
-                rate, best = rate_of(lambda attempt, workers=workers: (lambda r: (r.crops, r.seconds))(crop_detections(
-                    md, images_dir, Path(tmp) / f"whole{workers}-{attempt}", workers=workers)), args.repeat)
-                print(f"  without the region decoder (whole-image simplejpeg decodes) workers={workers}: "
-                      f"{rate:6.1f} crops/s median, {rate / same_input[workers][0]:.2f}x the same-input reference")
-        finally:
-            crops_module.decode_region = region_decoder
-        crops_dir = Path(tmp) / f"crops{cores}threadsNone-0"
+        runs = [(workers, "threads", None, True) for workers in worker_counts]
+        runs += [(cores, "processes", None, True), (cores, "threads", 224, True)]
+        runs += [(workers, "threads", None, False) for workers in worker_counts]
+        for workers, executor, max_side, region in runs:
+            rate, restated, ratio, report = paired(
+                partial(run_ours, md, images_dir, Path(tmp), workers, executor, max_side, region),
+                partial(run_reference, md, images_dir, Path(tmp), workers), args.repeat)
+            label = f"workers={workers} {executor}" + (f" max_side={max_side} (draft)" if max_side else "")
+            label += "" if region else ", whole-image decodes (no region decoder)"
+            figure = REFERENCE_CROPS_PER_S.get(workers, float("nan"))
+            print(f"  crop_detections {label}: {rate:6.1f} crops/s ({report.images_region_decoded} of "
+                  f"{report.images_decoded} images region-decoded) vs the reference algorithm {restated:6.1f} "
+                  f"in the same rounds: {ratio:.2f}x; {rate / figure:.2f}x the issue's reference figure {figure}")
+        crops_dir = Path(tmp) / f"{cores}threadsNoneTrue-0"
         rerun = crop_detections(md, images_dir, crops_dir, workers=cores)
         print(f"  re-run, nothing to do: {rerun.seconds:.2f}s ({rerun.reused} crops reused, "
               f"{rerun.images_decoded} images decoded)")
-        reference_dir = Path(tmp) / f"reference{cores}-0"
+        reference_dir = Path(tmp) / f"reference{cores}-0"  # written by the reference in the first round
         names = [row["crop"] for row in rerun.rows]
         same = sum((crops_dir / n).read_bytes() == (reference_dir / n).read_bytes() for n in names)
         print(f"  crops byte-identical to the reference's: {same} of {len(names)}")

@@ -48,18 +48,19 @@ static void strict_emit_message(j_common_ptr cinfo, int level)
 }
 
 PyDoc_STRVAR(decode_region_doc,
-"decode_region(data, left, top, right, bottom) -> (pixels, x0, y0, width, height)\n\n"
+"decode_region(data, left, top, right, bottom, scale=1) -> (pixels, x0, y0, width, height)\n\n"
 "Decode a region of a JPEG that holds the columns left..right-1 and the rows top..bottom-1, as\n"
 "RGB bytes (height rows of width * 3) whose top-left pixel is (x0, y0) of the image. The region\n"
 "has one iMCU of margin left, right and above (clipped to the image) and starts on iMCU\n"
-"boundaries. Raises ValueError for colour spaces other than YCbCr, RGB and grayscale, for a\n"
+"boundaries. With scale 2, 4 or 8 the image is decoded DCT-scaled to 1/scale and every\n"
+"coordinate is in the scaled image. Raises ValueError for colour spaces other than YCbCr, RGB and grayscale, for a\n"
 "region outside the image, and for any corrupt data.");
 
 static PyObject *decode_region(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer data;
-    unsigned int left, top, right, bottom;
-    if (!PyArg_ParseTuple(args, "y*IIII", &data, &left, &top, &right, &bottom))
+    unsigned int left, top, right, bottom, scale = 1;
+    if (!PyArg_ParseTuple(args, "y*IIII|I", &data, &left, &top, &right, &bottom, &scale))
         return NULL;
 
     struct jpeg_decompress_struct cinfo;
@@ -85,11 +86,19 @@ static PyObject *decode_region(PyObject *Py_UNUSED(self), PyObject *args)
     }
     jpeg_mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
     jpeg_read_header(&cinfo, TRUE);
+    cinfo.scale_num = 1;
+    cinfo.scale_denom = scale;
+    cinfo.out_color_space = JCS_RGB;
     if (cinfo.jpeg_color_space != JCS_YCbCr && cinfo.jpeg_color_space != JCS_RGB &&
         cinfo.jpeg_color_space != JCS_GRAYSCALE)
         refusal = "only YCbCr, RGB and grayscale JPEGs are decoded by region";
-    else if (left >= right || top >= bottom || right > cinfo.image_width || bottom > cinfo.image_height)
-        refusal = "the region is empty or reaches past the image";
+    else if (scale != 1 && scale != 2 && scale != 4 && scale != 8)
+        refusal = "scale must be 1, 2, 4 or 8";
+    else {
+        jpeg_calc_output_dimensions(&cinfo);
+        if (left >= right || top >= bottom || right > cinfo.output_width || bottom > cinfo.output_height)
+            refusal = "the region is empty or reaches past the image";
+    }
     if (refusal) {
         jpeg_destroy_decompress(&cinfo);
         PyEval_RestoreThread(thread);
@@ -97,7 +106,6 @@ static PyObject *decode_region(PyObject *Py_UNUSED(self), PyObject *args)
         PyErr_SetString(PyExc_ValueError, refusal);
         return NULL;
     }
-    cinfo.out_color_space = JCS_RGB;
     jpeg_start_decompress(&cinfo);
     /* one iMCU of margin left, right and above, the region's top on an iMCU row */
     const unsigned int imcu_w = cinfo.max_h_samp_factor * DCT_H_SIZE(cinfo);

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from animl_assets.core.failures import failure_category
-from animl_assets.core.files import atomic_write
+from animl_assets.core.files import atomic_open, atomic_write
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 
 try:
@@ -177,15 +177,18 @@ def decode_for_crops(data: bytes, bboxes: list[tuple[float, ...]], *, square: bo
     """Decode what the crops of the normalized ``bboxes`` need.
 
     A complete YCbCr, RGB or grayscale JPEG without EXIF rotation decodes only the rows and iMCU
-    columns the crops cover, with the same pixels as a full decode; anything else, or a region
-    decode that meets corrupt data, decodes whole through ``load_rgb``.
+    columns the crops cover (DCT-scaled as ``max_side`` allows), with the same pixels as a whole
+    decode; anything else, or a region decode that meets corrupt data, decodes whole through
+    ``load_rgb``.
     """
     with Image.open(io.BytesIO(data)) as image:  # reads the header only
         comment = image.info.get("comment")
         width, height = image.size
-        plain = (decode_region is not None and not max_side and data[:2] == JPEG_MAGIC
+        plain = (decode_region is not None and data[:2] == JPEG_MAGIC
                  and image.mode in ("RGB", "L") and image.getexif().get(0x0112, 1) == 1)
     if plain and data[-65536:].rstrip(b"\0").endswith(JPEG_END):
+        scale = _draft_factor((width, height), bboxes, max_side)
+        width, height = -(-width // scale), -(-height // scale)  # libjpeg's scaled size rounds up
         boxes = [crop_box(width, height, list(bbox), square) for bbox in bboxes]
         inside = [(max(b.left, 0), max(b.top, 0), min(b.left + b.width, width), min(b.top + b.height, height))
                   for b in boxes if b is not None]
@@ -194,7 +197,7 @@ def decode_for_crops(data: bytes, bboxes: list[tuple[float, ...]], *, square: bo
         try:
             raw, x0, y0, region_width, region_height = decode_region(
                 data, min(i[0] for i in inside), min(i[1] for i in inside),
-                max(i[2] for i in inside), max(i[3] for i in inside))
+                max(i[2] for i in inside), max(i[3] for i in inside), scale)
         except ValueError:
             pass  # corrupt somewhere in the region: a full decode reports it as it always did
         else:
@@ -207,12 +210,12 @@ def decode_for_crops(data: bytes, bboxes: list[tuple[float, ...]], *, square: bo
     return DecodedCrops(pixels, [crop_box(width, height, list(bbox), square) for bbox in bboxes], False, comment)
 
 
-def encode_jpeg(pixels: np.ndarray, comment: bytes | None = None) -> bytes:
-    """JPEG bytes as the reference's ``crop.save(path)`` writes them (Pillow defaults, quality 75),
-    with the source's ``comment`` where the reference's crop carries it."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", comment=comment)
-    return buffer.getvalue()
+def write_jpeg(path: str | os.PathLike[str], pixels: np.ndarray, comment: bytes | None = None) -> None:
+    """Write ``pixels`` as the reference's ``crop.save(path)`` does (Pillow defaults, quality 75), with
+    the source's ``comment`` where the reference's crop carries it. Atomic, and encoded straight into
+    the file: Pillow's encoder holds the GIL when it encodes into memory, not into a file."""
+    with atomic_open(path) as handle:
+        Image.fromarray(pixels).save(handle, "JPEG", comment=comment)
 
 
 @dataclass
@@ -290,7 +293,7 @@ def _crop_image(task: _Task) -> dict[str, Any]:
                 crop = np.asarray(Image.fromarray(crop).resize(
                     (max(1, crop.shape[1] * task.max_side // max(crop.shape[:2])),
                      max(1, crop.shape[0] * task.max_side // max(crop.shape[:2]))), Image.Resampling.BILINEAR))
-            atomic_write(os.path.join(task.crops_dir, name), encode_jpeg(crop, None if padded else decoded.comment))
+            write_jpeg(os.path.join(task.crops_dir, name), crop, None if padded else decoded.comment)
             result["rows"].append(_row(task, name, index, category, conf, bbox, (crop.shape[1], crop.shape[0]), stat))
             result["made"] += 1
     except Exception as err:  # noqa: BLE001 - one bad image never aborts the run
