@@ -2,12 +2,13 @@
 
 One decode per image for all its boxes, and only of the part they cover: ordinary JPEGs decode just
 the rows and iMCU columns the crops need (libjpeg-turbo's partial decoding, ``_jpegregion``; the same
-pixels as a full decode), other JPEGs through simplejpeg, everything else through Pillow. EXIF
-orientation is applied before boxes are mapped, parallel workers for the
-decode-bound part (threads by default: libjpeg-turbo and Pillow's encoder release the GIL, so threads
-scale without process start-up; processes on request), and a manifest so that a re-run decodes only
-images whose crops are missing or whose source or boxes changed. Opt-in: ``max_side`` decodes JPEGs
-DCT-scaled (draft mode) when every crop stays at least that large, and shrinks crops to it.
+pixels as a whole decode), other JPEGs through simplejpeg, everything else through Pillow. EXIF
+orientation is applied before boxes are mapped. Crops are encoded straight into their files, as the
+reference's Pillow code writes them (byte-identical). Parallel workers: threads by default (the
+decoder and Pillow's encoder into a file release the GIL, so threads scale without process
+start-up), processes on request. A manifest lets a re-run decode only images whose crops are missing
+or whose source or boxes changed. Opt-in: ``max_side`` decodes JPEGs DCT-scaled (draft mode) when
+every crop stays at least that large, and shrinks crops to it.
 This module imports neither torch nor Dagster: workers start light.
 """
 
