@@ -53,8 +53,8 @@ PyDoc_STRVAR(decode_region_doc,
 "RGB bytes (height rows of width * 3) whose top-left pixel is (x0, y0) of the image. The region\n"
 "has one iMCU of margin left, right and above (clipped to the image) and starts on iMCU\n"
 "boundaries. With scale 2, 4 or 8 the image is decoded DCT-scaled to 1/scale and every\n"
-"coordinate is in the scaled image. Raises ValueError for colour spaces other than YCbCr, RGB and grayscale, for a\n"
-"region outside the image, and for any corrupt data.");
+"coordinate is in the scaled image. Raises ValueError for colour spaces other than YCbCr, RGB\n"
+"and grayscale, for a region outside the image, and for any corrupt data.");
 
 static PyObject *decode_region(PyObject *Py_UNUSED(self), PyObject *args)
 {
