@@ -77,13 +77,18 @@ def run_reference(md: dict, images_dir: Path, tmp: Path, threads: int, attempt: 
     return made, time.perf_counter() - started
 
 
+def ours_dir(tmp: Path, workers: int, executor: str, max_side: int | None, region: bool, attempt: int) -> Path:
+    """Where ``run_ours`` writes the crops of one configuration and round."""
+    return tmp / f"{workers}{executor}{max_side}{region}-{attempt}"
+
+
 def run_ours(md: dict, images_dir: Path, tmp: Path, workers: int, executor: str, max_side: int | None,
              region: bool, attempt: int) -> CropReport:
     """``crop_detections`` over ``md``; with ``region`` False, the region decoder switched off."""
     decoder = crops_module.decode_region
     crops_module.decode_region = decoder if region else None
     try:
-        report = crop_detections(md, images_dir, tmp / f"{workers}{executor}{max_side}{region}-{attempt}",
+        report = crop_detections(md, images_dir, ours_dir(tmp, workers, executor, max_side, region, attempt),
                                  workers=workers, executor=executor, max_side=max_side)
     finally:
         crops_module.decode_region = decoder
@@ -143,10 +148,11 @@ def main() -> None:
             label = f"workers={workers} {executor}" + (f" max_side={max_side} (draft)" if max_side else "")
             label += "" if region else ", whole-image decodes (no region decoder)"
             figure = REFERENCE_CROPS_PER_S.get(workers, float("nan"))
-            print(f"  crop_detections {label}: {rate:6.1f} crops/s ({report.images_region_decoded} of "
+            print(f"  crop_detections {label}: {rate:6.1f} crops/s, {rate * len(md['images']) / boxes:6.1f} images/s "
+                  f"({report.images_region_decoded} of "
                   f"{report.images_decoded} images region-decoded) vs the reference algorithm {restated:6.1f} "
                   f"in the same rounds: {ratio:.2f}x; {rate / figure:.2f}x the issue's reference figure {figure}")
-        crops_dir = Path(tmp) / f"{cores}threadsNoneTrue-0"
+        crops_dir = ours_dir(Path(tmp), cores, "threads", None, True, 0)
         rerun = crop_detections(md, images_dir, crops_dir, workers=cores)
         print(f"  re-run, nothing to do: {rerun.seconds:.2f}s ({rerun.reused} crops reused, "
               f"{rerun.images_decoded} images decoded)")

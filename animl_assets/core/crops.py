@@ -79,6 +79,11 @@ class CropBox:
     height: int
     side: int
 
+    @property
+    def padded(self) -> bool:
+        """Whether the clipped crop is padded to a square (a new image in the reference: no comment)."""
+        return bool(self.side) and self.width != self.height
+
 
 def crop_box(image_width: int, image_height: int, bbox: list[float], square: bool) -> CropBox | None:
     """The reference geometry of crop_detections.py; None for a zero-size box.
@@ -108,7 +113,7 @@ def cut(pixels: np.ndarray, box: CropBox) -> np.ndarray:
     x1, y1 = min(box.left + box.width, width), min(box.top + box.height, height)
     if x1 > x0 and y1 > y0:
         out[y0 - box.top:y1 - box.top, x0 - box.left:x1 - box.left] = pixels[y0:y1, x0:x1]
-    if not box.side or box.width == box.height:
+    if not box.padded:
         return out
     if box.width < box.side and box.height < box.side:  # only for boxes beyond the image: let Pillow scale
         return np.asarray(ImageOps.pad(Image.fromarray(out), (box.side, box.side), color=0))
@@ -289,12 +294,11 @@ def _crop_image(task: _Task) -> dict[str, Any]:
                 result["zero"] += 1
                 continue
             crop = cut(decoded.pixels, box)
-            padded = bool(box.side) and box.width != box.height  # a new image in the reference: no comment
             if task.max_side and max(crop.shape[:2]) > task.max_side:
                 crop = np.asarray(Image.fromarray(crop).resize(
                     (max(1, crop.shape[1] * task.max_side // max(crop.shape[:2])),
                      max(1, crop.shape[0] * task.max_side // max(crop.shape[:2]))), Image.Resampling.BILINEAR))
-            write_jpeg(os.path.join(task.crops_dir, name), crop, None if padded else decoded.comment)
+            write_jpeg(os.path.join(task.crops_dir, name), crop, None if box.padded else decoded.comment)
             result["rows"].append(_row(task, name, index, category, conf, bbox, (crop.shape[1], crop.shape[0]), stat))
             result["made"] += 1
     except Exception as err:  # noqa: BLE001 - one bad image never aborts the run
