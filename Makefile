@@ -22,9 +22,7 @@ test: setup  ## the whole test suite (CI runs exactly this)
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 ui: setup  ## the Dagster UI and daemon (sensors, schedules) on http://127.0.0.1:3000
-	mkdir -p $(ANIML_HOME)/dagster
-	test -f $(ANIML_HOME)/dagster/dagster.yaml || cp dagster.yaml $(ANIML_HOME)/dagster/dagster.yaml
-	DAGSTER_HOME=$(ANIML_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/animl ui
 
 bench: setup  ## print the benchmark figures
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done

@@ -1,77 +1,161 @@
-"""The ``animl`` command: make a sample export, register exports, materialize, run the demo."""
+"""The animl command: make a sample export, register exports, materialize, run the demo, open the UI."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from animl_assets.settings import Settings
+from animl_assets.settings import ENV_HELP, Settings
 
-REPO_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+REPO = Path(__file__).resolve().parents[1]
+REPO_DAGSTER_YAML = REPO / "dagster.yaml"
+CLI_LOGGER = {"loggers": {"animl": {"config": {"log_level": "INFO"}}}}
+
+
+class CliError(Exception):
+    """An expected failure: bad input or a run that stopped for a reason it reported. One line, exit 2."""
+
+
+class RunCrashed(Exception):
+    """A run failed on an unexpected error, whose trace has been printed. Exit 1."""
 
 
 def ensure_dagster_home(settings: Settings) -> Path:
-    """Point DAGSTER_HOME at ANIML_HOME/dagster unless it is set, with the project's dagster.yaml in it."""
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home)))
+    """The Dagster instance folder: DAGSTER_HOME when it is set (and not empty), else ANIML_HOME/dagster.
+
+    In ANIML_HOME/dagster, ``dagster.yaml`` is a link to the repository's, so edits there always apply; an
+    older copy that differs is left alone, with a warning. A DAGSTER_HOME of the user's own gets a copy
+    of the project's dagster.yaml only when it has none.
+    """
+    if os.environ.get("DAGSTER_HOME"):
+        home = Path(os.environ["DAGSTER_HOME"])
+        managed = False
+    else:
+        home = settings.dagster_home
+        os.environ["DAGSTER_HOME"] = str(home)
+        managed = True
     home.mkdir(parents=True, exist_ok=True)
-    if REPO_DAGSTER_YAML.is_file() and not (home / "dagster.yaml").exists():
-        shutil.copyfile(REPO_DAGSTER_YAML, home / "dagster.yaml")
+    target = home / "dagster.yaml"
+    if not REPO_DAGSTER_YAML.is_file():
+        return home
+    if not target.exists() and not target.is_symlink():
+        if managed:
+            target.symlink_to(REPO_DAGSTER_YAML)
+        else:
+            target.write_bytes(REPO_DAGSTER_YAML.read_bytes())
+    elif managed and not target.is_symlink():
+        if target.read_bytes() == REPO_DAGSTER_YAML.read_bytes():
+            target.unlink()
+            target.symlink_to(REPO_DAGSTER_YAML)
+        else:
+            print(f"animl: warning: {target} is an edited copy; {REPO_DAGSTER_YAML} is not used "
+                  "(remove the copy to use it)", file=sys.stderr)
     return home
 
 
-def register_export(settings: Settings, path_or_uri: str, images_root: str | None = None) -> str:
-    """Put an export into the exports location (if it is not there already) and add its partition."""
+def register_export(settings: Settings, path_or_uri: str, images_root: str | None = None,
+                    name: str | None = None) -> str:
+    """Put an export into the exports location (if it is not there already), with the MegaDetector results
+    lying beside it (``<export>.md.json``), and add its partition. Returns the partition key."""
     import dagster as dg
 
     from animl_assets.assets import exports_partitions
     from animl_assets.core.cct import load_cct
-    from animl_assets.core.exports import partition_key_for
+    from animl_assets.core.exports import export_key_for, mdcache_key_for, partition_key_for
     from animl_assets.definitions import build_resources
     from animl_assets.resources.storage import read_uri
 
     exports_resource = build_resources(settings)["exports"]
     exports = exports_resource.store()
     exports_root = exports.uri().rstrip("/") + "/"
-    source_uri = path_or_uri if path_or_uri.startswith("s3://") else str(Path(path_or_uri).absolute())
+    source_uri = path_or_uri if path_or_uri.startswith("s3://") else str(Path(path_or_uri).expanduser().absolute())
     if source_uri.startswith(exports_root):
-        if images_root:
-            raise ValueError("--images-root is for exports outside the exports location; for this one set "
-                             "ANIML_IMAGES_URI or the images asset's images_root config")
+        if images_root or name:
+            raise CliError(f"--images-root and --name are for exports outside the exports location; this one "
+                           f"is its partition {partition_key_for(source_uri[len(exports_root):])!r} already "
+                           "(set ANIML_IMAGES_URI or the images asset's images_root config instead)")
         export_key = source_uri[len(exports_root):]
+        partition = partition_key_for(export_key)
     else:
-        folder, _, name = source_uri.rpartition("/")
+        folder, _, file_name = source_uri.rpartition("/")
+        partition = partition_key_for(f"{name}.json" if name else file_name)
+        export_key = export_key_for(partition)
         cct = load_cct(read_uri(source_uri, exports_resource.s3))
         if not isinstance(cct.get("info"), dict):
             cct["info"] = {}
         cct["info"]["animl_images_root"] = images_root or folder
-        export_key, data = name, json.dumps(cct).encode()
-        if exports.exists(export_key) and exports.read_bytes(export_key) != data:
-            raise ValueError(f"another export is already registered as {exports.uri(export_key)}: "
-                             "rename this one (its file name becomes the partition key)")
-        exports.write_bytes(export_key, data)
-    partition = partition_key_for(export_key)
+        copies = {export_key: json.dumps(cct).encode()}
+        try:
+            copies[mdcache_key_for(export_key)] = read_uri(mdcache_key_for(source_uri), exports_resource.s3)
+        except FileNotFoundError:
+            pass
+        for key, data in copies.items():
+            if exports.exists(key) and exports.read_bytes(key) != data:
+                raise CliError(f"another export is already registered as {exports.uri(key)}: "
+                               "choose another partition key with --name NAME")
+        for key, data in copies.items():
+            exports.write_bytes(key, data)
+        if len(copies) > 1:
+            print(f"with the MegaDetector results beside it: {mdcache_key_for(source_uri)}")
     instance = dg.DagsterInstance.get()
     if not instance.has_dynamic_partition(exports_partitions.name, partition):
         instance.add_dynamic_partitions(exports_partitions.name, [partition])
     return partition
 
 
-def run_job(settings: Settings, job_name: str, partition: str | None = None) -> bool:
-    """Run one of the Definitions' jobs (for one partition, if given), printing what it materialized."""
+class _CompactFormatter(logging.Formatter):
+    """What a run logs, one line each: the assets' own messages; Dagster's events are summed up after."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        meta = getattr(record, "dagster_meta", {})
+        level = "" if record.levelno < logging.WARNING else record.levelname.lower() + ": "
+        return f"  {meta.get('step_key') or 'run'}: {level}{meta.get('orig_message', record.getMessage())}"
+
+
+class _UserMessagesOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        meta = getattr(record, "dagster_meta", {})
+        skipped_step = str(meta.get("orig_message", "")).startswith("Dependencies for step")
+        return meta.get("dagster_event") is None and not skipped_step
+
+
+def _cli_logger_def():
+    import dagster as dg
+
+    @dg.logger(config_schema={"log_level": dg.Field(str, default_value="INFO")},
+               description="One line per message the assets log; Dagster's own events are left out.")
+    def cli_logger(init_context) -> logging.Logger:
+        logger = logging.Logger("animl", init_context.logger_config["log_level"])
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(_CompactFormatter())
+        handler.addFilter(_UserMessagesOnly())
+        logger.addHandler(handler)
+        return logger
+
+    return cli_logger
+
+
+def run_job(job_name: str, partition: str | None = None) -> None:
+    """Run one of the Definitions' jobs (for one partition, if given), printing what it materialized.
+
+    A step stopped by a reported failure (``dg.Failure``) or a failed blocking check raises CliError
+    naming it; an unexpected error prints its trace and raises RunCrashed.
+    """
     import dagster as dg
 
     from animl_assets.definitions import build_definitions
 
-    job = build_definitions(settings).resolve_job_def(job_name)
+    job = build_definitions().resolve_job_def(job_name).with_logger_defs({"animl": _cli_logger_def()})
     result = job.execute_in_process(partition_key=partition, instance=dg.DagsterInstance.get(),
-                                    run_config=QUIET_LOGS, raise_on_error=False)
+                                    run_config=CLI_LOGGER, raise_on_error=False)
     where = f" [{partition}]" if partition else ""
+    expected, unexpected = [], []
     for event in result.all_events:
         if event.event_type_value == "ASSET_MATERIALIZATION":
             materialization = event.event_specific_data.materialization
@@ -79,21 +163,59 @@ def run_job(settings: Settings, job_name: str, partition: str | None = None) -> 
                       if (k.startswith("num_") or k == "score") and isinstance(v.value, (int, float))}
             print(f"  materialized {materialization.asset_key.to_user_string()}{where}: {counts}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.event_specific_data.passed:
-            print(f"  check failed: {event.event_specific_data.check_name}")
+            check = event.event_specific_data
+            blocking = check.blocking and check.severity == dg.AssetCheckSeverity.ERROR
+            problems = check.metadata.get("problems")
+            message = f"check {check.check_name} on {check.asset_key.to_user_string()} failed" + (
+                f" ({problems.value} problems)" if problems and isinstance(problems.value, int) else "")
+            print(f"  {message}{'' if blocking else ' (warning)'}")
+            if blocking:
+                expected.append(message)
         elif event.event_type_value == "STEP_FAILURE":
-            print(f"  step failed: {event.step_key}: {event.event_specific_data.error.message.strip()}")
-    return result.success
+            error = event.event_specific_data.error
+            if error.cls_name == "DagsterAssetCheckFailedError":
+                continue  # the failed check itself is reported above
+            if error.cls_name == "Failure" or (error.cause and error.cause.cls_name == "Failure"):
+                failure = error if error.cls_name == "Failure" else error.cause
+                expected.append(f"{event.step_key}: {failure.message.split(': ', 1)[-1].strip()}")
+            else:
+                unexpected.append(f"step {event.step_key} failed:\n{error.to_string()}")
+    if unexpected:
+        print("\n".join(unexpected), file=sys.stderr)
+        raise RunCrashed(job_name)
+    if not result.success or expected:
+        raise CliError("; ".join(expected) or f"the run of {job_name}{where} failed")
 
 
-def materialize_export(settings: Settings, partition: str) -> bool:
-    """Run the per-export job for one partition; True when it succeeded."""
+def known_partitions() -> list[str]:
+    import dagster as dg
+
+    from animl_assets.assets import exports_partitions
+
+    return sorted(dg.DagsterInstance.get().get_dynamic_partitions(exports_partitions.name))
+
+
+def materialize_export(partition: str) -> None:
+    """Run the per-export job for one partition."""
     from animl_assets.definitions import INGEST_JOB
 
-    return run_job(settings, INGEST_JOB, partition)
+    known = known_partitions()
+    if partition not in known:
+        raise CliError(f"unknown partition {partition!r}; known: {', '.join(known) or 'none (animl register one)'}")
+    run_job(INGEST_JOB, partition)
+
+
+def build_dataset() -> None:
+    """classification_dataset and splits over every export whose crops are materialized."""
+    from animl_assets.definitions import DATASET_JOB
+
+    if not known_partitions():
+        raise CliError("no exports registered yet: animl register EXPORT (or animl demo) first")
+    run_job(DATASET_JOB)
 
 
 def run_demo(settings: Settings) -> int:
-    """Generate the sample export, register it and materialize every per-export asset."""
+    """Generate the sample export, register it and materialize every asset."""
     from animl_assets.core.sample import EXPORT_NAME, write_sample_export
 
     started = time.perf_counter()
@@ -108,41 +230,70 @@ def run_demo(settings: Settings) -> int:
     partition = register_export(settings, str(export_dir / EXPORT_NAME))
     print(f"      partition: {partition}")
     print("[3/4] materializing cct_export -> images -> md_detections -> crops")
-    ok = materialize_export(settings, partition)
-    if ok:
-        from animl_assets.definitions import DATASET_JOB
-
-        print("[4/4] materializing classification_dataset -> splits (all exports)")
-        ok = run_job(settings, DATASET_JOB)
-    print(f"\n{'done' if ok else 'FAILED'} in {time.perf_counter() - started:.1f}s")
+    materialize_export(partition)
+    print("[4/4] materializing classification_dataset -> splits (all exports)")
+    build_dataset()
+    print(f"\ndone in {time.perf_counter() - started:.1f}s")
     print(f"artifacts:    {settings.storage_uri}")
     print(f"dagster home: {os.environ['DAGSTER_HOME']}")
     print("open the UI:  make ui   (then http://127.0.0.1:3000)")
-    return 0 if ok else 1
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="animl", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def run_ui(extra_args: list[str]) -> int:
+    """``dagster dev`` (webserver and daemon) on the project, run from DAGSTER_HOME so the instance there is
+    the one used and no other dagster.yaml is picked up."""
+    workspace = REPO / "workspace.yaml"
+    target = ["-w", str(workspace)] if workspace.is_file() else ["-m", "animl_assets.definitions"]
+    dagster = Path(sys.executable).with_name("dagster")
+    command = [str(dagster) if dagster.exists() else "dagster", "dev", *target, *extra_args]
+    return subprocess.call(command, cwd=os.environ["DAGSTER_HOME"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="animl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ENV_HELP,
+        description="Camera-trap exports to species-classifier datasets, as Dagster assets. Everything a "
+                    "command leaves is under ANIML_HOME (default ./.animl).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sample = commands.add_parser("sample-export", help="write the deterministic sample export into DIR")
     sample.add_argument("dir")
     sample.add_argument("--seed", type=int, default=0)
-    register = commands.add_parser("register", help="add an export (path or s3:// URI) as a partition")
+    register = commands.add_parser(
+        "register", help="add an export (path or s3:// URI) as a partition and ingest it",
+        description="Add an export as a partition of 'exports' and ingest it. An export outside the exports "
+                    "location is copied into it, with <export>.md.json (MegaDetector results) when one lies "
+                    "beside it; its images stay where they are.")
     register.add_argument("path_or_uri")
+    register.add_argument("--name", help="the partition key (default: the file name without .json); "
+                                         "letters, digits, '.', '_', '-' and '/'")
     register.add_argument("--images-root", help="folder or s3:// prefix its images are relative to "
                                                 "(default: the export's own folder)")
     register.add_argument("--no-run", action="store_true", help="only add the partition")
-    materialize = commands.add_parser("materialize", help="materialize the per-export assets of a partition")
+    materialize = commands.add_parser("materialize", help="re-run the per-export assets of a partition")
     materialize.add_argument("partition")
     commands.add_parser("build-dataset", help="materialize classification_dataset and splits over all exports")
-    commands.add_parser("demo", help="sample export -> register -> materialize, all under ANIML_HOME")
-    args = parser.parse_args(argv)
+    commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
+                                     "-> classification_dataset, splits, all under ANIML_HOME")
+    ui = commands.add_parser("ui", help="the Dagster UI and daemon (sensors) on http://127.0.0.1:3000; "
+                                        "arguments after it go to dagster dev (e.g. --port 3001)")
+    ui.set_defaults(dagster_args=[])
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "ui":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.dagster_args = extra
     try:
         return _run(args, Settings.from_env())
-    except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, no traceback
+    except (CliError, ValueError, OSError) as err:  # expected: say what is wrong, no traceback
         print(f"animl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunCrashed:
+        return 1
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -152,18 +303,23 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         result = write_sample_export(args.dir, seed=args.seed)
         print(f"wrote {result.path}: {result.images} images, {result.annotations} annotations")
         return 0
+    if not os.environ.get("ANIML_HOME"):
+        os.environ["ANIML_HOME"] = str(settings.home)  # one home for this process and the runs it starts
     ensure_dagster_home(settings)
     if args.command == "demo":
         return run_demo(settings)
+    if args.command == "ui":
+        return run_ui(args.dagster_args)
     if args.command == "register":
-        partition = register_export(settings, args.path_or_uri, args.images_root)
+        partition = register_export(settings, args.path_or_uri, args.images_root, args.name)
         print(f"registered partition {partition!r}")
-        return 0 if args.no_run else (0 if materialize_export(settings, partition) else 1)
-    if args.command == "build-dataset":
-        from animl_assets.definitions import DATASET_JOB
-
-        return 0 if run_job(settings, DATASET_JOB) else 1
-    return 0 if materialize_export(settings, args.partition) else 1
+        if not args.no_run:
+            materialize_export(partition)
+    elif args.command == "build-dataset":
+        build_dataset()
+    else:
+        materialize_export(args.partition)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,29 +1,58 @@
 """The one Definitions: assets, checks, jobs, sensors, and resources chosen from the environment."""
 
+import os
+from typing import Mapping
+
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from animl_assets.assets import DATASET_ASSETS, PER_EXPORT_ASSETS, make_new_exports_sensor
-from animl_assets.resources.storage import StoreResource
-from animl_assets.settings import Settings
+from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
+from animl_assets.settings import ENV_VARS, Settings
 
 INGEST_JOB = "ingest_export"
 DATASET_JOB = "build_dataset"
 
 
-def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """Local folders under ANIML_HOME by default; any location may be an s3:// URI instead."""
-    s3 = S3Resource(endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region)
+def _from_env(env: Mapping[str, str]) -> dict[str, dict]:
+    """Resource fields as ``dg.EnvVar`` references to the variables that are set (the launchpad shows the
+    variable's name, never its value); unset ones keep the resources' defaults under ANIML_HOME."""
+    def refer(*names: str) -> dict:
+        return {ENV_VARS[name]: dg.EnvVar(name) for name in names if env.get(name)}
+
+    s3_fields = {"endpoint_url": next((dg.EnvVar(n) for n in ("ANIML_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+                                       if env.get(n)), None),
+                 "region_name": next((dg.EnvVar(n) for n in ("AWS_REGION", "AWS_DEFAULT_REGION") if env.get(n)),
+                                     "us-east-1")}
+    home = refer("ANIML_HOME")
+    depth = {"max_depth": dg.EnvVar.int("ANIML_EXPORTS_MAX_DEPTH")} if env.get("ANIML_EXPORTS_MAX_DEPTH") else {}
+    return {"s3": s3_fields, "storage": home | refer("ANIML_STORAGE_URI"),
+            "exports": home | refer("ANIML_EXPORTS_URI") | depth, "image_source": home | refer("ANIML_IMAGES_URI")}
+
+
+def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
+    """Local folders under ANIML_HOME by default; any location may be an s3:// URI instead.
+
+    Without ``settings`` the resources refer to the environment variables by name (``dg.EnvVar``), read
+    when a run starts; with ``settings`` (tests, embedding) they hold its values.
+    """
+    if settings is None:
+        fields = _from_env(os.environ)
+    else:
+        home = {"home": str(settings.home)}
+        fields = {"s3": {"endpoint_url": settings.s3_endpoint_url, "region_name": settings.s3_region},
+                  "storage": home | {"uri": settings.storage_uri}, "exports": home | {"uri": settings.exports_uri, "max_depth": settings.exports_max_depth},
+                  "image_source": home | {"uri": settings.images_uri}}
+    s3 = S3Resource(**fields["s3"])
     return {
-        "storage": StoreResource(uri=settings.storage_uri, s3=s3, cache_dir=str(settings.home / "cache")),
-        "exports": StoreResource(uri=settings.exports_uri, s3=s3),
-        "image_source": StoreResource(uri=settings.images_uri, s3=s3),
+        "storage": ArtifactStore(s3=s3, **fields["storage"]),
+        "exports": ExportsLocation(s3=s3, **fields["exports"]),
+        "image_source": ImageSource(s3=s3, **fields["image_source"]),
     }
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
-    """Assemble the project for ``settings`` (read from the environment when not given)."""
-    settings = settings or Settings.from_env()
+    """Assemble the project; resources come from ``settings``, or from the environment when not given."""
     ingest_job = dg.define_asset_job(
         INGEST_JOB, selection=dg.AssetSelection.assets(*PER_EXPORT_ASSETS),
         description="Validate one export, make its images available, detect and crop its animals.",

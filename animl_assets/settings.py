@@ -7,6 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+# The variables a deployment sets, and the resource field each one fills.
+ENV_VARS = {
+    "ANIML_HOME": "home",
+    "ANIML_STORAGE_URI": "uri",
+    "ANIML_EXPORTS_URI": "uri",
+    "ANIML_IMAGES_URI": "uri",
+}
+ENV_HELP = """environment:
+  ANIML_HOME               where everything lives by default (./.animl): artifacts/, exports/, cache/ and
+                           dagster/ (the Dagster instance, unless DAGSTER_HOME is set)
+  ANIML_EXPORTS_URI        exports location, watched for COCO Camera Traps files ($ANIML_HOME/exports)
+  ANIML_EXPORTS_MAX_DEPTH  how many folders deep the sensor looks for exports (1)
+  ANIML_STORAGE_URI        artifact store ($ANIML_HOME/artifacts)
+  ANIML_IMAGES_URI         where image keys are resolved when an export names no root
+  ANIML_S3_ENDPOINT_URL    S3-compatible endpoint (MinIO, moto); credentials from the usual AWS variables
+Any location may be a local folder or an s3://bucket/prefix."""
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -18,6 +35,7 @@ class Settings:
     images_uri: str
     s3_endpoint_url: str | None
     s3_region: str
+    exports_max_depth: int = 1
 
     @property
     def dagster_home(self) -> Path:
@@ -25,6 +43,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings an environment describes; a variable set to the empty string counts as unset."""
         env = os.environ if env is None else env
         home = Path(env.get("ANIML_HOME") or ".animl").expanduser().absolute()
         return cls(
@@ -34,4 +53,5 @@ class Settings:
             images_uri=env.get("ANIML_IMAGES_URI") or "",
             s3_endpoint_url=env.get("ANIML_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL") or None,
             s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            exports_max_depth=int(env.get("ANIML_EXPORTS_MAX_DEPTH") or 1),
         )

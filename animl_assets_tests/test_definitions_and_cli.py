@@ -1,8 +1,16 @@
+import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from animl_assets.cli import main
 from animl_assets.definitions import DATASET_JOB, INGEST_JOB, build_definitions
@@ -10,6 +18,12 @@ from animl_assets.resources.storage import LocalStore, S3Store
 from animl_assets.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
@@ -26,8 +40,25 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
         "every_label_in_every_split"}
     assert repo.has_job(DATASET_JOB)
     storage = defs.resources["storage"]
-    assert storage.uri == str(tmp_path / ".animl" / "artifacts")
+    assert storage.location == str(tmp_path / ".animl" / "artifacts")
     assert isinstance(storage.store(), LocalStore)
+
+
+def test_resources_name_their_environment_variables_and_describe_themselves(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANIML_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ANIML_STORAGE_URI", str(tmp_path / "store"))
+    monkeypatch.setenv("ANIML_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("ANIML_EXPORTS_URI", raising=False)
+    defs = build_definitions()
+    storage, exports = defs.resources["storage"], defs.resources["exports"]
+    # the launchpad shows {env: NAME}, never the value
+    assert isinstance(storage.uri, dg.EnvVar) and storage.uri.env_var_name == "ANIML_STORAGE_URI"
+    assert isinstance(exports.home, dg.EnvVar) and exports.home.env_var_name == "ANIML_HOME"
+    assert storage.s3.endpoint_url.env_var_name == "ANIML_S3_ENDPOINT_URL"
+    snapshot = defs.get_repository_def().get_top_level_resources()
+    descriptions = {name: resource.description for name, resource in snapshot.items()}  # shown in the UI
+    assert len(set(descriptions.values())) == 3 and "ANIML_STORAGE_URI" in descriptions["storage"]
+    assert "ANIML_EXPORTS_URI" in descriptions["exports"] and "ANIML_IMAGES_URI" in descriptions["image_source"]
 
 
 def test_s3_storage_is_chosen_from_the_environment(moto_endpoint, bucket):
@@ -69,7 +100,7 @@ def test_cli_rejects_a_malformed_or_missing_export(tmp_path, monkeypatch, capsys
     assert main(["register", str(bad)]) == 2
     assert "error: export is not valid JSON" in capsys.readouterr().err
     assert main(["register", str(tmp_path / "nope.json")]) == 2
-    assert "no file at" in capsys.readouterr().err
+    assert f"no file at {tmp_path / 'nope.json'}" in capsys.readouterr().err
     assert not (tmp_path / "home" / "exports" / "bad.json").exists()
 
 
@@ -96,4 +127,119 @@ def test_cli_never_overwrites_a_different_export_of_the_same_name(tmp_path, monk
     assert (tmp_path / "home" / "exports" / "sample_export.json").read_bytes() == kept
     inside = tmp_path / "home" / "exports" / "sample_export.json"
     assert main(["register", str(inside), "--images-root", "/x", "--no-run"]) == 2
-    assert "--images-root is for exports outside" in capsys.readouterr().err
+    assert "--images-root and --name are for exports outside" in capsys.readouterr().err
+    assert main(["register", str(other / "sample_export.json"), "--name", "other/second", "--no-run"]) == 0
+    assert "registered partition 'other/second'" in capsys.readouterr().out
+    assert (tmp_path / "home" / "exports" / "other" / "second.json").is_file()
+
+
+def one_error_line(capsys, command: str) -> str:
+    """The CLI's stderr, which must be exactly one `animl CMD: error: …` line."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"animl {command}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture()
+def fresh_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("ANIML_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", "")  # set but empty: the same as unset
+    return home
+
+
+def test_expected_failures_are_one_line_and_exit_2(fresh_home, capsys):
+    assert main(["materialize", "nope"]) == 2
+    assert "unknown partition 'nope'; known: none" in one_error_line(capsys, "materialize")
+    assert main(["register", "/nonexistent.json"]) == 2
+    assert one_error_line(capsys, "register").endswith("no file at /nonexistent.json")
+    assert main(["build-dataset"]) == 2
+    assert "no exports registered yet" in one_error_line(capsys, "build-dataset")
+    assert (fresh_home / "dagster" / "dagster.yaml").resolve() == REPO / "dagster.yaml"
+
+
+def test_a_failure_inside_a_run_is_one_line_and_the_known_partitions_are_listed(fresh_home, sample_dir, capsys):
+    assert main(["register", str(sample_dir / "sample_export.json"), "--name", "site-a", "--no-run"]) == 0
+    capsys.readouterr()
+    assert main(["build-dataset"]) == 2  # registered, but nothing ingested yet: the asset's dg.Failure
+    out_err = capsys.readouterr()
+    assert "Traceback" not in out_err.out + out_err.err and "Stack Trace" not in out_err.out + out_err.err
+    line = out_err.err.strip().splitlines()
+    assert len(line) == 1 and line[0] == ("animl build-dataset: error: classification_dataset: no crops "
+                                          "materialized yet for ['site-a']: materialize crops first")
+    assert main(["materialize", "site"]) == 2
+    assert one_error_line(capsys, "materialize").endswith("unknown partition 'site'; known: site-a")
+
+
+def test_a_failed_blocking_check_is_one_line(fresh_home, sample_dir, tmp_path, capsys):
+    cct = json.loads((sample_dir / "sample_export.json").read_text())
+    cct["annotations"][0]["bbox"] = [600, 400, 500, 500]
+    (tmp_path / "badbox.json").write_text(json.dumps(cct))
+    assert main(["register", str(tmp_path / "badbox.json"), "--images-root", str(sample_dir)]) == 2
+    assert one_error_line(capsys, "register").endswith("check bboxes on cct_export failed (1 problems)")
+
+
+def test_an_unexpected_error_keeps_its_trace(fresh_home, sample_dir, capsys, monkeypatch):
+    import animl_assets.assets.exports as exports_assets
+
+    def broken(cct):
+        raise RuntimeError("an unexpected bug")
+
+    monkeypatch.setattr(exports_assets, "validate_cct", broken)
+    assert main(["register", str(sample_dir / "sample_export.json")]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: an unexpected bug" in err and 'File "' in err  # the trace, with its frames
+
+
+def test_register_brings_the_megadetector_results_beside_the_export(fresh_home, sample_dir, tmp_path, capsys):
+    shutil.copytree(sample_dir, tmp_path / "withmd")
+    cct = json.loads((sample_dir / "sample_export.json").read_text())
+    unboxed = [image["file_name"] for image in cct["images"] if image["file_name"].endswith("empty_000.jpg")]
+    md = {"info": {"format_version": "1.3", "detector": "md_v5a.0.0.pt"}, "detection_categories": {"1": "animal"},
+          "images": [{"file": file, "detections": [{"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.2, 0.2]}]}
+                     for file in unboxed]}
+    (tmp_path / "withmd" / "sample_export.json").rename(tmp_path / "withmd" / "withmd.json")
+    (tmp_path / "withmd" / "withmd.md.json").write_text(json.dumps(md))
+    assert main(["register", str(tmp_path / "withmd" / "withmd.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"with the MegaDetector results beside it: {tmp_path / 'withmd' / 'withmd.md.json'}" in out
+    assert (fresh_home / "exports" / "withmd.md.json").read_text() == json.dumps(md)
+    instance = dg.DagsterInstance.from_config(str(fresh_home / "dagster"))
+    event = instance.get_latest_materialization_event(dg.AssetKey("md_detections"))
+    assert event.asset_materialization.metadata["sources"].value["ingested"] == len(unboxed)
+
+
+def test_help_is_plain_text_and_names_the_environment(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "ANIML_HOME" in text and "ANIML_STORAGE_URI" in text
+    assert "classification_dataset" in text and "splits" in text  # the demo's help names every stage
+
+
+@pytest.mark.slow
+def test_animl_ui_serves_the_project_without_the_instance_warning(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "ANIML_HOME": str(tmp_path / "home"), "DAGSTER_HOME": ""}
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("animl")), "ui", "--port", str(port)],
+                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"the UI did not answer in 120 s:\n{log.read_text()}")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    text = log.read_text()
+    assert "will not be used" not in text, text
+    assert (tmp_path / "home" / "dagster" / "dagster.yaml").resolve() == REPO / "dagster.yaml"

@@ -1,7 +1,7 @@
 import pytest
 
-from animl_assets.core.exports import (ExportCursor, export_key_for, is_export_key, partition_key_for,
-                                       select_new_exports)
+from animl_assets.core.exports import (ExportCursor, export_key_for, is_export_key, mdcache_key_for,
+                                       partition_key_for, scan_exports)
 from animl_assets.core.store import StoredFile
 
 
@@ -16,27 +16,41 @@ def test_export_keys_and_partitions():
 
 
 def files(*items):
-    return [StoredFile(key, 10, mtime) for key, mtime in items]
+    return [StoredFile(key, size, mtime) for key, mtime, size in items]
 
 
-def test_cursor_orders_by_mtime_then_key_and_never_adds_twice():
-    listed = files(("b.json", 2.0), ("a.json", 1.0), ("c.md.json", 3.0))
-    new, skipped, cursor = select_new_exports(listed, ExportCursor(), set())
-    assert [f.key for f in new] == ["a.json", "b.json"] and not skipped
-    assert cursor == ExportCursor(2.0, "b.json")
-    again, _, cursor2 = select_new_exports(listed, cursor, {"a", "b"})
-    assert again == [] and cursor2 == cursor
-    assert ExportCursor.parse(cursor.serialize()) == cursor
+def test_every_unregistered_export_is_new_whatever_its_file_time():
+    first = scan_exports(files(("b.json", 2.0, 10), ("a.json", 1.0, 10), ("c.md.json", 3.0, 5)), ExportCursor(), set())
+    assert first.new == ["a", "b"] and first.changed == [] and not first.skipped
+    # copied in later with a file time older than anything seen (mv, cp -p, rsync -a, unpacked archives)
+    listed = files(("a.json", 1.0, 10), ("b.json", 2.0, 10), ("old.json", -1e9, 10))
+    second = scan_exports(listed, ExportCursor.parse(first.cursor.serialize()), {"a", "b"})
+    assert second.new == ["old"] and second.changed == []
+    third = scan_exports(listed, second.cursor, {"a", "b", "old"})
+    assert third.new == [] and third.changed == []
 
 
-def test_a_twin_with_the_same_mtime_listed_later_is_not_missed():
-    _, _, cursor = select_new_exports(files(("m.json", 5.0)), ExportCursor(), set())
-    listed = files(("m.json", 5.0), ("a.json", 5.0), ("z.json", 6.0), ("old.json", 1.0))
-    new, _, cursor = select_new_exports(listed, cursor, {"m"})
-    assert [f.key for f in new] == ["a.json", "z.json"]
-    assert cursor == ExportCursor(6.0, "z.json")
+def test_an_export_edited_in_place_or_its_md_json_is_changed_with_a_new_run_key():
+    registered = {"x"}
+    first = scan_exports(files(("x.json", 5.0, 10)), ExportCursor(), registered)
+    assert first.new == first.changed == []  # registered by hand: remembered, not run again
+    edited = scan_exports(files(("x.json", 5.0, 11)), first.cursor, registered)  # same time, other size
+    assert edited.changed == ["x"] and edited.run_key("x") != first.run_key("x")
+    with_md = scan_exports(files(("x.json", 5.0, 11), (mdcache_key_for("x.json"), 6.0, 3)), edited.cursor, registered)
+    assert with_md.changed == ["x"]
+    assert scan_exports(files(("x.json", 5.0, 11), ("x.md.json", 6.0, 3)), with_md.cursor, registered).changed == []
 
 
-def test_already_registered_exports_are_skipped_and_bad_names_reported():
-    new, skipped, _ = select_new_exports(files(("x.json", 1.0), ("y z.json", 2.0)), ExportCursor(), {"x"})
-    assert new == [] and skipped == ["y z.json"]
+def test_a_registered_export_missing_from_one_listing_is_remembered():
+    first = scan_exports(files(("x.json", 5.0, 10)), ExportCursor(), {"x"})
+    gone = scan_exports([], first.cursor, {"x"})
+    assert gone.cursor.seen == first.cursor.seen
+    back = scan_exports(files(("x.json", 7.0, 12)), gone.cursor, {"x"})
+    assert back.changed == ["x"]
+
+
+def test_bad_names_are_reported_and_old_cursors_are_read():
+    scan = scan_exports(files(("x.json", 1.0, 1), ("y z.json", 2.0, 1)), ExportCursor(), {"x"})
+    assert scan.new == [] and scan.skipped == ["y z.json"]
+    assert ExportCursor.parse('{"mtime": 5.0, "key": "a.json"}') == ExportCursor()  # the format before v2
+    assert ExportCursor.parse(None) == ExportCursor()

@@ -19,6 +19,9 @@ def exercise(store):
     assert store.stat("a/c/d.jpg").size == 2
     assert sorted(f.key for f in store.list("a")) == ["a/b.json", "a/c/d.jpg"]
     assert sorted(f.key for f in store.list()) == ["a/b.json", "a/c/d.jpg", "top.txt"]
+    assert [f.key for f in store.list(suffix=".json")] == ["a/b.json"]
+    assert sorted(f.key for f in store.list(max_depth=1)) == ["a/b.json", "top.txt"]  # a/c/ is never read
+    assert [f.key for f in store.list(max_depth=0)] == ["top.txt"]
     child = store.child("a")
     assert child.read_bytes("c/d.jpg") == b"\xff\xd8"
     assert [f.key for f in child.list("c")] == ["c/d.jpg"]

@@ -16,7 +16,7 @@ from animl_assets.assets.images import images_folder
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import crop_detections
 from animl_assets.core.images import GOOD
-from animl_assets.resources.storage import StoreResource
+from animl_assets.resources.storage import ArtifactStore
 
 SIZE_BINS = [0, 32, 64, 128, 224, 512, 1024, 100_000]
 
@@ -41,7 +41,7 @@ def size_histogram(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 @dg.asset(partitions_def=exports_partitions, deps=[md_detections], group_name="detections", kinds={"jpeg"})
-def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: StoreResource) -> dg.MaterializeResult:
+def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: ArtifactStore) -> dg.MaterializeResult:
     """Every animal box at or above the threshold cropped to ``<file>___cropNN_<detector>.jpg``; a re-run
     crops only what is missing or changed. Failed images are reported with their category."""
     partition = context.partition_key
@@ -77,8 +77,8 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Store
         per_class, sheet = pd.DataFrame(columns=["label", "crops"]), None
     uploaded = publish(crops_dir, crops_store)
     for row in failures.itertuples():
-        context.log.warning(f"crops: {row.file}: {row.category} ({row.error})")
-    context.log.info(f"crops: {report.crops} new, {report.reused} reused, {len(failures)} failed images, "
+        context.log.warning(f"{row.file}: {row.category} ({row.error})")
+    context.log.info(f"{report.crops} new, {report.reused} reused, {len(failures)} failed images, "
                      f"{report.seconds:.1f}s")
     return dg.MaterializeResult(metadata={
         "num_images": report.images,

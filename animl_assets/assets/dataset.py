@@ -21,7 +21,7 @@ from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, defa
                                           parse_label_spec, parse_taxonomy, resolve_label_spec)
 from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
 from animl_assets.core.store import Store
-from animl_assets.resources.storage import StoreResource, read_uri
+from animl_assets.resources.storage import ArtifactStore, read_uri
 
 DATASET_CSV = "classification_ds.csv"
 LABEL_INDEX = "label_index.json"
@@ -49,7 +49,7 @@ class DatasetConfig(dg.Config):
     match_test_splits: str = ""
 
 
-def _read_text(uri: str, storage: StoreResource) -> str:
+def _read_text(uri: str, storage: ArtifactStore) -> str:
     return read_uri(uri, storage.s3).decode()
 
 
@@ -70,7 +70,7 @@ def _crop_rows(store: Store, partition: str) -> pd.DataFrame:
 
 @dg.asset(deps=[crops], group_name="dataset", kinds={"csv"})
 def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig,
-                           storage: StoreResource) -> dg.MaterializeResult:
+                           storage: ArtifactStore) -> dg.MaterializeResult:
     """``classification_ds.csv`` + ``label_index.json`` over the crops of the chosen exports (each export a
     dataset), labelled by the label spec; every crop left out is counted by reason."""
     store = storage.store()
@@ -151,7 +151,7 @@ class SplitsConfig(dg.Config):
                           description="Each label has crops in train, val and test."),
     ],
 )
-def splits(config: SplitsConfig, storage: StoreResource) -> dg.MaterializeResult:
+def splits(config: SplitsConfig, storage: ArtifactStore) -> dg.MaterializeResult:
     """``splits.json``: (dataset, location) pairs for train, val and test."""
     store = storage.store()
     ds = read_csv(store, artifact_key("classification_dataset", None, DATASET_CSV))

@@ -11,15 +11,15 @@ from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
 from animl_assets.assets.images import images, images_folder
 from animl_assets.core.cct import load_cct
+from animl_assets.core.exports import export_key_for, mdcache_key_for
 from animl_assets.core.detector import DetectorUnavailable, run_megadetector
 from animl_assets.core.images import GOOD
 from animl_assets.core.megadetector import (box_labels, cct_to_md, images_without_boxes, merge_detections,
                                             upgrade_batch_output, validate_batch_output)
-from animl_assets.resources.storage import StoreResource
+from animl_assets.resources.storage import ArtifactStore, ExportsLocation
 
 DETECTIONS = "md_detections.json"
 LABELS = "labels.csv"
-MDCACHE_SUFFIX = ".md.json"
 
 
 class DetectionsConfig(dg.Config):
@@ -48,8 +48,8 @@ def _image_sizes(manifest) -> dict[str, tuple[int, int]]:
                                    description="The batch output follows MegaDetector's format rules "
                                                "(validate_batch_results.py).")],
 )
-def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, storage: StoreResource,
-                  exports: StoreResource) -> dg.MaterializeResult:
+def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, storage: ArtifactStore,
+                  exports: ExportsLocation) -> dg.MaterializeResult:
     """MegaDetector batch output (format 1.4): the export's boxes (cct_to_md, conf 1.0) merged with ingested
     or freshly run detector results; the export's boxes win for the same image."""
     partition = context.partition_key
@@ -60,7 +60,7 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
     md = cct_to_md(cct, image_sizes=sizes)
     detector, mdcache_problems, sources = None, [], {"export boxes": len(md["images"])}
 
-    mdcache_key, exports_store = partition + MDCACHE_SUFFIX, exports.store()
+    mdcache_key, exports_store = mdcache_key_for(export_key_for(partition)), exports.store()
     if config.use_mdcache and exports_store.exists(mdcache_key):
         try:
             raw = json.loads(exports_store.read_bytes(mdcache_key))
@@ -69,7 +69,7 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
         mdcache_problems = validate_batch_output(raw)
         detector = upgrade_batch_output(raw)
         sources["ingested"] = len(detector.get("images", []))
-        context.log.info(f"md_detections: ingested {sources['ingested']} images from {mdcache_key}")
+        context.log.info(f"ingested {sources['ingested']} images from {mdcache_key}")
 
     if config.run_detector:
         covered = {image["file"] for image in md["images"]} | {i["file"] for i in (detector or {}).get("images", [])}

@@ -1,13 +1,14 @@
 """The per-export entry point: the exports partitions, the sensor that fills them, and ``cct_export``."""
 
+import hashlib
 from typing import Any
 
 import dagster as dg
 
 from animl_assets.assets.artifacts import artifact_key, markdown_table, write_json
 from animl_assets.core.cct import CHECKS, CCTFormatError, category_location_table, load_cct, summarize_cct, validate_cct
-from animl_assets.core.exports import ExportCursor, export_key_for, partition_key_for, select_new_exports
-from animl_assets.resources.storage import StoreResource
+from animl_assets.core.exports import ExportCursor, export_key_for, scan_exports
+from animl_assets.resources.storage import ArtifactStore, ExportsLocation
 
 exports_partitions = dg.DynamicPartitionsDefinition(name="exports")
 EXPORT_ARTIFACT = "export.json"
@@ -27,8 +28,8 @@ CHECK_DESCRIPTIONS = {
     check_specs=[dg.AssetCheckSpec(name, asset="cct_export", blocking=True, description=CHECK_DESCRIPTIONS[name])
                  for name in CHECKS],
 )
-def cct_export(context: dg.AssetExecutionContext, exports: StoreResource,
-               storage: StoreResource) -> dg.MaterializeResult:
+def cct_export(context: dg.AssetExecutionContext, exports: ExportsLocation,
+               storage: ArtifactStore) -> dg.MaterializeResult:
     """The export's COCO Camera Traps JSON, copied verbatim and validated; downstream waits on its checks."""
     partition = context.partition_key
     source = exports.store()
@@ -56,6 +57,7 @@ def cct_export(context: dg.AssetExecutionContext, exports: StoreResource,
         for name, problems in report.problems.items()
     ]
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(hashlib.sha256(raw).hexdigest()),
         metadata={
             **{f"num_{name}": count for name, count in summarize_cct(cct).items()},
             "source": source.uri(export_key_for(partition)),
@@ -68,23 +70,28 @@ def cct_export(context: dg.AssetExecutionContext, exports: StoreResource,
 
 
 def make_new_exports_sensor(target: dg.JobDefinition | Any) -> dg.SensorDefinition:
-    """A sensor that adds each new export in the exports location as a partition and runs ``target`` on it."""
+    """A sensor that adds each new export in the exports location as a partition and runs ``target`` on it,
+    and runs it again on an export whose file (or MegaDetector results beside it) changed."""
 
     @dg.sensor(name="new_exports", target=target, minimum_interval_seconds=30,
-               default_status=dg.DefaultSensorStatus.RUNNING)
-    def new_exports(context: dg.SensorEvaluationContext, exports: StoreResource) -> dg.SensorResult:
-        """Watch the exports location (local folder or s3:// prefix) for new COCO Camera Traps files."""
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Every 30 s, lists the JSON files in the exports location (ANIML_EXPORTS_URI, up to "
+                           "the exports resource's max_depth folders deep). Each COCO Camera Traps export that "
+                           "is not a partition yet becomes one and is ingested, whatever its file time; an "
+                           "export edited in place (or its <name>.md.json) is ingested again.")
+    def new_exports(context: dg.SensorEvaluationContext, exports: ExportsLocation) -> dg.SensorResult:
         registered = set(context.instance.get_dynamic_partitions(exports_partitions.name))
-        cursor = ExportCursor.parse(context.cursor)
-        new, skipped, cursor = select_new_exports(exports.store().list(), cursor, registered)
-        for key in skipped:
+        scan = scan_exports(exports.list_exports(), ExportCursor.parse(context.cursor), registered)
+        for key in scan.skipped:
             context.log.warning(f"ignoring export {key!r}: its path is not a usable partition key")
-        keys = [partition_key_for(item.key) for item in new]
+        for partition in scan.changed:
+            context.log.info(f"export {partition!r} changed since it was ingested: ingesting it again")
+        if scan.new:
+            context.log.info(f"new exports: {scan.new}")
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(partition_key=key, run_key=f"{key}@{item.mtime}")
-                          for key, item in zip(keys, new)],
-            dynamic_partitions_requests=[exports_partitions.build_add_request(keys)] if keys else [],
-            cursor=cursor.serialize(),
+            run_requests=[dg.RunRequest(partition_key=p, run_key=scan.run_key(p)) for p in scan.new + scan.changed],
+            dynamic_partitions_requests=[exports_partitions.build_add_request(scan.new)] if scan.new else [],
+            cursor=scan.cursor.serialize(),
         )
 
     return new_exports

@@ -12,7 +12,7 @@ from animl_assets.core.cct import load_cct
 from animl_assets.core.exports import export_key_for
 from animl_assets.core.images import GOOD, STATUSES, ImageRequest, collect_images
 from animl_assets.core.store import Store
-from animl_assets.resources.storage import StoreResource, open_store
+from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource, open_store
 
 IMAGES_ROOT_INFO_KEY = "animl_images_root"
 MANIFEST = "manifest.csv"
@@ -35,17 +35,17 @@ class ImagesConfig(dg.Config):
     attempts: int = Field(default=3, ge=1, le=10, description="Tries per image before it is reported bad.")
 
 
-def images_folder(storage: StoreResource, partition: str) -> Path:
+def images_folder(storage: ArtifactStore, partition: str) -> Path:
     """An export's verified images as a local folder (synced into the cache when storage is remote)."""
     return local_folder(storage.store().child(artifact_key("images", partition, "files")),
                         storage.cache("images", partition))
 
 
-def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_source: StoreResource,
-                         exports: StoreResource) -> Store:
+def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_source: ImageSource,
+                         exports: ExportsLocation) -> Store:
     """The store the export's image keys are relative to, by the precedence ImagesConfig describes."""
     info = cct.get("info") if isinstance(cct.get("info"), dict) else {}
-    root = config.images_root or info.get(IMAGES_ROOT_INFO_KEY) or image_source.uri
+    root = config.images_root or info.get(IMAGES_ROOT_INFO_KEY) or image_source.location
     if root:
         return open_store(root, exports.s3 or image_source.s3)
     export_folder = posixpath.dirname(export_key_for(partition))
@@ -54,8 +54,8 @@ def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_
 
 
 @dg.asset(partitions_def=exports_partitions, deps=[cct_export], group_name="ingest", kinds={"jpeg"})
-def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: StoreResource,
-           exports: StoreResource, image_source: StoreResource) -> dg.MaterializeResult:
+def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: ArtifactStore,
+           exports: ExportsLocation, image_source: ImageSource) -> dg.MaterializeResult:
     """Each referenced image copied into the artifact store if it decodes; every image in the manifest
     with its category (good, nonexistent, non_image, truncated, bad). Good images already present are
     not fetched again."""
@@ -76,9 +76,9 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Sto
 
     def progress(done: int, total: int) -> None:
         if done % step == 0 or done == total:
-            context.log.info(f"images: {done}/{total} checked")
+            context.log.info(f"{done}/{total} checked")
 
-    context.log.info(f"images: {len(requests)} referenced, source {source.uri()}")
+    context.log.info(f"{len(requests)} referenced, source {source.uri()}")
     manifest = collect_images(requests, source, store.child(artifact_key("images", partition, "files")),
                               already_good=already_good, workers=config.workers, attempts=config.attempts,
                               on_progress=progress)
@@ -86,7 +86,7 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Sto
     counts = manifest["status"].value_counts()
     failures = manifest[manifest["status"] != GOOD][["file_name", "status", "error"]]
     for row in failures.itertuples():
-        context.log.warning(f"image {row.file_name}: {row.status} ({row.error})")
+        context.log.warning(f"{row.file_name}: {row.status} ({row.error})")
     return dg.MaterializeResult(
         metadata={
             **{f"num_{status}": int(counts.get(status, 0)) for status in STATUSES},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from animl_assets.core.paths import safe_relative_path
@@ -12,7 +12,8 @@ from animl_assets.core.store import StoredFile
 
 EXPORT_SUFFIX = ".json"
 # JSON files beside exports that are not exports: MegaDetector results ("mdcache") and sidecars.
-NOT_EXPORT_SUFFIXES = (".md.json", "_md.json", ".mdcache.json")
+MDCACHE_SUFFIX = ".md.json"
+NOT_EXPORT_SUFFIXES = (MDCACHE_SUFFIX, "_md.json", ".mdcache.json")
 _PARTITION_KEY = re.compile(r"^[A-Za-z0-9._\-/]+$")
 
 
@@ -39,44 +40,69 @@ def export_key_for(partition_key: str) -> str:
     return safe_relative_path(partition_key) + EXPORT_SUFFIX
 
 
+def mdcache_key_for(export_key: str) -> str:
+    """The key of the MegaDetector results that may lie beside an export: ``<export>.md.json``."""
+    return export_key[: -len(EXPORT_SUFFIX)] + MDCACHE_SUFFIX
+
+
+def fingerprint(item: StoredFile) -> str:
+    """What identifies one version of a listed file: size, last-modified time and (S3) ETag."""
+    return f"{item.size}:{item.mtime:.6f}:{item.etag}"
+
+
 @dataclass(frozen=True)
 class ExportCursor:
-    """The newest export handled so far, ordered by (last-modified, key)."""
+    """The sensor's memory: the fingerprint of each export (with its MegaDetector results) last seen."""
 
-    mtime: float = float("-inf")
-    key: str = ""
+    seen: dict[str, str] = field(default_factory=dict)
 
     def serialize(self) -> str:
-        return json.dumps({"mtime": self.mtime, "key": self.key})
+        return json.dumps({"seen": self.seen}, sort_keys=True)
 
     @classmethod
     def parse(cls, text: str | None) -> ExportCursor:
-        if not text:
-            return cls()
-        data = json.loads(text)
-        return cls(float(data["mtime"]), str(data["key"]))
+        """The cursor ``serialize`` wrote; an empty or older-format cursor remembers nothing."""
+        data = json.loads(text) if text else {}
+        return cls(dict(data.get("seen", {})))
 
 
-def select_new_exports(
-    listed: Iterable[StoredFile], cursor: ExportCursor, registered: set[str]
-) -> tuple[list[StoredFile], list[str], ExportCursor]:
-    """Exports to add as partitions, files skipped as unusable names, and the advanced cursor.
+@dataclass(frozen=True)
+class ExportScan:
+    """One look at the exports location: partitions to add, partitions whose export changed, file names
+    that cannot be partition keys, and the cursor to keep."""
 
-    An export is new when it is newer than the cursor, or as new as the cursor (same last-modified
-    time, so a later-listed twin is never missed); one already registered is never added twice.
+    new: list[str]
+    changed: list[str]
+    skipped: list[str]
+    cursor: ExportCursor
+
+    def run_key(self, partition: str) -> str:
+        """A run key unique to this version of the export, so each version is ingested once."""
+        return f"{partition}@{self.cursor.seen[partition]}"
+
+
+def scan_exports(listed: Iterable[StoredFile], cursor: ExportCursor, registered: set[str]) -> ExportScan:
+    """Compare the listed files with what the cursor remembers.
+
+    Every export that is not yet a partition is new, however old its file time (copies keep old
+    times). An export whose file or ``.md.json`` beside it changed since it was last seen is changed.
+    A registered export the cursor has not seen yet (added by ``animl register``) is only remembered.
     """
-    new, skipped, newest = [], [], cursor
-    for item in sorted(listed, key=lambda f: (f.mtime, f.key)):
-        if not is_export_key(item.key) or item.mtime < cursor.mtime:
+    files = {item.key: item for item in listed}
+    new, changed, skipped, seen = [], [], [], {}
+    for key in sorted(files):
+        if not is_export_key(key):
             continue
         try:
-            partition = partition_key_for(item.key)
+            partition = partition_key_for(key)
         except ValueError:
-            skipped.append(item.key)
+            skipped.append(key)
             continue
+        sidecar = files.get(mdcache_key_for(key))
+        seen[partition] = fingerprint(files[key]) + (f"+md:{fingerprint(sidecar)}" if sidecar else "")
         if partition not in registered:
-            new.append(item)
-            registered = registered | {partition}
-        if (item.mtime, item.key) > (newest.mtime, newest.key):
-            newest = ExportCursor(item.mtime, item.key)
-    return new, skipped, newest
+            new.append(partition)
+        elif partition in cursor.seen and cursor.seen[partition] != seen[partition]:
+            changed.append(partition)
+    kept = {p: f for p, f in cursor.seen.items() if p in registered and p not in seen}  # gone for now
+    return ExportScan(new, changed, skipped, ExportCursor(kept | seen))

@@ -8,11 +8,13 @@ from typing import Iterator, Protocol
 
 @dataclass(frozen=True)
 class StoredFile:
-    """One listed file: its key relative to the store root, its size and last-modified time."""
+    """One listed file: its key relative to the store root, its size, last-modified time and, where the
+    store has one, its entity tag (S3's ETag changes with the content even within one second)."""
 
     key: str
     size: int
     mtime: float
+    etag: str = ""
 
 
 class Store(Protocol):
@@ -36,8 +38,9 @@ class Store(Protocol):
         """Size and mtime of ``key``, or None when it does not exist."""
         ...
 
-    def list(self, prefix: str = "") -> Iterator[StoredFile]:
-        """Every file under ``prefix``, recursively."""
+    def list(self, prefix: str = "", *, suffix: str = "", max_depth: int | None = None) -> Iterator[StoredFile]:
+        """Every file under ``prefix`` whose name ends with ``suffix``, recursively; with ``max_depth``,
+        only in folders at most that many levels below ``prefix`` (deeper folders are never listed)."""
         ...
 
     def delete(self, key: str) -> None: ...

@@ -1,15 +1,15 @@
 """Stores for artifacts, exports and images: a local folder, or an S3 prefix through dagster-aws."""
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import dagster as dg
 from botocore.exceptions import ClientError
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from animl_assets.core.exports import EXPORT_SUFFIX
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.paths import safe_relative_path
 from animl_assets.core.store import Store, StoredFile
@@ -51,14 +51,23 @@ class LocalStore:
             return None
         return StoredFile(key, info.st_size, info.st_mtime)
 
-    def list(self, prefix: str = "") -> Iterator[StoredFile]:
+    def list(self, prefix: str = "", *, suffix: str = "", max_depth: int | None = None) -> Iterator[StoredFile]:
         base = self._path(prefix)
         if not base.is_dir():
             return
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(TEMP_PREFIX):
-                info = path.stat()
-                yield StoredFile(path.relative_to(self.root).as_posix(), info.st_size, info.st_mtime)
+        folders = [(base, 0)]
+        while folders:  # only names ending in suffix are stat'ed; folders beyond max_depth are not read
+            folder, depth = folders.pop()
+            with os.scandir(folder) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    if entry.is_dir(follow_symlinks=False):
+                        if max_depth is None or depth < max_depth:
+                            folders.append((Path(entry.path), depth + 1))
+                    elif (entry.name.endswith(suffix) and not entry.name.startswith(TEMP_PREFIX)
+                          and entry.is_file()):
+                        info = entry.stat()
+                        yield StoredFile(Path(entry.path).relative_to(self.root).as_posix(), info.st_size,
+                                         info.st_mtime)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -102,13 +111,21 @@ class S3Store:
             raise
         return StoredFile(key, head["ContentLength"], head["LastModified"].timestamp())
 
-    def list(self, prefix: str = "") -> Iterator[StoredFile]:
+    def list(self, prefix: str = "", *, suffix: str = "", max_depth: int | None = None) -> Iterator[StoredFile]:
         full = self._key(prefix)
         start = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{full}/" if full else ""):
-            for item in page.get("Contents", []):
-                yield StoredFile(item["Key"][start:], item["Size"], item["LastModified"].timestamp())
+        folders = [(f"{full}/" if full else "", 0)]
+        while folders:  # page by page; with max_depth, folder by folder ("/" delimiter), never deeper
+            folder, depth = folders.pop()
+            options = {} if max_depth is None else {"Delimiter": "/"}
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=folder, **options):
+                for item in page.get("Contents", []):
+                    if item["Key"].endswith(suffix):
+                        yield StoredFile(item["Key"][start:], item["Size"], item["LastModified"].timestamp(),
+                                         item.get("ETag", "").strip('"'))
+                if max_depth is not None and depth < max_depth:
+                    folders += [(common["Prefix"], depth + 1) for common in page.get("CommonPrefixes", [])]
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
@@ -137,21 +154,61 @@ def open_store(uri: str, s3: S3Resource | None = None) -> Store:
 
 def read_uri(uri: str, s3: S3Resource | None = None) -> bytes:
     """The bytes of one file named by a local path or an ``s3://bucket/key`` URI."""
-    folder, _, name = uri.rpartition("/")
-    return open_store(folder or ".", s3).read_bytes(name)
+    if uri.startswith("s3://"):
+        folder, _, name = uri.rpartition("/")
+        return open_store(folder, s3).read_bytes(name)
+    path = Path(uri).expanduser().absolute()
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    return path.read_bytes()
 
 
 class StoreResource(dg.ConfigurableResource):
     """A place for files: a local folder, or ``s3://bucket/prefix`` reached through dagster-aws."""
 
-    uri: str
+    default_folder: ClassVar[str] = ""
+    uri: str = Field(default="", description="Local folder or s3://bucket/prefix. Empty: the resource's default "
+                                             "folder under home.")
+    home: str = Field(default=".animl", description="ANIML_HOME: the folder everything lives in by default.")
     s3: S3Resource | None = None
-    cache_dir: str = Field(default="", description="Local working folder for stages that need files on "
-                                                    "disk when the store is remote (default: the temp dir).")
+
+    @property
+    def location(self) -> str:
+        """Where the files are: ``uri``, else the default folder under ``home`` (empty when it has none)."""
+        if self.uri or not self.default_folder:
+            return self.uri
+        return str(Path(self.home).expanduser().absolute() / self.default_folder)
 
     def store(self) -> Store:
-        return open_store(self.uri, self.s3)
+        return open_store(self.location, self.s3)
 
     def cache(self, *parts: str) -> Path:
-        """A local working folder below ``cache_dir``."""
-        return Path(self.cache_dir or Path(tempfile.gettempdir()) / "animl-cache").joinpath(*parts)
+        """A local working folder for stages that need files on disk when the store is remote."""
+        return Path(self.home).expanduser().absolute().joinpath("cache", *parts)
+
+
+class ArtifactStore(StoreResource):
+    """Where every asset writes its artifacts (ANIML_STORAGE_URI; default $ANIML_HOME/artifacts): plain JSON,
+    CSV and JPEG files under <asset>/<partition>/."""
+
+    default_folder: ClassVar[str] = "artifacts"
+
+
+class ExportsLocation(StoreResource):
+    """Where COCO Camera Traps exports are dropped (ANIML_EXPORTS_URI; default $ANIML_HOME/exports); the
+    new_exports sensor watches it, and each export file is a partition."""
+
+    default_folder: ClassVar[str] = "exports"
+    max_depth: int = Field(default=1, ge=0, description="How many folders deep the sensor looks for exports "
+                                                         "(ANIML_EXPORTS_MAX_DEPTH; default 1: the top and one "
+                                                         "sub-folder). Deeper folders, such as the image folders "
+                                                         "beside an export, are never listed.")
+
+    def list_exports(self) -> Iterator[StoredFile]:
+        """The JSON files an export (or its MegaDetector results) may be, page by page."""
+        return self.store().list(suffix=EXPORT_SUFFIX, max_depth=self.max_depth)
+
+
+class ImageSource(StoreResource):
+    """Where exports' image keys are resolved when neither the run config nor the export names a root
+    (ANIML_IMAGES_URI, e.g. Animl's serving bucket). Empty: the export's own folder."""
