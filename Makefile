@@ -25,7 +25,7 @@ ui: setup  ## the Dagster UI and daemon (sensors, schedules) on http://127.0.0.1
 	$(BIN)/animl ui
 
 bench: setup  ## print the benchmark figures
-	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+	for script in benchmarks/[!_]*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(ANIML_HOME)

@@ -23,11 +23,20 @@ REPO = Path(__file__).resolve().parents[1]
 ENA24 = REPO.parent / "shared" / "data" / "ena24_small"
 
 
+def shared_data(folder: Path) -> Path:
+    """``folder`` of ../shared test data; where it is absent the test is skipped saying so (a failure in CI)."""
+    if not (folder / "md_annotations.json").is_file():
+        message = (f"needs the ENA24 sample images at {folder} (../shared/data/ena24_small beside the "
+                   "repository; CI and the project's workspace have it, a plain clone does not)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def ena24_dir() -> Path:
-    if not ENA24.is_dir():
-        pytest.skip(f"shared test data not found at {ENA24}")
-    return ENA24
+    return shared_data(ENA24)
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +135,9 @@ def sample_counts(sample_dir) -> dict[str, int]:
         "crops": sum(file not in broken for file in boxes),
         "unboxed_images": len(cct["images"]) - len(set(boxes)),
     }
+
+
+def table_rows(value) -> list[dict]:
+    """The records of a ``MetadataValue.table`` as dicts."""
+    assert isinstance(value, dg.TableMetadataValue), f"not a table: {type(value).__name__}"
+    return [dict(record.data) for record in value.records]

@@ -1,14 +1,13 @@
 """classification_dataset and splits materialized through the Definitions after the per-export job."""
 
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from animl_assets.definitions import DATASET_JOB, build_definitions
-from animl_assets_tests.conftest import add_export, run_ingest
+from animl_assets_tests.conftest import add_export, run_ingest, table_rows
 from animl_assets_tests.test_ingest_assets import materialization
 
 
@@ -47,16 +46,17 @@ def test_dataset_and_splits_from_the_sample_export(settings, instance, ingested,
     index = json.loads((root / "classification_dataset" / "label_index.json").read_text())
     assert index == {"0": "deer", "1": "fox", "2": "raccoon", "3": "turkey"}
     meta = materialization(result, "classification_dataset")
-    assert meta["num_locations"] == sample_counts["locations"] and "data:image/png;base64," in meta["sample_grid"]
+    assert meta["num_locations"] == sample_counts["locations"] and "data:image/jpeg;base64," in meta["sample_grid"]
 
     splits = json.loads((root / "splits" / "splits.json").read_text())
     assert set(splits) == {"train", "val", "test"} and all(splits.values())
     placed = [tuple(loc) for name in splits for loc in splits[name]]
     assert len(placed) == len(set(placed)) == sample_counts["locations"]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"no_location_leakage": True, "every_label_in_every_split": True}
+    assert checks == {"enough_labels_to_train": True, "no_location_leakage": True, "every_label_in_every_split": True}
     split_meta = materialization(result, "splits")
-    assert re.search(r"\|\s*deer\s*\|\s*\d+\s*\|\s*\d+\s*\|\s*\d+\s*\|", split_meta["crops_per_label_and_split"])
+    deer = [row for row in table_rows(split_meta["crops_per_label_and_split"]) if row["label"] == "deer"]
+    assert len(deer) == 1 and all(deer[0][split] > 0 for split in ("train", "val", "test"))
 
 
 def test_csv_label_spec_groups_classes(settings, instance, ingested, tmp_path):

@@ -35,9 +35,11 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "cct_export", "images", "md_detections", "crops", "classification_dataset", "splits"}
     assert repo.has_job(INGEST_JOB) and repo.has_sensor_def("new_exports")
-    assert {key.name for key in defs.resolve_asset_graph().asset_check_keys} == {
-        "schema", "unique_ids", "references", "bboxes", "md_format", "no_location_leakage",
-        "every_label_in_every_split"}
+    assert {key.to_user_string() for key in defs.resolve_asset_graph().asset_check_keys} == {
+        "cct_export:schema", "cct_export:unique_ids", "cct_export:references", "cct_export:bboxes",
+        "images:failure_rate", "md_detections:md_format", "crops:failure_rate",
+        "classification_dataset:enough_labels_to_train", "splits:no_location_leakage",
+        "splits:every_label_in_every_split"}
     assert repo.has_job(DATASET_JOB)
     storage = defs.resources["storage"]
     assert storage.location == str(tmp_path / ".animl" / "artifacts")
@@ -243,3 +245,9 @@ def test_animl_ui_serves_the_project_without_the_instance_warning(tmp_path):
     text = log.read_text()
     assert "will not be used" not in text, text
     assert (tmp_path / "home" / "dagster" / "dagster.yaml").resolve() == REPO / "dagster.yaml"
+
+
+def test_the_instance_limits_concurrent_runs(instance):
+    """dagster.yaml: a burst of new exports queues; it does not start a run per export at once."""
+    settings = instance.get_concurrency_config().run_queue_config
+    assert settings.max_concurrent_runs == 2

@@ -1,13 +1,12 @@
 """md_detections and crops materialized through the Definitions on the sample export."""
 
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from animl_assets.core.megadetector import validate_batch_output
-from animl_assets_tests.conftest import add_export, run_ingest
+from animl_assets_tests.conftest import add_export, run_ingest, table_rows
 from animl_assets_tests.test_ingest_assets import materialization
 
 
@@ -31,8 +30,10 @@ def test_sample_export_is_detected_and_cropped(settings, instance, sample_dir, s
     assert crops["num_crops"] == sample_counts["crops"] and crops["num_failed_images"] == sample_counts["broken"]
     for name, category in [("zero_byte", "non_image"), ("truncated", "truncated"), ("not_an_image", "non_image"),
                            ("missing", "nonexistent")]:
-        assert re.search(rf"broken/{name}\.jpg\s*\|\s*{category}\s*\|", crops["failures"])
-    assert "| deer" in crops["crops_per_class"] and "data:image/png;base64," in crops["contact_sheet"]
+        assert {"file": f"broken/{name}.jpg", "category": category}.items() <= next(
+            row for row in table_rows(crops["failures"]) if row["file"] == f"broken/{name}.jpg").items()
+    assert "deer" in {row["label"] for row in table_rows(crops["crops_per_class"])}
+    assert "data:image/jpeg;base64," in crops["contact_sheet"]
     # every good image decodes only the region its crops need, but for the CMYK and EXIF-rotated ones
     assert crops["num_images_decoded"] == sample_counts["boxed_images"] - sample_counts["broken"]
     assert crops["num_images_region_decoded"] == crops["num_images_decoded"] - 2
@@ -76,7 +77,7 @@ def test_megadetector_results_beside_the_export_are_merged(settings, instance, s
     crops = pd.read_csv(artifacts(settings, "crops", partition) / "crops.csv")
     detector_crops = crops[crops["file"] == "creek/empty_000.jpg"]
     assert detector_crops["crop"].tolist() == ["creek/empty_000.jpg___crop00_megadetector_v3.pb.jpg"]
-    assert re.search(r"\|\s*empty\s*\|\s*1\s*\|", materialization(result, "crops")["crops_per_class"])
+    assert {"label": "empty", "crops": 1} in table_rows(materialization(result, "crops")["crops_per_class"])
 
 
 def test_broken_detector_results_block_the_crops(settings, instance, sample_dir):
@@ -88,7 +89,7 @@ def test_broken_detector_results_block_the_crops(settings, instance, sample_dir)
     result = run_ingest(settings, instance, partition)
     assert not result.success
     check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "md_format")
-    assert not check.passed and "not within 0-1" in check.metadata["examples"].value
+    assert not check.passed and any("not within 0-1" in row["problem"] for row in table_rows(check.metadata["examples"]))
     assert not result.asset_materializations_for_node("crops")
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from animl_assets.core.sample import BROKEN, EXPORT_NAME
 from animl_assets.settings import Settings
-from animl_assets_tests.conftest import add_export, run_ingest
+from animl_assets_tests.conftest import add_export, run_ingest, table_rows
 
 
 def materialization(result, asset: str):
@@ -28,16 +28,18 @@ def test_sample_export_is_validated_and_every_image_accounted_for(settings, inst
     export_meta = materialization(result, "cct_export")
     assert export_meta["num_images"] == sample_counts["images"]
     assert export_meta["num_locations"] == sample_counts["locations"]
-    assert "| deer" in export_meta["category_by_location"]
-    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"schema": True, "unique_ids": True, "references": True, "bboxes": True, "md_format": True}
+    assert "deer" in {row["category"] for row in table_rows(export_meta["category_by_location"])}
+    checks = {e.asset_check_key.to_user_string(): e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"cct_export:schema": True, "cct_export:unique_ids": True, "cct_export:references": True,
+                      "cct_export:bboxes": True, "images:failure_rate": True, "md_detections:md_format": True,
+                      "crops:failure_rate": True}
 
     images_meta = materialization(result, "images")
     assert images_meta["num_good"] == sample_counts["good"]
     assert images_meta["num_fetched"] == sample_counts["present"]
     assert (images_meta["num_non_image"], images_meta["num_truncated"], images_meta["num_nonexistent"]) == (2, 1, 1)
     for name in BROKEN:
-        assert f"broken/{name}.jpg" in images_meta["failures"]
+        assert f"broken/{name}.jpg" in {row["file_name"] for row in table_rows(images_meta["failures"])}
     table = manifest(settings, partition)
     assert len(table) == sample_counts["images"]
     files = Path(settings.storage_uri) / "images" / partition / "files"
@@ -83,7 +85,8 @@ def test_dangling_references_block_images(settings, instance, tmp_path):
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not checks["references"].passed and checks["references"].metadata["problems"].value == 2
     assert checks["schema"].passed and checks["bboxes"].passed  # image 2 is unknown: no box to check
-    assert "annotation 1 points at missing image 2" in checks["references"].metadata["examples"].value
+    assert "annotation 1 points at missing image 2" in [
+        row["problem"] for row in table_rows(checks["references"].metadata["examples"])]
     assert result.asset_materializations_for_node("cct_export")
     assert not result.asset_materializations_for_node("images")  # the blocking check held it back
 

@@ -27,10 +27,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from _shared_data import ENA24_DIR, require
+
 from animl_assets.core import crops as crops_module
 from animl_assets.core.crops import CropReport, crop_detections, crop_name
 
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ena24_small"
 REFERENCE_CROPS_PER_S = {1: 57.5, 2: 99.8}  # crop_detections.py --square-crops, in-process, this machine class
 
 
@@ -110,13 +111,13 @@ def paired(ours, reference, repeat: int) -> tuple[float, float, float, CropRepor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images-dir", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--images-dir", type=Path, default=ENA24_DIR)
     parser.add_argument("--count", type=int, default=210)
     parser.add_argument("--repeat", type=int, default=3, help="rounds per configuration (medians)")
     parser.add_argument("--boxes-per-image", type=int, default=1,
                         help="add random boxes (seeded, the real box's size) until each image has this many")
     args = parser.parse_args()
-    source = json.loads((args.images_dir / "md_annotations.json").read_text())
+    source = json.loads((require(args.images_dir, "md_annotations.json") / "md_annotations.json").read_text())
     cores = os.cpu_count() or 1
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:

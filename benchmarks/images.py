@@ -15,20 +15,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from _shared_data import ENA24_DIR, require
+
 from animl_assets.core.images import ImageRequest, collect_images
 from animl_assets.resources.storage import LocalStore
 
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ena24_small"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images-dir", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--images-dir", type=Path, default=ENA24_DIR)
     parser.add_argument("--count", type=int, default=200)
     args = parser.parse_args()
-    sources = sorted(args.images_dir.glob("*.jpg"))
-    if not sources:
-        raise SystemExit(f"no JPEGs in {args.images_dir}")
+    sources = sorted(require(args.images_dir).glob("*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         source = LocalStore(Path(tmp) / "source")
         for i in range(args.count):

@@ -11,6 +11,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
+from PIL import Image
 
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
@@ -43,12 +44,55 @@ def read_csv(store: Store, key: str) -> pd.DataFrame | None:
     return pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[""])
 
 
-def markdown_table(frame: pd.DataFrame, limit: int = 50) -> dg.MetadataValue:
-    """A table for the UI; long tables are cut to ``limit`` rows, saying how many were left out."""
-    text = frame.head(limit).to_markdown(index=False) if len(frame) else "_none_"
-    if len(frame) > limit:
-        text += f"\n\n_… and {len(frame) - limit} more rows_"
-    return dg.MetadataValue.md(text)
+_COLUMN_TYPES = {"i": "int", "u": "int", "f": "float", "b": "bool"}
+THUMBNAIL_BYTES = 30_000  # the most an inline image may weigh in the event log (base64 included)
+
+
+def _plain(value: Any) -> Any:
+    """A table cell as the types TableRecord takes (numpy scalars unwrapped, NaN as None)."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and value != value:
+        return None
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def table_schema(frame: pd.DataFrame) -> dg.TableSchema:
+    """The columns of ``frame`` with their types, as Dagster's UI shows them."""
+    return dg.TableSchema(columns=[dg.TableColumn(str(name), _COLUMN_TYPES.get(dtype.kind, "string"))
+                                   for name, dtype in frame.dtypes.items()])
+
+
+def table(frame: pd.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
+    """A table for the UI with its schema; only the first ``limit`` rows (the artifact has them all)."""
+    records = [dg.TableRecord({str(k): _plain(v) for k, v in row.items()})
+               for row in frame.head(limit).to_dict("records")]
+    return dg.MetadataValue.table(records, schema=table_schema(frame))
+
+
+def location(uri: str) -> dg.MetadataValue:
+    """Where an artifact is: a path for a local file, a URL for an object store."""
+    return dg.MetadataValue.url(uri) if "://" in uri else dg.MetadataValue.path(uri)
+
+
+def thumbnail_markdown(png: bytes, alt: str, max_bytes: int = THUMBNAIL_BYTES) -> dg.MetadataValue:
+    """A small JPEG preview of ``png`` inline in the UI, shrunk until its markdown fits ``max_bytes``."""
+    with Image.open(io.BytesIO(png)) as image:
+        image = image.convert("RGB")
+        width = min(image.width, 480)
+        while True:
+            preview = image.resize((width, max(1, image.height * width // image.width)), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            preview.save(buffer, "JPEG", quality=70, optimize=True)
+            text = f"![{alt}](data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+            if len(text) <= max_bytes or width <= 32:
+                return dg.MetadataValue.md(text)
+            width = int(width * 0.8)
+
+
+def image_metadata(store: Store, key: str, png: bytes, name: str, alt: str) -> dict[str, dg.MetadataValue]:
+    """Store ``png`` as an artifact; metadata ``name`` (a small inline preview) and ``name_path`` (the file)."""
+    store.write_bytes(key, png)
+    return {name: thumbnail_markdown(png, alt), f"{name}_path": location(store.uri(key))}
 
 
 def local_folder(store: Store, cache_dir: Path) -> Path:
@@ -80,8 +124,3 @@ def publish(folder: Path, store: Store) -> int:
             store.write_bytes(key, path.read_bytes())
             uploaded += 1
     return uploaded
-
-
-def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
-    """A PNG shown inline in the Dagster UI."""
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")

@@ -7,18 +7,20 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, local_folder, markdown_table, png_markdown, publish,
-                                           read_csv, read_json)
+from animl_assets.assets.artifacts import (artifact_key, local_folder, location, publish, read_csv, read_json, table,
+                                           thumbnail_markdown)
+from animl_assets.assets.checks import failure_rate_check, failure_rate_spec
 from animl_assets.assets.detections import DETECTIONS, LABELS, md_detections
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
 from animl_assets.assets.images import images_folder
 from animl_assets.core.contact_sheet import contact_sheet
-from animl_assets.core.crops import crop_detections
+from animl_assets.core.crops import MANIFEST_COLUMNS, crop_detections
 from animl_assets.core.images import GOOD
 from animl_assets.resources.storage import ArtifactStore
 
 SIZE_BINS = [0, 32, 64, 128, 224, 512, 1024, 100_000]
+CONTACT_SHEET = "contact_sheet.png"
 
 
 class CropsConfig(dg.Config):
@@ -30,6 +32,8 @@ class CropsConfig(dg.Config):
     executor: Literal["threads", "processes"] = "threads"
     max_side: int = Field(default=0, ge=0, description="Opt-in: shrink crops to this side and decode JPEGs "
                                                        "DCT-scaled (faster, not pixel-identical). 0: off.")
+    max_failure_rate: float = Field(default=0.05, ge=0, le=1, description="The failure_rate check warns when "
+                                                                           "more than this share of images fail.")
 
 
 def size_histogram(rows: pd.DataFrame) -> pd.DataFrame:
@@ -40,7 +44,8 @@ def size_histogram(rows: pd.DataFrame) -> pd.DataFrame:
                          "crops": counts})
 
 
-@dg.asset(partitions_def=exports_partitions, deps=[md_detections], group_name="detections", kinds={"jpeg"})
+@dg.asset(partitions_def=exports_partitions, deps=[md_detections], group_name="detections", kinds={"jpeg"},
+          check_specs=[failure_rate_spec("crops")])
 def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: ArtifactStore) -> dg.MaterializeResult:
     """Every animal box at or above the threshold cropped to ``<file>___cropNN_<detector>.jpg``; a re-run
     crops only what is missing or changed. Failed images are reported with their category."""
@@ -63,37 +68,39 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
         failures.loc[rejected, "category"] = earlier["status"].to_numpy()
         failures.loc[rejected, "error"] = ("rejected by images: " + earlier["error"].astype(str)).to_numpy()
     (crops_dir / "failures.csv").write_text(failures.to_csv(index=False))
-    rows = pd.DataFrame(report.rows)
+    rows = pd.DataFrame(report.rows, columns=MANIFEST_COLUMNS)
     labels = read_csv(store, artifact_key("md_detections", partition, LABELS))
-    if len(rows):
-        rows["detection_index"] = rows["detection_index"].astype(int)
-        rows = rows.merge(labels[["file", "detection_index", "label"]], on=["file", "detection_index"], how="left")
-        rows["label"] = rows["label"].fillna("").replace("", "(unlabelled)")
-        per_class = rows.groupby("label").size().rename("crops").reset_index()
-        sheet = contact_sheet(rows.groupby("label")["crop"].apply(list).to_dict(),
-                              lambda crop: (crops_dir / crop).read_bytes())
-        (crops_dir / "contact_sheet.png").write_bytes(sheet)
-    else:
-        per_class, sheet = pd.DataFrame(columns=["label", "crops"]), None
+    rows["detection_index"] = rows["detection_index"].astype(int)
+    rows = rows.merge(labels[["file", "detection_index", "label"]], on=["file", "detection_index"], how="left")
+    rows["label"] = rows["label"].fillna("").replace("", "(unlabelled)")
+    per_class = rows.groupby("label").size().rename("crops").reset_index()
+    sheet = contact_sheet(rows.groupby("label")["crop"].apply(list).to_dict(),
+                          lambda crop: (crops_dir / crop).read_bytes())
+    (crops_dir / CONTACT_SHEET).write_bytes(sheet)
     uploaded = publish(crops_dir, crops_store)
     for row in failures.itertuples():
         context.log.warning(f"{row.file}: {row.category} ({row.error})")
     context.log.info(f"{report.crops} new, {report.reused} reused, {len(failures)} failed images, "
                      f"{report.seconds:.1f}s")
-    return dg.MaterializeResult(metadata={
-        "num_images": report.images,
-        "num_crops": len(report.rows),
-        "num_new_crops": report.crops,
-        "num_reused_crops": report.reused,
-        "num_zero_size_skipped": report.zero_size,
-        "num_failed_images": len(failures),
-        "num_images_decoded": report.images_decoded,
-        "num_images_region_decoded": report.images_region_decoded,
-        "crops_per_second": round(report.crops / report.seconds, 1) if report.crops else 0.0,
-        "crops_per_class": markdown_table(per_class),
-        "crop_sizes": markdown_table(size_histogram(rows)),
-        "failures": markdown_table(failures),
-        "contact_sheet": png_markdown(sheet, "sample crops per class") if sheet else "no crops",
-        "path": crops_store.uri(),
-        "uploaded": uploaded,
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "num_images": report.images,
+            "num_crops": len(report.rows),
+            "num_new_crops": report.crops,
+            "num_reused_crops": report.reused,
+            "num_zero_size_skipped": report.zero_size,
+            "num_failed_images": len(failures),
+            "num_images_decoded": report.images_decoded,
+            "num_images_region_decoded": report.images_region_decoded,
+            "dagster/row_count": len(report.rows),
+            "crops_per_second": round(report.crops / report.seconds, 1) if report.crops else 0.0,
+            "crops_per_class": table(per_class),
+            "crop_sizes": table(size_histogram(rows)),
+            "failures": table(failures),
+            "contact_sheet": thumbnail_markdown(sheet, "sample crops per class"),
+            "contact_sheet_path": location(crops_store.uri(CONTACT_SHEET)),
+            "path": location(crops_store.uri()),
+            "uploaded": uploaded,
+        },
+        check_results=[failure_rate_check(failures, report.images, config.max_failure_rate)],
+    )

@@ -8,8 +8,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, markdown_table, png_markdown, read_csv, read_json, write_csv,
-                                           write_json)
+from animl_assets.assets.artifacts import (artifact_key, image_metadata, location, read_csv, read_json, table,
+                                           table_schema, write_csv, write_json)
 from animl_assets.assets.crops import crops
 from animl_assets.assets.detections import LABELS
 from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
@@ -28,6 +28,7 @@ LABEL_INDEX = "label_index.json"
 SPEC_USED = "label_spec.json"
 MATCH_TEST = "match_test_locations.json"
 SPLITS_JSON = "splits.json"
+SAMPLE_GRID = "sample_grid.png"
 
 
 class DatasetConfig(dg.Config):
@@ -47,6 +48,8 @@ class DatasetConfig(dg.Config):
     match_test_csv: str = Field(default="", description="An earlier classification_ds.csv whose test-split "
                                                         "crops are appended (with match_test_splits).")
     match_test_splits: str = ""
+    min_crops_per_label: int = Field(default=10, ge=1, description="The enough_labels_to_train check needs at "
+                                                                   "least two labels with this many crops.")
 
 
 def _read_text(uri: str, storage: ArtifactStore) -> str:
@@ -68,7 +71,9 @@ def _crop_rows(store: Store, partition: str) -> pd.DataFrame:
     }, columns=CROP_COLUMNS)
 
 
-@dg.asset(deps=[crops], group_name="dataset", kinds={"csv"})
+@dg.asset(deps=[crops], group_name="dataset", kinds={"csv"},
+          check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
+                                         description="At least two labels have min_crops_per_label crops.")])
 def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig,
                            storage: ArtifactStore) -> dg.MaterializeResult:
     """``classification_ds.csv`` + ``label_index.json`` over the crops of the chosen exports (each export a
@@ -118,18 +123,31 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     }).reset_index(names="label")
     sample = ds.groupby("label")["path"].apply(lambda s: list(s.sample(min(len(s), 8), random_state=0))).to_dict()
     grid = contact_sheet(sample, lambda path: store.read_bytes(artifact_key("crops", None, path)))
-    return dg.MaterializeResult(metadata={
-        "num_crops": len(ds), "num_labels": ds["label"].nunique(), "num_datasets": ds["dataset"].nunique(),
-        "num_locations": ds[["dataset", "location"]].drop_duplicates().shape[0],
-        "exports": dg.MetadataValue.json(ready), "exports_without_crops": dg.MetadataValue.json(skipped),
-        "crops_per_label": markdown_table(per_label),
-        "left_out": dg.MetadataValue.json(report.dropped),
-        "conflicting_images": markdown_table(report.conflicts),
-        "sampled": dg.MetadataValue.json({k: {"before": a, "after": b} for k, (a, b) in report.sampled.items()}),
-        "match_test_locations": len(test_locations),
-        "sample_grid": png_markdown(grid, "sample crops per label"),
-        "path": store.uri(artifact_key("classification_dataset", None, DATASET_CSV)),
-    })
+    trainable = per_label[per_label["crops"] >= config.min_crops_per_label]
+    return dg.MaterializeResult(
+        metadata={
+            "num_crops": len(ds), "num_labels": ds["label"].nunique(), "num_datasets": ds["dataset"].nunique(),
+            "num_locations": ds[["dataset", "location"]].drop_duplicates().shape[0],
+            "dagster/row_count": len(ds),
+            "dagster/column_schema": table_schema(ds),
+            "exports": dg.MetadataValue.json(ready), "exports_without_crops": dg.MetadataValue.json(skipped),
+            "crops_per_label": table(per_label),
+            "left_out": dg.MetadataValue.json(report.dropped),
+            "conflicting_images": table(report.conflicts),
+            "sampled": dg.MetadataValue.json({k: {"before": a, "after": b} for k, (a, b) in report.sampled.items()}),
+            "match_test_locations": len(test_locations),
+            **image_metadata(store, artifact_key("classification_dataset", None, SAMPLE_GRID), grid, "sample_grid",
+                             "sample crops per label"),
+            "path": location(store.uri(artifact_key("classification_dataset", None, DATASET_CSV))),
+        },
+        check_results=[dg.AssetCheckResult(
+            check_name="enough_labels_to_train", passed=len(trainable) >= 2, severity=dg.AssetCheckSeverity.ERROR,
+            description=f"{len(trainable)} labels have at least {config.min_crops_per_label} crops; training "
+                        "needs two",
+            metadata={"labels_with_enough_crops": len(trainable), "min_crops_per_label": config.min_crops_per_label,
+                      "crops_per_label": table(per_label)},
+        )],
+    )
 
 
 class SplitsConfig(dg.Config):
@@ -171,8 +189,8 @@ def splits(config: SplitsConfig, storage: ArtifactStore) -> dg.MaterializeResult
         metadata={
             "score": round(score, 4), "method": config.method,
             **{f"num_{name}_locations": len(result[name]) for name in result},
-            "crops_per_label_and_split": markdown_table(split_table(ds, result).reset_index(names="label")),
-            "path": store.uri(artifact_key("splits", None, SPLITS_JSON)),
+            "crops_per_label_and_split": table(split_table(ds, result).reset_index(names="label")),
+            "path": location(store.uri(artifact_key("splits", None, SPLITS_JSON))),
         },
         check_results=[
             dg.AssetCheckResult(check_name="no_location_leakage", passed=not leaks,

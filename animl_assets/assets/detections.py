@@ -6,7 +6,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, markdown_table, read_csv, write_csv, write_json
+from animl_assets.assets.artifacts import artifact_key, location, read_csv, table, write_csv, write_json
+from animl_assets.assets.checks import problems_check
 from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
 from animl_assets.assets.images import images, images_folder
@@ -100,15 +101,9 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
             "num_images_without_boxes": len(no_boxes),
             "sources": dg.MetadataValue.json(sources),
             "detector": md["info"]["detector"],
-            "path": store.uri(artifact_key("md_detections", partition, DETECTIONS)),
-            "ingested_file_problems": markdown_table(_problem_frame(mdcache_problems)),
+            "dagster/row_count": len(labels),
+            "path": location(store.uri(artifact_key("md_detections", partition, DETECTIONS))),
+            "ingested_file_problems": table(pd.DataFrame({"problem": mdcache_problems}, dtype=str)),
         },
-        check_results=[dg.AssetCheckResult(
-            check_name="md_format", passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"problems": len(problems), "examples": markdown_table(_problem_frame(problems), 20)},
-        )],
+        check_results=[problems_check("md_format", problems)],
     )
-
-
-def _problem_frame(problems: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"problem": problems})

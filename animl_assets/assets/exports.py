@@ -5,7 +5,8 @@ from typing import Any
 
 import dagster as dg
 
-from animl_assets.assets.artifacts import artifact_key, markdown_table, write_json
+from animl_assets.assets.artifacts import artifact_key, location, table, write_json
+from animl_assets.assets.checks import problems_check
 from animl_assets.core.cct import CHECKS, CCTFormatError, category_location_table, load_cct, summarize_cct, validate_cct
 from animl_assets.core.exports import ExportCursor, export_key_for, scan_exports
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation
@@ -45,25 +46,19 @@ def cct_export(context: dg.AssetExecutionContext, exports: ExportsLocation,
     store = storage.store()
     store.write_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT), raw)
     write_json(store, artifact_key("cct_export", partition, "validation.json"), report.problems)
-    table = category_location_table(cct)
-    check_results = [
-        dg.AssetCheckResult(
-            check_name=name,
-            passed=not problems,
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"problems": len(problems),
-                      "examples": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:20]) or "none")},
-        )
-        for name, problems in report.problems.items()
-    ]
+    by_location = category_location_table(cct)
+    check_results = [problems_check(name, problems) for name, problems in report.problems.items()]
+    counts, sha256 = summarize_cct(cct), hashlib.sha256(raw).hexdigest()
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(hashlib.sha256(raw).hexdigest()),
+        data_version=dg.DataVersion(sha256),
         metadata={
-            **{f"num_{name}": count for name, count in summarize_cct(cct).items()},
-            "source": source.uri(export_key_for(partition)),
-            "path": store.uri(artifact_key("cct_export", partition, EXPORT_ARTIFACT)),
+            **{f"num_{name}": count for name, count in counts.items()},
+            "dagster/row_count": counts["images"],
+            "sha256": sha256,
+            "source": location(source.uri(export_key_for(partition))),
+            "path": location(store.uri(artifact_key("cct_export", partition, EXPORT_ARTIFACT))),
             "problems": sum(map(len, report.problems.values())),
-            "category_by_location": markdown_table(table.reset_index() if len(table) else table),
+            "category_by_location": table(by_location.reset_index() if len(by_location) else by_location),
         },
         check_results=check_results,
     )

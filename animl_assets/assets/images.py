@@ -6,7 +6,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, local_folder, markdown_table, read_csv, write_csv
+from animl_assets.assets.artifacts import (artifact_key, local_folder, location, read_csv, table, table_schema,
+                                           write_csv)
+from animl_assets.assets.checks import failure_rate_check, failure_rate_spec
 from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
 from animl_assets.core.cct import load_cct
 from animl_assets.core.exports import export_key_for
@@ -33,6 +35,8 @@ class ImagesConfig(dg.Config):
     )
     workers: int = Field(default=8, ge=1, le=64, description="Parallel fetches.")
     attempts: int = Field(default=3, ge=1, le=10, description="Tries per image before it is reported bad.")
+    max_failure_rate: float = Field(default=0.05, ge=0, le=1, description="The failure_rate check warns when "
+                                                                           "more than this share of images fail.")
 
 
 def images_folder(storage: ArtifactStore, partition: str) -> Path:
@@ -53,7 +57,8 @@ def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_
     return store.child(export_folder) if export_folder else store
 
 
-@dg.asset(partitions_def=exports_partitions, deps=[cct_export], group_name="ingest", kinds={"jpeg"})
+@dg.asset(partitions_def=exports_partitions, deps=[cct_export], group_name="ingest", kinds={"jpeg"},
+          check_specs=[failure_rate_spec("images")])
 def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: ArtifactStore,
            exports: ExportsLocation, image_source: ImageSource) -> dg.MaterializeResult:
     """Each referenced image copied into the artifact store if it decodes; every image in the manifest
@@ -92,8 +97,11 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
             **{f"num_{status}": int(counts.get(status, 0)) for status in STATUSES},
             "num_fetched": int(manifest["fetched"].sum()),
             "num_reused": int(((manifest["status"] == GOOD) & ~manifest["fetched"].astype(bool)).sum()),
-            "source": source.uri(),
-            "manifest": store.uri(manifest_key),
-            "failures": markdown_table(failures),
-        }
+            "dagster/row_count": len(manifest),
+            "dagster/column_schema": table_schema(manifest),
+            "source": location(source.uri()),
+            "manifest": location(store.uri(manifest_key)),
+            "failures": table(failures),
+        },
+        check_results=[failure_rate_check(failures, len(manifest), config.max_failure_rate)],
     )

@@ -17,6 +17,8 @@ def contact_sheet(crops_by_label: dict[str, list[str]], read: Callable[[str], by
     sheet = Image.new("RGB", (LABEL_WIDTH + per_label * (THUMB + 4), max(1, len(labels)) * (THUMB + 4)),
                       (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    if not labels:
+        draw.text((4, THUMB // 2 - 6), "no crops", fill=(0, 0, 0))
     for row, label in enumerate(labels):
         top = row * (THUMB + 4)
         draw.text((4, top + THUMB // 2 - 6), f"{label} ({len(crops_by_label[label])})", fill=(0, 0, 0))
