@@ -1,8 +1,10 @@
 """cct_export and images materialized through the Definitions with a real DagsterInstance."""
 
+import hashlib
 import json
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 
@@ -56,6 +58,23 @@ def test_rerun_fetches_nothing_already_verified(settings, instance, sample_dir, 
     meta = materialization(second, "images")
     assert meta["num_good"] == meta["num_reused"] == sample_counts["good"]
     assert meta["num_fetched"] == sample_counts["broken"] - 1  # only the broken-but-present files, again
+
+
+def test_an_edited_export_gets_a_new_data_version(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    export = Path(settings.exports_uri) / "sample" / EXPORT_NAME
+
+    def version() -> str:
+        assert run_ingest(settings, instance, partition).success
+        record = instance.get_latest_data_version_record(dg.AssetKey("cct_export"), partition_key=partition)
+        return record.asset_materialization.tags["dagster/data_version"]
+
+    first, again = version(), version()
+    cct = json.loads(export.read_text())
+    cct["info"]["edited"] = True
+    export.write_text(json.dumps(cct))
+    assert first == again == hashlib.sha256((sample_dir / EXPORT_NAME).read_bytes()).hexdigest()
+    assert version() == hashlib.sha256(export.read_bytes()).hexdigest() != first
 
 
 def write_export(settings: Settings, instance, cct, name="bad") -> str:
