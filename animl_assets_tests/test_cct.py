@@ -56,6 +56,16 @@ def test_duplicate_ids_and_file_names_are_reported():
     assert "categories.name 'deer' occurs 2 times" in found
 
 
+def test_file_names_that_name_one_file_are_duplicates():
+    """`sub/x.jpg`, `./sub/x.jpg` and `sub//x.jpg` are written to one place: one image, three labels."""
+    cct = {"images": [{"id": i, "file_name": name} for i, name in enumerate(["sub/x.jpg", "./sub/x.jpg", "sub//x.jpg",
+                                                                            "sub\\y.jpg", "sub/y.jpg", "z.jpg"])],
+           "annotations": [], "categories": []}
+    found = problems(cct)["unique_ids"]
+    assert found == ["images.file_name 'sub/x.jpg' occurs 3 times (as 'sub/x.jpg', './sub/x.jpg', 'sub//x.jpg')",
+                     "images.file_name 'sub/y.jpg' occurs 2 times (as 'sub\\\\y.jpg', 'sub/y.jpg')"]
+
+
 def test_dangling_references_are_reported():
     cct = copy.deepcopy(GOOD)
     cct["annotations"].append({"id": 3, "image_id": 99, "category_id": 5})

@@ -1,6 +1,8 @@
 """classification_dataset and splits materialized through the Definitions after the per-export job."""
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -110,3 +112,27 @@ def test_dataset_needs_crops_first(settings, instance):
     result = run_dataset(settings, instance)
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "materialize crops first" in failure.event_specific_data.error.message
+
+
+def test_location_strings_survive_the_whole_chain(settings, instance, sample_dir, tmp_path):
+    """Locations that CSV readers turn into numbers, NaN or booleans come back exactly as the export spells them."""
+    tricky = ["001", "1", "1e3", "01", "0", "1.0", "-0", "+1", "1E3", "0.10"]  # all numbers to a CSV reader
+    source = tmp_path / "tricky"
+    shutil.copytree(sample_dir, source)
+    cct = json.loads((source / "sample_export.json").read_text())
+    rename = dict(zip(sorted({image["location"] for image in cct["images"]}), tricky))
+    for image in cct["images"]:
+        image["location"] = rename[image["location"]]
+    (source / "sample_export.json").write_text(json.dumps(cct))
+    partition = add_export(settings, instance, source)
+    assert run_ingest(settings, instance, partition).success
+    job = build_definitions(settings).resolve_job_def(DATASET_JOB)
+    assert job.execute_in_process(instance=instance).success
+    root = Path(settings.storage_uri)
+    with (root / "classification_dataset" / "classification_ds.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["location"] for row in rows} == set(tricky)
+    splits = json.loads((root / "splits" / "splits.json").read_text())
+    placed = [tuple(pair) for split in splits.values() for pair in split]
+    assert sorted(placed) == sorted({(row["dataset"], row["location"]) for row in rows})
+    assert {location for _, location in placed} == set(tricky)

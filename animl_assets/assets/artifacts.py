@@ -15,6 +15,7 @@ from PIL import Image
 
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
+from animl_assets.core.tables import read_csv as read_table
 from animl_assets.resources.storage import LocalStore
 
 
@@ -41,7 +42,7 @@ def read_csv(store: Store, key: str) -> pd.DataFrame | None:
         data = store.read_bytes(key)
     except FileNotFoundError:
         return None
-    return pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[""])
+    return read_table(data)
 
 
 _COLUMN_TYPES = {"i": "int", "u": "int", "f": "float", "b": "bool"}

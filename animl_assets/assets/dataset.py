@@ -1,6 +1,5 @@
 """``classification_dataset`` and ``splits``: one dataset version across exports, split by location."""
 
-import io
 import json
 from typing import Literal
 
@@ -13,7 +12,7 @@ from animl_assets.assets.artifacts import (artifact_key, image_metadata, locatio
 from animl_assets.assets.crops import crops
 from animl_assets.assets.detections import LABELS
 from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
-from animl_assets.core.cct import image_location, load_cct
+from animl_assets.core.cct import UNKNOWN_LOCATION, image_location, load_cct
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import MANIFEST as CROPS_MANIFEST
 from animl_assets.core.dataset import CROP_COLUMNS, build_classification_dataset, label_index, match_test
@@ -21,6 +20,7 @@ from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, defa
                                           parse_label_spec, parse_taxonomy, resolve_label_spec)
 from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
 from animl_assets.core.store import Store
+from animl_assets.core.tables import read_csv as read_table
 from animl_assets.resources.storage import ArtifactStore, read_uri
 
 DATASET_CSV = "classification_ds.csv"
@@ -65,7 +65,7 @@ def _crop_rows(store: Store, partition: str) -> pd.DataFrame:
     rows = manifest.merge(labels[["file", "detection_index", "label"]], how="left", on=["file", "detection_index"])
     return pd.DataFrame({
         "path": partition + "/" + rows["crop"].astype(str), "dataset": partition,
-        "location": rows["file"].map(locations).fillna("unknown_location"),
+        "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION),
         "dataset_class": rows["label"].fillna("").astype(str), "confidence": rows["conf"].astype(float),
         "image": rows["file"],
     }, columns=CROP_COLUMNS)
@@ -106,8 +106,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
                                               one_label_per_image=config.one_label_per_image, seed=config.seed)
     test_locations = []
     if config.match_test_csv:
-        earlier = pd.read_csv(io.StringIO(_read_text(config.match_test_csv, storage)),
-                              dtype={"location": str}, keep_default_na=False)
+        earlier = read_table(_read_text(config.match_test_csv, storage)).fillna({"location": ""})
         ds, test_locations = match_test(ds, earlier, json.loads(_read_text(config.match_test_splits, storage)))
     if ds.empty:
         raise dg.Failure(f"the dataset is empty; left out: {report.dropped}")
@@ -173,7 +172,6 @@ def splits(config: SplitsConfig, storage: ArtifactStore) -> dg.MaterializeResult
     """``splits.json``: (dataset, location) pairs for train, val and test."""
     store = storage.store()
     ds = read_csv(store, artifact_key("classification_dataset", None, DATASET_CSV))
-    ds["location"] = ds["location"].astype(str)
     spec = read_json(store, artifact_key("classification_dataset", None, SPEC_USED))
     test_locations = read_json(store, artifact_key("classification_dataset", None, MATCH_TEST))
     test_frac = 0.0 if test_locations else config.test_frac

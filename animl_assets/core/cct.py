@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+from animl_assets.core.paths import normalized_path
+
 UNKNOWN_LOCATION = "unknown_location"
 BBOX_TOLERANCE_PX = 1.0  # exporters round box corners; a box may overhang by this much
 CHECKS = ("schema", "unique_ids", "references", "bboxes")
@@ -102,12 +104,19 @@ def _check_schema(cct: dict[str, Any], report: CCTValidation) -> None:
 
 
 def _check_unique(cct: dict[str, Any], report: CCTValidation) -> None:
-    for key, field_name in (("images", "id"), ("images", "file_name"), ("annotations", "id"),
-                            ("categories", "id"), ("categories", "name")):
+    for key, field_name in (("images", "id"), ("annotations", "id"), ("categories", "id"), ("categories", "name")):
         values = [item.get(field_name) for item in _records(cct, key) if field_name in item]
         for value, count in Counter(map(str, values)).items():
             if count > 1:
                 report.add("unique_ids", f"{key}.{field_name} {value!r} occurs {count} times")
+    spellings: dict[str, list[str]] = {}  # file names are unique as the paths their files are written under
+    for image in _records(cct, "images"):
+        if _is_name(image.get("file_name")):
+            spellings.setdefault(normalized_path(image["file_name"]), []).append(image["file_name"])
+    for path, names in spellings.items():
+        if len(names) > 1:
+            report.add("unique_ids", f"images.file_name {path!r} occurs {len(names)} times"
+                       + (f" (as {', '.join(map(repr, names))})" if len(set(names)) > 1 else ""))
 
 
 def _check_references(cct: dict[str, Any], report: CCTValidation) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from animl_assets.core.cct import UNKNOWN_LOCATION
 from animl_assets.core.crops import crop_names
 from animl_assets.core.label_spec import Pair
 from animl_assets.core.splits import pair_keys
@@ -49,7 +50,7 @@ def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFra
     return pd.DataFrame({
         "path": [f"{dataset}/{name}" for name in crop_names(rows["file"], rows["detection_index"], detector)],
         "dataset": dataset,
-        "location": rows["file"].map(locations).fillna("unknown_location").astype(str),
+        "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION).astype(str),
         "dataset_class": rows["label"].fillna("").astype(str),
         "confidence": rows["confidence"],
         "image": rows["file"],
@@ -87,7 +88,7 @@ def build_classification_dataset(
     """
     report = DatasetReport()
     rows = crops.copy()
-    rows["location"] = rows["location"].astype(str).replace({"": "unknown_location", "nan": "unknown_location"})
+    rows["location"] = rows["location"].fillna("").astype(str).replace({"": UNKNOWN_LOCATION})
     below = rows["confidence"] < threshold
     report.drop(f"detection confidence below {threshold}", below.sum())
     rows = rows[~below]

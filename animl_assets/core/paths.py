@@ -12,6 +12,13 @@ class UnsafePathError(ValueError):
     """A name that would land outside the folder it is meant for."""
 
 
+def normalized_path(name: str) -> str:
+    """``name`` as the POSIX path it is written under: backslashes as '/', empty and '.' parts dropped.
+    Never raises (``safe_relative_path`` is the check); ``sub/x.jpg``, ``./sub/x.jpg`` and ``sub//x.jpg``
+    are one file."""
+    return "/".join(part for part in PurePosixPath(str(name).replace("\\", "/")).parts if part not in ("", ".", "/"))
+
+
 def safe_relative_path(name: str) -> str:
     """Return ``name`` as a normalised POSIX relative path, or raise UnsafePathError.
 
@@ -25,7 +32,7 @@ def safe_relative_path(name: str) -> str:
     posix = name.replace("\\", "/")
     if posix.startswith("/") or _DRIVE.match(posix):
         raise UnsafePathError(f"file name {name!r} is absolute; it must be relative to the images root")
-    parts = [part for part in PurePosixPath(posix).parts if part not in ("", ".")]
-    if not parts or ".." in parts:
+    normalized = normalized_path(posix)
+    if not normalized or ".." in normalized.split("/"):
         raise UnsafePathError(f"file name {name!r} escapes the images folder")
-    return "/".join(parts)
+    return normalized
