@@ -10,6 +10,7 @@ from dagster_aws.s3 import S3Resource
 
 from animl_assets.core.sample import EXPORT_NAME, write_sample_export
 from animl_assets.definitions import INGEST_JOB, build_definitions
+from animl_assets.resources import storage
 from animl_assets.resources.storage import ExportsLocation
 from animl_assets.settings import Settings
 
@@ -110,15 +111,15 @@ def test_s3_prefix_sensor_lists_export_files_not_image_folders(moto_endpoint, s3
                                   "ANIML_S3_ENDPOINT_URL": moto_endpoint})
     defs = build_definitions(settings)
     listed_keys: list[str] = []
-    get_client = S3Resource.get_client
+    make_client = storage.s3_client
 
-    def watched_client(self):  # every key any LIST returns to the resource's clients
-        client = get_client(self)
+    def watched_client(s3):  # every key any LIST returns to the stores' clients
+        client = make_client(s3)
         client.meta.events.register("after-call.s3.ListObjectsV2", lambda parsed, **_: listed_keys.extend(
             item["Key"] for item in parsed.get("Contents", [])))
         return client
 
-    monkeypatch.setattr(S3Resource, "get_client", watched_client)
+    monkeypatch.setattr(storage, "s3_client", watched_client)
     exports = ExportsLocation(uri=settings.exports_uri, s3=S3Resource(endpoint_url=moto_endpoint))
     s3_client.put_object(Bucket=bucket, Key="exports/2024/jan.json", Body=b"{}")
     s3_client.put_object(Bucket=bucket, Key="elsewhere/feb.json", Body=b"{}")  # outside the prefix

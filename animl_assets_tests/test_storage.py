@@ -1,9 +1,14 @@
 import os
+import socket
+import subprocess
+import sys
+
+import dagster as dg
 
 import pytest
 from dagster_aws.s3 import S3Resource
 
-from animl_assets.core.paths import UnsafePathError
+from animl_assets.core.paths import UnsafePathError, redact_credentials
 from animl_assets.resources.storage import LocalStore, S3Store, StoreResource, open_store, parse_s3_uri
 
 
@@ -53,6 +58,26 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_get_the_umask_mode_like_any_file(tmp_path, umask):
+    """The atomic writer's temp file is 0600; what it renames into place must be what open() gives."""
+    code = (
+        "import os, sys, numpy as np\n"
+        f"os.umask({umask})\n"
+        "from animl_assets.core.files import atomic_write\n"
+        "from animl_assets.core.crops import write_jpeg\n"
+        "from animl_assets.resources.storage import LocalStore\n"
+        "d = sys.argv[1]\n"
+        "open(os.path.join(d, 'plain.txt'), 'w').close()\n"
+        "atomic_write(os.path.join(d, 'atomic.json'), b'{}')\n"
+        "LocalStore(d).write_bytes('sub/store.csv', b'a')\n"
+        "write_jpeg(os.path.join(d, 'crop.jpg'), np.zeros((4, 4, 3), np.uint8))\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.rglob("*") if path.is_file()}
+    assert modes == dict.fromkeys(["plain.txt", "atomic.json", "store.csv", "crop.jpg"], 0o666 & ~umask)
+
+
 def test_s3_store_contract_over_http(moto_endpoint, s3_client, bucket):
     exercise(S3Store(s3_client, bucket, "some/prefix"))
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]]
@@ -74,3 +99,43 @@ def test_s3_uri_parsing():
     with pytest.raises(ValueError):
         parse_s3_uri("s3:///prefix")
     assert isinstance(open_store("/tmp/x"), LocalStore)
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/prefix?versionId=3", "s3://bucket/prefix#x", "s3://user:pw@bucket/p"])
+def test_storage_uris_with_a_query_or_credentials_are_refused(uri):
+    with pytest.raises(ValueError) as caught:
+        parse_s3_uri(uri)
+    assert "pw" not in str(caught.value)
+
+
+def test_redact_credentials_hides_userinfo_in_any_text():
+    text = 'Could not connect to the endpoint URL: "http://user:secret@127.0.0.1:9/b/k" (and s3://a:b@c/d)'
+    assert redact_credentials(text) == ('Could not connect to the endpoint URL: "http://***@127.0.0.1:9/b/k" '
+                                        "(and s3://***@c/d)")
+
+
+def test_credentials_in_the_endpoint_url_reach_neither_output_nor_event_log(tmp_path, monkeypatch, capsys,
+                                                                            moto_endpoint, bucket, sample_dir):
+    from animl_assets.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ANIML_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", "")
+    monkeypatch.setenv("ANIML_STORAGE_URI", f"s3://{bucket}/artifacts")
+    # moto's server, with a user and password in the URL: S3 still works (it signs with access keys)
+    monkeypatch.setenv("ANIML_S3_ENDPOINT_URL", moto_endpoint.replace("http://", "http://user:secret@"))
+    assert main(["register", str(sample_dir / "sample_export.json")]) == 0
+    # an endpoint that does not answer: botocore's message names the endpoint, without the password
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("ANIML_S3_ENDPOINT_URL", f"http://user:secret@127.0.0.1:{closed}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert main(["materialize", "sample_export"]) != 0
+    captured = capsys.readouterr()
+    assert f"127.0.0.1:{closed}" in captured.out + captured.err
+    assert "secret" not in captured.out + captured.err
+    instance = dg.DagsterInstance.from_config(str(home / "dagster"))
+    logged = "\n".join(str(record.event_log_entry) for record in instance.get_event_records(
+        dg.EventRecordsFilter(event_type=dg.DagsterEventType.STEP_FAILURE)))
+    assert f"127.0.0.1:{closed}" in logged and "secret" not in logged

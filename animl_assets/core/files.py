@@ -11,6 +11,22 @@ from typing import BinaryIO, Iterator
 TEMP_PREFIX = ".tmp-"
 
 
+def _process_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_process_umask()  # what open() would give a new file: mkstemp's 0600 is only for the temp
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file renamed into place when the block
@@ -19,6 +35,7 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             yield handle
         os.replace(temp, path)

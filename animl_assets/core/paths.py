@@ -6,6 +6,12 @@ import re
 from pathlib import PurePosixPath
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the user and password of every URL in it replaced by ``***`` (for logs and metadata)."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 class UnsafePathError(ValueError):

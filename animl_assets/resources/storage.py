@@ -1,17 +1,20 @@
 """Stores for artifacts, exports and images: a local folder, or an S3 prefix through dagster-aws."""
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 from botocore.exceptions import ClientError
 from dagster_aws.s3 import S3Resource
+from dagster_aws.s3.utils import construct_s3_client
 from pydantic import Field
 
 from animl_assets.core.exports import EXPORT_SUFFIX
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
-from animl_assets.core.paths import safe_relative_path
+from animl_assets.core.paths import redact_credentials, safe_relative_path
 from animl_assets.core.store import Store, StoredFile
 
 
@@ -134,21 +137,42 @@ class S3Store:
         return S3Store(self.client, self.bucket, self._key(prefix))
 
 
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """Split ``s3://bucket/prefix`` into bucket and prefix."""
+    """Split ``s3://bucket/prefix`` into bucket and prefix; a query, fragment or credentials are refused
+    (they would otherwise become part of object keys, or leak into logs)."""
     if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise ValueError(f"not an s3:// URI: {redact_credentials(uri)!r}")
+    if "?" in uri or "#" in uri:
+        raise ValueError(f"s3 URI {redact_credentials(uri)!r} has a query or fragment: name a bucket and prefix only")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise ValueError(f"s3 URI {uri!r} names no bucket")
+    if not _BUCKET.match(bucket):
+        raise ValueError(f"s3 URI {redact_credentials(uri)!r} does not name a valid bucket")
     return bucket, prefix.strip("/")
+
+
+def s3_client(s3: S3Resource | None = None) -> Any:
+    """A boto3 S3 client configured by ``s3``, its endpoint stripped of any ``user:password@`` (S3 signs with
+    access keys, never URL credentials, and botocore puts the endpoint in its error messages)."""
+    s3 = s3 or S3Resource()
+    endpoint = s3.endpoint_url
+    if endpoint:
+        parts = urlsplit(endpoint)
+        endpoint = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return construct_s3_client(
+        max_attempts=s3.max_attempts, region_name=s3.region_name, endpoint_url=endpoint,
+        use_unsigned_session=s3.use_unsigned_session, profile_name=s3.profile_name, use_ssl=s3.use_ssl,
+        verify=s3.verify, aws_access_key_id=s3.aws_access_key_id, aws_secret_access_key=s3.aws_secret_access_key,
+        aws_session_token=s3.aws_session_token)
 
 
 def open_store(uri: str, s3: S3Resource | None = None) -> Store:
     """A store for a local path or an ``s3://bucket/prefix`` URI."""
     if uri.startswith("s3://"):
         bucket, prefix = parse_s3_uri(uri)
-        return S3Store((s3 or S3Resource()).get_client(), bucket, prefix)
+        return S3Store(s3_client(s3), bucket, prefix)
     return LocalStore(uri)
 
 
