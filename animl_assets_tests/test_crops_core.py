@@ -253,3 +253,15 @@ def test_core_api_is_importable_from_the_package(sample_dir, sample_counts, tmp_
     report = api_crop(md, sample_dir, tmp_path / "c", threshold=0.0, square=True, workers=None)
     assert report.crops == sample_counts["crops"] and set(report.failures) == {f"broken/{n}.jpg" for n in BROKEN_SAMPLE}
     assert report.failures["broken/missing.jpg"] == "nonexistent"
+
+
+def test_an_image_over_the_pixel_cap_fails_as_bad_without_being_decoded(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (4000, 3000)).save(images / "big.png")
+    md = {"info": {"detector": "x"}, "detection_categories": {"1": "animal"},
+          "images": [{"file": "big.png", "detections": [{"category": "1", "conf": 1.0, "bbox": [0, 0, 0.5, 0.5]}]}]}
+    report = crop_detections(md, images, tmp_path / "crops", workers=1, max_pixels=10_000_000)
+    assert report.failures == {"big.png": "bad"} and "over the cap of 10" in report.errors["big.png"]
+    assert report.images_decoded == 0
+    assert crop_detections(md, images, tmp_path / "crops", workers=1).crops == 1  # 12 MP: under the default

@@ -1,4 +1,9 @@
+import shutil
+import subprocess
+import sys
+
 import pytest
+from PIL import Image
 
 from animl_assets.core.images import GOOD, NONEXISTENT, ImageRequest, collect_images, verify_image
 from animl_assets.resources.storage import LocalStore
@@ -104,3 +109,34 @@ def test_transient_fetch_errors_are_retried_then_reported(tmp_path):
                               attempts=3, backoff_s=0)
     assert manifest["status"].tolist() == [GOOD, "bad"]
     assert "fetch failed after 3 attempts: connection reset" in manifest["error"].iloc[1]
+
+
+BOMB_CHECK = """
+import resource, sys
+from pathlib import Path
+from animl_assets.core.images import ImageRequest, collect_images
+from animl_assets.resources.storage import LocalStore
+source, dest = LocalStore(sys.argv[1]), LocalStore(sys.argv[2])
+names = sorted(p.name for p in Path(sys.argv[1]).iterdir())
+manifest = collect_images([ImageRequest(n, n, n) for n in names], source, dest, workers=2)
+print(",".join(manifest["status"]), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_decompression_bombs_are_bad_without_being_decoded(tmp_path):
+    """8 PNGs of 12,000 x 12,000 (a few hundred KB each) took 4.4 GB to check; now none is decoded."""
+    bombs = tmp_path / "bombs"
+    bombs.mkdir()
+    Image.new("L", (12_000, 12_000)).save(bombs / "bomb0.png", optimize=True)
+    for i in range(1, 8):
+        shutil.copyfile(bombs / "bomb0.png", bombs / f"bomb{i}.png")
+    assert (bombs / "bomb0.png").stat().st_size < 1_000_000
+    run = subprocess.run([sys.executable, "-c", BOMB_CHECK, str(bombs), str(tmp_path / "dest")],
+                         capture_output=True, text=True, check=True)
+    statuses, peak_mb = run.stdout.split()
+    assert statuses.split(",") == ["bad"] * 8
+    assert int(peak_mb) < 400, f"peak RSS {peak_mb} MB"
+    check = verify_image((bombs / "bomb0.png").read_bytes())
+    assert check.status == "bad" and "over the cap of 50 (max_megapixels)" in check.error
+    assert verify_image((bombs / "bomb0.png").read_bytes(), max_pixels=200_000_000).status == "good"  # cap raised

@@ -16,6 +16,7 @@ from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
 from animl_assets.assets.images import images_folder
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import MANIFEST_COLUMNS, crop_detections
+from animl_assets.core.failures import MAX_PIXELS
 from animl_assets.core.images import GOOD
 from animl_assets.resources.storage import ArtifactStore
 
@@ -32,6 +33,9 @@ class CropsConfig(dg.Config):
     executor: Literal["threads", "processes"] = "threads"
     max_side: int = Field(default=0, ge=0, description="Opt-in: shrink crops to this side and decode JPEGs "
                                                        "DCT-scaled (faster, not pixel-identical). 0: off.")
+    max_megapixels: float = Field(default=MAX_PIXELS / 1e6, gt=0, description="Images larger than this are "
+                                  "reported bad without being decoded (decompression bombs); memory stays within "
+                                  "workers x this.")
     max_failure_rate: float = Field(default=0.05, ge=0, le=1, description="The failure_rate check warns when "
                                                                            "more than this share of images fail.")
 
@@ -57,7 +61,7 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
     crops_dir = local_folder(crops_store, storage.cache("crops", partition))
     report = crop_detections(md, images_dir, crops_dir, threshold=config.threshold, square=config.square,
                              workers=config.workers or None, executor=config.executor,
-                             max_side=config.max_side or None)
+                             max_side=config.max_side or None, max_pixels=int(config.max_megapixels * 1e6))
     failures = pd.DataFrame([{"file": file, "category": category, "error": report.errors.get(file, "")}
                              for file, category in sorted(report.failures.items())],
                             columns=["file", "category", "error"])

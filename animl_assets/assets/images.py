@@ -12,7 +12,7 @@ from animl_assets.assets.checks import failure_rate_check, failure_rate_spec
 from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
 from animl_assets.core.cct import load_cct
 from animl_assets.core.exports import export_key_for
-from animl_assets.core.images import GOOD, STATUSES, ImageRequest, collect_images
+from animl_assets.core.images import GOOD, MAX_PIXELS, STATUSES, ImageRequest, collect_images
 from animl_assets.core.store import Store
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource, open_store
 
@@ -35,6 +35,9 @@ class ImagesConfig(dg.Config):
     )
     workers: int = Field(default=8, ge=1, le=64, description="Parallel fetches.")
     attempts: int = Field(default=3, ge=1, le=10, description="Tries per image before it is reported bad.")
+    max_megapixels: float = Field(default=MAX_PIXELS / 1e6, gt=0, description="Images larger than this are "
+                                  "reported bad without being decoded (decompression bombs); memory stays within "
+                                  "workers x this.")
     max_failure_rate: float = Field(default=0.05, ge=0, le=1, description="The failure_rate check warns when "
                                                                            "more than this share of images fail.")
 
@@ -86,6 +89,7 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
     context.log.info(f"{len(requests)} referenced, source {source.uri()}")
     manifest = collect_images(requests, source, store.child(artifact_key("images", partition, "files")),
                               already_good=already_good, workers=config.workers, attempts=config.attempts,
+                              max_pixels=int(config.max_megapixels * 1e6),
                               on_progress=progress)
     write_csv(store, manifest_key, manifest)
     counts = manifest["status"].value_counts()

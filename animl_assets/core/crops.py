@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
-from animl_assets.core.failures import failure_category
+from animl_assets.core.failures import MAX_PIXELS, failure_category, pixel_cap_error
 from animl_assets.core.files import atomic_open, atomic_write
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 
@@ -179,17 +179,20 @@ class DecodedCrops:
 
 
 def decode_for_crops(data: bytes, bboxes: list[tuple[float, ...]], *, square: bool = True,
-                     max_side: int | None = None) -> DecodedCrops:
+                     max_side: int | None = None, max_pixels: int = MAX_PIXELS) -> DecodedCrops:
     """Decode what the crops of the normalized ``bboxes`` need.
 
     A complete YCbCr, RGB or grayscale JPEG without EXIF rotation decodes only the rows and iMCU
     columns the crops cover (DCT-scaled as ``max_side`` allows), with the same pixels as a whole
     decode; anything else, or a region decode that meets corrupt data, decodes whole through
-    ``load_rgb``.
+    ``load_rgb``. An image of more than ``max_pixels`` raises ValueError before anything is decoded.
     """
     with Image.open(io.BytesIO(data)) as image:  # reads the header only
         comment = image.info.get("comment")
         width, height = image.size
+        too_large = pixel_cap_error(width, height, max_pixels)
+        if too_large:
+            raise ValueError(too_large)
         plain = (decode_region is not None and data[:2] == JPEG_MAGIC
                  and image.mode in ("RGB", "L") and image.getexif().get(0x0112, 1) == 1)
     if plain and data[-65536:].rstrip(b"\0").endswith(JPEG_END):
@@ -251,6 +254,7 @@ class _Task:
     detector: str
     previous: tuple[tuple[str, Any], ...]  # crop name -> earlier manifest row, for this image
     max_side: int | None = None
+    max_pixels: int = MAX_PIXELS
 
 
 def _row(task: _Task, name: str, index: int, category: str, conf: float, bbox: tuple, size: tuple[int, int],
@@ -287,7 +291,7 @@ def _crop_image(task: _Task) -> dict[str, Any]:
             return result
         with open(task.source, "rb") as handle:
             decoded = decode_for_crops(handle.read(), [bbox for *_, bbox, _ in todo], square=task.square,
-                                       max_side=task.max_side)
+                                       max_side=task.max_side, max_pixels=task.max_pixels)
         result["decoded"], result["region"] = True, decoded.region
         for (index, category, conf, bbox, name), box in zip(todo, decoded.boxes):
             if box is None:
@@ -326,7 +330,7 @@ def _write_manifest(crops_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _tasks(detections: dict[str, Any], images_dir: Path, crops_dir: Path, threshold: float, square: bool,
-           max_side: int | None, previous: dict[str, dict], report: CropReport) -> Iterable[_Task]:
+           max_side: int | None, max_pixels: int, previous: dict[str, dict], report: CropReport) -> Iterable[_Task]:
     animal = {k for k, v in detections.get("detection_categories", {}).items() if v == "animal"}
     detector = str(detections.get("info", {}).get("detector") or "unknown")
     for image in detections.get("images", []):
@@ -346,7 +350,7 @@ def _tasks(detections: dict[str, Any], images_dir: Path, crops_dir: Path, thresh
             continue
         names = {crop_name(relative, index, detector) for index, *_ in boxes}
         yield _Task(relative, str(images_dir / relative), str(crops_dir), boxes, square, detector,
-                    tuple((name, previous[name]) for name in sorted(names & previous.keys())), max_side)
+                    tuple((name, previous[name]) for name in sorted(names & previous.keys())), max_side, max_pixels)
 
 
 def _pool(workers: int, executor: str) -> Executor:
@@ -364,21 +368,22 @@ def _pool(workers: int, executor: str) -> Executor:
 def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[str],
                     crops_dir: str | os.PathLike[str], *, threshold: float = 0.0, square: bool = True,
                     workers: int | None = None, executor: str = "threads",
-                    max_side: int | None = None) -> CropReport:
+                    max_side: int | None = None, max_pixels: int = MAX_PIXELS) -> CropReport:
     """Crop every ``animal`` box at or above ``threshold`` in MegaDetector batch output ``detections``.
 
     Images are read from ``images_dir/<file>``; crops go to ``crops_dir/<file>___cropNN_<detector>.jpg``
     with a manifest (``crops.csv``). A re-run only decodes images whose crops are missing or whose
     source or boxes changed. ``workers`` (default: all cores; 1 runs in this thread) are threads or,
     with ``executor="processes"``, processes. ``max_side`` (opt-in, not pixel-identical to the
-    reference): DCT-scaled JPEG decoding, crops shrunk to at most that side.
+    reference): DCT-scaled JPEG decoding, crops shrunk to at most that side. Images over ``max_pixels``
+    fail as ``bad`` without being decoded.
     """
     started = time.perf_counter()
     images_dir, crops_dir = Path(images_dir), Path(crops_dir)
     crops_dir.mkdir(parents=True, exist_ok=True)
     report = CropReport()
     previous = {row["crop"]: row for row in read_manifest(crops_dir)}
-    tasks = list(_tasks(detections, images_dir, crops_dir, threshold, square, max_side, previous, report))
+    tasks = list(_tasks(detections, images_dir, crops_dir, threshold, square, max_side, max_pixels, previous, report))
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     if workers == 1:
         results = map(_crop_image, tasks)

@@ -18,3 +18,14 @@ def failure_category(error: BaseException) -> str:
     if "truncat" in message or "premature end" in message:
         return TRUNCATED
     return BAD
+
+
+MAX_PIXELS = 50_000_000  # 150 MB decoded (RGB) per worker: camera traps stay well below, PNG bombs do not
+
+
+def pixel_cap_error(width: int, height: int, max_pixels: int) -> str:
+    """Why an image of ``width`` x ``height`` is not decoded, or "" when it is within ``max_pixels``."""
+    if width * height <= max_pixels:
+        return ""
+    return (f"{width}x{height} is {width * height / 1e6:.0f} megapixels, over the cap of {max_pixels / 1e6:g} "
+            "(max_megapixels); not decoded")

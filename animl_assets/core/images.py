@@ -15,15 +15,14 @@ from typing import Callable, Iterable
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from animl_assets.core.failures import BAD, GOOD, NON_IMAGE, NONEXISTENT, STATUSES, TRUNCATED, failure_category
+from animl_assets.core.failures import (BAD, GOOD, MAX_PIXELS, NON_IMAGE, NONEXISTENT, STATUSES, TRUNCATED,
+                                       failure_category, pixel_cap_error)
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 from animl_assets.core.store import Store
 
-__all__ = ["BAD", "GOOD", "NONEXISTENT", "NON_IMAGE", "STATUSES", "TRUNCATED", "ImageCheck", "ImageRequest",
-           "collect_images", "verify_image"]
+__all__ = ["BAD", "GOOD", "MAX_PIXELS", "NONEXISTENT", "NON_IMAGE", "STATUSES", "TRUNCATED", "ImageCheck",
+           "ImageRequest", "collect_images", "pixel_cap_error", "verify_image"]
 EXIF_ORIENTATION_TAG = 0x0112
-
-
 @dataclass(frozen=True)
 class ImageCheck:
     """The outcome of decoding one image file completely."""
@@ -36,12 +35,16 @@ class ImageCheck:
     orientation: int = 1
 
 
-def verify_image(data: bytes) -> ImageCheck:
-    """Decode ``data`` fully and say whether it is a usable image, and if not, which kind of failure."""
+def verify_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageCheck:
+    """Decode ``data`` fully and say whether it is a usable image, and if not, which kind of failure.
+    An image of more than ``max_pixels`` is ``bad`` from its header alone, never decoded."""
     if not data:
         return ImageCheck(NON_IMAGE, "empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            too_large = pixel_cap_error(image.width, image.height, max_pixels)
+            if too_large:
+                return ImageCheck(BAD, too_large, image.width, image.height, image.mode)
             image.load()
             orientation = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
             return ImageCheck(GOOD, "", image.width, image.height, image.mode, orientation)
@@ -86,12 +89,15 @@ def collect_images(
     workers: int = 8,
     attempts: int = 3,
     backoff_s: float = 0.2,
+    max_pixels: int = MAX_PIXELS,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Copy each requested image from ``source`` to ``<file_name>`` in ``dest`` if it decodes.
 
     ``already_good`` maps file names verified by an earlier run to their manifest row; those still
-    present in ``dest`` with the recorded size are neither fetched nor decoded again. Returns the manifest:
+    present in ``dest`` with the recorded size are neither fetched nor decoded again. Images over
+    ``max_pixels`` are ``bad`` without being decoded, so memory stays within ``workers`` times that cap.
+    Returns the manifest:
     one row per request (MANIFEST_COLUMNS), in request order. Only good images are written.
     """
     already_good = already_good or {}
@@ -116,7 +122,7 @@ def collect_images(
             return row | asdict(ImageCheck(NONEXISTENT, f"not found in {source.uri(request.source_key)}"))
         except Exception as err:  # noqa: BLE001
             return row | asdict(ImageCheck(BAD, f"fetch failed after {attempts} attempts: {err}"))
-        check = verify_image(data)
+        check = verify_image(data, max_pixels)
         if check.status == GOOD:
             dest.write_bytes(relative, data)
         return row | asdict(check) | {"bytes": len(data), "fetched": True}
