@@ -141,7 +141,22 @@ def _cli_logger_def():
     return cli_logger
 
 
-def run_job(job_name: str, partition: str | None = None) -> None:
+def load_run_config(path: str | None) -> dict:
+    """Dagster run config from a YAML or JSON file (``ops: {asset: {config: {…}}}``), or {} without one."""
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise CliError(f"run config {path} is not valid YAML or JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise CliError(f"run config {path} must be a mapping such as ops: {{images: {{config: {{…}}}}}}")
+    return config
+
+
+def run_job(job_name: str, partition: str | None = None, run_config: dict | None = None) -> None:
     """Run one of the Definitions' jobs (for one partition, if given), printing what it materialized.
 
     A step stopped by a reported failure (``dg.Failure``) or a failed blocking check raises CliError
@@ -152,8 +167,11 @@ def run_job(job_name: str, partition: str | None = None) -> None:
     from animl_assets.definitions import build_definitions
 
     job = build_definitions().resolve_job_def(job_name).with_logger_defs({"animl": _cli_logger_def()})
-    result = job.execute_in_process(partition_key=partition, instance=dg.DagsterInstance.get(),
-                                    run_config=CLI_LOGGER, raise_on_error=False)
+    try:
+        result = job.execute_in_process(partition_key=partition, instance=dg.DagsterInstance.get(),
+                                        run_config={**(run_config or {}), **CLI_LOGGER}, raise_on_error=False)
+    except dg.DagsterInvalidConfigError as err:
+        raise CliError(f"invalid run config: {'; '.join(e.message for e in err.errors)}") from err
     where = f" [{partition}]" if partition else ""
     expected, unexpected = [], []
     for event in result.all_events:
@@ -195,23 +213,23 @@ def known_partitions() -> list[str]:
     return sorted(dg.DagsterInstance.get().get_dynamic_partitions(exports_partitions.name))
 
 
-def materialize_export(partition: str) -> None:
+def materialize_export(partition: str, run_config: dict | None = None) -> None:
     """Run the per-export job for one partition."""
     from animl_assets.definitions import INGEST_JOB
 
     known = known_partitions()
     if partition not in known:
         raise CliError(f"unknown partition {partition!r}; known: {', '.join(known) or 'none (animl register one)'}")
-    run_job(INGEST_JOB, partition)
+    run_job(INGEST_JOB, partition, run_config)
 
 
-def build_dataset() -> None:
+def build_dataset(run_config: dict | None = None) -> None:
     """classification_dataset and splits over every export whose crops are materialized."""
     from animl_assets.definitions import DATASET_JOB
 
     if not known_partitions():
         raise CliError("no exports registered yet: animl register EXPORT (or animl demo) first")
-    run_job(DATASET_JOB)
+    run_job(DATASET_JOB, None, run_config)
 
 
 def run_demo(settings: Settings) -> int:
@@ -272,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--no-run", action="store_true", help="only add the partition")
     materialize = commands.add_parser("materialize", help="re-run the per-export assets of a partition")
     materialize.add_argument("partition")
-    commands.add_parser("build-dataset", help="materialize classification_dataset and splits over all exports")
+    build = commands.add_parser("build-dataset", help="materialize classification_dataset and splits over all exports")
+    for command in (register, materialize, build):
+        command.add_argument("--run-config", metavar="FILE", help="Dagster run config (YAML or JSON), as in the "
+                                                                  "launchpad: ops: {cct_export: {config: {…}}}")
     commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
                                      "-> classification_dataset, splits, all under ANIML_HOME")
     ui = commands.add_parser("ui", help="the Dagster UI and daemon (sensors) on http://127.0.0.1:3000; "
@@ -314,11 +335,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         partition = register_export(settings, args.path_or_uri, args.images_root, args.name)
         print(f"registered partition {partition!r}")
         if not args.no_run:
-            materialize_export(partition)
+            materialize_export(partition, load_run_config(args.run_config))
     elif args.command == "build-dataset":
-        build_dataset()
+        build_dataset(load_run_config(args.run_config))
     else:
-        materialize_export(args.partition)
+        materialize_export(args.partition, load_run_config(args.run_config))
     return 0
 
 

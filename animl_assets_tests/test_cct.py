@@ -75,14 +75,24 @@ def test_dangling_references_are_reported():
                                    "annotation 3 points at missing category 5"]
 
 
-@pytest.mark.parametrize("bbox, ok", [
-    ([0, 0, 100, 80], True), ([0.5, 0.5, 100, 80], True),  # within the 1 px rounding tolerance
-    ([10, 10, 95, 10], False), ([10, 75, 10, 10], False), ([-3, 0, 10, 10], False), ([0, 0, -1, 5], False),
+@pytest.mark.parametrize("bbox, ok, clipped", [
+    ([0, 0, 100, 80], True, False), ([0.5, 0.5, 100, 80], True, True),  # overhangs by rounding: clipped
+    ([10, 10, 95, 10], True, True), ([-3, 0, 10, 10], True, True),  # 5 px and 3 px of a 100 px side: clipped
+    ([10, 10, 96, 10], False, False), ([10, 75, 10, 10], False, False),  # 6 px and 5 px: over 5% of the side
+    ([0, 0, -1, 5], False, False), ([0, 0, 0, 5], False, False), ([100, 0, 4, 4], False, False),  # no area; outside
 ])
-def test_boxes_must_lie_inside_their_image(bbox, ok):
+def test_boxes_must_lie_inside_their_image_or_overhang_within_the_tolerance(bbox, ok, clipped):
     cct = copy.deepcopy(GOOD)
     cct["annotations"][0]["bbox"] = bbox
-    assert ("bboxes" not in problems(cct)) is ok
+    report = validate_cct(cct)
+    assert (not report.problems["bboxes"]) is ok and bool(report.clipped) is clipped
+
+
+def test_the_overhang_tolerance_is_configurable():
+    cct = copy.deepcopy(GOOD)
+    cct["annotations"][0]["bbox"] = [10, 10, 95, 10]
+    assert validate_cct(cct, bbox_tolerance=0.01).problems["bboxes"]
+    assert validate_cct(cct, bbox_tolerance=0.2).clipped
 
 
 def test_category_by_location_table_counts_annotations():

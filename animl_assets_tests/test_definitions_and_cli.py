@@ -37,6 +37,7 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
     assert repo.has_job(INGEST_JOB) and repo.has_sensor_def("new_exports")
     assert {key.to_user_string() for key in defs.resolve_asset_graph().asset_check_keys} == {
         "cct_export:schema", "cct_export:unique_ids", "cct_export:references", "cct_export:bboxes",
+        "cct_export:boxes_clipped",
         "images:failure_rate", "md_detections:md_format", "crops:failure_rate",
         "classification_dataset:enough_labels_to_train", "splits:no_location_leakage",
         "splits:every_label_in_every_split"}
@@ -185,7 +186,7 @@ def test_a_failed_blocking_check_is_one_line(fresh_home, sample_dir, tmp_path, c
 def test_an_unexpected_error_keeps_its_trace(fresh_home, sample_dir, capsys, monkeypatch):
     import animl_assets.assets.exports as exports_assets
 
-    def broken(cct):
+    def broken(cct, **options):
         raise RuntimeError("an unexpected bug")
 
     monkeypatch.setattr(exports_assets, "validate_cct", broken)
@@ -251,3 +252,24 @@ def test_the_instance_limits_concurrent_runs(instance):
     """dagster.yaml: a burst of new exports queues; it does not start a run per export at once."""
     settings = instance.get_concurrency_config().run_queue_config
     assert settings.max_concurrent_runs == 2
+
+
+def test_boxes_overhanging_within_the_tolerance_are_clipped_and_the_tolerance_is_set_from_the_cli(
+        fresh_home, sample_dir, tmp_path, capsys):
+    cct = json.loads((sample_dir / "sample_export.json").read_text())
+    first = next(ann for ann in cct["annotations"] if ann.get("bbox"))
+    image = next(image for image in cct["images"] if image["id"] == first["image_id"])
+    first["bbox"] = [image["width"] - 50, 10, 70, 40]  # 20 px past the right edge: 3% of a 640 px side
+    (tmp_path / "overhang.json").write_text(json.dumps(cct))
+    assert main(["register", str(tmp_path / "overhang.json"), "--images-root", str(sample_dir)]) == 0
+    assert "check boxes_clipped on cct_export failed (1 problems) (warning)" in capsys.readouterr().out
+    md = json.loads((fresh_home / "artifacts" / "md_detections" / "overhang" / "md_detections.json").read_text())
+    box = next(d["bbox"] for i in md["images"] if i["file"] == image["file_name"] for d in i["detections"])
+    assert box[0] + box[2] <= 1.0
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("ops:\n  cct_export:\n    config:\n      bbox_overhang_tolerance: 0.01\n")
+    assert main(["materialize", "overhang", "--run-config", str(strict)]) == 2
+    assert one_error_line(capsys, "materialize").endswith("check bboxes on cct_export failed (1 problems)")
+    strict.write_text("ops: {cct_export: {config: {no_such_option: 1}}}")
+    assert main(["materialize", "overhang", "--run-config", str(strict)]) == 2
+    assert "invalid run config" in one_error_line(capsys, "materialize")

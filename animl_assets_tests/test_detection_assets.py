@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from animl_assets.core.exports import partition_folder
 from animl_assets.core.megadetector import validate_batch_output
 from animl_assets_tests.conftest import add_export, run_ingest, table_rows
 from animl_assets_tests.test_ingest_assets import materialization
 
 
 def artifacts(settings, asset, partition) -> Path:
-    return Path(settings.storage_uri) / asset / partition
+    return Path(settings.storage_uri) / asset / partition_folder(partition)
 
 
 def test_sample_export_is_detected_and_cropped(settings, instance, sample_dir, sample_counts):

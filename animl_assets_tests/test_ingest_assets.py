@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from animl_assets.core.exports import partition_folder
 from animl_assets.core.sample import BROKEN, EXPORT_NAME
 from animl_assets.settings import Settings
 from animl_assets_tests.conftest import add_export, run_ingest, table_rows
@@ -20,7 +21,7 @@ def materialization(result, asset: str):
 
 
 def manifest(settings: Settings, partition: str) -> pd.DataFrame:
-    return pd.read_csv(Path(settings.storage_uri) / "images" / partition / "manifest.csv", keep_default_na=False)
+    return pd.read_csv(Path(settings.storage_uri) / "images" / partition_folder(partition) / "manifest.csv", keep_default_na=False)
 
 
 def test_sample_export_is_validated_and_every_image_accounted_for(settings, instance, sample_dir, sample_counts):
@@ -33,7 +34,7 @@ def test_sample_export_is_validated_and_every_image_accounted_for(settings, inst
     assert "deer" in {row["category"] for row in table_rows(export_meta["category_by_location"])}
     checks = {e.asset_check_key.to_user_string(): e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"cct_export:schema": True, "cct_export:unique_ids": True, "cct_export:references": True,
-                      "cct_export:bboxes": True, "images:failure_rate": True, "md_detections:md_format": True,
+                      "cct_export:bboxes": True, "cct_export:boxes_clipped": True, "images:failure_rate": True, "md_detections:md_format": True,
                       "crops:failure_rate": True}
 
     images_meta = materialization(result, "images")
@@ -44,10 +45,10 @@ def test_sample_export_is_validated_and_every_image_accounted_for(settings, inst
         assert f"broken/{name}.jpg" in {row["file_name"] for row in table_rows(images_meta["failures"])}
     table = manifest(settings, partition)
     assert len(table) == sample_counts["images"]
-    files = Path(settings.storage_uri) / "images" / partition / "files"
+    files = Path(settings.storage_uri) / "images" / partition_folder(partition) / "files"
     for row in table[table["status"] == "good"].itertuples():  # no good image lost, byte for byte
         assert (files / row.file_name).read_bytes() == (sample_dir / row.file_name).read_bytes()
-    assert (Path(settings.storage_uri) / "cct_export" / partition / "export.json").read_bytes() == \
+    assert (Path(settings.storage_uri) / "cct_export" / partition_folder(partition) / "export.json").read_bytes() == \
         (sample_dir / EXPORT_NAME).read_bytes()
 
 
@@ -151,15 +152,15 @@ def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, buck
     assert result.success
     meta = materialization(result, "images")
     assert meta["num_good"] == sample_counts["good"] and meta["num_nonexistent"] == 1
-    assert meta["source"] == f"s3://{bucket}/images"
-    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/images/animl/project1/files/")
+    assert meta["source"] == f"s3://{bucket}/images" and isinstance(meta["source"], str)
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/images/animl~project1/files/")
     assert listed["KeyCount"] == sample_counts["good"]
-    body = s3_client.get_object(Bucket=bucket, Key="artifacts/images/animl/project1/manifest.csv")["Body"].read()
+    body = s3_client.get_object(Bucket=bucket, Key="artifacts/images/animl~project1/manifest.csv")["Body"].read()
     assert body.startswith(b"image_id,file_name,status")
     # detections and crops on S3 too: the crops are published under the artifacts prefix
     assert materialization(result, "crops")["num_crops"] == sample_counts["crops"]
-    crops = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/crops/animl/project1/", MaxKeys=1000)
-    keys = [item["Key"].removeprefix("artifacts/crops/animl/project1/") for item in crops["Contents"]]
+    crops = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/crops/animl~project1/", MaxKeys=1000)
+    keys = [item["Key"].removeprefix("artifacts/crops/animl~project1/") for item in crops["Contents"]]
     assert {"crops.csv", "failures.csv", "contact_sheet.png"} <= set(keys)
     assert sum(key.endswith("_cct_to_md.jpg") for key in keys) == sample_counts["crops"]
     rerun = run_ingest(settings, instance, "animl/project1",

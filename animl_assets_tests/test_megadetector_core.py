@@ -153,3 +153,12 @@ def test_detector_results_become_batch_output(tmp_path, monkeypatch):
 def test_shared_md_file_is_valid(ena24_dir):
     md = json.loads((ena24_dir / "md_annotations.json").read_text())
     assert validate_batch_output(md) == []
+
+
+def test_cct_to_md_clips_boxes_that_overhang_their_image():
+    cct = {"images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [-10, 80, 50, 39]}],
+           "categories": [{"id": 1, "name": "deer"}]}
+    md = cct_to_md(cct)
+    assert md["images"][0]["detections"][0]["bbox"] == [0.0, 0.8, 0.2, 0.2]
+    assert validate_batch_output(md) == []

@@ -13,6 +13,7 @@ import dagster as dg
 import pandas as pd
 from PIL import Image
 
+from animl_assets.core.exports import partition_folder
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
 from animl_assets.core.tables import read_csv as read_table
@@ -20,8 +21,8 @@ from animl_assets.resources.storage import LocalStore
 
 
 def artifact_key(asset: str, partition: str | None, name: str) -> str:
-    """The key of artifact ``name`` of ``asset`` (and ``partition``, when the asset is partitioned)."""
-    return "/".join(part for part in (asset, partition, name) if part)
+    """The key of artifact ``name`` of ``asset`` (below its partition's folder, when it is partitioned)."""
+    return "/".join(part for part in (asset, partition and partition_folder(partition), name) if part)
 
 
 def write_json(store: Store, key: str, value: Any) -> None:

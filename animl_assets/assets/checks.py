@@ -27,10 +27,11 @@ def failure_rate_check(failed: pd.DataFrame, total: int, max_rate: float) -> dg.
     )
 
 
-def problems_check(check_name: str, problems: list[str], limit: int = 20) -> dg.AssetCheckResult:
-    """A blocking check that passes when ``problems`` is empty; the first ``limit`` are listed."""
+def problems_check(check_name: str, problems: list[str], limit: int = 20,
+                   severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
+    """A check that passes when ``problems`` is empty; the first ``limit`` are listed."""
     return dg.AssetCheckResult(
-        check_name=check_name, passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
+        check_name=check_name, passed=not problems, severity=severity,
         metadata={"problems": len(problems), "examples": table(pd.DataFrame({"problem": problems[:limit]},
                                                                            dtype=str))},
     )

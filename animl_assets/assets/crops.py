@@ -16,6 +16,7 @@ from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
 from animl_assets.assets.images import images_folder
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import MANIFEST_COLUMNS, crop_detections
+from animl_assets.core.exports import partition_folder
 from animl_assets.core.failures import MAX_PIXELS
 from animl_assets.core.images import GOOD
 from animl_assets.resources.storage import ArtifactStore
@@ -58,7 +59,7 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
     md = read_json(store, artifact_key("md_detections", partition, DETECTIONS))
     images_dir = images_folder(storage, partition)
     crops_store = store.child(artifact_key("crops", partition, ""))
-    crops_dir = local_folder(crops_store, storage.cache("crops", partition))
+    crops_dir = local_folder(crops_store, storage.cache("crops", partition_folder(partition)))
     report = crop_detections(md, images_dir, crops_dir, threshold=config.threshold, square=config.square,
                              workers=config.workers or None, executor=config.executor,
                              max_side=config.max_side or None, max_pixels=int(config.max_megapixels * 1e6))

@@ -15,6 +15,7 @@ from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
 from animl_assets.core.cct import UNKNOWN_LOCATION, image_location, load_cct
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import MANIFEST as CROPS_MANIFEST
+from animl_assets.core.exports import partition_folder
 from animl_assets.core.dataset import CROP_COLUMNS, build_classification_dataset, label_index, match_test
 from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, default_label_mapping,
                                           parse_label_spec, parse_taxonomy, resolve_label_spec)
@@ -64,7 +65,7 @@ def _crop_rows(store: Store, partition: str) -> pd.DataFrame:
     locations = {image["file_name"]: image_location(image) for image in cct["images"]}
     rows = manifest.merge(labels[["file", "detection_index", "label"]], how="left", on=["file", "detection_index"])
     return pd.DataFrame({
-        "path": partition + "/" + rows["crop"].astype(str), "dataset": partition,
+        "path": partition_folder(partition) + "/" + rows["crop"].astype(str), "dataset": partition,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION),
         "dataset_class": rows["label"].fillna("").astype(str), "confidence": rows["conf"].astype(float),
         "image": rows["file"],

@@ -4,10 +4,12 @@ import hashlib
 from typing import Any
 
 import dagster as dg
+from pydantic import Field
 
 from animl_assets.assets.artifacts import artifact_key, location, table, write_json
 from animl_assets.assets.checks import problems_check
-from animl_assets.core.cct import CHECKS, CCTFormatError, category_location_table, load_cct, summarize_cct, validate_cct
+from animl_assets.core.cct import (BBOX_OVERHANG_TOLERANCE, CHECKS, CCTFormatError, category_location_table, load_cct,
+                                   summarize_cct, validate_cct)
 from animl_assets.core.exports import ExportCursor, export_key_for, scan_exports
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation
 
@@ -18,18 +20,30 @@ CHECK_DESCRIPTIONS = {
     "schema": "Required keys are present and have the right types.",
     "unique_ids": "Image, annotation and category ids (and image file names, category names) are unique.",
     "references": "Every annotation points at an existing image and category.",
-    "bboxes": "Every box lies inside its image.",
+    "bboxes": "Every box has an area and lies inside its image, or overhangs it by at most the tolerance.",
 }
+
+
+class ExportConfig(dg.Config):
+    """How strict the export's validation is."""
+
+    bbox_overhang_tolerance: float = Field(
+        default=BBOX_OVERHANG_TOLERANCE, ge=0, le=1,
+        description="A box may reach past its image's edge by this share of the image's side (exporters round); "
+                    "it is clipped and counted in the boxes_clipped warning. A larger overhang blocks the ingest.")
 
 
 @dg.asset(
     partitions_def=exports_partitions,
     group_name="ingest",
     kinds={"json"},
-    check_specs=[dg.AssetCheckSpec(name, asset="cct_export", blocking=True, description=CHECK_DESCRIPTIONS[name])
-                 for name in CHECKS],
+    check_specs=[*(dg.AssetCheckSpec(name, asset="cct_export", blocking=True, description=CHECK_DESCRIPTIONS[name])
+                   for name in CHECKS),
+                 dg.AssetCheckSpec("boxes_clipped", asset="cct_export", blocking=False,
+                                   description="Warns when boxes overhang their image within the tolerance "
+                                               "(they are clipped).")],
 )
-def cct_export(context: dg.AssetExecutionContext, exports: ExportsLocation,
+def cct_export(context: dg.AssetExecutionContext, config: ExportConfig, exports: ExportsLocation,
                storage: ArtifactStore) -> dg.MaterializeResult:
     """The export's COCO Camera Traps JSON, copied verbatim and validated; downstream waits on its checks."""
     partition = context.partition_key
@@ -42,12 +56,16 @@ def cct_export(context: dg.AssetExecutionContext, exports: ExportsLocation,
             description=f"export {source.uri(export_key_for(partition))} is malformed: {err}",
             metadata={"export": source.uri(export_key_for(partition)), "error": str(err)},
         ) from err
-    report = validate_cct(cct)
+    report = validate_cct(cct, bbox_tolerance=config.bbox_overhang_tolerance)
     store = storage.store()
     store.write_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT), raw)
     write_json(store, artifact_key("cct_export", partition, "validation.json"), report.problems)
     by_location = category_location_table(cct)
     check_results = [problems_check(name, problems) for name, problems in report.problems.items()]
+    check_results.append(problems_check("boxes_clipped", report.clipped, severity=dg.AssetCheckSeverity.WARN))
+    if report.clipped:
+        context.log.warning(f"{len(report.clipped)} boxes overhang their image within the tolerance and are "
+                            f"clipped, e.g. {report.clipped[0]}")
     counts, sha256 = summarize_cct(cct), hashlib.sha256(raw).hexdigest()
     return dg.MaterializeResult(
         data_version=dg.DataVersion(sha256),

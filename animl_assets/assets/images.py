@@ -11,7 +11,7 @@ from animl_assets.assets.artifacts import (artifact_key, local_folder, location,
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec
 from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
 from animl_assets.core.cct import load_cct
-from animl_assets.core.exports import export_key_for
+from animl_assets.core.exports import export_key_for, partition_folder
 from animl_assets.core.images import GOOD, MAX_PIXELS, STATUSES, ImageRequest, collect_images
 from animl_assets.core.store import Store
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource, open_store
@@ -45,7 +45,7 @@ class ImagesConfig(dg.Config):
 def images_folder(storage: ArtifactStore, partition: str) -> Path:
     """An export's verified images as a local folder (synced into the cache when storage is remote)."""
     return local_folder(storage.store().child(artifact_key("images", partition, "files")),
-                        storage.cache("images", partition))
+                        storage.cache("images", partition_folder(partition)))
 
 
 def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_source: ImageSource,

@@ -13,7 +13,7 @@ import pandas as pd
 from animl_assets.core.paths import normalized_path
 
 UNKNOWN_LOCATION = "unknown_location"
-BBOX_TOLERANCE_PX = 1.0  # exporters round box corners; a box may overhang by this much
+BBOX_OVERHANG_TOLERANCE = 0.05  # share of the image's side a box may reach past its edge; it is clipped
 CHECKS = ("schema", "unique_ids", "references", "bboxes")
 
 
@@ -41,6 +41,7 @@ class CCTValidation:
     """Problems found per check (see CHECKS); a check passes when its list is empty."""
 
     problems: dict[str, list[str]] = field(default_factory=lambda: {name: [] for name in CHECKS})
+    clipped: list[str] = field(default_factory=list)  # boxes that overhang within the tolerance
 
     @property
     def ok(self) -> bool:
@@ -130,7 +131,7 @@ def _check_references(cct: dict[str, Any], report: CCTValidation) -> None:
                        f"annotation {ann.get('id')!r} points at missing category {ann.get('category_id')!r}")
 
 
-def _check_bboxes(cct: dict[str, Any], report: CCTValidation) -> None:
+def _check_bboxes(cct: dict[str, Any], report: CCTValidation, tolerance: float) -> None:
     images = {str(image.get("id")): image for image in _records(cct, "images")}
     for ann in _records(cct, "annotations"):
         bbox = ann.get("bbox")
@@ -138,21 +139,37 @@ def _check_bboxes(cct: dict[str, Any], report: CCTValidation) -> None:
             continue  # absent boxes are fine (empty images); malformed ones are schema problems
         x, y, w, h = bbox
         where = f"annotation {ann.get('id')!r} bbox {bbox}"
-        if w < 0 or h < 0 or x < 0 or y < 0:
-            report.add("bboxes", f"{where} has a negative coordinate or size")
+        if w <= 0 or h <= 0:
+            report.add("bboxes", f"{where} has no area")
             continue
         image = images.get(str(ann.get("image_id")))
         if image is None or not all(isinstance(image.get(d), int) for d in ("width", "height")):
+            if x < 0 or y < 0:
+                report.add("bboxes", f"{where} has a negative coordinate")
             continue
-        if x + w > image["width"] + BBOX_TOLERANCE_PX or y + h > image["height"] + BBOX_TOLERANCE_PX:
-            report.add("bboxes", f"{where} reaches outside its {image['width']}x{image['height']} image")
+        width, height = image["width"], image["height"]
+        overhang_x, overhang_y = max(0, -x, x + w - width), max(0, -y, y + h - height)
+        if not (overhang_x or overhang_y):
+            continue
+        if overhang_x > tolerance * width or overhang_y > tolerance * height or x >= width or y >= height:
+            report.add("bboxes", f"{where} reaches {max(overhang_x, overhang_y):g} px outside its {width}x{height} "
+                                 f"image (more than the tolerance of {tolerance:g} of its side)")
+        else:
+            report.clipped.append(f"{where} overhangs its {width}x{height} image by "
+                                  f"{max(overhang_x, overhang_y):g} px: clipped")
 
 
-def validate_cct(cct: dict[str, Any]) -> CCTValidation:
-    """Run every check in CHECKS over a parsed export; never raises on malformed content."""
+def validate_cct(cct: dict[str, Any], *, bbox_tolerance: float = BBOX_OVERHANG_TOLERANCE) -> CCTValidation:
+    """Run every check in CHECKS over a parsed export; never raises on malformed content.
+
+    A box that reaches past its image's edge by at most ``bbox_tolerance`` of the image's side is listed
+    in ``clipped`` (``cct_to_md`` clips it, as MegaDetector's tools do); a larger overhang, a box with no
+    area or one that starts outside its image is a ``bboxes`` problem.
+    """
     report = CCTValidation()
-    for check in (_check_schema, _check_unique, _check_references, _check_bboxes):
+    for check in (_check_schema, _check_unique, _check_references):
         check(cct, report)
+    _check_bboxes(cct, report, bbox_tolerance)
     return report
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from animl_assets.core.cct import UNKNOWN_LOCATION
 from animl_assets.core.crops import crop_names
+from animl_assets.core.exports import partition_folder
 from animl_assets.core.label_spec import Pair
 from animl_assets.core.splits import pair_keys
 
@@ -36,7 +37,7 @@ def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFra
     its crops; ``dataset_classes`` has ``file, detection_index, label`` and ``locations`` maps file to
     location. For building a dataset from detections alone (no crops on disk, e.g. benchmarks)."""
     animal = {k for k, v in md["detection_categories"].items() if v == "animal"}
-    detector = str(md["info"].get("detector", "unknown"))
+    detector, folder = str(md["info"].get("detector", "unknown")), partition_folder(dataset)
     files, indices, confidences = [], [], []
     for image in md["images"]:
         for index, det in enumerate(image.get("detections") or []):
@@ -48,7 +49,7 @@ def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFra
     rows = rows.merge(dataset_classes[["file", "detection_index", "label"]], how="left",
                       on=["file", "detection_index"])
     return pd.DataFrame({
-        "path": [f"{dataset}/{name}" for name in crop_names(rows["file"], rows["detection_index"], detector)],
+        "path": [f"{folder}/{name}" for name in crop_names(rows["file"], rows["detection_index"], detector)],
         "dataset": dataset,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION).astype(str),
         "dataset_class": rows["label"].fillna("").astype(str),

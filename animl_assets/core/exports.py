@@ -35,6 +35,19 @@ def partition_key_for(export_key: str) -> str:
     return partition
 
 
+PARTITION_SEPARATOR = "~"  # not allowed in partition keys, so the folder name maps back to one partition
+
+
+def partition_folder(partition_key: str) -> str:
+    """The one folder name an export's artifacts live under: its partition key with '/' as '~'.
+
+    One path component per partition, so no two partitions share a path (``a`` with image ``b/x.jpg`` and
+    ``a/b`` with image ``x.jpg`` would, if the key's slashes were folders)."""
+    if PARTITION_SEPARATOR in partition_key or not _PARTITION_KEY.match(partition_key):
+        raise ValueError(f"not a partition key: {partition_key!r}")
+    return partition_key.replace("/", PARTITION_SEPARATOR)
+
+
 def export_key_for(partition_key: str) -> str:
     """The export file's key in the exports location for a partition key."""
     return safe_relative_path(partition_key) + EXPORT_SUFFIX

@@ -51,12 +51,20 @@ def _image_size(image: dict[str, Any], sizes: dict[str, tuple[int, int]] | None)
     return (sizes or {}).get(str(image["file_name"]))
 
 
+def _normalized_box(bbox: list[float], width: int, height: int) -> list[float]:
+    """An absolute ``[x, y, w, h]`` box clipped to its image and normalized to 0–1."""
+    x0, y0 = min(max(bbox[0], 0), width), min(max(bbox[1], 0), height)
+    x1, y1 = min(max(bbox[0] + bbox[2], 0), width), min(max(bbox[1] + bbox[3], 0), height)
+    return [x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height]
+
+
 def cct_to_md(cct: dict[str, Any], *, image_sizes: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """MegaDetector batch output (format 1.4) from an export's own boxes, every box with conf 1.0.
 
     Only images with at least one box are listed (see ``images_without_boxes``). Absolute boxes are
-    normalized by the image's width and height, taken from ``image_sizes`` (file name -> (w, h)) where
-    the export lacks them; an image whose size is unknown gets a ``failure`` entry instead.
+    clipped to the image (a box may overhang its edge a little) and normalized by the image's width and
+    height, taken from ``image_sizes`` (file name -> (w, h)) where the export lacks them; an image whose
+    size is unknown gets a ``failure`` entry instead.
     """
     images = []
     for image, boxes in _ground_truth_boxes(cct):
@@ -66,11 +74,8 @@ def cct_to_md(cct: dict[str, Any], *, image_sizes: dict[str, tuple[int, int]] | 
         if size is None:
             images.append({"file": image["file_name"], "failure": "image size unknown: cannot normalize boxes"})
             continue
-        width, height = size
         images.append({"file": image["file_name"], "detections": [
-            {"category": _md_category(name), "conf": 1.0,
-             "bbox": [ann["bbox"][0] / width, ann["bbox"][1] / height,
-                      ann["bbox"][2] / width, ann["bbox"][3] / height]}
+            {"category": _md_category(name), "conf": 1.0, "bbox": _normalized_box(ann["bbox"], *size)}
             for ann, name in boxes
         ]})
     return {
