@@ -107,8 +107,11 @@ def test_transient_fetch_errors_are_retried_then_reported(tmp_path):
 
     manifest = collect_images(requests_for(["cam/rgb.jpg", "cam/gray.jpg"]), Flaky(source.root), dest,
                               attempts=3, backoff_s=0)
-    assert manifest["status"].tolist() == [GOOD, "bad"]
-    assert "fetch failed after 3 attempts: connection reset" in manifest["error"].iloc[1]
+    assert manifest["status"].tolist() == [GOOD, "fetch_failed"]  # the transport's fault, not the image's
+    assert "fetch failed after 3 attempts: ConnectionError: connection reset" in manifest["error"].iloc[1]
+    again = collect_images(requests_for(["cam/rgb.jpg", "cam/gray.jpg"]), source, dest, attempts=3, backoff_s=0,
+                           already_good={r["file_name"]: r for r in manifest.to_dict("records") if r["status"] == GOOD})
+    assert again["status"].tolist() == [GOOD, GOOD] and again["fetched"].tolist() == [False, True]
 
 
 BOMB_CHECK = """

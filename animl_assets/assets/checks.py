@@ -27,6 +27,20 @@ def failure_rate_check(failed: pd.DataFrame, total: int, max_rate: float) -> dg.
     )
 
 
+LOGGED_EXAMPLES = 10
+
+
+def log_failures(log, failures: pd.DataFrame, by: str, where: str, limit: int = LOGGED_EXAMPLES) -> None:
+    """One warning with the count per category and at most ``limit`` examples, however many images failed
+    (the full list is in the asset's manifest; one line per image flooded the event log)."""
+    if failures.empty:
+        return
+    counts = ", ".join(f"{n} {category}" for category, n in failures[by].value_counts().items())
+    examples = "; ".join(f"{row.iloc[0]}: {row[by]} ({row['error']})" for _, row in failures.head(limit).iterrows())
+    more = f" and {len(failures) - limit} more" if len(failures) > limit else ""
+    log.warning(f"{len(failures)} images failed ({counts}); full list in {where}. E.g. {examples}{more}")
+
+
 def problems_check(check_name: str, problems: list[str], limit: int = 20,
                    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
     """A check that passes when ``problems`` is empty; the first ``limit`` are listed."""

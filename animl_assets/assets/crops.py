@@ -9,7 +9,7 @@ from pydantic import Field
 
 from animl_assets.assets.artifacts import (artifact_key, local_folder, location, publish, read_csv, read_json, table,
                                            thumbnail_markdown)
-from animl_assets.assets.checks import failure_rate_check, failure_rate_spec
+from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.detections import DETECTIONS, LABELS, md_detections
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
@@ -83,8 +83,7 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
                           lambda crop: (crops_dir / crop).read_bytes())
     (crops_dir / CONTACT_SHEET).write_bytes(sheet)
     uploaded = publish(crops_dir, crops_store)
-    for row in failures.itertuples():
-        context.log.warning(f"{row.file}: {row.category} ({row.error})")
+    log_failures(context.log, failures, "category", crops_store.uri("failures.csv"))
     context.log.info(f"{report.crops} new, {report.reused} reused, {len(failures)} failed images, "
                      f"{report.seconds:.1f}s")
     return dg.MaterializeResult(

@@ -8,11 +8,13 @@ from pydantic import Field
 
 from animl_assets.assets.artifacts import (artifact_key, local_folder, location, read_csv, table, table_schema,
                                            write_csv)
-from animl_assets.assets.checks import failure_rate_check, failure_rate_spec
+from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
 from animl_assets.core.cct import load_cct
 from animl_assets.core.exports import export_key_for, partition_folder
-from animl_assets.core.images import GOOD, MAX_PIXELS, STATUSES, ImageRequest, collect_images
+from animl_assets.core.files import Journal
+from animl_assets.core.images import (FETCH_FAILED, GOOD, MANIFEST_COLUMNS, MAX_PIXELS, STATUSES, ImageRequest,
+                                        collect_images)
 from animl_assets.core.store import Store
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource, open_store
 
@@ -87,15 +89,18 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
             context.log.info(f"{done}/{total} checked")
 
     context.log.info(f"{len(requests)} referenced, source {source.uri()}")
+    journal = Journal(storage.cache("images", partition_folder(partition)) / "manifest.journal.csv", MANIFEST_COLUMNS)
     manifest = collect_images(requests, source, store.child(artifact_key("images", partition, "files")),
                               already_good=already_good, workers=config.workers, attempts=config.attempts,
-                              max_pixels=int(config.max_megapixels * 1e6),
-                              on_progress=progress)
+                              max_pixels=int(config.max_megapixels * 1e6), journal=journal, on_progress=progress)
     write_csv(store, manifest_key, manifest)
+    journal.remove()
     counts = manifest["status"].value_counts()
     failures = manifest[manifest["status"] != GOOD][["file_name", "status", "error"]]
-    for row in failures.itertuples():
-        context.log.warning(f"{row.file_name}: {row.status} ({row.error})")
+    log_failures(context.log, failures, "status", store.uri(manifest_key))
+    if counts.get(FETCH_FAILED):
+        context.log.warning(f"{counts[FETCH_FAILED]} images could not be fetched ({config.attempts} attempts each, "
+                            "transport errors): not marked bad, they are fetched again on the next run")
     return dg.MaterializeResult(
         metadata={
             **{f"num_{status}": int(counts.get(status, 0)) for status in STATUSES},

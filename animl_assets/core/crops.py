@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from animl_assets.core.failures import MAX_PIXELS, failure_category, pixel_cap_error
-from animl_assets.core.files import atomic_open, atomic_write
+from animl_assets.core.files import TEMP_PREFIX, Journal, atomic_open, atomic_write
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 
 try:
@@ -39,6 +39,7 @@ except ImportError:  # built without libjpeg's headers: every image is decoded w
     decode_region = None
 
 MANIFEST = "crops.csv"
+JOURNAL = f"{TEMP_PREFIX}crops-journal.csv"  # temp-prefixed: never listed, published or taken for a crop
 MANIFEST_COLUMNS = ["crop", "file", "detection_index", "category", "conf", "bbox", "square",
                     "width", "height", "source_size", "source_mtime_ns", "max_side"]
 JPEG_MAGIC = b"\xff\xd8"
@@ -373,7 +374,7 @@ def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[st
 
     Images are read from ``images_dir/<file>``; crops go to ``crops_dir/<file>___cropNN_<detector>.jpg``
     with a manifest (``crops.csv``). A re-run only decodes images whose crops are missing or whose
-    source or boxes changed. ``workers`` (default: all cores; 1 runs in this thread) are threads or,
+    source or boxes changed; the crops a killed run finished are kept in a journal and not redone. ``workers`` (default: all cores; 1 runs in this thread) are threads or,
     with ``executor="processes"``, processes. ``max_side`` (opt-in, not pixel-identical to the
     reference): DCT-scaled JPEG decoding, crops shrunk to at most that side. Images over ``max_pixels``
     fail as ``bad`` without being decoded.
@@ -382,7 +383,8 @@ def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[st
     images_dir, crops_dir = Path(images_dir), Path(crops_dir)
     crops_dir.mkdir(parents=True, exist_ok=True)
     report = CropReport()
-    previous = {row["crop"]: row for row in read_manifest(crops_dir)}
+    journal = Journal(crops_dir / JOURNAL, MANIFEST_COLUMNS)  # what a killed run finished: not redone
+    previous = {row["crop"]: row for row in [*read_manifest(crops_dir), *journal.read()]}
     tasks = list(_tasks(detections, images_dir, crops_dir, threshold, square, max_side, max_pixels, previous, report))
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     if workers == 1:
@@ -401,9 +403,12 @@ def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[st
             if "failure" in result:
                 report.failures[result["file"]] = result["failure"]
                 report.errors[result["file"]] = result["error"]
+            elif result["made"]:
+                journal.append(result["rows"])
     finally:
         if workers > 1:
             pool.shutdown()
     _write_manifest(crops_dir, report.rows)
+    journal.remove()
     report.seconds = time.perf_counter() - started
     return report

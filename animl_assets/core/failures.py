@@ -5,7 +5,8 @@ from __future__ import annotations
 from PIL import UnidentifiedImageError
 
 GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD = "good", "nonexistent", "non_image", "truncated", "bad"
-STATUSES = (GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD)
+FETCH_FAILED = "fetch_failed"  # not the image's fault: the transport failed every attempt; fetched again next run
+STATUSES = (GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD, FETCH_FAILED)
 
 
 def failure_category(error: BaseException) -> str:

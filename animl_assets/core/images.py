@@ -10,17 +10,18 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from animl_assets.core.failures import (BAD, GOOD, MAX_PIXELS, NON_IMAGE, NONEXISTENT, STATUSES, TRUNCATED,
-                                       failure_category, pixel_cap_error)
-from animl_assets.core.paths import UnsafePathError, safe_relative_path
+from animl_assets.core.failures import (BAD, FETCH_FAILED, GOOD, MAX_PIXELS, NON_IMAGE, NONEXISTENT, STATUSES,
+                                       TRUNCATED, failure_category, pixel_cap_error)
+from animl_assets.core.files import Journal
+from animl_assets.core.paths import UnsafePathError, redact_credentials, safe_relative_path
 from animl_assets.core.store import Store
 
-__all__ = ["BAD", "GOOD", "MAX_PIXELS", "NONEXISTENT", "NON_IMAGE", "STATUSES", "TRUNCATED", "ImageCheck",
+__all__ = ["BAD", "FETCH_FAILED", "GOOD", "MAX_PIXELS", "NONEXISTENT", "NON_IMAGE", "STATUSES", "TRUNCATED", "ImageCheck",
            "ImageRequest", "collect_images", "pixel_cap_error", "verify_image"]
 EXIF_ORIENTATION_TAG = 0x0112
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def collect_images(
     attempts: int = 3,
     backoff_s: float = 0.2,
     max_pixels: int = MAX_PIXELS,
+    journal: Journal | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Copy each requested image from ``source`` to ``<file_name>`` in ``dest`` if it decodes.
@@ -97,10 +99,14 @@ def collect_images(
     ``already_good`` maps file names verified by an earlier run to their manifest row; those still
     present in ``dest`` with the recorded size are neither fetched nor decoded again. Images over
     ``max_pixels`` are ``bad`` without being decoded, so memory stays within ``workers`` times that cap.
-    Returns the manifest:
-    one row per request (MANIFEST_COLUMNS), in request order. Only good images are written.
+    A transport fault that outlasts ``attempts`` (with backoff) is ``fetch_failed``, not a property of
+    the image: the next run fetches it again. With a ``journal`` every row is recorded as it is done, and
+    good images a killed run recorded there count as ``already_good``. Returns the manifest: one row per
+    request (MANIFEST_COLUMNS), in request order. Only good images are written.
     """
-    already_good = already_good or {}
+    already_good = dict(already_good or {})
+    if journal is not None:
+        already_good |= {row["file_name"]: _typed(row) for row in journal.read() if row["status"] == GOOD}
     requests = list(requests)
     done = 0
 
@@ -120,8 +126,9 @@ def collect_images(
             data = _fetch(source, request.source_key, attempts, backoff_s)
         except FileNotFoundError:
             return row | asdict(ImageCheck(NONEXISTENT, f"not found in {source.uri(request.source_key)}"))
-        except Exception as err:  # noqa: BLE001
-            return row | asdict(ImageCheck(BAD, f"fetch failed after {attempts} attempts: {err}"))
+        except Exception as err:  # noqa: BLE001 - the transport, not the image: retried by the next run
+            message = redact_credentials(f"{type(err).__name__}: {err}")
+            return row | asdict(ImageCheck(FETCH_FAILED, f"fetch failed after {attempts} attempts: {message}"))
         check = verify_image(data, max_pixels)
         if check.status == GOOD:
             dest.write_bytes(relative, data)
@@ -130,6 +137,8 @@ def collect_images(
     def tracked(request: ImageRequest) -> dict:
         nonlocal done
         row = handle(request)
+        if journal is not None:
+            journal.append([row])
         done += 1
         if on_progress is not None:
             on_progress(done, len(requests))
@@ -137,4 +146,12 @@ def collect_images(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         rows = list(pool.map(tracked, requests))
+    if journal is not None:
+        journal.close()
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def _typed(row: dict[str, str]) -> dict[str, Any]:
+    """A journal row (all text) with its numbers as numbers."""
+    numbers = {k: int(row[k]) for k in ("bytes", "width", "height", "orientation") if row.get(k, "").isdigit()}
+    return {**row, **numbers, "fetched": row.get("fetched") == "True"}
