@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -27,23 +28,28 @@ class RunCrashed(Exception):
 
 
 def ensure_dagster_home(settings: Settings) -> Path:
-    """The Dagster instance folder: DAGSTER_HOME when it is set (and not empty), else ANIML_HOME/dagster.
-
-    In ANIML_HOME/dagster, ``dagster.yaml`` is a link to the repository's, so edits there always apply; an
-    older copy that differs is left alone, with a warning. A DAGSTER_HOME of the user's own gets a copy
-    of the project's dagster.yaml only when it has none.
+    """The Dagster instance folder, set up once: DAGSTER_HOME when it is set (and not empty), else
+    ANIML_HOME/dagster, where ``dagster.yaml`` is a link to the repository's, so edits there always apply
+    (an older copy that differs is left alone, with a warning). A DAGSTER_HOME of the user's own gets a
+    copy of the project's dagster.yaml only when it has none. The first command to use a home creates its
+    databases under a file lock, so commands started together never migrate them twice.
     """
     if os.environ.get("DAGSTER_HOME"):
-        home = Path(os.environ["DAGSTER_HOME"])
-        managed = False
+        home, managed = Path(os.environ["DAGSTER_HOME"]), False
     else:
-        home = settings.dagster_home
+        home, managed = settings.dagster_home, True
         os.environ["DAGSTER_HOME"] = str(home)
-        managed = True
     home.mkdir(parents=True, exist_ok=True)
-    target = home / "dagster.yaml"
+    with open(home / ".animl-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _link_dagster_yaml(home / "dagster.yaml", managed)
+        _create_instance_storage()
+    return home
+
+
+def _link_dagster_yaml(target: Path, managed: bool) -> None:
     if not REPO_DAGSTER_YAML.is_file():
-        return home
+        return
     if not target.exists() and not target.is_symlink():
         if managed:
             target.symlink_to(REPO_DAGSTER_YAML)
@@ -56,7 +62,15 @@ def ensure_dagster_home(settings: Settings) -> Path:
         else:
             print(f"animl: warning: {target} is an edited copy; {REPO_DAGSTER_YAML} is not used "
                   "(remove the copy to use it)", file=sys.stderr)
-    return home
+
+
+def _create_instance_storage() -> None:
+    """Open the instance once: its SQLite run, event and schedule databases are created and migrated."""
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        instance.get_runs(limit=1)
+        instance.get_dynamic_partitions("exports")
 
 
 def register_export(settings: Settings, path_or_uri: str, images_root: str | None = None,

@@ -273,3 +273,21 @@ def test_boxes_overhanging_within_the_tolerance_are_clipped_and_the_tolerance_is
     strict.write_text("ops: {cct_export: {config: {no_such_option: 1}}}")
     assert main(["materialize", "overhang", "--run-config", str(strict)]) == 2
     assert "invalid run config" in one_error_line(capsys, "materialize")
+
+
+@pytest.mark.slow
+def test_first_commands_started_together_leave_a_working_home(tmp_path, sample_dir):
+    """Two `animl register … --no-run` at once on a fresh home used to leave two alembic heads (1 in 3)."""
+    animl = str(Path(sys.executable).with_name("animl"))
+    for trial in range(3):
+        env = {**os.environ, "ANIML_HOME": str(tmp_path / f"home{trial}"), "DAGSTER_HOME": ""}
+        processes = [subprocess.Popen([animl, "register", str(sample_dir / "sample_export.json"), "--no-run",
+                                       "--name", f"p{i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for i in range(3)]
+        results = [(process.wait(timeout=120), process.stderr.read()) for process in processes]
+        assert [code for code, _ in results] == [0, 0, 0], results
+        after = subprocess.run([animl, "register", str(sample_dir / "sample_export.json"), "--no-run", "--name", "p3"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert after.returncode == 0 and "more than one head" not in after.stderr, after.stderr
+        instance = dg.DagsterInstance.from_config(str(tmp_path / f"home{trial}" / "dagster"))
+        assert sorted(instance.get_dynamic_partitions("exports")) == ["p0", "p1", "p2", "p3"]
