@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
 import shutil
 import socket
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import boto3
 import dagster as dg
@@ -141,3 +145,64 @@ def table_rows(value) -> list[dict]:
     """The records of a ``MetadataValue.table`` as dicts."""
     assert isinstance(value, dg.TableMetadataValue), f"not a table: {type(value).__name__}"
     return [dict(record.data) for record in value.records]
+
+
+class _FaultyS3Proxy(ThreadingHTTPServer):
+    """An HTTP proxy in front of moto's server that cuts the body of the first GET of each object in half
+    (the full Content-Length is announced, then the connection closes): a truncated S3 response."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.truncated: list[str] = []
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _forward(self) -> None:
+        server: _FaultyS3Proxy = self.server  # type: ignore[assignment]
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upstream = http.client.HTTPConnection(server.upstream.hostname, server.upstream.port, timeout=30)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+        response = upstream.getresponse()
+        data = response.read()
+        object_get = self.command == "GET" and "list-type" not in self.path and response.status == 200
+        with server.lock:
+            cut = object_get and len(data) > 64 and self.path not in server.seen
+            server.seen.add(self.path)
+            if cut:
+                server.truncated.append(self.path)
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        if cut:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data[: len(data) // 2] if cut else data)
+        if cut:
+            self.wfile.flush()
+            self.close_connection = True
+        upstream.close()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+
+@pytest.fixture()
+def faulty_s3(moto_endpoint):
+    """(endpoint URL of the truncating proxy, the proxy) for the test's duration."""
+    proxy = _FaultyS3Proxy(moto_endpoint)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{proxy.server_address[1]}", proxy
+    proxy.shutdown()

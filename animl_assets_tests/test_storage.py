@@ -10,6 +10,7 @@ from dagster_aws.s3 import S3Resource
 
 from animl_assets.core.paths import UnsafePathError, redact_credentials
 from animl_assets.resources.storage import LocalStore, S3Store, StoreResource, open_store, parse_s3_uri
+from animl_assets.settings import Settings
 
 
 def exercise(store):
@@ -139,3 +140,35 @@ def test_credentials_in_the_endpoint_url_reach_neither_output_nor_event_log(tmp_
     logged = "\n".join(str(record.event_log_entry) for record in instance.get_event_records(
         dg.EventRecordsFilter(event_type=dg.DagsterEventType.STEP_FAILURE)))
     assert f"127.0.0.1:{closed}" in logged and "secret" not in logged
+
+
+def test_truncated_s3_bodies_are_retried(faulty_s3, s3_client, bucket):
+    endpoint, proxy = faulty_s3
+    data = os.urandom(50_000)
+    s3_client.put_object(Bucket=bucket, Key="p/big.bin", Body=data)
+    store = open_store(f"s3://{bucket}/p", S3Resource(endpoint_url=endpoint))
+    assert store.read_bytes("big.bin") == data
+    assert proxy.truncated == [f"/{bucket}/p/big.bin"]  # the first answer was cut, the retry was whole
+
+
+def test_everything_on_s3_through_truncating_responses(faulty_s3, s3_client, bucket, tmp_path, instance, sample_dir,
+                                                       sample_counts):
+    """Artifacts and images on S3; the first GET of every object returns half its body."""
+    from animl_assets_tests.conftest import run_ingest
+
+    endpoint, proxy = faulty_s3
+    for path in sample_dir.rglob("*"):
+        if path.is_file():
+            s3_client.put_object(Bucket=bucket, Key=f"images/{path.relative_to(sample_dir)}", Body=path.read_bytes())
+    settings = Settings.from_env({
+        "ANIML_HOME": str(tmp_path / "home"), "ANIML_STORAGE_URI": f"s3://{bucket}/artifacts",
+        "ANIML_EXPORTS_URI": f"s3://{bucket}/images", "ANIML_S3_ENDPOINT_URL": endpoint})
+    instance.add_dynamic_partitions("exports", ["sample_export"])
+    result = run_ingest(settings, instance, "sample_export")
+    assert result.success
+    images = result.asset_materializations_for_node("images")[0].metadata
+    assert images["num_good"].value == sample_counts["good"] and images["num_fetch_failed"].value == 0
+    assert images["num_bad"].value == 0  # no transport fault recorded as a property of an image
+    crops = result.asset_materializations_for_node("crops")[0].metadata
+    assert crops["num_crops"].value == sample_counts["crops"]
+    assert len(proxy.truncated) > sample_counts["good"]  # every image, the export and the manifests were cut once

@@ -2,12 +2,15 @@
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
-from botocore.exceptions import ClientError
+from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointConnectionError, IncompleteReadError,
+                                 ReadTimeoutError, ResponseStreamingError)
+from urllib3.exceptions import ProtocolError
 from dagster_aws.s3 import S3Resource
 from dagster_aws.s3.utils import construct_s3_client
 from pydantic import Field
@@ -16,6 +19,11 @@ from animl_assets.core.exports import EXPORT_SUFFIX
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.paths import redact_credentials, safe_relative_path
 from animl_assets.core.store import Store, StoredFile
+
+
+# A response cut short, a connection dropped or refused, a read timing out: worth another try.
+TRANSIENT_ERRORS = (IncompleteReadError, ResponseStreamingError, ProtocolError, ConnectionClosedError,
+                    EndpointConnectionError, ReadTimeoutError, ConnectionError)
 
 
 def _join(prefix: str, key: str) -> str:
@@ -82,8 +90,9 @@ class LocalStore:
 class S3Store:
     """Objects below ``s3://bucket/prefix``; a PUT is atomic, so writes need no staging."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+    def __init__(self, client: Any, bucket: str, prefix: str = "", attempts: int = 4, backoff_s: float = 0.25) -> None:
         self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
+        self.attempts, self.backoff_s = attempts, backoff_s
 
     def _key(self, key: str) -> str:
         return _join(self.prefix, key)
@@ -92,12 +101,24 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def read_bytes(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                raise FileNotFoundError(f"no object at {self.uri(key)}") from err
-            raise
+        """The object's bytes. A body cut short or a dropped connection is retried (``attempts`` in all,
+        with backoff) and the length checked: botocore retries the request, not the body's download."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+                data = response["Body"].read()
+                if len(data) != response["ContentLength"]:
+                    raise IncompleteReadError(actual_bytes=len(data), expected_bytes=response["ContentLength"])
+                return data
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    raise FileNotFoundError(f"no object at {self.uri(key)}") from err
+                raise
+            except TRANSIENT_ERRORS:
+                if attempt == self.attempts:
+                    raise
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -134,7 +155,7 @@ class S3Store:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def child(self, prefix: str) -> "S3Store":
-        return S3Store(self.client, self.bucket, self._key(prefix))
+        return S3Store(self.client, self.bucket, self._key(prefix), self.attempts, self.backoff_s)
 
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
