@@ -103,7 +103,8 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
         cct = load_cct(read_uri(source_uri, exports_resource.s3))
         if not isinstance(cct.get("info"), dict):
             cct["info"] = {}
-        cct["info"]["animl_images_root"] = images_root or folder
+        root = images_root or folder
+        cct["info"]["animl_images_root"] = root
         copies = {export_key: json.dumps(cct).encode()}
         try:
             copies[mdcache_key_for(export_key)] = read_uri(mdcache_key_for(source_uri), exports_resource.s3)
@@ -115,12 +116,24 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
                                "choose another partition key with --name NAME")
         for key, data in copies.items():
             exports.write_bytes(key, data)
+        trust_images_root(settings, root)
         if len(copies) > 1:
             print(f"with the MegaDetector results beside it: {mdcache_key_for(source_uri)}")
     instance = dg.DagsterInstance.get()
     if not instance.has_dynamic_partition(exports_partitions.name, partition):
         instance.add_dynamic_partitions(exports_partitions.name, [partition])
     return partition
+
+
+def trust_images_root(settings: Settings, root: str) -> None:
+    """Record ``root`` as a place exports may read images from: the operator named it (see ImageSource)."""
+    from animl_assets.resources.storage import REGISTERED_ROOTS
+
+    path = settings.home / REGISTERED_ROOTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if root not in (path.read_text().splitlines() if path.is_file() else []):
+        with path.open("a") as handle:
+            handle.write(root + "\n")
 
 
 class _CompactFormatter(logging.Formatter):

@@ -27,7 +27,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, dict]:
     home = refer("ANIML_HOME")
     depth = {"max_depth": dg.EnvVar.int("ANIML_EXPORTS_MAX_DEPTH")} if env.get("ANIML_EXPORTS_MAX_DEPTH") else {}
     return {"s3": s3_fields, "storage": home | refer("ANIML_STORAGE_URI"),
-            "exports": home | refer("ANIML_EXPORTS_URI") | depth, "image_source": home | refer("ANIML_IMAGES_URI")}
+            "exports": home | refer("ANIML_EXPORTS_URI") | depth,
+            "image_source": home | refer("ANIML_IMAGES_URI", "ANIML_ALLOWED_IMAGE_ROOTS")}
 
 
 def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
@@ -42,7 +43,7 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
         home = {"home": str(settings.home)}
         fields = {"s3": {"endpoint_url": settings.s3_endpoint_url, "region_name": settings.s3_region},
                   "storage": home | {"uri": settings.storage_uri}, "exports": home | {"uri": settings.exports_uri, "max_depth": settings.exports_max_depth},
-                  "image_source": home | {"uri": settings.images_uri}}
+                  "image_source": home | {"uri": settings.images_uri, "allowed_roots": settings.allowed_image_roots}}
     s3 = S3Resource(**fields["s3"])
     return {
         "storage": ArtifactStore(s3=s3, **fields["storage"]),

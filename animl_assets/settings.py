@@ -13,6 +13,7 @@ ENV_VARS = {
     "ANIML_STORAGE_URI": "uri",
     "ANIML_EXPORTS_URI": "uri",
     "ANIML_IMAGES_URI": "uri",
+    "ANIML_ALLOWED_IMAGE_ROOTS": "allowed_roots",
 }
 ENV_HELP = """environment:
   ANIML_HOME               where everything lives by default (./.animl): artifacts/, exports/, cache/ and
@@ -21,6 +22,8 @@ ENV_HELP = """environment:
   ANIML_EXPORTS_MAX_DEPTH  how many folders deep the sensor looks for exports (1)
   ANIML_STORAGE_URI        artifact store ($ANIML_HOME/artifacts)
   ANIML_IMAGES_URI         where image keys are resolved when an export names no root
+  ANIML_ALLOWED_IMAGE_ROOTS  comma-separated folders or s3:// prefixes an export may name as its images
+                           root (besides its own folder, ANIML_IMAGES_URI and roots given to register)
   ANIML_S3_ENDPOINT_URL    S3-compatible endpoint (MinIO, moto); credentials from the usual AWS variables
 Any location may be a local folder or an s3://bucket/prefix."""
 
@@ -36,6 +39,7 @@ class Settings:
     s3_endpoint_url: str | None
     s3_region: str
     exports_max_depth: int = 1
+    allowed_image_roots: str = ""
 
     @property
     def dagster_home(self) -> Path:
@@ -54,4 +58,5 @@ class Settings:
             s3_endpoint_url=env.get("ANIML_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL") or None,
             s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             exports_max_depth=int(env.get("ANIML_EXPORTS_MAX_DEPTH") or 1),
+            allowed_image_roots=env.get("ANIML_ALLOWED_IMAGE_ROOTS") or "",
         )

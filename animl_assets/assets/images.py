@@ -12,6 +12,7 @@ from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, lo
 from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
 from animl_assets.core.cct import load_cct
 from animl_assets.core.exports import export_key_for, partition_folder
+from animl_assets.core.paths import is_under, redact_credentials
 from animl_assets.core.files import Journal
 from animl_assets.core.images import (FETCH_FAILED, GOOD, MANIFEST_COLUMNS, MAX_PIXELS, STATUSES, ImageRequest,
                                         collect_images)
@@ -52,14 +53,24 @@ def images_folder(storage: ArtifactStore, partition: str) -> Path:
 
 def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_source: ImageSource,
                          exports: ExportsLocation) -> Store:
-    """The store the export's image keys are relative to, by the precedence ImagesConfig describes."""
-    info = cct.get("info") if isinstance(cct.get("info"), dict) else {}
-    root = config.images_root or info.get(IMAGES_ROOT_INFO_KEY) or image_source.location
-    if root:
-        return open_store(root, exports.s3 or image_source.s3)
+    """The store the export's image keys are relative to, by the precedence ImagesConfig describes. A root
+    the export names itself (``info.animl_images_root``) must lie under one of the allowed roots."""
     export_folder = posixpath.dirname(export_key_for(partition))
-    store = exports.store()
-    return store.child(export_folder) if export_folder else store
+    exports_store = exports.store()
+    folder_store = exports_store.child(export_folder) if export_folder else exports_store
+    info = cct.get("info") if isinstance(cct.get("info"), dict) else {}
+    named = info.get(IMAGES_ROOT_INFO_KEY)
+    if named and not config.images_root:
+        allowed = image_source.allowed(folder_store.uri())
+        if not isinstance(named, str) or not any(is_under(named, root) for root in allowed):
+            raise dg.Failure(
+                description=f"the export names {IMAGES_ROOT_INFO_KEY} {redact_credentials(str(named))!r}, which is "
+                            f"not under an allowed root ({', '.join(allowed)}): refused. An operator can allow it "
+                            "with ANIML_ALLOWED_IMAGE_ROOTS, `animl register --images-root`, or the images asset's "
+                            "images_root config.",
+                metadata={"images_root": str(named), "allowed_roots": dg.MetadataValue.json(allowed)})
+    root = config.images_root or named or image_source.location
+    return open_store(root, exports.s3 or image_source.s3) if root else folder_store
 
 
 @dg.asset(partitions_def=exports_partitions, deps=[cct_export], group_name="ingest", kinds={"jpeg"},

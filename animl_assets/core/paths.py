@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
@@ -42,3 +42,17 @@ def safe_relative_path(name: str) -> str:
     if not normalized or ".." in normalized.split("/"):
         raise UnsafePathError(f"file name {name!r} escapes the images folder")
     return normalized
+
+
+def is_under(location: str, root: str) -> bool:
+    """Whether ``location`` (a local folder or ``s3://bucket/prefix``) lies at or below ``root``; local
+    paths are compared after resolving links and ``..``."""
+    if location.startswith("s3://") or root.startswith("s3://"):
+        if not (location.startswith("s3://") and root.startswith("s3://")):
+            return False
+        bucket, _, prefix = location[5:].partition("/")
+        root_bucket, _, root_prefix = root[5:].partition("/")
+        prefix, root_prefix = prefix.strip("/"), root_prefix.strip("/")
+        return bucket == root_bucket and (not root_prefix or prefix == root_prefix
+                                          or prefix.startswith(root_prefix + "/"))
+    return Path(location).resolve().is_relative_to(Path(root).resolve())

@@ -256,4 +256,21 @@ class ExportsLocation(StoreResource):
 
 class ImageSource(StoreResource):
     """Where exports' image keys are resolved when neither the run config nor the export names a root
-    (ANIML_IMAGES_URI, e.g. Animl's serving bucket). Empty: the export's own folder."""
+    (ANIML_IMAGES_URI, e.g. Animl's serving bucket). Empty: the export's own folder. An images root that
+    an export names itself must lie under an allowed root (ANIML_ALLOWED_IMAGE_ROOTS)."""
+
+    allowed_roots: str = Field(default="", description="Comma-separated folders or s3:// prefixes an export may "
+                                                       "name as its images root (ANIML_ALLOWED_IMAGE_ROOTS), "
+                                                       "besides its own folder, this resource's location and "
+                                                       "the roots given to `animl register`.")
+
+    def allowed(self, export_folder: str) -> list[str]:
+        """Every root an export in ``export_folder`` may read its images from."""
+        registered = Path(self.home).expanduser().absolute() / REGISTERED_ROOTS
+        roots = [export_folder, self.location, *self.allowed_roots.split(",")]
+        if registered.is_file():
+            roots += registered.read_text().splitlines()
+        return [root.strip() for root in roots if root.strip()]
+
+
+REGISTERED_ROOTS = "registered_image_roots.txt"  # under ANIML_HOME: the roots an operator gave `animl register`
