@@ -1,6 +1,7 @@
 """cct_export and images materialized through the Definitions with a real DagsterInstance."""
 
 import hashlib
+import logging
 import json
 from pathlib import Path
 
@@ -168,3 +169,18 @@ def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, buck
     assert materialization(rerun, "crops")["num_reused_crops"] == sample_counts["crops"]
     # only the regenerated reports go up again (manifest, failures, contact sheet), no crop image
     assert materialization(rerun, "crops")["uploaded"] == 3
+
+
+def test_thousands_of_failed_images_log_a_bounded_number_of_lines(settings, instance):
+    """One warning per failed image flooded the event log (57 MB at 60k); now one summary, the list in the manifest."""
+    count = 2_000
+    partition = write_export(settings, instance, {
+        "images": [{"id": i, "file_name": f"cam/{i:05d}.jpg", "location": "x"} for i in range(count)],
+        "annotations": [], "categories": []}, name="missing")
+    result = run_ingest(settings, instance, partition)
+    assert result.success
+    logs = instance.all_logs(result.run_id)
+    warnings = [entry for entry in logs if entry.level >= logging.WARNING and entry.step_key == "images"]
+    assert len(warnings) == 1 and f"{count} images failed ({count} nonexistent)" in warnings[0].user_message
+    assert len(logs) < 100
+    assert (manifest(settings, partition)["status"] == "nonexistent").sum() == count

@@ -78,8 +78,8 @@ def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_
 def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: ArtifactStore,
            exports: ExportsLocation, image_source: ImageSource) -> dg.MaterializeResult:
     """Each referenced image copied into the artifact store if it decodes; every image in the manifest
-    with its category (good, nonexistent, non_image, truncated, bad). Good images already present are
-    not fetched again."""
+    with its category (good, nonexistent, non_image, truncated, bad, or fetch_failed for a transport
+    fault). Good images already present, or recorded by a run that was killed, are not fetched again."""
     partition = context.partition_key
     store = storage.store()
     cct = load_cct(store.read_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT)))
@@ -93,10 +93,11 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
                      str(image.get(config.source_key_field) or image["file_name"]))
         for image in cct["images"]
     ]
-    step = max(1, len(requests) // 10)
+    logged = [0]
 
-    def progress(done: int, total: int) -> None:
-        if done % step == 0 or done == total:
+    def progress(done: int, total: int) -> None:  # about ten lines, however large the export
+        if done * 10 // total > logged[0] or done == total:
+            logged[0] = done * 10 // total
             context.log.info(f"{done}/{total} checked")
 
     context.log.info(f"{len(requests)} referenced, source {source.uri()}")
