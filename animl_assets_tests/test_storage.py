@@ -137,8 +137,7 @@ def test_credentials_in_the_endpoint_url_reach_neither_output_nor_event_log(tmp_
     assert f"127.0.0.1:{closed}" in captured.out + captured.err
     assert "secret" not in captured.out + captured.err
     instance = dg.DagsterInstance.from_config(str(home / "dagster"))
-    logged = "\n".join(str(record.event_log_entry) for record in instance.get_event_records(
-        dg.EventRecordsFilter(event_type=dg.DagsterEventType.STEP_FAILURE)))
+    logged = "\n".join(str(entry) for run in instance.get_runs() for entry in instance.all_logs(run.run_id))
     assert f"127.0.0.1:{closed}" in logged and "secret" not in logged
 
 
