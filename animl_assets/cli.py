@@ -200,31 +200,31 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
     except dg.DagsterInvalidConfigError as err:
         raise CliError(f"invalid run config: {'; '.join(e.message for e in err.errors)}") from err
     where = f" [{partition}]" if partition else ""
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        counts = {k: v.value for k, v in materialization.metadata.items()
+                  if (k.startswith("num_") or k == "score") and isinstance(v.value, (int, float))}
+        print(f"  materialized {materialization.asset_key.to_user_string()}{where}: {counts}")
     expected, unexpected = [], []
-    for event in result.all_events:
-        if event.event_type_value == "ASSET_MATERIALIZATION":
-            materialization = event.event_specific_data.materialization
-            counts = {k: v.value for k, v in materialization.metadata.items()
-                      if (k.startswith("num_") or k == "score") and isinstance(v.value, (int, float))}
-            print(f"  materialized {materialization.asset_key.to_user_string()}{where}: {counts}")
-        elif event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.event_specific_data.passed:
-            check = event.event_specific_data
-            blocking = check.blocking and check.severity == dg.AssetCheckSeverity.ERROR
-            problems = check.metadata.get("problems")
-            message = f"check {check.check_name} on {check.asset_key.to_user_string()} failed" + (
-                f" ({problems.value} problems)" if problems and isinstance(problems.value, int) else "")
-            print(f"  {message}{'' if blocking else ' (warning)'}")
-            if blocking:
-                expected.append(message)
-        elif event.event_type_value == "STEP_FAILURE":
-            error = event.event_specific_data.error
-            if error.cls_name == "DagsterAssetCheckFailedError":
-                continue  # the failed check itself is reported above
-            if error.cls_name == "Failure" or (error.cause and error.cause.cls_name == "Failure"):
-                failure = error if error.cls_name == "Failure" else error.cause
-                expected.append(f"{event.step_key}: {failure.message.split(': ', 1)[-1].strip()}")
-            else:
-                unexpected.append(f"step {event.step_key} failed:\n{error.to_string()}")
+    for check in result.get_asset_check_evaluations():
+        if check.passed:
+            continue
+        blocking = check.blocking and check.severity == dg.AssetCheckSeverity.ERROR
+        problems = check.metadata.get("problems")
+        message = f"check {check.check_name} on {check.asset_key.to_user_string()} failed" + (
+            f" ({problems.value} problems)" if problems and isinstance(problems.value, int) else "")
+        print(f"  {message}{'' if blocking else ' (warning)'}")
+        if blocking:
+            expected.append(message)
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        if error.cls_name == "DagsterAssetCheckFailedError":
+            continue  # the failed check itself is reported above
+        failure = error if error.cls_name == "Failure" else error.cause
+        if failure is not None and failure.cls_name == "Failure":
+            expected.append(f"{event.step_key}: {failure.message.split(': ', 1)[-1].strip()}")
+        else:
+            unexpected.append(f"step {event.step_key} failed:\n{error.to_string()}")
     if unexpected:
         print("\n".join(unexpected), file=sys.stderr)
         raise RunCrashed(job_name)

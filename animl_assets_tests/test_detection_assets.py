@@ -112,3 +112,20 @@ def test_malformed_detector_results_fail_with_the_file_named(settings, instance,
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert f"{partition}.md.json are not valid JSON" in failure.event_specific_data.error.message
     assert failure.step_key == "md_detections" and not result.asset_materializations_for_node("crops")
+
+
+def test_out_of_order_materialization_names_the_missing_upstream(settings, instance, sample_dir):
+    """md_detections before images used to stop with `TypeError: 'NoneType' object is not subscriptable`."""
+    import dagster as dg
+
+    from animl_assets.definitions import build_definitions
+
+    partition = add_export(settings, instance, sample_dir)
+    job = build_definitions(settings).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False,
+                                    asset_selection=[dg.AssetKey("cct_export"), dg.AssetKey("md_detections")])
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "md_detections"
+    assert failure.event_specific_data.error.cls_name == "Failure"
+    assert ("images is not materialized for partition 'sample/sample_export' (manifest.csv is missing): "
+            "materialize images first") in failure.event_specific_data.error.message

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, local_folder, location, publish, read_csv, read_json, table,
-                                           thumbnail_markdown)
+from animl_assets.assets.artifacts import (artifact_key, local_folder, location, publish, table, thumbnail_markdown,
+                                           upstream_csv, upstream_json)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.detections import DETECTIONS, LABELS, md_detections
 from animl_assets.assets.exports import exports_partitions
@@ -19,6 +19,7 @@ from animl_assets.core.crops import MANIFEST_COLUMNS, crop_detections
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.failures import MAX_PIXELS
 from animl_assets.core.images import GOOD
+from animl_assets.core.megadetector import with_box_labels
 from animl_assets.resources.storage import ArtifactStore
 
 SIZE_BINS = [0, 32, 64, 128, 224, 512, 1024, 100_000]
@@ -56,7 +57,7 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
     crops only what is missing or changed. Failed images are reported with their category."""
     partition = context.partition_key
     store = storage.store()
-    md = read_json(store, artifact_key("md_detections", partition, DETECTIONS))
+    md = upstream_json(store, "md_detections", partition, DETECTIONS)
     images_dir = images_folder(storage, partition)
     crops_store = store.child(artifact_key("crops", partition, ""))
     crops_dir = local_folder(crops_store, storage.cache("crops", partition_folder(partition)))
@@ -66,7 +67,7 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
     failures = pd.DataFrame([{"file": file, "category": category, "error": report.errors.get(file, "")}
                              for file, category in sorted(report.failures.items())],
                             columns=["file", "category", "error"])
-    verified = read_csv(store, artifact_key("images", partition, IMAGES_MANIFEST)).set_index("file_name")
+    verified = upstream_csv(store, "images", partition, IMAGES_MANIFEST).set_index("file_name")
     rejected = failures["file"].isin(verified.index[verified["status"] != GOOD])
     if rejected.any():  # images the images stage rejected: report its category and reason, not "missing"
         earlier = verified.loc[failures.loc[rejected, "file"]]
@@ -74,10 +75,9 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
         failures.loc[rejected, "error"] = ("rejected by images: " + earlier["error"].astype(str)).to_numpy()
     (crops_dir / "failures.csv").write_text(failures.to_csv(index=False))
     rows = pd.DataFrame(report.rows, columns=MANIFEST_COLUMNS)
-    labels = read_csv(store, artifact_key("md_detections", partition, LABELS))
-    rows["detection_index"] = rows["detection_index"].astype(int)
-    rows = rows.merge(labels[["file", "detection_index", "label"]], on=["file", "detection_index"], how="left")
-    rows["label"] = rows["label"].fillna("").replace("", "(unlabelled)")
+    labels = upstream_csv(store, "md_detections", partition, LABELS)
+    rows = with_box_labels(rows, labels)
+    rows["label"] = rows["label"].replace("", "(unlabelled)")
     per_class = rows.groupby("label").size().rename("crops").reset_index()
     sheet = contact_sheet(rows.groupby("label")["crop"].apply(list).to_dict(),
                           lambda crop: (crops_dir / crop).read_bytes())

@@ -7,8 +7,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, image_metadata, location, read_csv, read_json, table,
-                                           table_schema, write_csv, write_json)
+from animl_assets.assets.artifacts import (artifact_key, image_metadata, location, table, table_schema,
+                                           upstream_bytes, upstream_csv, upstream_json, write_csv, write_json)
 from animl_assets.assets.crops import crops
 from animl_assets.assets.detections import LABELS
 from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
@@ -17,6 +17,7 @@ from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import MANIFEST as CROPS_MANIFEST
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.dataset import CROP_COLUMNS, build_classification_dataset, label_index, match_test
+from animl_assets.core.megadetector import with_box_labels
 from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, default_label_mapping,
                                           parse_label_spec, parse_taxonomy, resolve_label_spec)
 from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
@@ -59,15 +60,15 @@ def _read_text(uri: str, storage: ArtifactStore) -> str:
 
 def _crop_rows(store: Store, partition: str) -> pd.DataFrame:
     """CROP_COLUMNS rows for one export's crops, with its class and location per crop."""
-    manifest = read_csv(store, artifact_key("crops", partition, CROPS_MANIFEST))
-    labels = read_csv(store, artifact_key("md_detections", partition, LABELS))
-    cct = load_cct(store.read_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT)))
+    manifest = upstream_csv(store, "crops", partition, CROPS_MANIFEST)
+    labels = upstream_csv(store, "md_detections", partition, LABELS)
+    cct = load_cct(upstream_bytes(store, "cct_export", partition, EXPORT_ARTIFACT))
     locations = {image["file_name"]: image_location(image) for image in cct["images"]}
-    rows = manifest.merge(labels[["file", "detection_index", "label"]], how="left", on=["file", "detection_index"])
+    rows = with_box_labels(manifest, labels)
     return pd.DataFrame({
         "path": partition_folder(partition) + "/" + rows["crop"].astype(str), "dataset": partition,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION),
-        "dataset_class": rows["label"].fillna("").astype(str), "confidence": rows["conf"].astype(float),
+        "dataset_class": rows["label"].astype(str), "confidence": rows["conf"].astype(float),
         "image": rows["file"],
     }, columns=CROP_COLUMNS)
 
@@ -172,9 +173,9 @@ class SplitsConfig(dg.Config):
 def splits(config: SplitsConfig, storage: ArtifactStore) -> dg.MaterializeResult:
     """``splits.json``: (dataset, location) pairs for train, val and test."""
     store = storage.store()
-    ds = read_csv(store, artifact_key("classification_dataset", None, DATASET_CSV))
-    spec = read_json(store, artifact_key("classification_dataset", None, SPEC_USED))
-    test_locations = read_json(store, artifact_key("classification_dataset", None, MATCH_TEST))
+    ds = upstream_csv(store, "classification_dataset", None, DATASET_CSV)
+    spec = upstream_json(store, "classification_dataset", None, SPEC_USED)
+    test_locations = upstream_json(store, "classification_dataset", None, MATCH_TEST)
     test_frac = 0.0 if test_locations else config.test_frac
     result = make_splits(ds, val_frac=config.val_frac, test_frac=test_frac, method=config.method,
                          seed=config.seed, trials=config.trials, prioritize=prioritize_by_label(spec),

@@ -6,7 +6,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, location, read_csv, table, write_csv, write_json
+from animl_assets.assets.artifacts import (artifact_key, location, table, upstream_bytes, upstream_csv, write_csv,
+                                           write_json)
 from animl_assets.assets.checks import problems_check
 from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
@@ -55,8 +56,8 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
     or freshly run detector results; the export's boxes win for the same image."""
     partition = context.partition_key
     store = storage.store()
-    cct = load_cct(store.read_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT)))
-    manifest = read_csv(store, artifact_key("images", partition, IMAGES_MANIFEST))
+    cct = load_cct(upstream_bytes(store, "cct_export", partition, EXPORT_ARTIFACT))
+    manifest = upstream_csv(store, "images", partition, IMAGES_MANIFEST)
     sizes = _image_sizes(manifest)
     md = cct_to_md(cct, image_sizes=sizes)
     detector, mdcache_problems, sources = None, [], {"export boxes": len(md["images"])}

@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from animl_assets.assets.artifacts import (artifact_key, local_folder, location, read_csv, table, table_schema,
-                                           write_csv)
+                                           upstream_bytes, write_csv)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
 from animl_assets.core.cct import load_cct
@@ -82,7 +82,7 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
     fault). Good images already present, or recorded by a run that was killed, are not fetched again."""
     partition = context.partition_key
     store = storage.store()
-    cct = load_cct(store.read_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT)))
+    cct = load_cct(upstream_bytes(store, "cct_export", partition, EXPORT_ARTIFACT))
     source = resolve_image_source(config, cct, partition, image_source, exports)
     manifest_key = artifact_key("images", partition, MANIFEST)
     previous = read_csv(store, manifest_key)

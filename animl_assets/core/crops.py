@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 
 from animl_assets.core.failures import MAX_PIXELS, failure_category, pixel_cap_error
 from animl_assets.core.files import TEMP_PREFIX, Journal, atomic_open, atomic_write
+from animl_assets.core.megadetector import animal_categories
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 
 try:
@@ -332,7 +333,7 @@ def _write_manifest(crops_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 def _tasks(detections: dict[str, Any], images_dir: Path, crops_dir: Path, threshold: float, square: bool,
            max_side: int | None, max_pixels: int, previous: dict[str, dict], report: CropReport) -> Iterable[_Task]:
-    animal = {k for k, v in detections.get("detection_categories", {}).items() if v == "animal"}
+    animal = animal_categories(detections)
     detector = str(detections.get("info", {}).get("detector") or "unknown")
     for image in detections.get("images", []):
         file = image.get("file")

@@ -12,6 +12,7 @@ from animl_assets.core.cct import UNKNOWN_LOCATION
 from animl_assets.core.crops import crop_names
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.label_spec import Pair
+from animl_assets.core.megadetector import animal_categories, with_box_labels
 from animl_assets.core.splits import pair_keys
 
 DS_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
@@ -36,7 +37,7 @@ def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFra
     """One CROP_COLUMNS row per animal box of batch output ``md``, named as ``crop_detections`` names
     its crops; ``dataset_classes`` has ``file, detection_index, label`` and ``locations`` maps file to
     location. For building a dataset from detections alone (no crops on disk, e.g. benchmarks)."""
-    animal = {k for k, v in md["detection_categories"].items() if v == "animal"}
+    animal = animal_categories(md)
     detector, folder = str(md["info"].get("detector", "unknown")), partition_folder(dataset)
     files, indices, confidences = [], [], []
     for image in md["images"]:
@@ -46,13 +47,12 @@ def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFra
                 indices.append(index)
                 confidences.append(float(det.get("conf", 1.0)))
     rows = pd.DataFrame({"file": files, "detection_index": indices, "confidence": confidences})
-    rows = rows.merge(dataset_classes[["file", "detection_index", "label"]], how="left",
-                      on=["file", "detection_index"])
+    rows = with_box_labels(rows, dataset_classes)
     return pd.DataFrame({
         "path": [f"{folder}/{name}" for name in crop_names(rows["file"], rows["detection_index"], detector)],
         "dataset": dataset,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION).astype(str),
-        "dataset_class": rows["label"].fillna("").astype(str),
+        "dataset_class": rows["label"].astype(str),
         "confidence": rows["confidence"],
         "image": rows["file"],
     })

@@ -243,6 +243,19 @@ def merge_detections(ground_truth: dict[str, Any], detector: dict[str, Any]) -> 
     return result
 
 
+def animal_categories(md: dict[str, Any]) -> set[str]:
+    """The detection category ids named 'animal' (normally just one)."""
+    return {category_id for category_id, name in md.get("detection_categories", {}).items() if name == "animal"}
+
+
+def with_box_labels(rows: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` (one per box: ``file``, ``detection_index``) with each box's ``label`` from a ``box_labels``
+    table; a box without one gets ''."""
+    keys = ["file", "detection_index"]
+    labels = labels[[*keys, "label"]].astype({"detection_index": int})
+    return rows.astype({"detection_index": int}).merge(labels, how="left", on=keys).fillna({"label": ""})
+
+
 def animal_category(md: dict[str, Any]) -> str:
     """The detection category id named 'animal'."""
     for category_id, name in md.get("detection_categories", {}).items():
