@@ -7,6 +7,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from animl_assets.assets import DATASET_ASSETS, PER_EXPORT_ASSETS, make_new_exports_sensor
+from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
 from animl_assets.settings import ENV_VARS, Settings
 
@@ -45,8 +46,10 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
                   "storage": home | {"uri": settings.storage_uri}, "exports": home | {"uri": settings.exports_uri, "max_depth": settings.exports_max_depth},
                   "image_source": home | {"uri": settings.images_uri, "allowed_roots": settings.allowed_image_roots}}
     s3 = S3Resource(**fields["s3"])
+    storage = ArtifactStore(s3=s3, **fields["storage"])
     return {
-        "storage": ArtifactStore(s3=s3, **fields["storage"]),
+        "storage": storage,
+        "io_manager": ArtifactIOManager(storage=storage),
         "exports": ExportsLocation(s3=s3, **fields["exports"]),
         "image_source": ImageSource(s3=s3, **fields["image_source"]),
     }

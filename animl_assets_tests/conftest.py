@@ -206,3 +206,11 @@ def faulty_s3(moto_endpoint):
     thread.start()
     yield f"http://127.0.0.1:{proxy.server_address[1]}", proxy
     proxy.shutdown()
+
+
+def latest_version(settings: Settings, instance: dg.DagsterInstance, asset: str) -> Path:
+    """The folder of the version of ``asset`` its latest materialization wrote (local artifact store)."""
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    assert event is not None, f"{asset} was never materialized"
+    version = event.asset_materialization.metadata["version"].value
+    return Path(settings.storage_uri) / asset / version

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from animl_assets.definitions import DATASET_JOB, build_definitions
-from animl_assets_tests.conftest import add_export, run_ingest, table_rows
+from animl_assets_tests.conftest import add_export, latest_version, run_ingest, table_rows
 from animl_assets_tests.test_ingest_assets import materialization
 
 
@@ -38,19 +38,19 @@ def test_dataset_and_splits_from_the_sample_export(settings, instance, ingested,
     result = run_dataset(settings, instance)
     assert result.success
     root = Path(settings.storage_uri)
-    ds = pd.read_csv(root / "classification_dataset" / "classification_ds.csv", keep_default_na=False)
+    ds = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv", keep_default_na=False)
     assert list(ds.columns) == ["path", "dataset", "location", "dataset_class", "confidence", "label"]
     assert len(ds) == sample_counts["crops"] and set(ds["dataset"]) == {ingested}
     assert set(ds["label"]) == {"deer", "fox", "raccoon", "turkey"}  # "empty" left out by default
     assert (ds["confidence"] == 1.0).all()
     for path in ds["path"]:
         assert (root / "crops" / path).is_file()
-    index = json.loads((root / "classification_dataset" / "label_index.json").read_text())
+    index = json.loads((latest_version(settings, instance, "classification_dataset") / "label_index.json").read_text())
     assert index == {"0": "deer", "1": "fox", "2": "raccoon", "3": "turkey"}
     meta = materialization(result, "classification_dataset")
     assert meta["num_locations"] == sample_counts["locations"] and "data:image/jpeg;base64," in meta["sample_grid"]
 
-    splits = json.loads((root / "splits" / "splits.json").read_text())
+    splits = json.loads((latest_version(settings, instance, "splits") / "splits.json").read_text())
     assert set(splits) == {"train", "val", "test"} and all(splits.values())
     placed = [tuple(loc) for name in splits for loc in splits[name]]
     assert len(placed) == len(set(placed)) == sample_counts["locations"]
@@ -68,7 +68,7 @@ def test_csv_label_spec_groups_classes(settings, instance, ingested, tmp_path):
     result = run_dataset(settings, instance, config({"label_spec": str(spec), "seed": 3},
                                                     {"method": "smallest_first"}))
     assert result.success
-    ds = pd.read_csv(Path(settings.storage_uri) / "classification_dataset" / "classification_ds.csv")
+    ds = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv")
     assert set(ds["label"]) == {"mammal", "bird"} and (ds["label"] == "mammal").sum() == 30
     meta = materialization(result, "classification_dataset")
     assert meta["left_out"] == {"over max_count": meta["sampled"]["mammal"]["before"] - 30}
@@ -97,13 +97,13 @@ def test_match_test_keeps_the_earlier_test_split(settings, instance, ingested, t
     assert run_dataset(settings, instance).success
     root = Path(settings.storage_uri)
     earlier_csv, earlier_splits = tmp_path / "earlier.csv", tmp_path / "earlier_splits.json"
-    earlier_csv.write_bytes((root / "classification_dataset" / "classification_ds.csv").read_bytes())
-    earlier_splits.write_bytes((root / "splits" / "splits.json").read_bytes())
+    earlier_csv.write_bytes((latest_version(settings, instance, "classification_dataset") / "classification_ds.csv").read_bytes())
+    earlier_splits.write_bytes((latest_version(settings, instance, "splits") / "splits.json").read_bytes())
     earlier_test = json.loads(earlier_splits.read_text())["test"]
     result = run_dataset(settings, instance, config(
         {"match_test_csv": str(earlier_csv), "match_test_splits": str(earlier_splits)}, {"seed": 5}))
     assert result.success
-    assert json.loads((root / "splits" / "splits.json").read_text())["test"] == sorted(earlier_test)
+    assert json.loads((latest_version(settings, instance, "splits") / "splits.json").read_text())["test"] == sorted(earlier_test)
     assert materialization(result, "classification_dataset")["match_test_locations"] == len(earlier_test)
 
 
@@ -129,10 +129,10 @@ def test_location_strings_survive_the_whole_chain(settings, instance, sample_dir
     job = build_definitions(settings).resolve_job_def(DATASET_JOB)
     assert job.execute_in_process(instance=instance).success
     root = Path(settings.storage_uri)
-    with (root / "classification_dataset" / "classification_ds.csv").open(newline="") as handle:
+    with (latest_version(settings, instance, "classification_dataset") / "classification_ds.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {row["location"] for row in rows} == set(tricky)
-    splits = json.loads((root / "splits" / "splits.json").read_text())
+    splits = json.loads((latest_version(settings, instance, "splits") / "splits.json").read_text())
     placed = [tuple(pair) for split in splits.values() for pair in split]
     assert sorted(placed) == sorted({(row["dataset"], row["location"]) for row in rows})
     assert {location for _, location in placed} == set(tricky)

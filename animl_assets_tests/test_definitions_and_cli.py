@@ -60,8 +60,9 @@ def test_resources_name_their_environment_variables_and_describe_themselves(tmp_
     assert storage.s3.endpoint_url.env_var_name == "ANIML_S3_ENDPOINT_URL"
     snapshot = defs.get_repository_def().get_top_level_resources()
     descriptions = {name: resource.description for name, resource in snapshot.items()}  # shown in the UI
-    assert len(set(descriptions.values())) == 3 and "ANIML_STORAGE_URI" in descriptions["storage"]
+    assert len(set(descriptions.values())) == len(descriptions) == 4 and "ANIML_STORAGE_URI" in descriptions["storage"]
     assert "ANIML_EXPORTS_URI" in descriptions["exports"] and "ANIML_IMAGES_URI" in descriptions["image_source"]
+    assert "plain files" in descriptions["io_manager"]
 
 
 def test_s3_storage_is_chosen_from_the_environment(moto_endpoint, bucket):

@@ -13,7 +13,7 @@ from animl_assets.assets.artifacts import artifact_key
 from animl_assets.core.crops import crop_name
 from animl_assets.core.exports import partition_folder, partition_key_for
 from animl_assets.definitions import DATASET_JOB, build_definitions
-from animl_assets_tests.conftest import run_ingest
+from animl_assets_tests.conftest import latest_version, run_ingest
 
 PARTITIONS = ["a", "a/b", "a/b/c", "a/files", "files", "a.b", "a-b", "a_b", "crops.csv"]
 FILES = ["x.jpg", "b/x.jpg", "files/x.jpg", "b/c/x.jpg", "manifest.csv", "crops.csv", "c/files/x.jpg"]
@@ -56,7 +56,7 @@ def test_exports_whose_crop_paths_used_to_collide_keep_their_own_crops(settings,
     job.execute_in_process(instance=instance, raise_on_error=False)  # splits cannot place 1 location: fine
     root = Path(settings.storage_uri)
 
-    with (root / "classification_dataset" / "classification_ds.csv").open() as handle:
+    with (latest_version(settings, instance, "classification_dataset") / "classification_ds.csv").open() as handle:
         rows = {row["dataset"]: row for row in csv.DictReader(handle)}
     assert {name: row["label"] for name, row in rows.items()} == {"a": "deer", "a/b": "fox"}
     assert rows["a"]["path"] != rows["a/b"]["path"]

@@ -1,14 +1,14 @@
 """``classification_dataset`` and ``splits``: one dataset version across exports, split by location."""
 
 import json
-from typing import Literal
+from typing import Iterator, Literal
 
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
 from animl_assets.assets.artifacts import (artifact_key, image_metadata, location, table, table_schema,
-                                           upstream_bytes, upstream_csv, upstream_json, write_csv, write_json)
+                                           upstream_bytes, upstream_csv)
 from animl_assets.assets.crops import crops
 from animl_assets.assets.detections import LABELS
 from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
@@ -16,20 +16,18 @@ from animl_assets.core.cct import UNKNOWN_LOCATION, image_location, load_cct
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import MANIFEST as CROPS_MANIFEST
 from animl_assets.core.exports import partition_folder
-from animl_assets.core.dataset import CROP_COLUMNS, build_classification_dataset, label_index, match_test
+from animl_assets.core.dataset import CROP_COLUMNS, DatasetVersion, build_classification_dataset, label_index, match_test
 from animl_assets.core.megadetector import with_box_labels
 from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, default_label_mapping,
                                           parse_label_spec, parse_taxonomy, resolve_label_spec)
 from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
+from animl_assets.core.artifact_files import content_version, to_files
 from animl_assets.core.store import Store
 from animl_assets.core.tables import read_csv as read_table
+from animl_assets.resources.io_manager import version_folder
 from animl_assets.resources.storage import ArtifactStore, read_uri
 
 DATASET_CSV = "classification_ds.csv"
-LABEL_INDEX = "label_index.json"
-SPEC_USED = "label_spec.json"
-MATCH_TEST = "match_test_locations.json"
-SPLITS_JSON = "splits.json"
 SAMPLE_GRID = "sample_grid.png"
 
 
@@ -77,7 +75,7 @@ def _crop_rows(store: Store, partition: str) -> pd.DataFrame:
           check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
                                          description="At least two labels have min_crops_per_label crops.")])
 def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig,
-                           storage: ArtifactStore) -> dg.MaterializeResult:
+                           storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """``classification_ds.csv`` + ``label_index.json`` over the crops of the chosen exports (each export a
     dataset), labelled by the label spec; every crop left out is counted by reason."""
     store = storage.store()
@@ -112,11 +110,9 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
         ds, test_locations = match_test(ds, earlier, json.loads(_read_text(config.match_test_splits, storage)))
     if ds.empty:
         raise dg.Failure(f"the dataset is empty; left out: {report.dropped}")
-    write_csv(store, artifact_key("classification_dataset", None, DATASET_CSV), ds)
-    write_json(store, artifact_key("classification_dataset", None, LABEL_INDEX), label_index(ds))
-    write_json(store, artifact_key("classification_dataset", None, SPEC_USED), spec or {
-        "generated": {f"{d}|{c}": label for (d, c), label in sorted(mapping.items())}})
-    write_json(store, artifact_key("classification_dataset", None, MATCH_TEST), test_locations)
+    dataset = DatasetVersion(ds, label_index(ds), spec or {
+        "generated": {f"{d}|{c}": label for (d, c), label in sorted(mapping.items())}}, test_locations)
+    version = content_version(to_files(dataset, "classification_dataset"))
     per_label = pd.DataFrame({
         "crops": ds.groupby("label").size(),
         "datasets": ds.groupby("label")["dataset"].nunique(),
@@ -125,7 +121,9 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     sample = ds.groupby("label")["path"].apply(lambda s: list(s.sample(min(len(s), 8), random_state=0))).to_dict()
     grid = contact_sheet(sample, lambda path: store.read_bytes(artifact_key("crops", None, path)))
     trainable = per_label[per_label["crops"] >= config.min_crops_per_label]
-    return dg.MaterializeResult(
+    folder = version_folder("classification_dataset", version)
+    yield dg.Output(
+        dataset, data_version=dg.DataVersion(version),
         metadata={
             "num_crops": len(ds), "num_labels": ds["label"].nunique(), "num_datasets": ds["dataset"].nunique(),
             "num_locations": ds[["dataset", "location"]].drop_duplicates().shape[0],
@@ -137,17 +135,15 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
             "conflicting_images": table(report.conflicts),
             "sampled": dg.MetadataValue.json({k: {"before": a, "after": b} for k, (a, b) in report.sampled.items()}),
             "match_test_locations": len(test_locations),
-            **image_metadata(store, artifact_key("classification_dataset", None, SAMPLE_GRID), grid, "sample_grid",
-                             "sample crops per label"),
-            "path": location(store.uri(artifact_key("classification_dataset", None, DATASET_CSV))),
+            **image_metadata(store, f"{folder}/{SAMPLE_GRID}", grid, "sample_grid", "sample crops per label"),
+            "path": location(store.uri(f"{folder}/{DATASET_CSV}")),
         },
-        check_results=[dg.AssetCheckResult(
-            check_name="enough_labels_to_train", passed=len(trainable) >= 2, severity=dg.AssetCheckSeverity.ERROR,
-            description=f"{len(trainable)} labels have at least {config.min_crops_per_label} crops; training "
-                        "needs two",
-            metadata={"labels_with_enough_crops": len(trainable), "min_crops_per_label": config.min_crops_per_label,
-                      "crops_per_label": table(per_label)},
-        )],
+    )
+    yield dg.AssetCheckResult(
+        check_name="enough_labels_to_train", passed=len(trainable) >= 2, severity=dg.AssetCheckSeverity.ERROR,
+        description=f"{len(trainable)} labels have at least {config.min_crops_per_label} crops; training needs two",
+        metadata={"labels_with_enough_crops": len(trainable), "min_crops_per_label": config.min_crops_per_label,
+                  "crops_per_label": table(per_label)},
     )
 
 
@@ -162,7 +158,7 @@ class SplitsConfig(dg.Config):
 
 
 @dg.asset(
-    deps=[classification_dataset], group_name="dataset", kinds={"json"},
+    group_name="dataset", kinds={"json"},
     check_specs=[
         dg.AssetCheckSpec("no_location_leakage", asset="splits", blocking=True,
                           description="Every (dataset, location) is in exactly one split."),
@@ -170,34 +166,28 @@ class SplitsConfig(dg.Config):
                           description="Each label has crops in train, val and test."),
     ],
 )
-def splits(config: SplitsConfig, storage: ArtifactStore) -> dg.MaterializeResult:
-    """``splits.json``: (dataset, location) pairs for train, val and test."""
-    store = storage.store()
-    ds = upstream_csv(store, "classification_dataset", None, DATASET_CSV)
-    spec = upstream_json(store, "classification_dataset", None, SPEC_USED)
-    test_locations = upstream_json(store, "classification_dataset", None, MATCH_TEST)
+def splits(config: SplitsConfig, classification_dataset: DatasetVersion) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    """``splits.json``: (dataset, location) pairs for train, val and test, from one dataset version."""
+    ds, test_locations = classification_dataset.classification_ds, classification_dataset.match_test_locations
     test_frac = 0.0 if test_locations else config.test_frac
     result = make_splits(ds, val_frac=config.val_frac, test_frac=test_frac, method=config.method,
-                         seed=config.seed, trials=config.trials, prioritize=prioritize_by_label(spec),
+                         seed=config.seed, trials=config.trials,
+                         prioritize=prioritize_by_label(classification_dataset.label_spec),
                          test_locations=test_locations)
-    write_json(store, artifact_key("splits", None, SPLITS_JSON), result)
     expected = tuple(name for name, wanted in (("train", True), ("val", config.val_frac > 0),
                                                ("test", test_frac > 0 or bool(test_locations))) if wanted)
     leaks, missing = check_splits(ds, result, expected)
     score = split_score(ds, result, val_frac=config.val_frac, test_frac=test_frac)
-    return dg.MaterializeResult(
+    yield dg.Output(
+        result, data_version=dg.DataVersion(content_version(to_files(result, "splits"))),
         metadata={
             "score": round(score, 4), "method": config.method,
             **{f"num_{name}_locations": len(result[name]) for name in result},
             "crops_per_label_and_split": table(split_table(ds, result).reset_index(names="label")),
-            "path": location(store.uri(artifact_key("splits", None, SPLITS_JSON))),
         },
-        check_results=[
-            dg.AssetCheckResult(check_name="no_location_leakage", passed=not leaks,
-                                severity=dg.AssetCheckSeverity.ERROR,
-                                metadata={"problems": dg.MetadataValue.json(leaks[:50])}),
-            dg.AssetCheckResult(check_name="every_label_in_every_split", passed=not missing,
-                                severity=dg.AssetCheckSeverity.ERROR,
-                                metadata={"labels_that_cannot_be_placed": dg.MetadataValue.json(missing)}),
-        ],
     )
+    yield dg.AssetCheckResult(check_name="no_location_leakage", passed=not leaks, severity=dg.AssetCheckSeverity.ERROR,
+                              metadata={"problems": dg.MetadataValue.json(leaks[:50])})
+    yield dg.AssetCheckResult(check_name="every_label_in_every_split", passed=not missing,
+                              severity=dg.AssetCheckSeverity.ERROR,
+                              metadata={"labels_that_cannot_be_placed": dg.MetadataValue.json(missing)})

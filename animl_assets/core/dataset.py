@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from animl_assets.core.artifact_files import artifact_file
 from animl_assets.core.cct import UNKNOWN_LOCATION
 from animl_assets.core.crops import crop_names
 from animl_assets.core.exports import partition_folder
@@ -30,6 +31,16 @@ class DatasetReport:
     def drop(self, reason: str, count: int) -> None:
         if count:
             self.dropped[reason] = self.dropped.get(reason, 0) + int(count)
+
+
+@dataclass
+class DatasetVersion:
+    """One version of the classification dataset, as the reference scripts' files."""
+
+    classification_ds: pd.DataFrame = field(metadata=artifact_file("classification_ds.csv"))
+    label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
+    label_spec: dict[str, Any] = field(metadata=artifact_file("label_spec.json"))
+    match_test_locations: list[list[str]] = field(metadata=artifact_file("match_test_locations.json"))
 
 
 def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFrame,

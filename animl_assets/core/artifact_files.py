@@ -1,0 +1,98 @@
+"""Values as plain, readable files, and back: what the artifact IO manager stores. Never pickles.
+
+A DataFrame is a CSV, a dict or list a JSON file, arrays an ``.npz``; a dataclass of such values (an
+"artifact set", e.g. a dataset's CSV and label index) is one file per field, named by the field's
+``file`` metadata. ``artifacts.json``, written last, says what the folder holds and how to load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from animl_assets.core.tables import read_csv
+
+INDEX = "artifacts.json"
+
+
+class Arrays(dict):
+    """Named numpy arrays, stored together as one ``.npz`` (e.g. a confusion matrix per split)."""
+
+
+def artifact_file(name: str) -> dict[str, str]:
+    """Field metadata naming the file a field of an artifact-set dataclass is stored as."""
+    return {"file": name}
+
+
+def _dump(value: Any) -> tuple[str, bytes]:
+    if isinstance(value, pd.DataFrame):
+        return "csv", value.to_csv(index=False).encode()
+    if isinstance(value, (Arrays, np.ndarray)):
+        buffer = io.BytesIO()
+        np.savez(buffer, **(value if isinstance(value, Arrays) else {"array": value}))
+        return "npz", buffer.getvalue()
+    if isinstance(value, (dict, list)):
+        return "json", json.dumps(value, indent=1).encode()
+    raise TypeError(f"no plain-file format for {type(value).__name__}: use a DataFrame, dict, list, numpy "
+                    "arrays or a dataclass of them")
+
+
+def _load(kind: str, data: bytes) -> Any:
+    if kind == "csv":
+        return read_csv(data)
+    if kind == "json":
+        return json.loads(data)
+    if kind in ("npz", "ndarray"):
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            loaded = Arrays({name: arrays[name] for name in arrays.files})
+        return loaded["array"] if kind == "ndarray" else loaded
+    raise ValueError(f"unknown artifact kind {kind!r}")
+
+
+def to_files(value: Any, name: str) -> dict[str, bytes]:
+    """The files that hold ``value`` (``name`` names a single value's file), with ``artifacts.json``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        files, index = {}, {"class": f"{type(value).__module__}:{type(value).__qualname__}", "files": {}}
+        for field in dataclasses.fields(value):
+            kind, data = _dump(getattr(value, field.name))
+            file = field.metadata.get("file", f"{field.name}.{kind}")
+            files[file] = data
+            index["files"][field.name] = {"file": file, "kind": _kind(getattr(value, field.name), kind)}
+    else:
+        kind, data = _dump(value)
+        files = {f"{name}.{kind}": data}
+        index = {"files": {"": {"file": f"{name}.{kind}", "kind": _kind(value, kind)}}}
+    return files | {INDEX: json.dumps(index, indent=1).encode()}
+
+
+def _kind(value: Any, kind: str) -> str:
+    return "ndarray" if isinstance(value, np.ndarray) else kind
+
+
+def from_files(read: Any) -> Any:
+    """The value ``to_files`` stored; ``read(file_name) -> bytes`` reads a file of its folder."""
+    index = json.loads(read(INDEX))
+    if "class" not in index:
+        entry = index["files"][""]
+        return _load(entry["kind"], read(entry["file"]))
+    module, _, qualname = index["class"].partition(":")
+    cls = getattr(sys.modules.get(module), qualname, None)  # never imports: only classes already loaded
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"refusing to load an artifact set of class {index['class']!r}: not a loaded dataclass")
+    return cls(**{field: _load(entry["kind"], read(entry["file"])) for field, entry in index["files"].items()})
+
+
+def content_version(files: dict[str, bytes]) -> str:
+    """A short content hash of a set of files: the same files, the same version."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        if name != INDEX:
+            digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,123 @@
+"""The artifact IO manager: plain files that round-trip, immutable versions, downstream reads the newest."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from dagster_aws.s3 import S3Resource
+
+from animl_assets.core.artifact_files import Arrays, artifact_file, content_version, from_files, to_files
+from animl_assets.core.dataset import DatasetVersion
+from animl_assets.definitions import DATASET_JOB, build_definitions
+from animl_assets.resources.io_manager import ArtifactIOManager
+from animl_assets.resources.storage import ArtifactStore
+from animl_assets_tests.conftest import add_export, latest_version, run_ingest
+
+
+@dataclass
+class Pair:
+    table: pd.DataFrame = field(metadata=artifact_file("table.csv"))
+    meta: dict = field(metadata=artifact_file("meta.json"))
+
+
+VALUES = {
+    "frame": pd.DataFrame({"location": ["001", "1e3"], "n": [1, 2]}),
+    "mapping": {"0": "deer", "1": "fox"},
+    "pairs": [["a", "001"], ["b", "1"]],
+    "array": np.arange(6).reshape(2, 3),
+    "arrays": Arrays(train=np.eye(2), test=np.zeros((2, 2), dtype=np.int64)),
+    "set": Pair(pd.DataFrame({"path": ["x"], "label": ["deer"]}), {"v": 1}),
+}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, pd.DataFrame):
+        return a.equals(b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b) and a.dtype == b.dtype
+    if isinstance(a, dict) and a and isinstance(next(iter(a.values())), np.ndarray):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, Pair):
+        return same(a.table, b.table) and a.meta == b.meta
+    return a == b
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_values_round_trip_as_plain_files(name):
+    files = to_files(VALUES[name], "out")
+    assert not any(data.startswith(b"\x80") for data in files.values())  # no pickle anywhere
+    loaded = from_files(files.__getitem__)
+    assert type(loaded) is type(VALUES[name]) and same(VALUES[name], loaded)
+    assert content_version(files) == content_version(to_files(VALUES[name], "out"))
+
+
+def test_ids_stay_strings_and_other_classes_are_refused():
+    loaded = from_files(to_files(VALUES["frame"], "t").__getitem__)
+    assert loaded["location"].tolist() == ["001", "1e3"]
+    files = to_files(VALUES["set"], "s")
+    files["artifacts.json"] = files["artifacts.json"].replace(b"test_io_manager:Pair", b"os:system")
+    with pytest.raises(ValueError, match="refusing"):
+        from_files(files.__getitem__)
+
+
+def _round_trip_through_dagster(storage: ArtifactStore, instance) -> None:
+    @dg.asset
+    def upstream() -> Pair:
+        return VALUES["set"]
+
+    @dg.asset
+    def downstream(upstream: Pair) -> dict:
+        assert same(VALUES["set"], upstream)
+        return {"rows": len(upstream.table)}
+
+    result = dg.materialize([upstream, downstream], instance=instance,
+                            resources={"io_manager": ArtifactIOManager(storage=storage)})
+    assert result.success
+    version = result.asset_materializations_for_node("upstream")[0].metadata["version"].value
+    assert from_files(lambda name: storage.store().read_bytes(f"upstream/{version}/{name}")).meta == {"v": 1}
+
+
+def test_io_manager_on_a_local_folder(tmp_path, instance):
+    _round_trip_through_dagster(ArtifactStore(uri=str(tmp_path / "artifacts")), instance)
+
+
+def test_io_manager_on_s3(moto_endpoint, bucket, instance):
+    _round_trip_through_dagster(ArtifactStore(uri=f"s3://{bucket}/artifacts", s3=S3Resource(endpoint_url=moto_endpoint)),
+                                instance)
+
+
+def test_two_dataset_versions_stay_side_by_side_and_splits_reads_the_newest(settings, instance, sample_dir):
+    partition = add_export(settings, instance, sample_dir)
+    assert run_ingest(settings, instance, partition).success
+    job = build_definitions(settings).resolve_job_def(DATASET_JOB)
+    assert job.execute_in_process(instance=instance).success
+    first = latest_version(settings, instance, "classification_dataset")
+    first_csv = (first / "classification_ds.csv").read_bytes()
+    config = {"ops": {"classification_dataset": {"config": {"excluded_classes": ["empty", "turkey"]}}}}
+    second_run = job.execute_in_process(instance=instance, run_config=config)
+    second = latest_version(settings, instance, "classification_dataset")
+    assert second != first and (first / "classification_ds.csv").read_bytes() == first_csv  # never replaced
+    assert "turkey" not in pd.read_csv(second / "classification_ds.csv")["label"].tolist()
+    splits = json.loads((latest_version(settings, instance, "splits") / "splits.json").read_text())
+    ds = pd.read_csv(second / "classification_ds.csv", dtype=str)
+    assert {tuple(pair) for split in splits.values() for pair in split} == set(zip(ds["dataset"], ds["location"]))
+    # the splits materialization records the dataset version it read, which is the newest one
+    materialization = second_run.asset_materializations_for_node("splits")[0]
+    assert materialization.tags["dagster/input_data_version/classification_dataset"] == second.name
+    again = job.execute_in_process(instance=instance, run_config=config)  # same data: same version folder
+    assert latest_version(settings, instance, "classification_dataset") == second and again.success
+    assert sorted(p.name for p in (Path(settings.storage_uri) / "classification_dataset").iterdir()) == sorted(
+        [first.name, second.name])
+
+
+def test_splits_before_any_dataset_names_what_to_materialize(settings, instance):
+    job = build_definitions(settings).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("splits")], raise_on_error=False)
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "classification_dataset is not materialized yet: materialize classification_dataset first" in \
+        str(failure.event_specific_data.error.to_string())
+    assert isinstance(DatasetVersion.__dataclass_fields__["classification_ds"].metadata["file"], str)
