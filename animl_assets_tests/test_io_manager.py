@@ -121,3 +121,30 @@ def test_splits_before_any_dataset_names_what_to_materialize(settings, instance)
     assert "classification_dataset is not materialized yet: materialize classification_dataset first" in \
         str(failure.event_specific_data.error.to_string())
     assert isinstance(DatasetVersion.__dataclass_fields__["classification_ds"].metadata["file"], str)
+
+
+def test_a_changed_export_makes_the_dataset_stale(settings, instance, sample_dir):
+    """Per-export assets report content data versions, so the UI marks what was built from the old export."""
+    from dagster._core.definitions.data_version import StaleStatus
+    from dagster._utils.test.data_versions import get_stale_status_resolver  # what the UI computes
+
+    from animl_assets.assets import DATASET_ASSETS, PER_EXPORT_ASSETS
+
+    partition = add_export(settings, instance, sample_dir)
+    assert run_ingest(settings, instance, partition).success
+    job = build_definitions(settings).resolve_job_def(DATASET_JOB)
+    assert job.execute_in_process(instance=instance).success
+
+    def status(asset: str) -> StaleStatus:
+        resolver = get_stale_status_resolver(instance, [*PER_EXPORT_ASSETS, *DATASET_ASSETS])
+        return resolver.get_status(dg.AssetKey(asset))
+
+    assert status("classification_dataset") == status("splits") == StaleStatus.FRESH
+    assert run_ingest(settings, instance, partition).success  # the same export again: nothing changes
+    assert status("classification_dataset") == StaleStatus.FRESH
+    export = Path(settings.exports_uri) / "sample" / "sample_export.json"
+    cct = json.loads(export.read_text())
+    cct["annotations"][0]["bbox"][2] -= 10  # one box edited
+    export.write_text(json.dumps(cct))
+    assert run_ingest(settings, instance, partition).success
+    assert status("classification_dataset") == StaleStatus.STALE

@@ -13,6 +13,7 @@ import dagster as dg
 import pandas as pd
 from PIL import Image
 
+from animl_assets.core.artifact_files import content_version
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
@@ -43,6 +44,11 @@ def upstream_csv(store: Store, asset: str, partition: str | None, name: str) -> 
 def upstream_json(store: Store, asset: str, partition: str | None, name: str) -> Any:
     """An upstream JSON artifact (see ``upstream_bytes``)."""
     return json.loads(upstream_bytes(store, asset, partition, name))
+
+
+def stored_version(store: Store, *keys: str) -> dg.DataVersion:
+    """The data version of artifacts as stored: a hash of their content, so a change upstream shows."""
+    return dg.DataVersion(content_version({key: store.read_bytes(key) for key in keys}))
 
 
 def write_json(store: Store, key: str, value: Any) -> None:

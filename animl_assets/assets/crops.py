@@ -7,15 +7,15 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, local_folder, location, publish, table, thumbnail_markdown,
-                                           upstream_csv, upstream_json)
+from animl_assets.assets.artifacts import (artifact_key, local_folder, location, publish, stored_version, table,
+                                           thumbnail_markdown, upstream_csv, upstream_json)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.detections import DETECTIONS, LABELS, md_detections
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
 from animl_assets.assets.images import images_folder
 from animl_assets.core.contact_sheet import contact_sheet
-from animl_assets.core.crops import MANIFEST_COLUMNS, crop_detections
+from animl_assets.core.crops import MANIFEST, MANIFEST_COLUMNS, crop_detections
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.failures import MAX_PIXELS
 from animl_assets.core.images import GOOD
@@ -87,6 +87,7 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
     context.log.info(f"{report.crops} new, {report.reused} reused, {len(failures)} failed images, "
                      f"{report.seconds:.1f}s")
     return dg.MaterializeResult(
+        data_version=stored_version(crops_store, MANIFEST),
         metadata={
             "num_images": report.images,
             "num_crops": len(report.rows),

@@ -6,8 +6,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, location, table, upstream_bytes, upstream_csv, write_csv,
-                                           write_json)
+from animl_assets.assets.artifacts import (artifact_key, location, stored_version, table, upstream_bytes, upstream_csv,
+                                           write_csv, write_json)
 from animl_assets.assets.checks import problems_check
 from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
 from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
@@ -95,6 +95,8 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
     write_json(store, artifact_key("md_detections", partition, "images_without_boxes.json"), no_boxes)
     detections = sum(len(image.get("detections") or []) for image in md["images"])
     return dg.MaterializeResult(
+        data_version=stored_version(store, artifact_key("md_detections", partition, DETECTIONS),
+                                    artifact_key("md_detections", partition, LABELS)),
         metadata={
             "num_images": len(md["images"]),
             "num_detections": detections,

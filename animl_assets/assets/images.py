@@ -6,8 +6,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, local_folder, location, read_csv, table, table_schema,
-                                           upstream_bytes, write_csv)
+from animl_assets.assets.artifacts import (artifact_key, local_folder, location, read_csv, stored_version, table,
+                                           table_schema, upstream_bytes, write_csv)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
 from animl_assets.core.cct import load_cct
@@ -114,6 +114,7 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
         context.log.warning(f"{counts[FETCH_FAILED]} images could not be fetched ({config.attempts} attempts each, "
                             "transport errors): not marked bad, they are fetched again on the next run")
     return dg.MaterializeResult(
+        data_version=stored_version(store, manifest_key),
         metadata={
             **{f"num_{status}": int(counts.get(status, 0)) for status in STATUSES},
             "num_fetched": int(manifest["fetched"].sum()),
