@@ -295,6 +295,44 @@ def run_ui(extra_args: list[str]) -> int:
     return subprocess.call(command, cwd=os.environ["DAGSTER_HOME"])
 
 
+def run_lineage(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the lineage of a cross-export asset version, as indented lines or JSON."""
+    import dagster as dg
+
+    from animl_assets.lineage import lineage
+
+    with dg.DagsterInstance.get() as instance:
+        node = lineage(instance, args.asset, args.version)
+    print(json.dumps(node.as_dict(), indent=1) if args.json else "\n".join(node.lines()))
+    return 0
+
+
+def run_gc(args: argparse.Namespace, settings: Settings) -> int:
+    """List (or with --yes remove) the cross-export versions ``animl gc`` may collect."""
+    import dagster as dg
+
+    from animl_assets.definitions import build_resources
+    from animl_assets.core.artifact_files import INDEX
+    from animl_assets.lineage import collectable, remove_version
+    from animl_assets.resources.io_manager import version_folder
+
+    store = build_resources(settings)["storage"].store()
+    with dg.DagsterInstance.get() as instance:
+        doomed = collectable(instance, args.keep,
+                             lambda asset, version: store.exists(f"{version_folder(asset, version)}/{INDEX}"))
+    for asset, versions in doomed.items():
+        for version in versions:
+            if args.yes:
+                print(f"removed {asset} {version} ({remove_version(store, asset, version)} files)")
+            else:
+                print(f"would remove {asset} {version}")
+    if not any(doomed.values()):
+        print(f"nothing to remove: every version is among the newest {args.keep} or needed by one")
+    elif not args.yes:
+        print("dry run: run again with --yes to remove them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="animl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ENV_HELP,
@@ -323,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "launchpad: ops: {cct_export: {config: {…}}}")
     commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
                                      "-> classification_dataset, splits, all under ANIML_HOME")
+    lineage = commands.add_parser("lineage", help="the chain from a dataset or splits version down to the "
+                                                  "export partitions and their file hashes")
+    lineage.add_argument("asset", choices=["classification_dataset", "splits"])
+    lineage.add_argument("--version", help="the version (default: the newest)")
+    lineage.add_argument("--json", action="store_true", help="print JSON")
+    gc = commands.add_parser("gc", help="remove dataset and splits versions beyond the newest N that nothing "
+                                        "kept depends on (a dry run unless --yes)")
+    gc.add_argument("--keep", type=int, default=3, help="versions to keep per asset (default 3)")
+    gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")
     ui = commands.add_parser("ui", help="the Dagster UI and daemon (sensors) on http://127.0.0.1:3000; "
                                         "arguments after it go to dagster dev (e.g. --port 3001)")
     ui.set_defaults(dagster_args=[])
@@ -358,6 +405,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return run_demo(settings)
     if args.command == "ui":
         return run_ui(args.dagster_args)
+    if args.command in ("lineage", "gc"):
+        return run_lineage(args, settings) if args.command == "lineage" else run_gc(args, settings)
     if args.command == "register":
         partition = register_export(settings, args.path_or_uri, args.images_root, args.name)
         print(f"registered partition {partition!r}")

@@ -1,6 +1,7 @@
 """The one Definitions: assets, checks, jobs, sensors, and resources chosen from the environment."""
 
 import os
+import warnings
 from typing import Mapping
 
 import dagster as dg
@@ -10,6 +11,9 @@ from animl_assets.assets import DATASET_ASSETS, PER_EXPORT_ASSETS, make_new_expo
 from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
 from animl_assets.settings import ENV_VARS, Settings
+
+# Data versions on Output are beta in Dagster 1.13; the project relies on them on purpose.
+warnings.filterwarnings("ignore", message="Parameter `data_version`", category=dg.BetaWarning)
 
 INGEST_JOB = "ingest_export"
 DATASET_JOB = "build_dataset"

@@ -47,8 +47,9 @@ def upstream_json(store: Store, asset: str, partition: str | None, name: str) ->
 
 
 def stored_version(store: Store, *keys: str) -> dg.DataVersion:
-    """The data version of artifacts as stored: a hash of their content, so a change upstream shows."""
-    return dg.DataVersion(content_version({key: store.read_bytes(key) for key in keys}))
+    """The data version of artifacts as stored: a hash of their content (and file names), so a change
+    upstream shows; the same as ``content_version`` of ``{file name: bytes}``."""
+    return dg.DataVersion(content_version({key.rsplit("/", 1)[-1]: store.read_bytes(key) for key in keys}))
 
 
 def write_json(store: Store, key: str, value: Any) -> None:

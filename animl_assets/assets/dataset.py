@@ -1,5 +1,6 @@
 """``classification_dataset`` and ``splits``: one dataset version across exports, split by location."""
 
+import hashlib
 import json
 from typing import Iterator, Literal
 
@@ -29,6 +30,7 @@ from animl_assets.resources.storage import ArtifactStore, read_uri
 
 DATASET_CSV = "classification_ds.csv"
 SAMPLE_GRID = "sample_grid.png"
+READ_METADATA = "exports_read"  # {partition: {crops: data version, cct_export: sha256}}: the lineage
 
 
 class DatasetConfig(dg.Config):
@@ -56,19 +58,23 @@ def _read_text(uri: str, storage: ArtifactStore) -> str:
     return read_uri(uri, storage.s3).decode()
 
 
-def _crop_rows(store: Store, partition: str) -> pd.DataFrame:
-    """CROP_COLUMNS rows for one export's crops, with its class and location per crop."""
-    manifest = upstream_csv(store, "crops", partition, CROPS_MANIFEST)
+def _crop_rows(store: Store, partition: str) -> tuple[pd.DataFrame, dict[str, str]]:
+    """CROP_COLUMNS rows for one export's crops, with its class and location per crop; and the versions read
+    (the crops manifest's data version, the export's SHA-256), for the dataset's lineage."""
+    manifest_bytes = upstream_bytes(store, "crops", partition, CROPS_MANIFEST)
+    export_bytes = upstream_bytes(store, "cct_export", partition, EXPORT_ARTIFACT)
     labels = upstream_csv(store, "md_detections", partition, LABELS)
-    cct = load_cct(upstream_bytes(store, "cct_export", partition, EXPORT_ARTIFACT))
-    locations = {image["file_name"]: image_location(image) for image in cct["images"]}
-    rows = with_box_labels(manifest, labels)
-    return pd.DataFrame({
+    locations = {image["file_name"]: image_location(image) for image in load_cct(export_bytes)["images"]}
+    rows = with_box_labels(read_table(manifest_bytes), labels)
+    frame = pd.DataFrame({
         "path": partition_folder(partition) + "/" + rows["crop"].astype(str), "dataset": partition,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION),
         "dataset_class": rows["label"].astype(str), "confidence": rows["conf"].astype(float),
         "image": rows["file"],
     }, columns=CROP_COLUMNS)
+    read = {"crops": content_version({CROPS_MANIFEST: manifest_bytes}),
+            "cct_export": hashlib.sha256(export_bytes).hexdigest()}
+    return frame, read
 
 
 @dg.asset(deps=[crops], group_name="dataset", kinds={"csv"},
@@ -88,7 +94,8 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     if not ready:
         raise dg.Failure(f"no crops materialized yet for {wanted or 'any export'}: materialize crops first")
     skipped = sorted(set(wanted) - set(ready))
-    frame = pd.concat([_crop_rows(store, p) for p in ready], ignore_index=True)
+    per_export = {p: _crop_rows(store, p) for p in ready}
+    frame = pd.concat([rows for rows, _ in per_export.values()], ignore_index=True)
     classes = set(zip(frame["dataset"], frame["dataset_class"])) - {(d, "") for d in ready}
     spec = None
     try:
@@ -130,6 +137,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
             "dagster/row_count": len(ds),
             "dagster/column_schema": table_schema(ds),
             "exports": dg.MetadataValue.json(ready), "exports_without_crops": dg.MetadataValue.json(skipped),
+            READ_METADATA: dg.MetadataValue.json({p: read for p, (_, read) in per_export.items()}),
             "crops_per_label": table(per_label),
             "left_out": dg.MetadataValue.json(report.dropped),
             "conflicting_images": table(report.conflicts),

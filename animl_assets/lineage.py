@@ -1,0 +1,139 @@
+"""Lineage and retention of cross-export asset versions, read from the Dagster instance's event log.
+
+A version's chain: ``splits`` records the ``classification_dataset`` version it read (Dagster's
+``dagster/input_data_version/…`` tag); a dataset version records, per export partition, the crops
+manifest version and the export's SHA-256 it read (``exports_read`` metadata); each export's
+``cct_export`` materialization carries that SHA-256 as its data version.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+import dagster as dg
+
+from animl_assets.resources.io_manager import VERSION_METADATA, version_folder
+
+CROSS_EXPORT = ("classification_dataset", "splits")  # downstream last
+INPUT_VERSION_TAG = "dagster/input_data_version/"
+DATA_VERSION_TAG = "dagster/data_version"
+
+
+@dataclass
+class Node:
+    """One step of a lineage chain: an asset version (or an export partition) and where it came from."""
+
+    asset: str
+    version: str
+    run_id: str
+    time: str
+    partition: str | None = None
+    inputs: list[Node] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {"asset": self.asset, "version": self.version, "run_id": self.run_id, "time": self.time}
+        if self.partition is not None:
+            data["partition"] = self.partition
+        return data | {"inputs": [node.as_dict() for node in self.inputs]}
+
+    def lines(self, depth: int = 0) -> Iterable[str]:
+        where = f" [{self.partition}]" if self.partition else ""
+        yield f"{'  ' * depth}{self.asset}{where} {self.version}  run {self.run_id[:8]} at {self.time}"
+        for node in self.inputs:
+            yield from node.lines(depth + 1)
+
+
+def _records(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> list[Any]:
+    """Every materialization record of ``asset`` (of one partition), newest first."""
+    records, cursor = [], None
+    while True:
+        page = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+            limit=500, cursor=cursor)
+        records += page.records
+        if not page.has_more:
+            return records
+        cursor = page.cursor
+
+
+def _node(record: Any, asset: str, version: str, partition: str | None = None) -> Node:
+    time = datetime.fromtimestamp(record.timestamp, timezone.utc).isoformat(timespec="seconds")
+    return Node(asset, version, record.run_id, time, partition)
+
+
+def versions(instance: dg.DagsterInstance, asset: str) -> list[tuple[str, Any]]:
+    """The distinct versions of a cross-export asset, newest first, each with its newest record."""
+    seen: dict[str, Any] = {}
+    for record in _records(instance, asset):
+        value = record.asset_materialization.metadata.get(VERSION_METADATA)
+        if value is not None and value.value not in seen:
+            seen[value.value] = record
+    return list(seen.items())
+
+
+def lineage(instance: dg.DagsterInstance, asset: str, version: str | None = None) -> Node:
+    """The chain from ``asset``'s ``version`` (default: the newest) down to the export partitions."""
+    if asset not in CROSS_EXPORT:
+        raise ValueError(f"lineage starts at a cross-export asset ({', '.join(CROSS_EXPORT)}), not {asset!r}")
+    known = dict(versions(instance, asset))
+    if not known:
+        raise ValueError(f"{asset} has no materialized version yet")
+    version = version or next(iter(known))
+    if version not in known:
+        raise ValueError(f"{asset} has no version {version!r}; known: {', '.join(known)}")
+    record = known[version]
+    node = _node(record, asset, version)
+    tags = record.asset_materialization.tags or {}
+    if asset == "splits" and f"{INPUT_VERSION_TAG}classification_dataset" in tags:
+        node.inputs.append(lineage(instance, "classification_dataset", tags[f"{INPUT_VERSION_TAG}classification_dataset"]))
+    read = record.asset_materialization.metadata.get("exports_read")
+    for partition, versions_read in sorted((read.value if read else {}).items()):
+        node.inputs.append(_export_node(instance, partition, versions_read["cct_export"]))
+    return node
+
+
+def _export_node(instance: dg.DagsterInstance, partition: str, sha256: str) -> Node:
+    """The cct_export materialization of ``partition`` whose data version is ``sha256`` (the file read)."""
+    for record in _records(instance, "cct_export", partition):
+        if (record.asset_materialization.tags or {}).get(DATA_VERSION_TAG) == sha256:
+            return _node(record, "cct_export", sha256, partition)
+    return Node("cct_export", sha256, "(not in this instance's history)", "", partition)
+
+
+def collectable(instance: dg.DagsterInstance, keep: int, present: Callable[[str, str], bool]) -> dict[str, list[str]]:
+    """Versions of each cross-export asset beyond the newest ``keep`` that nothing kept depends on; only
+    versions whose files are ``present(asset, version)`` count (removed ones stay in the event log)."""
+    if keep < 1:
+        raise ValueError("--keep must be at least 1")
+    stored = {asset: [v for v, _ in versions(instance, asset) if present(asset, v)] for asset in CROSS_EXPORT}
+    kept: dict[str, set[str]] = {asset: set(in_use(asset)) for asset in CROSS_EXPORT}
+    for asset in reversed(CROSS_EXPORT):  # downstream first: what a kept version read is kept too
+        kept[asset].update(stored[asset][:keep])
+        for version in kept[asset]:
+            for node in lineage(instance, asset, version).inputs:
+                if node.asset in kept:
+                    kept[node.asset].add(node.version)
+    return {asset: [v for v in stored[asset] if v not in kept[asset]] for asset in CROSS_EXPORT}
+
+
+def in_use(asset: str) -> list[str]:
+    """Versions that something outside the asset graph still needs, and ``gc`` must keep.
+
+    The place for the model registry: a registered model keeps the dataset and splits versions it was
+    trained from (its lineage tags). Nothing registers models yet, so nothing is kept here.
+    """
+    return []
+
+
+def remove_version(store: Any, asset: str, version: str) -> int:
+    """Delete one version's files from the artifact store (and its folder, on a local disk); returns how many."""
+    folder = version_folder(asset, version)
+    files = [item.key for item in store.list(folder)]
+    for key in files:
+        store.delete(key)
+    if hasattr(store, "root"):
+        shutil.rmtree(store.root / folder, ignore_errors=True)
+    return len(files)

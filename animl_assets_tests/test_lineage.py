@@ -1,0 +1,80 @@
+"""`animl lineage` and `animl gc` on the demo, as a new user would run them."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from animl_assets.cli import ensure_dagster_home, main
+from animl_assets.definitions import build_definitions
+from animl_assets.settings import Settings
+
+
+@pytest.fixture()
+def two_exports(tmp_path, monkeypatch, capsys) -> Path:
+    """The demo, then a second export registered and the dataset rebuilt: two dataset versions."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("ANIML_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", "")
+    assert main(["demo"]) == 0
+    assert main(["sample-export", str(tmp_path / "second"), "--seed", "1"]) == 0
+    assert main(["register", str(tmp_path / "second" / "sample_export.json"), "--name", "second"]) == 0
+    assert main(["build-dataset"]) == 0
+    capsys.readouterr()
+    return home
+
+
+def test_lineage_names_every_export_and_its_file_hash(two_exports, tmp_path, capsys):
+    versions = sorted(p.name for p in (two_exports / "artifacts" / "classification_dataset").iterdir())
+    assert len(versions) == 2  # the demo's and the rebuilt one, side by side
+    assert main(["lineage", "splits", "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    dataset = chain["inputs"][0]
+    assert chain["asset"] == "splits" and dataset["asset"] == "classification_dataset"
+    assert dataset["version"] in versions and chain["run_id"] and chain["time"]
+    exports = {node["partition"]: node for node in dataset["inputs"]}
+    assert set(exports) == {"sample/sample_export", "second"}
+    assert exports["second"]["version"] == hashlib.sha256(
+        (two_exports / "exports" / "second.json").read_bytes()).hexdigest()
+    assert all(node["asset"] == "cct_export" and len(node["run_id"]) == 36 for node in exports.values())
+    older = next(v for v in versions if v != dataset["version"])
+    assert main(["lineage", "classification_dataset", "--version", older]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"classification_dataset {older}") and "[sample/sample_export]" in text
+    assert "[second]" not in text  # the demo's dataset was built before the second export
+    assert main(["lineage", "classification_dataset", "--version", "nope"]) == 2
+    assert "has no version 'nope'" in capsys.readouterr().err
+
+
+def test_gc_keeps_the_newest_and_what_they_read(two_exports, capsys):
+    datasets = two_exports / "artifacts" / "classification_dataset"
+    assert main(["gc", "--keep", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would remove") == 2 and "dry run" in out  # one old dataset and one old splits version
+    assert len(list(datasets.iterdir())) == 2  # a dry run removes nothing
+    assert main(["gc", "--keep", "1", "--yes"]) == 0
+    assert capsys.readouterr().out.count("removed") == 2
+    assert main(["lineage", "splits", "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)["inputs"][0]["version"]
+    assert [p.name for p in datasets.iterdir()] == [kept]
+    assert (datasets / kept / "classification_ds.csv").is_file()
+    assert main(["gc", "--keep", "1"]) == 0 and "nothing to remove" in capsys.readouterr().out
+
+
+def test_gc_keeps_a_dataset_version_a_kept_splits_version_read(two_exports, capsys):
+    """A newer dataset without splits yet: the older dataset stays while the newest splits needs it."""
+    ensure_dagster_home(Settings.from_env())
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    config = {"ops": {"classification_dataset": {"config": {"excluded_classes": ["empty", "turkey"]}}}}
+    with dg.DagsterInstance.get() as instance:
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("classification_dataset")],
+                                      run_config=config).success
+    assert main(["gc", "--keep", "1", "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("removed classification_dataset") == 1 and out.count("removed splits") == 1
+    remaining = {p.name for p in (two_exports / "artifacts" / "classification_dataset").iterdir()}
+    assert main(["lineage", "splits", "--json"]) == 0
+    read_by_splits = json.loads(capsys.readouterr().out)["inputs"][0]["version"]
+    assert len(remaining) == 2 and read_by_splits in remaining  # the newest, and the one splits read
