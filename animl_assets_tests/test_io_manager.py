@@ -148,3 +148,31 @@ def test_a_changed_export_makes_the_dataset_stale(settings, instance, sample_dir
     export.write_text(json.dumps(cct))
     assert run_ingest(settings, instance, partition).success
     assert status("classification_dataset") == StaleStatus.STALE
+
+
+def test_partitioned_values_load_one_at_a_time_or_as_a_dict_across_partitions(tmp_path, instance):
+    parts = dg.StaticPartitionsDefinition(["site/a", "site/b"])
+    storage = ArtifactStore(uri=str(tmp_path / "artifacts"))
+
+    @dg.asset(partitions_def=parts)
+    def per_export(context: dg.AssetExecutionContext) -> pd.DataFrame:
+        return pd.DataFrame({"location": ["001" if context.partition_key == "site/a" else "1"]})
+
+    @dg.asset(partitions_def=parts)
+    def same_partition(per_export: pd.DataFrame) -> list:
+        return per_export["location"].tolist()
+
+    @dg.asset
+    def across(per_export: dict) -> dict:
+        return {partition: frame["location"].tolist() for partition, frame in per_export.items()}
+
+    resources = {"io_manager": ArtifactIOManager(storage=storage)}
+    for key in parts.get_partition_keys():
+        assert dg.materialize([per_export, same_partition], partition_key=key, instance=instance,
+                              resources=resources).success
+    assert dg.materialize([per_export, across], selection=[across], instance=instance, resources=resources).success
+    root = tmp_path / "artifacts"
+    assert (root / "per_export" / "site~a" / "per_export.csv").read_text() == "location\n001\n"
+    assert json.loads((root / "same_partition" / "site~b" / "same_partition.json").read_text()) == ["1"]
+    version = next((root / "across").iterdir())
+    assert json.loads((version / "across.json").read_text()) == {"site/a": ["001"], "site/b": ["1"]}
