@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterable
 
 import dagster as dg
 
+from animl_assets.core.store import Store
 from animl_assets.resources.io_manager import VERSION_METADATA, version_folder
+from animl_assets.resources.storage import LocalStore
 
 CROSS_EXPORT = ("classification_dataset", "splits")  # downstream last
 INPUT_VERSION_TAG = "dagster/input_data_version/"
@@ -128,12 +130,12 @@ def in_use(asset: str) -> list[str]:
     return []
 
 
-def remove_version(store: Any, asset: str, version: str) -> int:
+def remove_version(store: Store, asset: str, version: str) -> int:
     """Delete one version's files from the artifact store (and its folder, on a local disk); returns how many."""
     folder = version_folder(asset, version)
     files = [item.key for item in store.list(folder)]
     for key in files:
         store.delete(key)
-    if hasattr(store, "root"):
+    if isinstance(store, LocalStore):
         shutil.rmtree(store.root / folder, ignore_errors=True)
     return len(files)

@@ -18,7 +18,7 @@ from animl_assets.core.exports import partition_folder
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
 from animl_assets.core.tables import read_csv as read_table
-from animl_assets.resources.storage import LocalStore
+from animl_assets.resources.storage import LocalStore, location  # noqa: F401 - location: for the assets
 
 
 def artifact_key(asset: str, partition: str | None, name: str) -> str:
@@ -96,11 +96,6 @@ def table(frame: pd.DataFrame, limit: int = 50) -> dg.TableMetadataValue:
     records = [dg.TableRecord({str(k): _plain(v) for k, v in row.items()})
                for row in frame.head(limit).to_dict("records")]
     return dg.MetadataValue.table(records, schema=table_schema(frame))
-
-
-def location(uri: str) -> dg.MetadataValue:
-    """Where an artifact is: a path for a local file, a URL for an object store."""
-    return dg.MetadataValue.url(uri) if "://" in uri else dg.MetadataValue.path(uri)
 
 
 def thumbnail_markdown(png: bytes, alt: str, max_bytes: int = THUMBNAIL_BYTES) -> dg.MetadataValue:

@@ -22,7 +22,7 @@ import dagster as dg
 from animl_assets.core.artifact_files import INDEX, content_version, from_files, to_files
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.store import Store
-from animl_assets.resources.storage import ArtifactStore
+from animl_assets.resources.storage import ArtifactStore, location
 
 VERSION_METADATA = "version"
 
@@ -65,9 +65,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         folder = self._folder(asset, partition, version)
         store = self.storage.store()
         write_artifacts(store, folder, files)
-        context.add_output_metadata({VERSION_METADATA: version,
-                                     "artifacts": dg.MetadataValue.path(store.uri(folder))
-                                     if "://" not in store.uri(folder) else dg.MetadataValue.url(store.uri(folder))})
+        context.add_output_metadata({VERSION_METADATA: version, "artifacts": location(store.uri(folder))})
 
     def load_input(self, context: dg.InputContext) -> Any:
         asset = context.asset_key.to_python_identifier()

@@ -10,16 +10,15 @@ from urllib.parse import urlsplit, urlunsplit
 import dagster as dg
 from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointConnectionError, IncompleteReadError,
                                  ReadTimeoutError, ResponseStreamingError)
-from urllib3.exceptions import ProtocolError
 from dagster_aws.s3 import S3Resource
 from dagster_aws.s3.utils import construct_s3_client
 from pydantic import Field
+from urllib3.exceptions import ProtocolError
 
 from animl_assets.core.exports import EXPORT_SUFFIX
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.paths import redact_credentials, safe_relative_path
 from animl_assets.core.store import Store, StoredFile
-
 
 # A response cut short, a connection dropped or refused, a read timing out: worth another try.
 TRANSIENT_ERRORS = (IncompleteReadError, ResponseStreamingError, ProtocolError, ConnectionClosedError,
@@ -159,6 +158,11 @@ class S3Store:
 
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def location(uri: str) -> dg.MetadataValue:
+    """Where an artifact is, for metadata: a path for a local file, a URL for an object store."""
+    return dg.MetadataValue.url(uri) if "://" in uri else dg.MetadataValue.path(uri)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
