@@ -127,5 +127,5 @@ def test_out_of_order_materialization_names_the_missing_upstream(settings, insta
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert failure.step_key == "md_detections"
     assert failure.event_specific_data.error.cls_name == "Failure"
-    assert ("images is not materialized for partition 'sample/sample_export' (manifest.csv is missing): "
-            "materialize images first") in failure.event_specific_data.error.message
+    assert ("images is not materialized for partition 'sample/sample_export': materialize images first"
+            in failure.event_specific_data.error.message)

@@ -26,32 +26,6 @@ def artifact_key(asset: str, partition: str | None, name: str) -> str:
     return "/".join(part for part in (asset, partition and partition_folder(partition), name) if part)
 
 
-def upstream_bytes(store: Store, asset: str, partition: str | None, name: str) -> bytes:
-    """Artifact ``name`` of upstream ``asset``; when it is missing, a Failure that names what to materialize
-    first (not a TypeError further on)."""
-    try:
-        return store.read_bytes(artifact_key(asset, partition, name))
-    except FileNotFoundError:
-        where = f" for partition {partition!r}" if partition else ""
-        raise dg.Failure(f"{asset} is not materialized{where} ({name} is missing): materialize {asset} first") from None
-
-
-def upstream_csv(store: Store, asset: str, partition: str | None, name: str) -> pd.DataFrame:
-    """An upstream CSV artifact as a table (see ``upstream_bytes``)."""
-    return read_table(upstream_bytes(store, asset, partition, name))
-
-
-def upstream_json(store: Store, asset: str, partition: str | None, name: str) -> Any:
-    """An upstream JSON artifact (see ``upstream_bytes``)."""
-    return json.loads(upstream_bytes(store, asset, partition, name))
-
-
-def stored_version(store: Store, *keys: str) -> dg.DataVersion:
-    """The data version of artifacts as stored: a hash of their content (and file names), so a change
-    upstream shows; the same as ``content_version`` of ``{file name: bytes}``."""
-    return dg.DataVersion(content_version({key.rsplit("/", 1)[-1]: store.read_bytes(key) for key in keys}))
-
-
 def write_json(store: Store, key: str, value: Any) -> None:
     store.write_bytes(key, json.dumps(value, indent=1, sort_keys=False).encode())
 

@@ -1,25 +1,24 @@
 """``crops``: a square (or tight) JPEG crop of every animal box, with a manifest and a failure report."""
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, local_folder, location, publish, stored_version, table,
-                                           thumbnail_markdown, upstream_csv, upstream_json)
+from animl_assets.assets.artifacts import artifact_key, local_folder, location, publish, table, thumbnail_markdown
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
-from animl_assets.assets.detections import DETECTIONS, LABELS, md_detections
 from animl_assets.assets.exports import exports_partitions
-from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
 from animl_assets.assets.images import images_folder
+from animl_assets.core.artifact_files import content_version, to_files
 from animl_assets.core.contact_sheet import contact_sheet
-from animl_assets.core.crops import MANIFEST, MANIFEST_COLUMNS, crop_detections
+from animl_assets.core.crops import MANIFEST, MANIFEST_COLUMNS, CropManifest, crop_detections
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.failures import MAX_PIXELS
-from animl_assets.core.images import GOOD
-from animl_assets.core.megadetector import with_box_labels
+from animl_assets.core.images import GOOD, ImageManifest
+from animl_assets.core.megadetector import Detections, with_box_labels
+from animl_assets.core.tables import read_csv as read_table
 from animl_assets.resources.storage import ArtifactStore
 
 SIZE_BINS = [0, 32, 64, 128, 224, 512, 1024, 100_000]
@@ -50,14 +49,15 @@ def size_histogram(rows: pd.DataFrame) -> pd.DataFrame:
                          "crops": counts})
 
 
-@dg.asset(partitions_def=exports_partitions, deps=[md_detections], group_name="detections", kinds={"jpeg"},
+@dg.asset(partitions_def=exports_partitions, group_name="detections", kinds={"jpeg"},
           check_specs=[failure_rate_spec("crops")])
-def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: ArtifactStore) -> dg.MaterializeResult:
+def crops(context: dg.AssetExecutionContext, config: CropsConfig, md_detections: Detections, images: ImageManifest,
+          storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """Every animal box at or above the threshold cropped to ``<file>___cropNN_<detector>.jpg``; a re-run
     crops only what is missing or changed. Failed images are reported with their category."""
     partition = context.partition_key
     store = storage.store()
-    md = upstream_json(store, "md_detections", partition, DETECTIONS)
+    md = md_detections.md
     images_dir = images_folder(storage, partition)
     crops_store = store.child(artifact_key("crops", partition, ""))
     crops_dir = local_folder(crops_store, storage.cache("crops", partition_folder(partition)))
@@ -67,16 +67,14 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
     failures = pd.DataFrame([{"file": file, "category": category, "error": report.errors.get(file, "")}
                              for file, category in sorted(report.failures.items())],
                             columns=["file", "category", "error"])
-    verified = upstream_csv(store, "images", partition, IMAGES_MANIFEST).set_index("file_name")
+    verified = images.manifest.set_index("file_name")
     rejected = failures["file"].isin(verified.index[verified["status"] != GOOD])
     if rejected.any():  # images the images stage rejected: report its category and reason, not "missing"
         earlier = verified.loc[failures.loc[rejected, "file"]]
         failures.loc[rejected, "category"] = earlier["status"].to_numpy()
         failures.loc[rejected, "error"] = ("rejected by images: " + earlier["error"].astype(str)).to_numpy()
-    (crops_dir / "failures.csv").write_text(failures.to_csv(index=False))
     rows = pd.DataFrame(report.rows, columns=MANIFEST_COLUMNS)
-    labels = upstream_csv(store, "md_detections", partition, LABELS)
-    rows = with_box_labels(rows, labels)
+    rows = with_box_labels(rows, md_detections.labels)
     rows["label"] = rows["label"].replace("", "(unlabelled)")
     per_class = rows.groupby("label").size().rename("crops").reset_index()
     sheet = contact_sheet(rows.groupby("label")["crop"].apply(list).to_dict(),
@@ -86,8 +84,9 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
     log_failures(context.log, failures, "category", crops_store.uri("failures.csv"))
     context.log.info(f"{report.crops} new, {report.reused} reused, {len(failures)} failed images, "
                      f"{report.seconds:.1f}s")
-    return dg.MaterializeResult(
-        data_version=stored_version(crops_store, MANIFEST),
+    value = CropManifest(read_table((crops_dir / MANIFEST).read_bytes()), failures)
+    yield dg.Output(
+        value, data_version=dg.DataVersion(content_version(to_files(value, "crops"))),
         metadata={
             "num_images": report.images,
             "num_crops": len(report.rows),
@@ -107,5 +106,5 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, storage: Artif
             "path": location(crops_store.uri()),
             "uploaded": uploaded,
         },
-        check_results=[failure_rate_check(failures, report.images, config.max_failure_rate)],
     )
+    yield failure_rate_check(failures, report.images, config.max_failure_rate)

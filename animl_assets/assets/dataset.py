@@ -1,6 +1,5 @@
 """``classification_dataset`` and ``splits``: one dataset version across exports, split by location."""
 
-import hashlib
 import json
 from typing import Iterator, Literal
 
@@ -8,22 +7,18 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, image_metadata, location, table, table_schema,
-                                           upstream_bytes, upstream_csv)
-from animl_assets.assets.crops import crops
-from animl_assets.assets.detections import LABELS
-from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
-from animl_assets.core.cct import UNKNOWN_LOCATION, image_location, load_cct
-from animl_assets.core.contact_sheet import contact_sheet
-from animl_assets.core.crops import MANIFEST as CROPS_MANIFEST
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.dataset import CROP_COLUMNS, DatasetVersion, build_classification_dataset, label_index, match_test
-from animl_assets.core.megadetector import with_box_labels
-from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, default_label_mapping,
-                                          parse_label_spec, parse_taxonomy, resolve_label_spec)
-from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
+from animl_assets.assets.artifacts import artifact_key, image_metadata, location, table, table_schema
+from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import content_version, to_files
-from animl_assets.core.store import Store
+from animl_assets.core.cct import UNKNOWN_LOCATION, ExportArtifacts, image_location
+from animl_assets.core.contact_sheet import contact_sheet
+from animl_assets.core.crops import CropManifest
+from animl_assets.core.dataset import CROP_COLUMNS, DatasetVersion, build_classification_dataset, label_index, match_test
+from animl_assets.core.exports import partition_folder
+from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, default_label_mapping, parse_label_spec,
+                                          parse_taxonomy, resolve_label_spec)
+from animl_assets.core.megadetector import Detections, with_box_labels
+from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
 from animl_assets.core.tables import read_csv as read_table
 from animl_assets.resources.io_manager import version_folder
 from animl_assets.resources.storage import ArtifactStore, read_uri
@@ -58,29 +53,26 @@ def _read_text(uri: str, storage: ArtifactStore) -> str:
     return read_uri(uri, storage.s3).decode()
 
 
-def _crop_rows(store: Store, partition: str) -> tuple[pd.DataFrame, dict[str, str]]:
+def _crop_rows(partition: str, crops: CropManifest, detections: Detections,
+               export: ExportArtifacts) -> tuple[pd.DataFrame, dict[str, str]]:
     """CROP_COLUMNS rows for one export's crops, with its class and location per crop; and the versions read
-    (the crops manifest's data version, the export's SHA-256), for the dataset's lineage."""
-    manifest_bytes = upstream_bytes(store, "crops", partition, CROPS_MANIFEST)
-    export_bytes = upstream_bytes(store, "cct_export", partition, EXPORT_ARTIFACT)
-    labels = upstream_csv(store, "md_detections", partition, LABELS)
-    locations = {image["file_name"]: image_location(image) for image in load_cct(export_bytes)["images"]}
-    rows = with_box_labels(read_table(manifest_bytes), labels)
+    (the crops' data version, the export file's SHA-256), for the dataset's lineage."""
+    locations = {image["file_name"]: image_location(image) for image in export.export["images"]}
+    rows = with_box_labels(crops.manifest, detections.labels)
     frame = pd.DataFrame({
         "path": partition_folder(partition) + "/" + rows["crop"].astype(str), "dataset": partition,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION),
         "dataset_class": rows["label"].astype(str), "confidence": rows["conf"].astype(float),
         "image": rows["file"],
     }, columns=CROP_COLUMNS)
-    read = {"crops": content_version({CROPS_MANIFEST: manifest_bytes}),
-            "cct_export": hashlib.sha256(export_bytes).hexdigest()}
-    return frame, read
+    return frame, {"crops": content_version(to_files(crops, "crops")), "cct_export": export.source["sha256"]}
 
 
-@dg.asset(deps=[crops], group_name="dataset", kinds={"csv"},
+@dg.asset(group_name="dataset", kinds={"csv"},
           check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
                                          description="At least two labels have min_crops_per_label crops.")])
-def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig,
+def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig, crops: dict[str, CropManifest],
+                           md_detections: dict[str, Detections], cct_export: dict[str, ExportArtifacts],
                            storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """``classification_ds.csv`` + ``label_index.json`` over the crops of the chosen exports (each export a
     dataset), labelled by the label spec; every crop left out is counted by reason."""
@@ -90,11 +82,11 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     unknown = sorted(set(wanted) - set(registered))
     if unknown:
         raise dg.Failure(f"not registered exports: {unknown}")
-    ready = [p for p in wanted if store.exists(artifact_key("crops", p, CROPS_MANIFEST))]
+    ready = [p for p in wanted if p in crops and p in md_detections and p in cct_export]
     if not ready:
         raise dg.Failure(f"no crops materialized yet for {wanted or 'any export'}: materialize crops first")
     skipped = sorted(set(wanted) - set(ready))
-    per_export = {p: _crop_rows(store, p) for p in ready}
+    per_export = {p: _crop_rows(p, crops[p], md_detections[p], cct_export[p]) for p in ready}
     frame = pd.concat([rows for rows, _ in per_export.values()], ignore_index=True)
     classes = set(zip(frame["dataset"], frame["dataset_class"])) - {(d, "") for d in ready}
     spec = None

@@ -1,27 +1,25 @@
 """``md_detections``: MegaDetector batch output for an export, from its own boxes and detector results."""
 
 import json
+from typing import Iterator
 
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, location, stored_version, table, upstream_bytes, upstream_csv,
-                                           write_csv, write_json)
+from animl_assets.assets.artifacts import table
 from animl_assets.assets.checks import problems_check
-from animl_assets.assets.exports import EXPORT_ARTIFACT, exports_partitions
-from animl_assets.assets.images import MANIFEST as IMAGES_MANIFEST
-from animl_assets.assets.images import images, images_folder
-from animl_assets.core.cct import load_cct
-from animl_assets.core.exports import export_key_for, mdcache_key_for
+from animl_assets.assets.exports import exports_partitions
+from animl_assets.assets.images import images_folder
+from animl_assets.core.artifact_files import content_version, to_files
+from animl_assets.core.cct import ExportArtifacts
 from animl_assets.core.detector import DetectorUnavailable, run_megadetector
-from animl_assets.core.images import GOOD
-from animl_assets.core.megadetector import (box_labels, cct_to_md, images_without_boxes, merge_detections,
+from animl_assets.core.exports import export_key_for, mdcache_key_for
+from animl_assets.core.images import GOOD, ImageManifest
+from animl_assets.core.megadetector import (Detections, box_labels, cct_to_md, images_without_boxes, merge_detections,
                                             upgrade_batch_output, validate_batch_output)
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation
 
-DETECTIONS = "md_detections.json"
-LABELS = "labels.csv"
 
 
 class DetectionsConfig(dg.Config):
@@ -45,20 +43,19 @@ def _image_sizes(manifest) -> dict[str, tuple[int, int]]:
 
 
 @dg.asset(
-    partitions_def=exports_partitions, deps=[images], group_name="detections", kinds={"json"},
+    partitions_def=exports_partitions, group_name="detections", kinds={"json"},
     check_specs=[dg.AssetCheckSpec("md_format", asset="md_detections", blocking=True,
                                    description="The batch output follows MegaDetector's format rules "
                                                "(validate_batch_results.py).")],
 )
-def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, storage: ArtifactStore,
-                  exports: ExportsLocation) -> dg.MaterializeResult:
+def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, cct_export: ExportArtifacts,
+                  images: ImageManifest, storage: ArtifactStore,
+                  exports: ExportsLocation) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """MegaDetector batch output (format 1.4): the export's boxes (cct_to_md, conf 1.0) merged with ingested
     or freshly run detector results; the export's boxes win for the same image."""
     partition = context.partition_key
-    store = storage.store()
-    cct = load_cct(upstream_bytes(store, "cct_export", partition, EXPORT_ARTIFACT))
-    manifest = upstream_csv(store, "images", partition, IMAGES_MANIFEST)
-    sizes = _image_sizes(manifest)
+    cct = cct_export.export
+    sizes = _image_sizes(images.manifest)
     md = cct_to_md(cct, image_sizes=sizes)
     detector, mdcache_problems, sources = None, [], {"export boxes": len(md["images"])}
 
@@ -90,13 +87,12 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
     labels = box_labels(cct, md)
     listed = {image["file"] for image in md["images"]}
     no_boxes = [file for file in images_without_boxes(cct) if file not in listed]
-    write_json(store, artifact_key("md_detections", partition, DETECTIONS), md)
-    write_csv(store, artifact_key("md_detections", partition, LABELS), labels)
-    write_json(store, artifact_key("md_detections", partition, "images_without_boxes.json"), no_boxes)
     detections = sum(len(image.get("detections") or []) for image in md["images"])
-    return dg.MaterializeResult(
-        data_version=stored_version(store, artifact_key("md_detections", partition, DETECTIONS),
-                                    artifact_key("md_detections", partition, LABELS)),
+    value = Detections(md, labels, no_boxes)
+    yield dg.Output(
+        value, data_version=dg.DataVersion(content_version(to_files(Detections(  # not the conversion's time
+            {**md, "info": {k: v for k, v in md["info"].items() if k != "detection_completion_time"}},
+            labels, no_boxes), "md_detections"))),
         metadata={
             "num_images": len(md["images"]),
             "num_detections": detections,
@@ -105,8 +101,7 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, s
             "sources": dg.MetadataValue.json(sources),
             "detector": md["info"]["detector"],
             "dagster/row_count": len(labels),
-            "path": location(store.uri(artifact_key("md_detections", partition, DETECTIONS))),
             "ingested_file_problems": table(pd.DataFrame({"problem": mdcache_problems}, dtype=str)),
         },
-        check_results=[problems_check("md_format", problems)],
     )
+    yield problems_check("md_format", problems)

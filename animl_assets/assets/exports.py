@@ -1,20 +1,19 @@
 """The per-export entry point: the exports partitions, the sensor that fills them, and ``cct_export``."""
 
 import hashlib
-from typing import Any
+from typing import Any, Iterator
 
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, location, table, write_json
+from animl_assets.assets.artifacts import location, table
 from animl_assets.assets.checks import problems_check
-from animl_assets.core.cct import (BBOX_OVERHANG_TOLERANCE, CHECKS, CCTFormatError, category_location_table, load_cct,
-                                   summarize_cct, validate_cct)
+from animl_assets.core.cct import (BBOX_OVERHANG_TOLERANCE, CHECKS, CCTFormatError, ExportArtifacts,
+                                   category_location_table, load_cct, summarize_cct, validate_cct)
 from animl_assets.core.exports import ExportCursor, export_key_for, scan_exports
-from animl_assets.resources.storage import ArtifactStore, ExportsLocation
+from animl_assets.resources.storage import ExportsLocation
 
 exports_partitions = dg.DynamicPartitionsDefinition(name="exports")
-EXPORT_ARTIFACT = "export.json"
 
 CHECK_DESCRIPTIONS = {
     "schema": "Required keys are present and have the right types.",
@@ -43,9 +42,10 @@ class ExportConfig(dg.Config):
                                    description="Warns when boxes overhang their image within the tolerance "
                                                "(they are clipped).")],
 )
-def cct_export(context: dg.AssetExecutionContext, config: ExportConfig, exports: ExportsLocation,
-               storage: ArtifactStore) -> dg.MaterializeResult:
-    """The export's COCO Camera Traps JSON, copied verbatim and validated; downstream waits on its checks."""
+def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
+               exports: ExportsLocation) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    """The export's COCO Camera Traps JSON and its problems per check; downstream waits on its checks. Its
+    data version is the export file's SHA-256."""
     partition = context.partition_key
     source = exports.store()
     raw = source.read_bytes(export_key_for(partition))
@@ -57,29 +57,25 @@ def cct_export(context: dg.AssetExecutionContext, config: ExportConfig, exports:
             metadata={"export": source.uri(export_key_for(partition)), "error": str(err)},
         ) from err
     report = validate_cct(cct, bbox_tolerance=config.bbox_overhang_tolerance)
-    store = storage.store()
-    store.write_bytes(artifact_key("cct_export", partition, EXPORT_ARTIFACT), raw)
-    write_json(store, artifact_key("cct_export", partition, "validation.json"), report.problems)
     by_location = category_location_table(cct)
-    check_results = [problems_check(name, problems) for name, problems in report.problems.items()]
-    check_results.append(problems_check("boxes_clipped", report.clipped, severity=dg.AssetCheckSeverity.WARN))
     if report.clipped:
         context.log.warning(f"{len(report.clipped)} boxes overhang their image within the tolerance and are "
                             f"clipped, e.g. {report.clipped[0]}")
     counts, sha256 = summarize_cct(cct), hashlib.sha256(raw).hexdigest()
-    return dg.MaterializeResult(
+    yield dg.Output(
+        ExportArtifacts(cct, report.problems, {"uri": source.uri(export_key_for(partition)), "sha256": sha256}),
         data_version=dg.DataVersion(sha256),
         metadata={
             **{f"num_{name}": count for name, count in counts.items()},
             "dagster/row_count": counts["images"],
             "sha256": sha256,
             "source": location(source.uri(export_key_for(partition))),
-            "path": location(store.uri(artifact_key("cct_export", partition, EXPORT_ARTIFACT))),
             "problems": sum(map(len, report.problems.values())),
             "category_by_location": table(by_location.reset_index() if len(by_location) else by_location),
         },
-        check_results=check_results,
     )
+    yield from (problems_check(name, problems) for name, problems in report.problems.items())
+    yield problems_check("boxes_clipped", report.clipped, severity=dg.AssetCheckSeverity.WARN)
 
 
 def make_new_exports_sensor(target: dg.JobDefinition | Any) -> dg.SensorDefinition:

@@ -2,20 +2,21 @@
 
 import posixpath
 from pathlib import Path
+from typing import Iterator
 
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (artifact_key, local_folder, location, read_csv, stored_version, table,
-                                           table_schema, upstream_bytes, write_csv)
+from animl_assets.assets.artifacts import artifact_key, local_folder, location, read_csv, table, table_schema
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
-from animl_assets.assets.exports import EXPORT_ARTIFACT, cct_export, exports_partitions
-from animl_assets.core.cct import load_cct
+from animl_assets.assets.exports import exports_partitions
+from animl_assets.core.artifact_files import content_version, to_files
+from animl_assets.core.cct import ExportArtifacts
 from animl_assets.core.exports import export_key_for, partition_folder
-from animl_assets.core.paths import is_under, redact_credentials
 from animl_assets.core.files import Journal
-from animl_assets.core.images import (FETCH_FAILED, GOOD, MANIFEST_COLUMNS, MAX_PIXELS, STATUSES, ImageRequest,
-                                        collect_images)
+from animl_assets.core.images import (FETCH_FAILED, GOOD, MANIFEST_COLUMNS, MAX_PIXELS, STATUSES, ImageManifest,
+                                        ImageRequest, collect_images)
+from animl_assets.core.paths import is_under, redact_credentials
 from animl_assets.core.store import Store
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource, open_store
 
@@ -73,16 +74,17 @@ def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_
     return open_store(root, exports.s3 or image_source.s3) if root else folder_store
 
 
-@dg.asset(partitions_def=exports_partitions, deps=[cct_export], group_name="ingest", kinds={"jpeg"},
+@dg.asset(partitions_def=exports_partitions, group_name="ingest", kinds={"jpeg"},
           check_specs=[failure_rate_spec("images")])
-def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: ArtifactStore,
-           exports: ExportsLocation, image_source: ImageSource) -> dg.MaterializeResult:
+def images(context: dg.AssetExecutionContext, config: ImagesConfig, cct_export: ExportArtifacts,
+           storage: ArtifactStore, exports: ExportsLocation,
+           image_source: ImageSource) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """Each referenced image copied into the artifact store if it decodes; every image in the manifest
     with its category (good, nonexistent, non_image, truncated, bad, or fetch_failed for a transport
     fault). Good images already present, or recorded by a run that was killed, are not fetched again."""
     partition = context.partition_key
     store = storage.store()
-    cct = load_cct(upstream_bytes(store, "cct_export", partition, EXPORT_ARTIFACT))
+    cct = cct_export.export
     source = resolve_image_source(config, cct, partition, image_source, exports)
     manifest_key = artifact_key("images", partition, MANIFEST)
     previous = read_csv(store, manifest_key)
@@ -105,7 +107,8 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
     manifest = collect_images(requests, source, store.child(artifact_key("images", partition, "files")),
                               already_good=already_good, workers=config.workers, attempts=config.attempts,
                               max_pixels=int(config.max_megapixels * 1e6), journal=journal, on_progress=progress)
-    write_csv(store, manifest_key, manifest)
+    manifest_bytes = manifest.to_csv(index=False).encode()
+    store.write_bytes(manifest_key, manifest_bytes)  # before the journal goes: what a killed run did stays known
     journal.remove()
     counts = manifest["status"].value_counts()
     failures = manifest[manifest["status"] != GOOD][["file_name", "status", "error"]]
@@ -113,8 +116,9 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
     if counts.get(FETCH_FAILED):
         context.log.warning(f"{counts[FETCH_FAILED]} images could not be fetched ({config.attempts} attempts each, "
                             "transport errors): not marked bad, they are fetched again on the next run")
-    return dg.MaterializeResult(
-        data_version=stored_version(store, manifest_key),
+    yield dg.Output(
+        ImageManifest(manifest),  # the version leaves out `fetched`: a re-run that fetched nothing is the same data
+        data_version=dg.DataVersion(content_version(to_files(manifest.drop(columns="fetched"), "manifest"))),
         metadata={
             **{f"num_{status}": int(counts.get(status, 0)) for status in STATUSES},
             "num_fetched": int(manifest["fetched"].sum()),
@@ -122,8 +126,7 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, storage: Art
             "dagster/row_count": len(manifest),
             "dagster/column_schema": table_schema(manifest),
             "source": location(source.uri()),
-            "manifest": location(store.uri(manifest_key)),
             "failures": table(failures),
         },
-        check_results=[failure_rate_check(failures, len(manifest), config.max_failure_rate)],
     )
+    yield failure_rate_check(failures, len(manifest), config.max_failure_rate)

@@ -10,11 +10,22 @@ from typing import Any
 
 import pandas as pd
 
+from animl_assets.core.artifact_files import artifact_file
 from animl_assets.core.paths import normalized_path
 
 UNKNOWN_LOCATION = "unknown_location"
 BBOX_OVERHANG_TOLERANCE = 0.05  # share of the image's side a box may reach past its edge; it is clipped
 CHECKS = ("schema", "unique_ids", "references", "bboxes")
+
+
+@dataclass
+class ExportArtifacts:
+    """What ``cct_export`` stores: the export as read, its problems per check, and where it was read from
+    (``uri``, and the ``sha256`` of the file: the export's data version)."""
+
+    export: dict[str, Any] = field(metadata=artifact_file("export.json"))
+    validation: dict[str, list[str]] = field(metadata=artifact_file("validation.json"))
+    source: dict[str, str] = field(metadata=artifact_file("source.json"))
 
 
 class CCTFormatError(ValueError):

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
+from animl_assets.core.artifact_files import artifact_file
 from animl_assets.core.failures import MAX_PIXELS, failure_category, pixel_cap_error
 from animl_assets.core.files import TEMP_PREFIX, Journal, atomic_open, atomic_write
 from animl_assets.core.megadetector import animal_categories
@@ -68,6 +69,14 @@ def crop_names(files: Iterable[str], indices: Iterable[int], detector: str) -> l
     """``crop_name`` for many boxes of one batch output (the detector tag is made once)."""
     tag = detector_tag(detector)
     return [f"{file}___crop{index:02d}_{tag}.jpg" for file, index in zip(files, indices)]
+
+
+@dataclass
+class CropManifest:
+    """What ``crops`` stores besides the crop files: one row per crop, and the images that failed."""
+
+    manifest: Any = field(metadata=artifact_file(MANIFEST))  # a DataFrame of MANIFEST_COLUMNS
+    failures: Any = field(metadata=artifact_file("failures.csv"))  # file, category, error
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from animl_assets.core.artifact_files import artifact_file
 from animl_assets.core.failures import (BAD, FETCH_FAILED, GOOD, MAX_PIXELS, NON_IMAGE, NONEXISTENT, STATUSES,
                                        TRUNCATED, failure_category, pixel_cap_error)
 from animl_assets.core.files import Journal
@@ -63,6 +64,13 @@ class ImageRequest:
     image_id: str
     file_name: str
     source_key: str
+
+
+@dataclass
+class ImageManifest:
+    """What ``images`` stores besides the image files: every referenced image with its category."""
+
+    manifest: pd.DataFrame = field(metadata=artifact_file("manifest.csv"))
 
 
 MANIFEST_COLUMNS = ["image_id", "file_name", "status", "error", "bytes", "width", "height", "mode",

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from numbers import Real
 from typing import Any, Iterator
 
 import pandas as pd
+
+from animl_assets.core.artifact_files import artifact_file
 
 FORMAT_VERSION = "1.4"
 MIN_FORMAT_VERSION = (1, 1)
@@ -23,6 +26,15 @@ PERSON_NAMES = {"human", "person", "people"}
 VEHICLE_NAMES = {"vehicle", "car", "truck"}
 BOX_TOLERANCE = 1e-4  # detectors round; a box may overhang [0, 1] by this much
 _INT_STRING = re.compile(r"^\d+$")
+
+
+@dataclass
+class Detections:
+    """What ``md_detections`` stores: the batch output, each box's label, the images without boxes."""
+
+    md: dict[str, Any] = field(metadata=artifact_file("md_detections.json"))
+    labels: pd.DataFrame = field(metadata=artifact_file("labels.csv"))
+    images_without_boxes: list[str] = field(metadata=artifact_file("images_without_boxes.json"))
 
 
 def _md_category(name: str) -> str:

@@ -70,9 +70,16 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> Any:
         asset = context.asset_key.to_python_identifier()
         store = self.storage.store()
-        if context.has_asset_partitions:  # one partition's value, or {partition: value} across partitions
-            values = {p: read_artifacts(store, self._folder(asset, p, None)) for p in context.asset_partition_keys}
-            return next(iter(values.values())) if context.has_partition_key else values
+        if context.has_asset_partitions and context.has_partition_key:  # the same export's value
+            partition = context.asset_partition_key
+            if not store.exists(f"{self._folder(asset, partition, None)}/{INDEX}"):
+                name = context.asset_key.to_user_string()
+                raise dg.Failure(f"{name} is not materialized for partition {partition!r}: materialize {name} first")
+            return read_artifacts(store, self._folder(asset, partition, None))
+        if context.has_asset_partitions:  # across exports: {partition: value} of those materialized so far
+            folders = {p: self._folder(asset, p, None) for p in context.asset_partition_keys}
+            return {p: read_artifacts(store, folder) for p, folder in folders.items()
+                    if store.exists(f"{folder}/{INDEX}")}
         return read_artifacts(store, version_folder(asset, self.latest_version(context)))
 
     @staticmethod
