@@ -176,3 +176,40 @@ def test_partitioned_values_load_one_at_a_time_or_as_a_dict_across_partitions(tm
     assert json.loads((root / "same_partition" / "site~b" / "same_partition.json").read_text()) == ["1"]
     version = next((root / "across").iterdir())
     assert json.loads((version / "across.json").read_text()) == {"site/a": ["001"], "site/b": ["1"]}
+
+
+def test_splits_is_tested_with_its_input_given_directly():
+    """No ingest needed: the asset takes a dataset version and returns splits plus its checks."""
+    from animl_assets.assets.dataset import SplitsConfig, splits
+
+    ds = pd.DataFrame({"path": [f"e/{i}.jpg" for i in range(60)], "dataset": "e",
+                       "location": [f"{i % 20:03d}" for i in range(60)], "dataset_class": "x", "confidence": 1.0,
+                       "label": ["deer", "fox"] * 30})
+    version = DatasetVersion(ds, {"0": "deer", "1": "fox"}, {}, [])
+    output, *checks = list(splits(config=SplitsConfig(trials=200), classification_dataset=version))
+    placed = [location for split in output.value.values() for _, location in split]
+    assert sorted(placed) == sorted(f"{i:03d}" for i in range(20)) and all(check.passed for check in checks)
+    assert output.data_version.value == content_version(to_files(output.value, "splits"))
+
+
+def test_md_detections_is_tested_with_its_inputs_given_directly(tmp_path):
+    from animl_assets.assets.detections import DetectionsConfig, md_detections
+    from animl_assets.core.cct import ExportArtifacts
+    from animl_assets.core.images import ImageManifest
+    from animl_assets.resources.storage import ExportsLocation
+
+    export = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50},
+                         {"id": 2, "file_name": "b.jpg"}],
+              "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+                              {"id": 2, "image_id": 2, "category_id": 1, "bbox": [0, 0, 50, 50]}],
+              "categories": [{"id": 1, "name": "deer"}]}
+    manifest = pd.DataFrame({"file_name": ["a.jpg", "b.jpg"], "status": ["good", "good"], "width": [100, 200],
+                             "height": [50, 100], "orientation": [1, 1]})
+    context = dg.build_asset_context(partition_key="site")
+    output, check = list(md_detections(
+        context=context, config=DetectionsConfig(), cct_export=ExportArtifacts(export, {}, {"sha256": "x"}),
+        images=ImageManifest(manifest), storage=ArtifactStore(uri=str(tmp_path / "a")),
+        exports=ExportsLocation(uri=str(tmp_path / "exports"))))
+    boxes = {image["file"]: image["detections"][0]["bbox"] for image in output.value.md["images"]}
+    assert boxes == {"a.jpg": [0.1, 0.2, 0.2, 0.4], "b.jpg": [0.0, 0.0, 0.25, 0.5]}  # b's size from the manifest
+    assert output.value.labels["label"].tolist() == ["deer", "deer"] and check.passed

@@ -48,6 +48,15 @@ def test_lineage_names_every_export_and_its_file_hash(two_exports, tmp_path, cap
     assert "has no version 'nope'" in capsys.readouterr().err
 
 
+def test_no_artifact_is_a_pickle(two_exports):
+    files = [path for path in (two_exports / "artifacts").rglob("*") if path.is_file()]
+    assert len(files) > 200
+    for path in files:
+        head = path.read_bytes()[:2]
+        assert not head.startswith(b"\x80"), f"{path} looks like a pickle"
+        assert path.suffix in {".json", ".csv", ".jpg", ".png", ".npz"}, path
+
+
 def test_gc_keeps_the_newest_and_what_they_read(two_exports, capsys):
     datasets = two_exports / "artifacts" / "classification_dataset"
     assert main(["gc", "--keep", "1"]) == 0

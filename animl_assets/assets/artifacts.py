@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import dagster as dg
 import pandas as pd
 from PIL import Image
 
-from animl_assets.core.artifact_files import content_version
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
@@ -26,20 +24,8 @@ def artifact_key(asset: str, partition: str | None, name: str) -> str:
     return "/".join(part for part in (asset, partition and partition_folder(partition), name) if part)
 
 
-def write_json(store: Store, key: str, value: Any) -> None:
-    store.write_bytes(key, json.dumps(value, indent=1, sort_keys=False).encode())
-
-
-def read_json(store: Store, key: str) -> Any:
-    return json.loads(store.read_bytes(key))
-
-
-def write_csv(store: Store, key: str, frame: pd.DataFrame) -> None:
-    store.write_bytes(key, frame.to_csv(index=False).encode())
-
-
 def read_csv(store: Store, key: str) -> pd.DataFrame | None:
-    """The CSV at ``key``, or None when there is none yet."""
+    """The CSV at ``key`` (an asset's own earlier manifest), or None when there is none yet."""
     try:
         data = store.read_bytes(key)
     except FileNotFoundError:
