@@ -1,5 +1,6 @@
 """The artifact IO manager: plain files that round-trip, immutable versions, downstream reads the newest."""
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,9 +9,10 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from dagster_aws.s3 import S3Resource
 
-from animl_assets.core.artifact_files import Arrays, artifact_file, content_version, from_files, to_files
+from animl_assets.core.artifact_files import Arrays, TorchFile, artifact_file, content_version, from_files, to_files
 from animl_assets.core.dataset import DatasetVersion
 from animl_assets.definitions import DATASET_JOB, build_definitions
 from animl_assets.resources.io_manager import ArtifactIOManager
@@ -31,6 +33,7 @@ VALUES = {
     "array": np.arange(6).reshape(2, 3),
     "arrays": Arrays(train=np.eye(2), test=np.zeros((2, 2), dtype=np.int64)),
     "set": Pair(pd.DataFrame({"path": ["x"], "label": ["deer"]}), {"v": 1}),
+    "checkpoint": TorchFile({"epoch": 3, "val/acc": 0.9, "model": {"fc.weight": torch.ones(2, 3)}}),
 }
 
 
@@ -41,6 +44,9 @@ def same(a, b) -> bool:
         return np.array_equal(a, b) and a.dtype == b.dtype
     if isinstance(a, dict) and a and isinstance(next(iter(a.values())), np.ndarray):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, TorchFile):
+        return a.keys() == b.keys() and a["epoch"] == b["epoch"] and torch.equal(a["model"]["fc.weight"],
+                                                                                  b["model"]["fc.weight"])
     if isinstance(a, Pair):
         return same(a.table, b.table) and a.meta == b.meta
     return a == b
@@ -49,7 +55,7 @@ def same(a, b) -> bool:
 @pytest.mark.parametrize("name", VALUES)
 def test_values_round_trip_as_plain_files(name):
     files = to_files(VALUES[name], "out")
-    assert not any(data.startswith(b"\x80") for data in files.values())  # no pickle anywhere
+    assert not any(data.startswith(b"\x80") for data in files.values())  # no bare pickle anywhere
     loaded = from_files(files.__getitem__)
     assert type(loaded) is type(VALUES[name]) and same(VALUES[name], loaded)
     assert content_version(files) == content_version(to_files(VALUES[name], "out"))
@@ -213,3 +219,18 @@ def test_md_detections_is_tested_with_its_inputs_given_directly(tmp_path):
     boxes = {image["file"]: image["detections"][0]["bbox"] for image in output.value.md["images"]}
     assert boxes == {"a.jpg": [0.1, 0.2, 0.2, 0.4], "b.jpg": [0.0, 0.0, 0.25, 0.5]}  # b's size from the manifest
     assert output.value.labels["label"].tolist() == ["deer", "deer"] and check.passed
+
+
+class _Executes:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_a_checkpoint_that_would_run_pickled_code_is_refused(capsys):
+    files = to_files(TorchFile({"epoch": 1}), "ckpt")
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "payload": _Executes()}, buffer)
+    files["ckpt.pt"] = buffer.getvalue()
+    with pytest.raises(Exception, match="(?i)weights only|weights_only|unsupported"):
+        from_files(files.__getitem__)
+    assert "pickled code ran" not in capsys.readouterr().out

@@ -1,8 +1,9 @@
 """Values as plain, readable files, and back: what the artifact IO manager stores. Never pickles.
 
-A DataFrame is a CSV, a dict or list a JSON file, arrays an ``.npz``; a dataclass of such values (an
-"artifact set", e.g. a dataset's CSV and label index) is one file per field, named by the field's
-``file`` metadata. ``artifacts.json``, written last, says what the folder holds and how to load it.
+A DataFrame is a CSV, a dict or list a JSON file, arrays an ``.npz``, a ``TorchFile`` (a checkpoint) a
+``torch.save`` file; a dataclass of such values (an "artifact set", e.g. a dataset's CSV and label index,
+or a checkpoint beside its ``params.json`` and ``label_index.json``) is one file per field, named by the
+field's ``file`` metadata. ``artifacts.json``, written last, says what the folder holds and how to load it.
 """
 
 from __future__ import annotations
@@ -26,12 +27,24 @@ class Arrays(dict):
     """Named numpy arrays, stored together as one ``.npz`` (e.g. a confusion matrix per split)."""
 
 
+class TorchFile(dict):
+    """Tensors and plain values (a checkpoint: ``{"epoch", "model": state_dict, "optimizer", …}``) stored
+    with ``torch.save`` as one ``.pt``, the reference scripts' format; loaded with ``weights_only=True``, so
+    loading never runs pickled code."""
+
+
 def artifact_file(name: str) -> dict[str, str]:
     """Field metadata naming the file a field of an artifact-set dataclass is stored as."""
     return {"file": name}
 
 
 def _dump(value: Any) -> tuple[str, bytes]:
+    if isinstance(value, TorchFile):
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(dict(value), buffer)
+        return "pt", buffer.getvalue()
     if isinstance(value, pd.DataFrame):
         return "csv", value.to_csv(index=False).encode()
     if isinstance(value, (Arrays, np.ndarray)):
@@ -45,6 +58,10 @@ def _dump(value: Any) -> tuple[str, bytes]:
 
 
 def _load(kind: str, data: bytes) -> Any:
+    if kind == "pt":
+        import torch
+
+        return TorchFile(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     if kind == "csv":
         return read_csv(data)
     if kind == "json":
