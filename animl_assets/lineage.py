@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import dagster as dg
 
+from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.core.store import Store
 from animl_assets.resources.io_manager import VERSION_METADATA, version_folder
 from animl_assets.resources.storage import LocalStore
@@ -91,7 +92,7 @@ def lineage(instance: dg.DagsterInstance, asset: str, version: str | None = None
     tags = record.asset_materialization.tags or {}
     if asset == "splits" and f"{INPUT_VERSION_TAG}classification_dataset" in tags:
         node.inputs.append(lineage(instance, "classification_dataset", tags[f"{INPUT_VERSION_TAG}classification_dataset"]))
-    read = record.asset_materialization.metadata.get("exports_read")
+    read = record.asset_materialization.metadata.get(READ_METADATA)
     for partition, versions_read in sorted((read.value if read else {}).items()):
         node.inputs.append(_export_node(instance, partition, versions_read["cct_export"]))
     return node

@@ -95,7 +95,6 @@ def test_labels_that_cannot_reach_every_split_fail_the_blocking_check(settings, 
 
 def test_match_test_keeps_the_earlier_test_split(settings, instance, ingested, tmp_path):
     assert run_dataset(settings, instance).success
-    root = Path(settings.storage_uri)
     earlier_csv, earlier_splits = tmp_path / "earlier.csv", tmp_path / "earlier_splits.json"
     earlier_csv.write_bytes((latest_version(settings, instance, "classification_dataset") / "classification_ds.csv").read_bytes())
     earlier_splits.write_bytes((latest_version(settings, instance, "splits") / "splits.json").read_bytes())
@@ -128,7 +127,6 @@ def test_location_strings_survive_the_whole_chain(settings, instance, sample_dir
     assert run_ingest(settings, instance, partition).success
     job = build_definitions(settings).resolve_job_def(DATASET_JOB)
     assert job.execute_in_process(instance=instance).success
-    root = Path(settings.storage_uri)
     with (latest_version(settings, instance, "classification_dataset") / "classification_ds.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {row["location"] for row in rows} == set(tricky)

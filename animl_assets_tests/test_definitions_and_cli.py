@@ -52,8 +52,10 @@ def test_resources_name_their_environment_variables_and_describe_themselves(tmp_
     monkeypatch.setenv("ANIML_STORAGE_URI", str(tmp_path / "store"))
     monkeypatch.setenv("ANIML_S3_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.delenv("ANIML_EXPORTS_URI", raising=False)
+    monkeypatch.setenv("ANIML_EXPORTS_MAX_DEPTH", "3")
     defs = build_definitions()
     storage, exports = defs.resources["storage"], defs.resources["exports"]
+    assert exports.max_depth.env_var_name == "ANIML_EXPORTS_MAX_DEPTH"
     # the launchpad shows {env: NAME}, never the value
     assert isinstance(storage.uri, dg.EnvVar) and storage.uri.env_var_name == "ANIML_STORAGE_URI"
     assert isinstance(exports.home, dg.EnvVar) and exports.home.env_var_name == "ANIML_HOME"

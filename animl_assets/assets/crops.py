@@ -11,7 +11,7 @@ from animl_assets.assets.artifacts import artifact_key, local_folder, location, 
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import images_folder
-from animl_assets.core.artifact_files import content_version, to_files
+from animl_assets.core.artifact_files import value_version
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import MANIFEST, MANIFEST_COLUMNS, CropManifest, crop_detections
 from animl_assets.core.exports import partition_folder
@@ -86,7 +86,7 @@ def crops(context: dg.AssetExecutionContext, config: CropsConfig, md_detections:
                      f"{report.seconds:.1f}s")
     value = CropManifest(read_table((crops_dir / MANIFEST).read_bytes()), failures)
     yield dg.Output(
-        value, data_version=dg.DataVersion(content_version(to_files(value, "crops"))),
+        value, data_version=dg.DataVersion(value_version(value, "crops")),
         metadata={
             "num_images": report.images,
             "num_crops": len(report.rows),

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from animl_assets.assets.artifacts import artifact_key, image_metadata, location, table, table_schema
 from animl_assets.assets.exports import exports_partitions
-from animl_assets.core.artifact_files import content_version, to_files
+from animl_assets.core.artifact_files import value_version
 from animl_assets.core.cct import UNKNOWN_LOCATION, ExportArtifacts, image_location
 from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import CropManifest
@@ -65,7 +65,7 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections,
         "dataset_class": rows["label"].astype(str), "confidence": rows["conf"].astype(float),
         "image": rows["file"],
     }, columns=CROP_COLUMNS)
-    return frame, {"crops": content_version(to_files(crops, "crops")), "cct_export": export.source["sha256"]}
+    return frame, {"crops": value_version(crops, "crops"), "cct_export": export.source["sha256"]}
 
 
 @dg.asset(group_name="dataset", kinds={"csv"},
@@ -111,7 +111,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
         raise dg.Failure(f"the dataset is empty; left out: {report.dropped}")
     dataset = DatasetVersion(ds, label_index(ds), spec or {
         "generated": {f"{d}|{c}": label for (d, c), label in sorted(mapping.items())}}, test_locations)
-    version = content_version(to_files(dataset, "classification_dataset"))
+    version = value_version(dataset, "classification_dataset")
     per_label = pd.DataFrame({
         "crops": ds.groupby("label").size(),
         "datasets": ds.groupby("label")["dataset"].nunique(),
@@ -179,7 +179,7 @@ def splits(config: SplitsConfig, classification_dataset: DatasetVersion) -> Iter
     leaks, missing = check_splits(ds, result, expected)
     score = split_score(ds, result, val_frac=config.val_frac, test_frac=test_frac)
     yield dg.Output(
-        result, data_version=dg.DataVersion(content_version(to_files(result, "splits"))),
+        result, data_version=dg.DataVersion(value_version(result, "splits")),
         metadata={
             "score": round(score, 4), "method": config.method,
             **{f"num_{name}_locations": len(result[name]) for name in result},

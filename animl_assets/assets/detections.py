@@ -11,7 +11,7 @@ from animl_assets.assets.artifacts import table
 from animl_assets.assets.checks import problems_check
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import images_folder
-from animl_assets.core.artifact_files import content_version, to_files
+from animl_assets.core.artifact_files import value_version
 from animl_assets.core.cct import ExportArtifacts
 from animl_assets.core.detector import DetectorUnavailable, run_megadetector
 from animl_assets.core.exports import export_key_for, mdcache_key_for
@@ -90,9 +90,9 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, c
     detections = sum(len(image.get("detections") or []) for image in md["images"])
     value = Detections(md, labels, no_boxes)
     yield dg.Output(
-        value, data_version=dg.DataVersion(content_version(to_files(Detections(  # not the conversion's time
+        value, data_version=dg.DataVersion(value_version(Detections(  # not the conversion's time
             {**md, "info": {k: v for k, v in md["info"].items() if k != "detection_completion_time"}},
-            labels, no_boxes), "md_detections"))),
+            labels, no_boxes), "md_detections")),
         metadata={
             "num_images": len(md["images"]),
             "num_detections": detections,

@@ -10,7 +10,7 @@ from pydantic import Field
 from animl_assets.assets.artifacts import artifact_key, local_folder, location, read_csv, table, table_schema
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import exports_partitions
-from animl_assets.core.artifact_files import content_version, to_files
+from animl_assets.core.artifact_files import value_version
 from animl_assets.core.cct import ExportArtifacts
 from animl_assets.core.exports import export_key_for, partition_folder
 from animl_assets.core.files import Journal
@@ -118,7 +118,7 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, cct_export: 
                             "transport errors): not marked bad, they are fetched again on the next run")
     yield dg.Output(
         ImageManifest(manifest),  # the version leaves out `fetched`: a re-run that fetched nothing is the same data
-        data_version=dg.DataVersion(content_version(to_files(manifest.drop(columns="fetched"), "manifest"))),
+        data_version=dg.DataVersion(value_version(manifest.drop(columns="fetched"), "manifest")),
         metadata={
             **{f"num_{status}": int(counts.get(status, 0)) for status in STATUSES},
             "num_fetched": int(manifest["fetched"].sum()),

@@ -113,3 +113,9 @@ def content_version(files: dict[str, bytes]) -> str:
         if name != INDEX:
             digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
     return digest.hexdigest()[:16]
+
+
+def value_version(value: Any, name: str) -> str:
+    """The version the files of ``value`` would have: what the IO manager names its folder by, and the
+    asset's data version."""
+    return content_version(to_files(value, name))
