@@ -160,3 +160,48 @@ def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_
     path = out_dir / EXPORT_NAME
     path.write_text(json.dumps(export, indent=1))
     return SampleExport(path, len(images), len(annotations), tuple(f"broken/{n}.jpg" for n in BROKEN))
+
+
+@dataclass(frozen=True)
+class SampleCrops:
+    """A generated set of labelled crops in the reference's dataset layout."""
+
+    crops_dir: Path
+    dataset_dir: Path  # classification_ds.csv, label_index.json, splits.json
+    crops: int
+
+
+def write_sample_crops(out_dir: str | Path, *, labels: int = 4, crops_per_label_and_location: int = 4,
+                       locations: int = 6, size: int = 96, seed: int = 0) -> SampleCrops:
+    """Square crops of the sample species (``labels`` ≤ 4) on location backdrops, with the reference's
+    ``classification_ds.csv``, ``label_index.json`` and ``splits.json`` (locations dealt out train/val/test
+    4:1:1): a set a classifier can learn, for tests and benchmarks."""
+    if not 1 <= labels <= len(SPECIES) or locations < 3:
+        raise ValueError(f"labels must be 1..{len(SPECIES)} and locations at least 3")
+    out_dir = Path(out_dir)
+    crops_dir, dataset_dir = out_dir / "crops", out_dir / "dataset"
+    rng = np.random.default_rng(seed)
+    rows = []
+    for location in LOCATIONS[:locations]:
+        for species in SPECIES[:labels]:
+            for index in range(crops_per_label_and_location):
+                pixels = _backdrop(rng, (size, size), location)
+                side = int(rng.uniform(0.55, 0.9) * size)
+                x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
+                _draw_animal(ImageDraw.Draw(pixels), species, (x, y, side, int(side * rng.uniform(0.7, 1.0))))
+                path = f"sample/{location}/{species}_{index:03d}___crop00_sample.jpg"
+                (crops_dir / path).parent.mkdir(parents=True, exist_ok=True)
+                (crops_dir / path).write_bytes(_jpeg(pixels))
+                rows.append({"path": path, "dataset": "sample", "location": location, "dataset_class": species,
+                             "confidence": 1.0, "label": species})
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(dataset_dir / "classification_ds.csv", index=False)
+    names = sorted(SPECIES[:labels])
+    (dataset_dir / "label_index.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=1))
+    chosen = [["sample", loc] for loc in LOCATIONS[:locations]]
+    splits = {"train": chosen[:-2 * max(1, locations // 6)], "val": chosen[-2 * max(1, locations // 6):-max(1, locations // 6)],
+              "test": chosen[-max(1, locations // 6):]}
+    (dataset_dir / "splits.json").write_text(json.dumps(splits, indent=1))
+    return SampleCrops(crops_dir, dataset_dir, len(rows))

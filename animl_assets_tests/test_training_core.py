@@ -1,0 +1,182 @@
+"""core.training and core.models: learning, weighting, fine-tuning, early stopping, resume, formats."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from efficientnet_pytorch import EfficientNet
+
+from animl_assets.core.models import (PretrainedWeightsUnavailable, build_model, default_image_size, head,
+                                      read_checkpoint, state_dict_of)
+from animl_assets.core.sample import write_sample_crops
+from animl_assets.core.training import (BEST, LAST, Checkpoints, EpochSampler, TrainingParams, fit, init_model,
+                                        make_loaders, split_frame)
+from animl_assets.resources.storage import LocalStore
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def crop_set(tmp_path_factory):
+    sample = write_sample_crops(tmp_path_factory.mktemp("crops"), size=64)
+    ds = pd.read_csv(sample.dataset_dir / "classification_ds.csv")
+    label_index = json.loads((sample.dataset_dir / "label_index.json").read_text())
+    splits = json.loads((sample.dataset_dir / "splits.json").read_text())
+    return sample, ds, label_index, splits
+
+
+def _train(crop_set, tmp_path, labels=None, on_epoch=None, resume=True, **overrides):
+    sample, ds, label_index, splits = crop_set
+    if labels is not None:
+        ds = ds[ds["label"].isin(labels)]
+        label_index = {str(i): name for i, name in enumerate(sorted(labels))}
+    settings = dict(model_name="efficientnet-lite0", image_size=48, epochs=3, batch_size=16, lr=3e-4,
+                    num_workers=0, seed=1)
+    params = TrainingParams(**(settings | overrides))
+    frame = split_frame(ds, label_index, splits, params.label_weighted)
+    loaders = make_loaders(frame, sample.crops_dir, params, CPU)
+    model = init_model(params, len(label_index), pretrained="lite0" if params.model_name.endswith("lite0") else False)
+    checkpoints = Checkpoints(LocalStore(tmp_path / "store"), "training/run")
+    result = fit(model, loaders, params, checkpoints, CPU, resume=resume, on_epoch=on_epoch)
+    return result, checkpoints, model
+
+
+def test_a_short_run_learns_far_above_chance(crop_set, tmp_path):
+    result, _, _ = _train(crop_set, tmp_path, epochs=5, image_size=64)
+    assert max(epoch["val/acc_top1"] for epoch in result.history) >= 0.75  # chance: 0.25
+    assert result.best["val/acc"] == 100 * max(epoch["val/acc_top1"] for epoch in result.history)
+
+
+def test_label_weights_balance_each_split_and_the_sampler_draws_labels_evenly(crop_set):
+    _, ds, label_index, splits = crop_set
+    skewed = pd.concat([ds, *[ds[ds["label"] == "deer"]] * 5], ignore_index=True)  # deer 6x as common
+    frame = split_frame(skewed, label_index, splits, label_weighted=True)
+    for split, rows in frame.groupby("split"):
+        per_label = rows.groupby("label")["weight"].sum()
+        assert per_label.round(6).nunique() == 1, split
+        assert rows["weight"].sum() == pytest.approx(len(rows))
+    train = frame[frame["split"] == "train"].reset_index(drop=True)
+    sampler = EpochSampler(len(train), torch.tensor(train["weight"].to_numpy()), seed=0)
+    drawn = pd.Series([train["label"][i] for epoch in range(20) for i in (sampler.set_epoch(epoch) or sampler)])
+    shares = drawn.value_counts(normalize=True)
+    assert shares.max() - shares.min() < 0.05
+    unweighted = split_frame(skewed, label_index, splits, label_weighted=False)
+    assert (unweighted["weight"] == 1).all()
+
+
+def test_detection_confidence_weights_training_rows_through_the_calibration(crop_set):
+    _, ds, label_index, splits = crop_set
+    ds = ds.assign(confidence=0.5)
+    calibration = {"x": [0.0, 1.0], "y": [0.0, 0.2]}
+    frame = split_frame(ds, label_index, splits, label_weighted=False, weight_by_detection_conf=True,
+                        calibration=calibration)
+    assert frame.loc[frame["split"] == "train", "weight"].to_numpy() == pytest.approx(0.1)
+    assert (frame.loc[frame["split"] != "train", "weight"] == 1).all()
+
+
+def test_the_sampler_is_a_function_of_seed_and_epoch_and_shards_by_rank():
+    sampler = EpochSampler(10, seed=3)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    assert sorted(first) == list(range(10)) and list(sampler) == first
+    sampler.set_epoch(3)
+    assert list(sampler) != first
+    ranks = [EpochSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
+    for shard in ranks:
+        shard.set_epoch(2)
+    dealt = [list(shard) for shard in ranks]
+    assert all(len(shard) == 4 for shard in dealt) and set(sum(dealt, [])) == set(range(10))
+
+
+def test_finetune_trains_only_the_head_and_keeps_batch_norm_statistics(crop_set, tmp_path):
+    model = build_model("efficientnet-lite0", 4, pretrained="lite0", finetune=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"_fc.weight", "_fc.bias"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result, checkpoints, _ = _train(crop_set, tmp_path, epochs=1, finetune=1)
+    after = result.best["model"]
+    lite0 = build_model("efficientnet-lite0", 4, pretrained="lite0")
+    for key, value in lite0.state_dict().items():
+        if not key.startswith("_fc."):
+            assert torch.equal(after[key], value), key  # frozen body, BN running stats included
+    assert not torch.equal(after["_fc.weight"], before["_fc.weight"])
+    unfrozen, _, _ = _train(crop_set, tmp_path / "2", epochs=2, finetune=1)
+    assert not torch.equal(unfrozen.best["model"]["_conv_stem.weight"], lite0.state_dict()["_conv_stem.weight"]) \
+        or unfrozen.best["epoch"] == 0
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(crop_set, tmp_path):
+    result, checkpoints, _ = _train(crop_set, tmp_path, epochs=10, patience=2, lr=0.0, finetune=10)  # frozen
+    assert result.stopped_early and len(result.history) == 3  # epoch 0 best, 1 and 2 no better
+    assert checkpoints.load(LAST)["stopped"]
+
+
+def test_resume_after_a_crash_continues_at_the_next_epoch_with_the_same_final_weights(crop_set, tmp_path):
+    uninterrupted, _, _ = _train(crop_set, tmp_path / "a", epochs=3)
+
+    def crash(metrics):
+        if metrics["epoch"] == 1:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(crop_set, tmp_path / "b", epochs=3, on_epoch=crash)
+    seen = []
+    resumed, checkpoints, _ = _train(crop_set, tmp_path / "b", epochs=3, on_epoch=seen.append)
+    assert resumed.resumed_from_epoch == 1 and [m["epoch"] for m in seen] == [2]
+    assert [m["epoch"] for m in resumed.history] == [0, 1, 2]
+    last_a = read_checkpoint(tmp_path.joinpath("a", "store", "training", "run", LAST).read_bytes())
+    last_b = checkpoints.load(LAST)
+    for key, value in last_a["model"].items():
+        assert torch.equal(value, last_b["model"][key]), key
+    for key, value in uninterrupted.best["model"].items():
+        assert torch.equal(value, resumed.best["model"][key]), key
+    restarted, _, _ = _train(crop_set, tmp_path / "b", epochs=3, resume=False)
+    assert restarted.resumed_from_epoch is None and len(restarted.history) == 3
+
+
+def test_checkpoints_are_in_the_reference_layout_and_load_into_efficientnet_pytorch(crop_set, tmp_path):
+    result, checkpoints, _ = _train(crop_set, tmp_path, epochs=1, model_name="efficientnet-b0", image_size=32)
+    best = read_checkpoint((tmp_path / "store" / "training" / "run" / BEST).read_bytes())
+    assert set(best) == {"epoch", "model", "val/acc", "optimizer"}
+    assert isinstance(best["epoch"], int) and 0 <= best["val/acc"] <= 100
+    # what the reference's evaluate_model.py does: build the named model, load_state_dict(ckpt["model"])
+    reference = EfficientNet.from_name("efficientnet-b0", num_classes=4)
+    reference.load_state_dict(best["model"])  # strict
+    last = checkpoints.load(LAST)
+    assert {"epoch", "model", "val/acc", "optimizer", "scheduler", "scaler", "rng"} <= set(last)
+
+
+def test_a_megaclassifier_state_dict_loads_with_a_new_head_when_labels_differ():
+    source = EfficientNet.from_name("efficientnet-b0", num_classes=7)
+    bare = {f"module.{k}": v for k, v in source.state_dict().items()}  # saved from DataParallel
+    model = build_model("efficientnet-b0", 4, pretrained=bare)
+    assert head(model).out_features == 4
+    assert torch.equal(model.state_dict()["_conv_stem.weight"], source.state_dict()["_conv_stem.weight"])
+    same = build_model("efficientnet-b0", 7, pretrained={"model": source.state_dict(), "epoch": 3})
+    assert torch.equal(same.state_dict()["_fc.weight"], source.state_dict()["_fc.weight"])
+    with pytest.raises(ValueError, match="does not fit"):
+        build_model("resnet18", 4, pretrained=bare)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        state_dict_of({"epoch": 1})
+
+
+def test_two_labels_and_no_label_weighting_train_where_the_reference_crashes(crop_set, tmp_path):
+    result, _, _ = _train(crop_set, tmp_path, labels=["deer", "fox"], epochs=1, label_weighted=False)
+    metrics = result.history[0]
+    assert metrics["val/acc_top3"] == 1.0  # top-min(3, labels) with two labels
+    assert metrics["val/acc_weighted_top1"] == pytest.approx(metrics["val/acc_top1"])
+
+
+@pytest.mark.parametrize("model_name", ["efficientnet-b0", "resnet18"])
+def test_offline_imagenet_weights_fail_with_the_file_to_put_in_the_cache(model_name, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens there: any download fails at once
+    with pytest.raises(PretrainedWeightsUnavailable, match=str(tmp_path / "hub" / "checkpoints")):
+        build_model(model_name, 4, pretrained=True)
+
+
+def test_default_image_sizes_follow_efficientnet():
+    assert [default_image_size(f"efficientnet-b{i}") for i in range(8)] == [224, 240, 260, 300, 380, 456, 528, 600]
+    assert default_image_size("resnet50") == default_image_size("efficientnet-lite0") == 224
