@@ -203,7 +203,8 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
         counts = {k: v.value for k, v in materialization.metadata.items()
-                  if (k.startswith("num_") or k == "score") and isinstance(v.value, (int, float))}
+                  if (k.startswith(("num_", "val_acc_top1", "test_acc_top1", "best_epoch")) or k == "score")
+                  and isinstance(v.value, (int, float))}
         print(f"  materialized {materialization.asset_key.to_user_string()}{where}: {counts}")
     expected, unexpected = [], []
     for check in result.get_asset_check_evaluations():
@@ -259,6 +260,31 @@ def build_dataset(run_config: dict | None = None) -> None:
     run_job(DATASET_JOB, None, run_config)
 
 
+# Small enough for a 2-core laptop in well under a minute: Lite0's packaged ImageNet weights (offline), the head
+# fine-tuned at 128 px.
+DEMO_TRAINING = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 128, "epochs": 10,
+                 "finetune": 10, "batch_size": 16, "lr": 0.001, "num_workers": 2, "progress_every": 0}
+
+
+def train(run_config: dict | None = None) -> None:
+    """classifier_checkpoint on the newest dataset version and splits."""
+    from animl_assets.definitions import TRAIN_JOB
+
+    run_job(TRAIN_JOB, None, run_config)
+
+
+def run_mlflow_ui(settings: Settings, extra_args: list[str]) -> int:
+    """The MLflow UI on the tracking store (MLFLOW_TRACKING_URI, else the embedded SQLite store)."""
+    from animl_assets.core.tracking import embedded_tracking_uri
+
+    uri = settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri,
+               "--default-artifact-root", (settings.home / "mlartifacts").as_uri(), *extra_args]
+    print(f"MLflow UI on {uri}: http://127.0.0.1:5000 (unless --port says otherwise)")
+    return subprocess.call(command)
+
+
 def run_demo(settings: Settings) -> int:
     """Generate the sample export, register it and materialize every asset."""
     from animl_assets.core.sample import EXPORT_NAME, write_sample_export
@@ -267,21 +293,23 @@ def run_demo(settings: Settings) -> int:
     export_dir = Path(settings.exports_uri) / "sample"
     if settings.exports_uri.startswith("s3://"):
         export_dir = settings.home / "sample_export"
-    print(f"[1/4] writing the sample export to {export_dir}")
+    print(f"[1/5] writing the sample export to {export_dir}")
     sample = write_sample_export(export_dir)
     print(f"      {sample.images} images, {sample.annotations} annotations, "
           f"{len(sample.broken_files)} deliberately broken files")
-    print("[2/4] registering it as a partition of 'exports'")
+    print("[2/5] registering it as a partition of 'exports'")
     partition = register_export(settings, str(export_dir / EXPORT_NAME))
     print(f"      partition: {partition}")
-    print("[3/4] materializing cct_export -> images -> md_detections -> crops")
+    print("[3/5] materializing cct_export -> images -> md_detections -> crops")
     materialize_export(partition)
-    print("[4/4] materializing classification_dataset -> splits (all exports)")
+    print("[4/5] materializing classification_dataset -> splits (all exports)")
     build_dataset()
+    print(f"[5/5] training classifier_checkpoint ({DEMO_TRAINING['model_name']}, MLflow run)")
+    train({"ops": {"classifier_checkpoint": {"config": DEMO_TRAINING}}})
     print(f"\ndone in {time.perf_counter() - started:.1f}s")
     print(f"artifacts:    {settings.storage_uri}")
     print(f"dagster home: {os.environ['DAGSTER_HOME']}")
-    print("open the UI:  make ui   (then http://127.0.0.1:3000)")
+    print("open the UI:  make ui   (then http://127.0.0.1:3000); MLflow: animl mlflow-ui")
     return 0
 
 
@@ -356,11 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     materialize = commands.add_parser("materialize", help="re-run the per-export assets of a partition")
     materialize.add_argument("partition")
     build = commands.add_parser("build-dataset", help="materialize classification_dataset and splits over all exports")
-    for command in (register, materialize, build):
+    training = commands.add_parser("train", help="materialize classifier_checkpoint on the newest dataset and "
+                                                 "splits (config: ops: {classifier_checkpoint: {config: {…}}})")
+    for command in (register, materialize, build, training):
         command.add_argument("--run-config", metavar="FILE", help="Dagster run config (YAML or JSON), as in the "
                                                                   "launchpad: ops: {cct_export: {config: {…}}}")
     commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
-                                     "-> classification_dataset, splits, all under ANIML_HOME")
+                                     "-> classification_dataset, splits -> classifier_checkpoint, all under "
+                                     "ANIML_HOME")
     lineage = commands.add_parser("lineage", help="the chain from a dataset or splits version down to the "
                                                   "export partitions and their file hashes")
     lineage.add_argument("asset", choices=["classification_dataset", "splits"])
@@ -373,13 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="the Dagster UI and daemon (sensors) on http://127.0.0.1:3000; "
                                         "arguments after it go to dagster dev (e.g. --port 3001)")
     ui.set_defaults(dagster_args=[])
+    commands.add_parser("mlflow-ui", help="the MLflow UI on the tracking store (embedded: $ANIML_HOME/mlflow.db); "
+                                          "arguments after it go to mlflow ui (e.g. --port 5001)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "ui":
+    if extra and args.command not in ("ui", "mlflow-ui"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.dagster_args = extra
     try:
@@ -405,6 +438,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return run_demo(settings)
     if args.command == "ui":
         return run_ui(args.dagster_args)
+    if args.command == "mlflow-ui":
+        return run_mlflow_ui(settings, args.dagster_args)
     if args.command in ("lineage", "gc"):
         return run_lineage(args, settings) if args.command == "lineage" else run_gc(args, settings)
     if args.command == "register":
@@ -414,6 +449,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             materialize_export(partition, load_run_config(args.run_config))
     elif args.command == "build-dataset":
         build_dataset(load_run_config(args.run_config))
+    elif args.command == "train":
+        train(load_run_config(args.run_config))
     else:
         materialize_export(args.partition, load_run_config(args.run_config))
     return 0

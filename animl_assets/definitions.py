@@ -7,9 +7,10 @@ from typing import Mapping
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from animl_assets.assets import DATASET_ASSETS, PER_EXPORT_ASSETS, make_new_exports_sensor
+from animl_assets.assets import DATASET_ASSETS, PER_EXPORT_ASSETS, TRAINING_ASSETS, make_new_exports_sensor
 from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
+from animl_assets.resources.tracking import MlflowTracking
 from animl_assets.settings import ENV_VARS, Settings
 
 # Data versions on Output are beta in Dagster 1.13; the project relies on them on purpose.
@@ -17,6 +18,7 @@ warnings.filterwarnings("ignore", message="Parameter `data_version`", category=d
 
 INGEST_JOB = "ingest_export"
 DATASET_JOB = "build_dataset"
+TRAIN_JOB = "train_classifier"
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, dict]:
@@ -33,7 +35,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, dict]:
     depth = {"max_depth": dg.EnvVar.int("ANIML_EXPORTS_MAX_DEPTH")} if env.get("ANIML_EXPORTS_MAX_DEPTH") else {}
     return {"s3": s3_fields, "storage": home | refer("ANIML_STORAGE_URI"),
             "exports": home | refer("ANIML_EXPORTS_URI") | depth,
-            "image_source": home | refer("ANIML_IMAGES_URI", "ANIML_ALLOWED_IMAGE_ROOTS")}
+            "image_source": home | refer("ANIML_IMAGES_URI", "ANIML_ALLOWED_IMAGE_ROOTS"),
+            "mlflow": home | refer("MLFLOW_TRACKING_URI", "ANIML_MLFLOW_UI_URL")}
 
 
 def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
@@ -48,7 +51,8 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
         home = {"home": str(settings.home)}
         fields = {"s3": {"endpoint_url": settings.s3_endpoint_url, "region_name": settings.s3_region},
                   "storage": home | {"uri": settings.storage_uri}, "exports": home | {"uri": settings.exports_uri, "max_depth": settings.exports_max_depth},
-                  "image_source": home | {"uri": settings.images_uri, "allowed_roots": settings.allowed_image_roots}}
+                  "image_source": home | {"uri": settings.images_uri, "allowed_roots": settings.allowed_image_roots},
+                  "mlflow": home | {"tracking_uri": settings.mlflow_tracking_uri, "ui_url": settings.mlflow_ui_url}}
     s3 = S3Resource(**fields["s3"])
     storage = ArtifactStore(s3=s3, **fields["storage"])
     return {
@@ -56,6 +60,7 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
         "io_manager": ArtifactIOManager(storage=storage),
         "exports": ExportsLocation(s3=s3, **fields["exports"]),
         "image_source": ImageSource(s3=s3, **fields["image_source"]),
+        "mlflow": MlflowTracking(**fields["mlflow"]),
     }
 
 
@@ -69,9 +74,13 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         DATASET_JOB, selection=dg.AssetSelection.assets(*DATASET_ASSETS),
         description="Build one dataset version across exports and split it by location.",
     )
+    train_job = dg.define_asset_job(
+        TRAIN_JOB, selection=dg.AssetSelection.assets(*TRAINING_ASSETS),
+        description="Train a classifier on the latest dataset version and splits (GPU-tagged; MLflow run).",
+    )
     return dg.Definitions(
-        assets=[*PER_EXPORT_ASSETS, *DATASET_ASSETS],
-        jobs=[ingest_job, dataset_job],
+        assets=[*PER_EXPORT_ASSETS, *DATASET_ASSETS, *TRAINING_ASSETS],
+        jobs=[ingest_job, dataset_job, train_job],
         sensors=[make_new_exports_sensor(ingest_job)],
         resources=build_resources(settings),
     )

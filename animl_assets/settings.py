@@ -14,6 +14,8 @@ ENV_VARS = {
     "ANIML_EXPORTS_URI": "uri",
     "ANIML_IMAGES_URI": "uri",
     "ANIML_ALLOWED_IMAGE_ROOTS": "allowed_roots",
+    "MLFLOW_TRACKING_URI": "tracking_uri",
+    "ANIML_MLFLOW_UI_URL": "ui_url",
 }
 ENV_HELP = """environment:
   ANIML_HOME               where everything lives by default (./.animl): artifacts/, exports/, cache/ and
@@ -25,6 +27,8 @@ ENV_HELP = """environment:
   ANIML_ALLOWED_IMAGE_ROOTS  comma-separated folders or s3:// prefixes an export may name as its images
                            root (besides its own folder, ANIML_IMAGES_URI and roots given to register)
   ANIML_S3_ENDPOINT_URL    S3-compatible endpoint (MinIO, moto); credentials from the usual AWS variables
+  MLFLOW_TRACKING_URI      MLflow tracking and registry (sqlite:///$ANIML_HOME/mlflow.db)
+  ANIML_MLFLOW_UI_URL      the MLflow UI's address, for links in asset metadata
 Any location may be a local folder or an s3://bucket/prefix."""
 
 
@@ -40,6 +44,8 @@ class Settings:
     s3_region: str
     exports_max_depth: int = 1
     allowed_image_roots: str = ""
+    mlflow_tracking_uri: str = ""
+    mlflow_ui_url: str = ""
 
     @property
     def dagster_home(self) -> Path:
@@ -58,5 +64,7 @@ class Settings:
             s3_endpoint_url=env.get("ANIML_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL") or None,
             s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             exports_max_depth=int(env.get("ANIML_EXPORTS_MAX_DEPTH") or 1),
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or "",
+            mlflow_ui_url=env.get("ANIML_MLFLOW_UI_URL") or "",
             allowed_image_roots=env.get("ANIML_ALLOWED_IMAGE_ROOTS") or "",
         )

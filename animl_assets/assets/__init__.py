@@ -5,9 +5,12 @@ from animl_assets.assets.dataset import classification_dataset, splits
 from animl_assets.assets.detections import md_detections
 from animl_assets.assets.exports import cct_export, exports_partitions, make_new_exports_sensor
 from animl_assets.assets.images import images
+from animl_assets.assets.training import classifier_checkpoint
 
 PER_EXPORT_ASSETS = [cct_export, images, md_detections, crops]
 DATASET_ASSETS = [classification_dataset, splits]
+TRAINING_ASSETS = [classifier_checkpoint]
 
-__all__ = ["DATASET_ASSETS", "PER_EXPORT_ASSETS", "cct_export", "classification_dataset", "crops",
+__all__ = ["DATASET_ASSETS", "PER_EXPORT_ASSETS", "TRAINING_ASSETS", "cct_export", "classification_dataset",
+           "classifier_checkpoint", "crops",
            "exports_partitions", "images", "make_new_exports_sensor", "md_detections", "splits"]

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from animl_assets.core.artifact_files import TorchFile, artifact_file
 from animl_assets.core.models import EFFICIENTNETS, LITE0, build_model, head, set_finetune
 from animl_assets.core.store import Store
 
@@ -340,6 +341,45 @@ class FitResult:
     resumed_from_epoch: int | None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainedClassifier:
+    """The trained model as the reference leaves it: the best-on-val checkpoint, ``params.json`` and
+    ``label_index.json``; plus every epoch's metrics."""
+
+    ckpt: TorchFile = field(metadata=artifact_file("ckpt_best.pt"))
+    params: dict[str, Any] = field(metadata=artifact_file("params.json"))
+    label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
+    history: pd.DataFrame = field(metadata=artifact_file("history.csv"))
+
+
+def train_classifier(frame: pd.DataFrame, crops_root: str | Path, num_classes: int, params: TrainingParams,
+                     checkpoints: Checkpoints, *, init: bool | str | Mapping[str, Any] = False, resume: bool = True,
+                     on_epoch: Callable[[dict[str, float]], None] | None = None,
+                     progress: Callable[[str], None] | None = None) -> FitResult:
+    """Loaders, model and ``fit`` on ``params.device``: what one process (or each torchrun rank) runs."""
+    device = resolve_device(params.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    loaders = make_loaders(frame, crops_root, params, device)
+    model = init_model(params, num_classes, init)
+    return fit(model, loaders, params, checkpoints, device, resume=resume, on_epoch=on_epoch, progress=progress)
+
+
+def evaluate_checkpoint(checkpoint: Mapping[str, Any], frame: pd.DataFrame, crops_root: str | Path,
+                        num_classes: int, params: TrainingParams, split: str = "test") -> dict[str, float]:
+    """Metrics of a checkpoint's model on one split (eval transform), in this process."""
+    rows = frame[frame["split"] == split]
+    if rows.empty:
+        return {}
+    device = resolve_device(params.device)
+    model = build_model(params.model_name, num_classes, image_size=params.image_size)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device, memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
+    loader = make_loaders(rows, crops_root, params, device)[split]
+    return validate(model, loader, device, amp=params.amp, channels_last=params.channels_last)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -1,0 +1,297 @@
+"""``classifier_checkpoint``: a species classifier trained on one dataset version and its splits, tracked in
+MLflow, resumable after a crash, on a GPU when there is one and on several through torchrun (DDP)."""
+
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from animl_assets.assets.artifacts import artifact_key, image_metadata, local_folder, location, table
+from animl_assets.core import tracking
+from animl_assets.core.artifact_files import TorchFile, value_version
+from animl_assets.core.crops import CropManifest
+from animl_assets.core.dataset import DatasetVersion
+from animl_assets.core.exports import partition_folder
+from animl_assets.core.models import VALID_MODELS, PretrainedWeightsUnavailable, default_image_size, read_checkpoint
+from animl_assets.core.plots import learning_curve
+from animl_assets.core.store import Store
+from animl_assets.core.training import (BEST, LAST, Checkpoints, FitResult, TrainedClassifier, TrainingParams,
+                                        evaluate_checkpoint, split_frame, train_classifier)
+from animl_assets.resources.io_manager import version_folder
+from animl_assets.resources.storage import ArtifactStore, LocalStore, read_uri
+from animl_assets.resources.tracking import MlflowTracking
+
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {
+    "requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}}}}
+RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: kept out of the resume key
+LEARNING_CURVE = "learning_curve.png"
+
+
+class TrainingConfig(dg.Config):
+    """Hyperparameters of one training (the reference ``train_classifier.py``'s, plus resume and DDP)."""
+
+    model_name: Literal[VALID_MODELS] = Field(default="efficientnet-b0", description="EfficientNet B0-B7 "
+                                              "(efficientnet-pytorch), efficientnet-lite0, or a torchvision ResNet.")
+    pretrained: str = Field(default="false", description="false; true (ImageNet weights: downloads, or torch's hub "
+                                                         "cache offline); lite0 (packaged Lite0 weights, offline); or "
+                                                         "a checkpoint path or s3:// URI (reference ckpt_N.pt or a "
+                                                         "bare state dict; the head is replaced when labels differ).")
+    init_from: Literal["", "champion"] = Field(default="", description="champion: start from the registry's "
+                                                                       "current champion model.")
+    image_size: int = Field(default=0, ge=0, description="Input size; 0: the model's (b0 224 ... b7 600, others 224).")
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.0, ge=0, description="Learning rate; 0: 0.016 * batch_size / 256 (the reference's).")
+    weight_decay: float = Field(default=1e-5, ge=0)
+    label_weighted: bool = Field(default=True, description="Sample training crops with weights 1/label count.")
+    weight_by_detection_conf: bool = Field(default=False, description="Weight training crops by detection conf.")
+    detection_calibration: str = Field(default="", description="Isotonic calibration .npz (x, y) for the conf.")
+    finetune: int = Field(default=0, ge=0, description="Train only the head for this many first epochs.")
+    patience: int = Field(default=8, ge=1, description="Stop when val top-1 has not improved for this many epochs.")
+    seed: int = 0
+    num_workers: int = Field(default=2, ge=0, description="Data-loading processes per training process.")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing).")
+    resume: bool = Field(default=True, description="Continue from the last complete epoch of the same config and data.")
+    processes: int = Field(default=1, ge=1, description="Training processes (torchrun, DDP): one per GPU.")
+    progress_every: int = Field(default=50, ge=0, description="A progress line every N batches (0: none).")
+
+    def params(self) -> TrainingParams:
+        return TrainingParams(
+            model_name=self.model_name, image_size=self.image_size or default_image_size(self.model_name),
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr or None, weight_decay=self.weight_decay,
+            label_weighted=self.label_weighted, weight_by_detection_conf=self.weight_by_detection_conf,
+            finetune=self.finetune, patience=self.patience, seed=self.seed, num_workers=self.num_workers,
+            device=self.device, amp=self.amp, progress_every=self.progress_every)
+
+
+def crops_folder(storage: ArtifactStore, partitions: list[str]) -> Path:
+    """A local folder where ``<partition folder>/<crop>`` exists for every partition: the store's own folder
+    when it is local, else a cache synced from S3."""
+    store = storage.store()
+    if isinstance(store, LocalStore):
+        return store.root / "crops"
+    root = storage.cache("crops")
+    for partition in partitions:
+        local_folder(store.child(artifact_key("crops", partition, "")), root / partition_folder(partition))
+    return root
+
+
+def _initial_weights(config: TrainingConfig, storage: ArtifactStore) -> tuple[Any, str]:
+    """What the model starts from, and a fingerprint of it for the resume key."""
+    if config.init_from == "champion":
+        raise dg.Failure("init_from: champion needs the model registry (registered_model), which is not set up "
+                         "yet: train from pretrained weights or a checkpoint path instead")
+    choice = config.pretrained.strip()
+    if choice.lower() in ("", "false"):
+        return False, "none"
+    if choice.lower() in ("true", "lite0"):
+        return (True if choice.lower() == "true" else "lite0"), choice.lower()
+    try:
+        data = read_uri(choice, storage.s3)
+        return read_checkpoint(data), hashlib.sha256(data).hexdigest()
+    except (FileNotFoundError, OSError, RuntimeError) as err:
+        raise dg.Failure(f"pretrained checkpoint {choice!r} cannot be read: {err}") from err
+
+
+def _calibration(config: TrainingConfig, storage: ArtifactStore) -> dict | None:
+    if not config.detection_calibration:
+        return None
+    import io
+
+    import numpy as np
+
+    with np.load(io.BytesIO(read_uri(config.detection_calibration, storage.s3))) as npz:
+        return {"x": npz["x"], "y": npz["y"]}
+
+
+def reference_params(params: TrainingParams, pretrained: str, dataset_dir: str, splits_uri: str, crops_dir: str,
+                     logdir: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """``params.json`` with every key the reference's ``train_classifier.py`` writes (its ``evaluate_model.py``
+    reads them), then this project's additions."""
+    return {"dataset_dir": dataset_dir, "cropped_images_dir": crops_dir, "multilabel": False,
+            "model_name": params.model_name, "pretrained": pretrained, "finetune": params.finetune,
+            "label_weighted": params.label_weighted, "weight_by_detection_conf": params.weight_by_detection_conf,
+            "epochs": params.epochs, "batch_size": params.batch_size, "lr": params.learning_rate,
+            "weight_decay": params.weight_decay, "num_workers": params.num_workers, "logdir": logdir,
+            "log_extreme_examples": 0, "seed": params.seed,
+            "image_size": params.image_size, "patience": params.patience, "amp": params.amp,
+            "splits_json": splits_uri, **extra}
+
+
+def _epoch_line(metrics: dict[str, float], epochs: int, seconds_per_epoch: float) -> str:
+    left = (epochs - metrics["epoch"] - 1) * seconds_per_epoch
+    return (f"epoch {metrics['epoch'] + 1}/{epochs}: train loss {metrics['train/loss']:.4f} top-1 "
+            f"{metrics['train/acc_top1']:.3f} | val loss {metrics['val/loss']:.4f} top-1 {metrics['val/acc_top1']:.3f} "
+            f"(best epoch {metrics['best_epoch'] + 1}) | lr {metrics['lr']:.2e} | "
+            f"{metrics['train/crops_per_s']:.1f} crops/s | ETA {left / 60:.1f} min")
+
+
+def _run_distributed(context: dg.AssetExecutionContext, config: TrainingConfig, spec: dict[str, Any],
+                     checkpoints: Checkpoints) -> FitResult:
+    """Train with ``torchrun`` (one process per GPU, DDP) through Dagster Pipes; read the result back from
+    the checkpoints rank 0 wrote."""
+    with tempfile.TemporaryDirectory(prefix="animl-ddp-") as folder:
+        spec_path = Path(folder) / "spec.json"
+        spec["frame_csv"] = str(Path(folder) / "frame.csv")
+        spec.pop("frame").to_csv(spec["frame_csv"], index=False)
+        init = spec.pop("init")
+        if not isinstance(init, (bool, str)):  # loaded weights: handed over as a file
+            spec["init_path"] = str(Path(folder) / "init.pt")
+            Path(spec["init_path"]).write_bytes(_torch_bytes(init))
+        else:
+            spec["init"] = init
+        spec_path.write_text(json.dumps(spec))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={config.processes}", "-m", "animl_assets.train_worker", str(spec_path)]
+        dg.PipesSubprocessClient().run(command=command, context=context).get_results()
+    last, best = checkpoints.load(LAST), checkpoints.load(BEST)
+    if last is None or best is None:
+        raise dg.Failure(f"the distributed training left no checkpoint at {checkpoints.uri('')}")
+    return FitResult(best=best, history=list(last["history"]), stopped_early=bool(last.get("stopped")),
+                     resumed_from_epoch=None)
+
+
+@dg.asset(
+    group_name="training", kinds={"pytorch", "mlflow"}, pool="gpu", op_tags=GPU_TAGS,
+    tags={"animl/accelerator": "gpu"},
+)
+def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
+                          crops: dict[str, CropManifest], classification_dataset: DatasetVersion,
+                          splits: dict[str, list[list[str]]], storage: ArtifactStore,
+                          mlflow: MlflowTracking) -> Iterator[dg.Output]:
+    """An EfficientNet or ResNet trained on the crops of one dataset version with its splits: the best-on-val
+    checkpoint (reference layout) with ``params.json`` and ``label_index.json``. Every epoch is checkpointed;
+    a re-materialization of the same config and data resumes. One MLflow run per materialization."""
+    params = config.params()
+    store: Store = storage.store()
+    dataset = classification_dataset
+    ds, label_index = dataset.classification_ds, dataset.label_index
+    dataset_version = value_version(dataset, "classification_dataset")
+    splits_version = value_version(splits, "splits")
+    partitions = sorted(ds["dataset"].unique())
+    crops_root = crops_folder(storage, partitions)
+    present = ds["path"].map(lambda path: (crops_root / path).is_file())
+    missing = ds.loc[~present, ["path", "dataset", "label"]]
+    if len(missing):
+        context.log.warning(f"{len(missing)} crops of the dataset are missing under {crops_root} and are left out")
+    try:
+        frame = split_frame(ds[present], label_index, splits, params.label_weighted,
+                            params.weight_by_detection_conf, _calibration(config, storage))
+    except ValueError as err:
+        raise dg.Failure(f"the dataset cannot be trained on: {err}") from err
+    counts = frame.groupby("split").size().to_dict()
+    if not counts.get("train") or not counts.get("val"):
+        raise dg.Failure(f"training needs crops in train and val; the splits hold {counts}")
+    init, init_fingerprint = _initial_weights(config, storage)
+    crops_versions = {p: value_version(crops[p], "crops") for p in partitions if p in crops}
+    learned = {k: v for k, v in asdict(params).items() if k not in RUN_ONLY}
+    key = hashlib.sha256(json.dumps({"params": learned, "dataset": dataset_version, "splits": splits_version,
+                                     "crops": crops_versions, "init": init_fingerprint},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    checkpoints = Checkpoints(store, f"classifier_checkpoint/training/{key}")
+
+    client = mlflow.client()
+    experiment = tracking.experiment_id(client, f"animl/{params.model_name}", mlflow.artifact_root)
+    lineage_tags = {"dagster.asset": "classifier_checkpoint", "animl.dataset_version": dataset_version,
+                    "animl.splits_version": splits_version, "animl.exports": ",".join(partitions),
+                    "animl.training_key": key}
+    run_id, reopened = tracking.find_or_start_run(client, experiment, context.run_id,
+                                                  f"{params.model_name}-{dataset_version[:8]}", lineage_tags)
+    dataset_uri = store.uri(version_folder("classification_dataset", dataset_version))
+    splits_uri = store.uri(f"{version_folder('splits', splits_version)}/splits.json")
+    params_json = reference_params(params, config.pretrained, dataset_uri, splits_uri, str(crops_root),
+                                   checkpoints.uri(""), {"dataset_version": dataset_version,
+                                                         "splits_version": splits_version,
+                                                         "init_from": config.init_from, "dagster_run_id": context.run_id,
+                                                         "mlflow_run_id": run_id})
+    tracking.log_params(client, run_id, {k: v for k, v in params_json.items()
+                                         if k not in ("dagster_run_id", "mlflow_run_id")})
+    tracking.log_dataset(client, run_id, "classification_dataset", dataset_version, dataset_uri,
+                         {"num_rows": len(ds), "num_labels": len(label_index)})
+    tracking.log_dataset(client, run_id, "splits", splits_version, splits_uri, {"crops_per_split": counts})
+    context.log.info(f"MLflow run {run_id} ({'continued' if reopened else 'new'}) in experiment "
+                     f"animl/{params.model_name}; checkpoints at {checkpoints.uri('')}")
+
+    started = time.perf_counter()
+    epoch_seconds: list[float] = []
+
+    def on_epoch(metrics: dict[str, float]) -> None:
+        epoch_seconds.append(time.perf_counter() - started - sum(epoch_seconds))
+        tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, metrics["epoch"])
+        context.log.info(_epoch_line(metrics, params.epochs, sum(epoch_seconds) / len(epoch_seconds)))
+
+    try:
+        if config.processes > 1:
+            spec = {"frame": frame, "crops_root": str(crops_root), "num_classes": len(label_index),
+                    "params": asdict(params), "store_uri": store.uri(""), "folder": checkpoints.folder,
+                    "s3_endpoint_url": storage.s3.endpoint_url if storage.s3 else None,
+                    "init": init,
+                    "resume": config.resume, "tracking_uri": mlflow.uri, "home": mlflow.home, "run_id": run_id}
+            result = _run_distributed(context, config, spec, checkpoints)
+        else:
+            result = train_classifier(frame, crops_root, len(label_index), params, checkpoints, init=init,
+                                      resume=config.resume, on_epoch=on_epoch, progress=context.log.info)
+    except PretrainedWeightsUnavailable as err:
+        client.set_terminated(run_id, status="FAILED")
+        raise dg.Failure(str(err)) from err
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    test = evaluate_checkpoint(result.best, frame, crops_root, len(label_index), params)
+    history = pd.DataFrame(result.history)
+    best_epoch = int(result.best["epoch"])
+    final = {f"best/val_acc_top1": result.best["val/acc"] / 100, "best/epoch": best_epoch,
+             **{f"test/{k}": v for k, v in test.items() if k != "count"}}
+    tracking.log_metrics(client, run_id, final, best_epoch)
+    value = TrainedClassifier(TorchFile(result.best), params_json, label_index, history)
+    version = value_version(value, "classifier_checkpoint")
+    folder = version_folder("classifier_checkpoint", version)
+    curve = learning_curve(result.history, best_epoch)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in (("ckpt_best.pt", _torch_bytes(result.best)), ("params.json", json.dumps(params_json, indent=1).encode()),
+                           ("label_index.json", json.dumps(label_index, indent=1).encode()), (LEARNING_CURVE, curve)):
+            (Path(tmp) / name).write_bytes(data)
+            client.log_artifact(run_id, str(Path(tmp) / name), artifact_path="checkpoint")
+    tracking.set_tags(client, run_id, {"animl.checkpoint_version": version})
+    client.set_terminated(run_id, status="FINISHED")
+    url = tracking.run_url(mlflow.uri, mlflow.ui_url, experiment, run_id)
+    last = result.history[-1]
+    yield dg.Output(value, data_version=dg.DataVersion(version), metadata={
+        "model_name": params.model_name, "image_size": params.image_size,
+        "best_epoch": best_epoch, "epochs_run": len(result.history), "stopped_early": result.stopped_early,
+        "resumed_from_epoch": -1 if result.resumed_from_epoch is None else result.resumed_from_epoch,
+        "val_acc_top1": round(result.best["val/acc"] / 100, 4),
+        **{f"test_{k}": round(v, 4) for k, v in test.items() if k.startswith(("acc", "loss"))},
+        "train_crops_per_s": round(float(history["train/crops_per_s"].mean()), 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        **{f"num_{split}_crops": int(n) for split, n in counts.items()},
+        "num_missing_crops": len(missing), "missing_crops": table(missing),
+        "history": table(history[[c for c in history.columns if c == "epoch" or c.endswith(("loss", "acc_top1"))]]
+                         .round(4)),
+        **image_metadata(store, f"{folder}/{LEARNING_CURVE}", curve, "learning_curve", "learning curve"),
+        "dataset_version": dataset_version, "splits_version": splits_version, "training_key": key,
+        "mlflow_run_id": run_id, "mlflow_experiment": f"animl/{params.model_name}",
+        "mlflow_tracking_uri": mlflow.uri,
+        **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
+        "checkpoint": location(store.uri(f"{folder}/ckpt_best.pt")),
+        "last_epoch_val_acc_top1": round(last["val/acc_top1"], 4),
+    })
+
+
+def _torch_bytes(state: dict[str, Any]) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

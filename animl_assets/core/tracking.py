@@ -1,0 +1,99 @@
+"""MLflow tracking for trainings, through ``MlflowClient`` (no global state): one run per Dagster run,
+found again by its ``dagster.run_id`` tag when the run is re-executed (a resume continues the same MLflow
+run); dataset versions as MLflow dataset inputs; per-epoch metrics; artifacts."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
+DAGSTER_RUN_TAG = "dagster.run_id"
+
+
+def embedded_tracking_uri(home: str | Path) -> str:
+    """The default store: SQLite under ANIML_HOME."""
+    return f"sqlite:///{Path(home).expanduser().absolute() / 'mlflow.db'}"
+
+
+@contextmanager
+def _init_lock(home: str | Path) -> Iterator[None]:
+    """Serialise the first use of an embedded store: two processes must not migrate one SQLite DB at once."""
+    home = Path(home).expanduser().absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".animl-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def open_client(tracking_uri: str, home: str | Path) -> MlflowClient:
+    """A client on ``tracking_uri``; an embedded SQLite store is created (migrated) under the init lock."""
+    if tracking_uri.startswith("sqlite:"):
+        with _init_lock(home):
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            client.search_experiments(max_results=1)  # creates and migrates the database
+        return client
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: str | None = None) -> str:
+    """The experiment ``name``, created (artifacts under ``artifact_root``/name when given) if missing."""
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_or_start_run(client: MlflowClient, experiment: str, dagster_run_id: str, run_name: str,
+                      tags: Mapping[str, str]) -> tuple[str, bool]:
+    """The MLflow run of this Dagster run (re-opened when it exists), else a new one. Returns (id, resumed)."""
+    found = client.search_runs([experiment], filter_string=f"tags.`{DAGSTER_RUN_TAG}` = '{dagster_run_id}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = client.create_run(experiment, run_name=run_name, tags={DAGSTER_RUN_TAG: dagster_run_id, **tags})
+    return run.info.run_id, False
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Parameters as strings; on a re-opened run only those not logged yet (MLflow params are write-once)."""
+    logged = client.get_run(run_id).data.params
+    fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
+    for start in range(0, len(fresh), 100):
+        client.log_batch(run_id, params=fresh[start:start + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Numeric metrics at ``step`` (the epoch)."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                      if isinstance(v, (int, float))])
+
+
+def log_dataset(client: MlflowClient, run_id: str, name: str, version: str, source: str,
+                profile: Mapping[str, Any], context: str = "training") -> None:
+    """An input dataset: its name, its version as the digest, where it lives, and a profile."""
+    dataset = Dataset(name=name, digest=version, source_type="animl-artifacts",
+                      source=json.dumps({"uri": source}), profile=json.dumps(dict(profile)))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def run_url(tracking_uri: str, ui_url: str, experiment: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: under ``ui_url`` if given, else under an http(s) tracking server;
+    empty for an embedded store without a UI address."""
+    base = ui_url or (tracking_uri if tracking_uri.startswith(("http://", "https://")) else "")
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}" if base else ""
