@@ -6,6 +6,7 @@ the checkpoints, logs each epoch to MLflow and reports progress to Dagster throu
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import nullcontext
 from typing import Any
@@ -39,9 +40,9 @@ def main(spec_path: str) -> None:
     rank0 = dist.get_rank() == 0
     pipes: Any = nullcontext(None)
     if rank0:
-        from dagster_pipes import open_dagster_pipes, is_dagster_pipes_process
+        from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 
-        pipes = open_dagster_pipes() if is_dagster_pipes_process() else nullcontext(None)
+        pipes = open_dagster_pipes() if os.environ.get(DAGSTER_PIPES_CONTEXT_ENV_VAR) else nullcontext(None)
     with pipes as context:
         client = tracking.open_client(spec["tracking_uri"], spec["home"]) if rank0 and spec.get("run_id") else None
 

@@ -204,14 +204,16 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     lineage_tags = {"dagster.asset": "classifier_checkpoint", "animl.dataset_version": dataset_version,
                     "animl.splits_version": splits_version, "animl.exports": ",".join(partitions),
                     "animl.training_key": key}
-    run_id, reopened = tracking.find_or_start_run(client, experiment, context.run_id,
+    # a re-execution (e.g. after a lost pod) has a new run id but the same root: it continues the same MLflow run
+    root_run = context.run.root_run_id or context.run.run_id
+    run_id, reopened = tracking.find_or_start_run(client, experiment, root_run,
                                                   f"{params.model_name}-{dataset_version[:8]}", lineage_tags)
     dataset_uri = store.uri(version_folder("classification_dataset", dataset_version))
     splits_uri = store.uri(f"{version_folder('splits', splits_version)}/splits.json")
     params_json = reference_params(params, config.pretrained, dataset_uri, splits_uri, str(crops_root),
                                    checkpoints.uri(""), {"dataset_version": dataset_version,
                                                          "splits_version": splits_version,
-                                                         "init_from": config.init_from, "dagster_run_id": context.run_id,
+                                                         "init_from": config.init_from, "dagster_run_id": context.run.run_id,
                                                          "mlflow_run_id": run_id})
     tracking.log_params(client, run_id, {k: v for k, v in params_json.items()
                                          if k not in ("dagster_run_id", "mlflow_run_id")})
