@@ -392,12 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
                                      "-> classification_dataset, splits -> classifier_checkpoint, all under "
                                      "ANIML_HOME")
-    lineage = commands.add_parser("lineage", help="the chain from a dataset or splits version down to the "
+    lineage = commands.add_parser("lineage", help="the chain from a dataset, splits or checkpoint version down to the "
                                                   "export partitions and their file hashes")
-    lineage.add_argument("asset", choices=["classification_dataset", "splits"])
+    lineage.add_argument("asset", choices=["classification_dataset", "splits", "classifier_checkpoint"])
     lineage.add_argument("--version", help="the version (default: the newest)")
     lineage.add_argument("--json", action="store_true", help="print JSON")
-    gc = commands.add_parser("gc", help="remove dataset and splits versions beyond the newest N that nothing "
+    gc = commands.add_parser("gc", help="remove dataset, splits and checkpoint versions beyond the newest N that nothing "
                                         "kept depends on (a dry run unless --yes)")
     gc.add_argument("--keep", type=int, default=3, help="versions to keep per asset (default 3)")
     gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")

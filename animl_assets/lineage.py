@@ -20,7 +20,8 @@ from animl_assets.core.store import Store
 from animl_assets.resources.io_manager import VERSION_METADATA, version_folder
 from animl_assets.resources.storage import LocalStore
 
-CROSS_EXPORT = ("classification_dataset", "splits")  # downstream last
+CROSS_EXPORT = ("classification_dataset", "splits", "classifier_checkpoint")  # downstream last
+UPSTREAM = {"splits": ("classification_dataset",), "classifier_checkpoint": ("splits", "classification_dataset")}
 INPUT_VERSION_TAG = "dagster/input_data_version/"
 DATA_VERSION_TAG = "dagster/data_version"
 
@@ -90,8 +91,9 @@ def lineage(instance: dg.DagsterInstance, asset: str, version: str | None = None
     record = known[version]
     node = _node(record, asset, version)
     tags = record.asset_materialization.tags or {}
-    if asset == "splits" and f"{INPUT_VERSION_TAG}classification_dataset" in tags:
-        node.inputs.append(lineage(instance, "classification_dataset", tags[f"{INPUT_VERSION_TAG}classification_dataset"]))
+    for upstream in UPSTREAM.get(asset, ()):
+        if f"{INPUT_VERSION_TAG}{upstream}" in tags:
+            node.inputs.append(lineage(instance, upstream, tags[f"{INPUT_VERSION_TAG}{upstream}"]))
     read = record.asset_materialization.metadata.get(READ_METADATA)
     for partition, versions_read in sorted((read.value if read else {}).items()):
         node.inputs.append(_export_node(instance, partition, versions_read["cct_export"]))

@@ -14,7 +14,8 @@ from animl_assets.settings import Settings
 
 @pytest.fixture()
 def two_exports(tmp_path, monkeypatch, capsys) -> Path:
-    """The demo, then a second export registered and the dataset rebuilt: two dataset versions."""
+    """The demo, then a second export registered, the dataset rebuilt and a model trained on it: two
+    versions of the dataset, the splits and the checkpoint."""
     home = tmp_path / "home"
     monkeypatch.setenv("ANIML_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", "")
@@ -22,6 +23,10 @@ def two_exports(tmp_path, monkeypatch, capsys) -> Path:
     assert main(["sample-export", str(tmp_path / "second"), "--seed", "1"]) == 0
     assert main(["register", str(tmp_path / "second" / "sample_export.json"), "--name", "second"]) == 0
     assert main(["build-dataset"]) == 0
+    small = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 32, "epochs": 1, "finetune": 1,
+             "batch_size": 32, "num_workers": 0}
+    (tmp_path / "train.json").write_text(json.dumps({"ops": {"classifier_checkpoint": {"config": small}}}))
+    assert main(["train", "--run-config", str(tmp_path / "train.json")]) == 0  # a model of the new version too
     capsys.readouterr()
     return home
 
@@ -48,23 +53,37 @@ def test_lineage_names_every_export_and_its_file_hash(two_exports, tmp_path, cap
     assert "has no version 'nope'" in capsys.readouterr().err
 
 
+def test_a_checkpoint_version_leads_to_the_splits_and_dataset_it_was_trained_on(two_exports, capsys):
+    assert main(["lineage", "classifier_checkpoint", "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    inputs = {node["asset"]: node for node in chain["inputs"]}
+    assert set(inputs) == {"splits", "classification_dataset"}
+    assert inputs["splits"]["inputs"][0]["version"] == inputs["classification_dataset"]["version"]
+    params = json.loads((two_exports / "artifacts" / "classifier_checkpoint" / chain["version"] /
+                         "params.json").read_text())
+    assert params["dataset_version"] == inputs["classification_dataset"]["version"]
+    assert {n["partition"] for n in inputs["classification_dataset"]["inputs"]} == {"sample/sample_export", "second"}
+
+
 def test_no_artifact_is_a_pickle(two_exports):
     files = [path for path in (two_exports / "artifacts").rglob("*") if path.is_file()]
     assert len(files) > 200
     for path in files:
         head = path.read_bytes()[:2]
         assert not head.startswith(b"\x80"), f"{path} looks like a pickle"
-        assert path.suffix in {".json", ".csv", ".jpg", ".png", ".npz"}, path
+        assert path.suffix in {".json", ".csv", ".jpg", ".png", ".npz", ".pt"}, path
+        if path.suffix == ".pt":  # torch.save's zip of tensors, loaded with weights_only=True
+            assert head == b"PK", path
 
 
 def test_gc_keeps_the_newest_and_what_they_read(two_exports, capsys):
     datasets = two_exports / "artifacts" / "classification_dataset"
     assert main(["gc", "--keep", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("would remove") == 2 and "dry run" in out  # one old dataset and one old splits version
+    assert out.count("would remove") == 3 and "dry run" in out  # the old dataset, splits and checkpoint versions
     assert len(list(datasets.iterdir())) == 2  # a dry run removes nothing
     assert main(["gc", "--keep", "1", "--yes"]) == 0
-    assert capsys.readouterr().out.count("removed") == 2
+    assert capsys.readouterr().out.count("removed") == 3
     assert main(["lineage", "splits", "--json"]) == 0
     kept = json.loads(capsys.readouterr().out)["inputs"][0]["version"]
     assert [p.name for p in datasets.iterdir()] == [kept]

@@ -203,7 +203,7 @@ def make_loaders(frame: pd.DataFrame, crops_root: str | Path, params: TrainingPa
                    else range(rank, len(dataset), world))
         loaders[split] = DataLoader(dataset, batch_size=params.batch_size, sampler=sampler,
                                     num_workers=params.num_workers, pin_memory=cuda,
-                                    persistent_workers=cuda and params.num_workers > 0)
+                                    persistent_workers=params.num_workers > 0)  # no re-spawn per epoch
     return loaders
 
 
