@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from animl_assets.cli import main
-from animl_assets.definitions import DATASET_JOB, INGEST_JOB, build_definitions
+from animl_assets.definitions import DATASET_JOB, INGEST_JOB, TRAIN_JOB, build_definitions
 from animl_assets.resources.storage import LocalStore, S3Store
 from animl_assets.settings import Settings
 
@@ -33,8 +33,8 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
     defs = build_definitions()
     repo = defs.get_repository_def()
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
-        "cct_export", "images", "md_detections", "crops", "classification_dataset", "splits"}
-    assert repo.has_job(INGEST_JOB) and repo.has_sensor_def("new_exports")
+        "cct_export", "images", "md_detections", "crops", "classification_dataset", "splits", "classifier_checkpoint"}
+    assert repo.has_job(INGEST_JOB) and repo.has_job(TRAIN_JOB) and repo.has_sensor_def("new_exports")
     assert {key.to_user_string() for key in defs.resolve_asset_graph().asset_check_keys} == {
         "cct_export:schema", "cct_export:unique_ids", "cct_export:references", "cct_export:bboxes",
         "cct_export:boxes_clipped",
@@ -53,7 +53,10 @@ def test_resources_name_their_environment_variables_and_describe_themselves(tmp_
     monkeypatch.setenv("ANIML_S3_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.delenv("ANIML_EXPORTS_URI", raising=False)
     monkeypatch.setenv("ANIML_EXPORTS_MAX_DEPTH", "3")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     defs = build_definitions()
+    tracking = defs.resources["mlflow"]
+    assert tracking.tracking_uri.env_var_name == "MLFLOW_TRACKING_URI" and tracking.home.env_var_name == "ANIML_HOME"
     storage, exports = defs.resources["storage"], defs.resources["exports"]
     assert exports.max_depth.env_var_name == "ANIML_EXPORTS_MAX_DEPTH"
     # the launchpad shows {env: NAME}, never the value
@@ -62,7 +65,8 @@ def test_resources_name_their_environment_variables_and_describe_themselves(tmp_
     assert storage.s3.endpoint_url.env_var_name == "ANIML_S3_ENDPOINT_URL"
     snapshot = defs.get_repository_def().get_top_level_resources()
     descriptions = {name: resource.description for name, resource in snapshot.items()}  # shown in the UI
-    assert len(set(descriptions.values())) == len(descriptions) == 4 and "ANIML_STORAGE_URI" in descriptions["storage"]
+    assert len(set(descriptions.values())) == len(descriptions) == 5 and "ANIML_STORAGE_URI" in descriptions["storage"]
+    assert "MLFLOW_TRACKING_URI" in descriptions["mlflow"]
     assert "ANIML_EXPORTS_URI" in descriptions["exports"] and "ANIML_IMAGES_URI" in descriptions["image_source"]
     assert "plain files" in descriptions["io_manager"]
 

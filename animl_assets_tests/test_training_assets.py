@@ -1,7 +1,6 @@
 """classifier_checkpoint through the Definitions: MLflow run, artifacts, resume, GPU tags, DDP on gloo."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from efficientnet_lite_pytorch import EfficientNet as LiteEfficientNet
 from mlflow import MlflowClient
 
 from animl_assets.core import tracking
-from animl_assets.core.training import BEST, LAST
+from animl_assets.core.training import LAST
 from animl_assets.definitions import DATASET_JOB, TRAIN_JOB, build_definitions
 from animl_assets.settings import Settings
 from animl_assets_tests.conftest import REPO, add_export, latest_version, run_ingest

@@ -17,7 +17,6 @@ import resource
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pandas as pd

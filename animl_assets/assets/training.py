@@ -16,7 +16,7 @@ from pydantic import Field
 
 from animl_assets.assets.artifacts import artifact_key, image_metadata, local_folder, location, table
 from animl_assets.core import tracking
-from animl_assets.core.artifact_files import TorchFile, value_version
+from animl_assets.core.artifact_files import TorchFile, torch_bytes, value_version
 from animl_assets.core.crops import CropManifest
 from animl_assets.core.dataset import DatasetVersion
 from animl_assets.core.exports import partition_folder
@@ -146,7 +146,7 @@ def _run_distributed(context: dg.AssetExecutionContext, config: TrainingConfig, 
         init = spec.pop("init")
         if not isinstance(init, (bool, str)):  # loaded weights: handed over as a file
             spec["init_path"] = str(Path(folder) / "init.pt")
-            Path(spec["init_path"]).write_bytes(_torch_bytes(init))
+            Path(spec["init_path"]).write_bytes(torch_bytes(init))
         else:
             spec["init"] = init
         spec_path.write_text(json.dumps(spec))
@@ -251,7 +251,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     test = evaluate_checkpoint(result.best, frame, crops_root, len(label_index), params)
     history = pd.DataFrame(result.history)
     best_epoch = int(result.best["epoch"])
-    final = {f"best/val_acc_top1": result.best["val/acc"] / 100, "best/epoch": best_epoch,
+    final = {"best/val_acc_top1": result.best["val/acc"] / 100, "best/epoch": best_epoch,
              **{f"test/{k}": v for k, v in test.items() if k != "count"}}
     tracking.log_metrics(client, run_id, final, best_epoch)
     value = TrainedClassifier(TorchFile(result.best), params_json, label_index, history)
@@ -259,7 +259,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     folder = version_folder("classifier_checkpoint", version)
     curve = learning_curve(result.history, best_epoch)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, data in (("ckpt_best.pt", _torch_bytes(result.best)), ("params.json", json.dumps(params_json, indent=1).encode()),
+        for name, data in (("ckpt_best.pt", torch_bytes(result.best)), ("params.json", json.dumps(params_json, indent=1).encode()),
                            ("label_index.json", json.dumps(label_index, indent=1).encode()), (LEARNING_CURVE, curve)):
             (Path(tmp) / name).write_bytes(data)
             client.log_artifact(run_id, str(Path(tmp) / name), artifact_path="checkpoint")
@@ -288,12 +288,3 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         "last_epoch_val_acc_top1": round(last["val/acc_top1"], 4),
     })
 
-
-def _torch_bytes(state: dict[str, Any]) -> bytes:
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()

@@ -33,6 +33,15 @@ class TorchFile(dict):
     loading never runs pickled code."""
 
 
+def torch_bytes(state: dict[str, Any]) -> bytes:
+    """``state`` as the bytes ``torch.save`` writes (a checkpoint file)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    return buffer.getvalue()
+
+
 def artifact_file(name: str) -> dict[str, str]:
     """Field metadata naming the file a field of an artifact-set dataclass is stored as."""
     return {"file": name}
@@ -40,11 +49,7 @@ def artifact_file(name: str) -> dict[str, str]:
 
 def _dump(value: Any) -> tuple[str, bytes]:
     if isinstance(value, TorchFile):
-        import torch
-
-        buffer = io.BytesIO()
-        torch.save(dict(value), buffer)
-        return "pt", buffer.getvalue()
+        return "pt", torch_bytes(value)
     if isinstance(value, pd.DataFrame):
         return "csv", value.to_csv(index=False).encode()
     if isinstance(value, (Arrays, np.ndarray)):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from animl_assets.core.artifact_files import TorchFile, artifact_file
+from animl_assets.core.artifact_files import TorchFile, artifact_file, torch_bytes
 from animl_assets.core.models import EFFICIENTNETS, LITE0, build_model, head, set_finetune
 from animl_assets.core.store import Store
 
@@ -320,9 +320,7 @@ class Checkpoints:
         return self.store.uri(f"{self.folder}/{name}")
 
     def save(self, name: str, state: Mapping[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save(dict(state), buffer)
-        self.store.write_bytes(f"{self.folder}/{name}", buffer.getvalue())
+        self.store.write_bytes(f"{self.folder}/{name}", torch_bytes(dict(state)))
 
     def load(self, name: str) -> dict[str, Any] | None:
         key = f"{self.folder}/{name}"
@@ -340,7 +338,6 @@ class FitResult:
     stopped_early: bool
     resumed_from_epoch: int | None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
