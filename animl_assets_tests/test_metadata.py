@@ -59,6 +59,10 @@ def test_the_demo_event_log_holds_typed_metadata_and_no_large_images(demo_home):
     full = Path(crops.metadata["contact_sheet_path"].path)
     assert full.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and full.stat().st_size > THUMBNAIL_BYTES  # kept whole
     assert crops.metadata["dagster/row_count"].value == crops.metadata["num_crops"].value
+    model = next(event for event in events if event.asset_key == dg.AssetKey("classifier_checkpoint"))
+    assert model.metadata["test_acc_top1"].value >= 0.9  # the demo's model clearly learns the sample export
+    assert isinstance(model.metadata["learning_curve"], dg.MarkdownMetadataValue)
+    assert model.metadata["mlflow_run_id"].value and model.metadata["epochs_run"].value >= 1
     images = next(event for event in events if event.asset_key == dg.AssetKey("images"))
     assert [column.name for column in images.metadata["dagster/column_schema"].schema.columns][:3] == [
         "image_id", "file_name", "status"]

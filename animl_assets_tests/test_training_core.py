@@ -7,6 +7,7 @@ import pytest
 import torch
 from efficientnet_pytorch import EfficientNet
 
+from animl_assets.core import tracking
 from animl_assets.core.models import (PretrainedWeightsUnavailable, build_model, default_image_size, head,
                                       read_checkpoint, state_dict_of)
 from animl_assets.core.sample import write_sample_crops
@@ -180,3 +181,18 @@ def test_offline_imagenet_weights_fail_with_the_file_to_put_in_the_cache(model_n
 def test_default_image_sizes_follow_efficientnet():
     assert [default_image_size(f"efficientnet-b{i}") for i in range(8)] == [224, 240, 260, 300, 380, 456, 528, 600]
     assert default_image_size("resnet50") == default_image_size("efficientnet-lite0") == 224
+
+
+def test_a_reexecuted_dagster_run_continues_its_mlflow_run(tmp_path):
+    client = tracking.open_client(tracking.embedded_tracking_uri(tmp_path), tmp_path)
+    experiment = tracking.experiment_id(client, "animl/test", (tmp_path / "artifacts").as_uri())
+    first, reopened = tracking.find_or_start_run(client, experiment, "root-run", "name", {"animl.exports": "a"})
+    assert not reopened
+    tracking.log_params(client, first, {"lr": 0.1})
+    client.set_terminated(first, status="FAILED")
+    again, reopened = tracking.find_or_start_run(client, experiment, "root-run", "name", {})
+    assert again == first and reopened and client.get_run(first).info.status == "RUNNING"
+    tracking.log_params(client, again, {"lr": 0.1, "epochs": 3})  # params already logged are not re-logged
+    assert client.get_run(first).data.params == {"lr": "0.1", "epochs": "3"}
+    other, _ = tracking.find_or_start_run(client, experiment, "another-run", "name", {})
+    assert other != first
