@@ -260,6 +260,7 @@ def build_dataset(run_config: dict | None = None) -> None:
     run_job(DATASET_JOB, None, run_config)
 
 
+DEMO_IMAGES_PER_CLASS_AND_LOCATION = 4  # about 200 crops: enough for train, val and test to mean something
 # Small enough for a 2-core laptop in well under a minute: Lite0's packaged ImageNet weights (offline), the head
 # fine-tuned at 128 px.
 DEMO_TRAINING = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 128, "epochs": 10,
@@ -294,7 +295,7 @@ def run_demo(settings: Settings) -> int:
     if settings.exports_uri.startswith("s3://"):
         export_dir = settings.home / "sample_export"
     print(f"[1/5] writing the sample export to {export_dir}")
-    sample = write_sample_export(export_dir)
+    sample = write_sample_export(export_dir, images_per_class_and_location=DEMO_IMAGES_PER_CLASS_AND_LOCATION)
     print(f"      {sample.images} images, {sample.annotations} annotations, "
           f"{len(sample.broken_files)} deliberately broken files")
     print("[2/5] registering it as a partition of 'exports'")

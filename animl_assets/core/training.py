@@ -392,6 +392,12 @@ def _restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _better(metrics: Mapping[str, float], best: Mapping[str, float]) -> bool:
+    """A higher val top-1, or the same with a lower val loss: on a small val set top-1 saturates early, and
+    the reference's strict ``>`` would keep the first epoch that reached it."""
+    return (metrics["val/acc_top1"], -metrics["val/loss"]) > (best["val/acc_top1"], -best["val/loss"])
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
@@ -409,7 +415,7 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
         device: torch.device, *, resume: bool = True,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         progress: Callable[[str], None] | None = None) -> FitResult:
-    """Train for up to ``params.epochs`` epochs, validating after each and keeping the best on val top-1;
+    """Train for up to ``params.epochs`` epochs, validating after each and keeping the best on val top-1 (ties: lower val loss);
     stop when it has not improved for ``params.patience`` epochs. After every epoch the whole state (model,
     optimizer, scheduler, scaler, RNG, history) is saved atomically to ``last.pt``, and ``best.pt`` when it
     improved; with ``resume`` an existing ``last.pt`` is continued from the next epoch, so a killed run ends
@@ -464,7 +470,7 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
         metrics = {"epoch": epoch, "lr": lr, **{f"train/{k}": v for k, v in train.items()},
                    **{f"val/{k}": v for k, v in val.items()}}
         history.append(metrics)
-        improved = best_epoch < 0 or metrics["val/acc_top1"] > best["val/acc"] / 100
+        improved = best_epoch < 0 or _better(metrics, history[[m["epoch"] for m in history].index(best_epoch)])
         state = {"epoch": epoch, "model": _unwrap(model).state_dict(), "val/acc": 100 * metrics["val/acc_top1"],
                  "optimizer": optimizer.state_dict()}
         if improved:  # a copy: state_dict() tensors are the live, still-training weights
