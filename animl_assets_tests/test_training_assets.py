@@ -153,6 +153,14 @@ def test_offline_imagenet_weights_fail_the_step_with_the_cache_file_to_provide(t
     assert "efficientnet-b0-355c32eb.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
 
 
+def test_lite0_weights_for_another_model_fail_before_training(trained_home):
+    settings, dagster_home = trained_home
+    result, _ = _train(settings, dagster_home, model_name="resnet18", pretrained="lite0")
+    [failure] = result.get_step_failure_events()
+    assert failure.step_failure_data.error.cls_name == "Failure"  # an expected stop: one line in the CLI
+    assert "Lite0's weights; model_name is resnet18" in failure.step_failure_data.error.to_string()
+
+
 def test_champion_init_fails_clearly_until_the_registry_exists(trained_home):
     settings, dagster_home = trained_home
     result, _ = _train(settings, dagster_home, init_from="champion")

@@ -93,6 +93,8 @@ def _initial_weights(config: TrainingConfig, storage: ArtifactStore) -> tuple[An
     choice = config.pretrained.strip()
     if choice.lower() in ("", "false"):
         return False, "none"
+    if choice.lower() == "lite0" and config.model_name != "efficientnet-lite0":
+        raise dg.Failure(f"pretrained: lite0 is EfficientNet-Lite0's weights; model_name is {config.model_name}")
     if choice.lower() in ("true", "lite0"):
         return (True if choice.lower() == "true" else "lite0"), choice.lower()
     try:
