@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from animl_assets.core.files import init_lock
 from animl_assets.settings import ENV_HELP, Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +39,7 @@ def ensure_dagster_home(settings: Settings) -> Path:
     else:
         home, managed = settings.dagster_home, True
         os.environ["DAGSTER_HOME"] = str(home)
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".animl-init.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with init_lock(home):
         _link_dagster_yaml(home / "dagster.yaml", managed)
         _create_instance_storage()
     return home

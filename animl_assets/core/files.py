@@ -103,3 +103,16 @@ class Journal:
         """Forget the record: the work it describes is now in a manifest."""
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def init_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive file lock on ``folder``/.animl-init.lock: processes that set up one store (a Dagster
+    instance, an MLflow database) take turns, so none is created or migrated twice."""
+    import fcntl
+
+    folder = Path(folder).expanduser().absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".animl-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -4,15 +4,15 @@ run); dataset versions as MLflow dataset inputs; per-epoch metrics; artifacts.""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
+from animl_assets.core.files import init_lock
 
 DAGSTER_RUN_TAG = "dagster.run_id"
 
@@ -22,20 +22,10 @@ def embedded_tracking_uri(home: str | Path) -> str:
     return f"sqlite:///{Path(home).expanduser().absolute() / 'mlflow.db'}"
 
 
-@contextmanager
-def _init_lock(home: str | Path) -> Iterator[None]:
-    """Serialise the first use of an embedded store: two processes must not migrate one SQLite DB at once."""
-    home = Path(home).expanduser().absolute()
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".animl-init.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def open_client(tracking_uri: str, home: str | Path) -> MlflowClient:
     """A client on ``tracking_uri``; an embedded SQLite store is created (migrated) under the init lock."""
     if tracking_uri.startswith("sqlite:"):
-        with _init_lock(home):
+        with init_lock(home):
             client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             client.search_experiments(max_results=1)  # creates and migrates the database
         return client
