@@ -7,7 +7,8 @@ from typing import Mapping
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from animl_assets.assets import DATASET_ASSETS, PER_EXPORT_ASSETS, TRAINING_ASSETS, make_new_exports_sensor
+from animl_assets.assets import (DATASET_ASSETS, PER_EXPORT_ASSETS, TRAINING_ASSETS, TRAINING_CHECKS,
+                                 make_new_exports_sensor, model_comparison)
 from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
 from animl_assets.resources.tracking import MlflowTracking
@@ -19,6 +20,7 @@ warnings.filterwarnings("ignore", message="Parameter `data_version`", category=d
 INGEST_JOB = "ingest_export"
 DATASET_JOB = "build_dataset"
 TRAIN_JOB = "train_classifier"
+COMPARE_JOB = "compare_models"
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, dict]:
@@ -76,11 +78,17 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     )
     train_job = dg.define_asset_job(
         TRAIN_JOB, selection=dg.AssetSelection.assets(*TRAINING_ASSETS),
-        description="Train a classifier on the latest dataset version and splits (GPU-tagged; MLflow run).",
+        description="Train a classifier on the latest dataset version and splits (GPU-tagged; MLflow run), "
+                    "evaluate it, register it and promote it to champion if it beats the current one.",
+    )
+    compare_job = dg.define_asset_job(
+        COMPARE_JOB, selection=dg.AssetSelection.assets(model_comparison),
+        description="Set registered versions and external TorchScript models beside the latest evaluation.",
     )
     return dg.Definitions(
-        assets=[*PER_EXPORT_ASSETS, *DATASET_ASSETS, *TRAINING_ASSETS],
-        jobs=[ingest_job, dataset_job, train_job],
+        assets=[*PER_EXPORT_ASSETS, *DATASET_ASSETS, *TRAINING_ASSETS, model_comparison],
+        asset_checks=TRAINING_CHECKS,
+        jobs=[ingest_job, dataset_job, train_job, compare_job],
         sensors=[make_new_exports_sensor(ingest_job)],
         resources=build_resources(settings),
     )

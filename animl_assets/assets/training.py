@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import Field
 
 from animl_assets.assets.artifacts import artifact_key, image_metadata, local_folder, location, table
-from animl_assets.core import tracking
+from animl_assets.core import registry, tracking
 from animl_assets.core.artifact_files import TorchFile, torch_bytes, value_version
 from animl_assets.core.crops import CropManifest
 from animl_assets.core.dataset import DatasetVersion
@@ -45,7 +45,10 @@ class TrainingConfig(dg.Config):
                                                          "a checkpoint path or s3:// URI (reference ckpt_N.pt or a "
                                                          "bare state dict; the head is replaced when labels differ).")
     init_from: Literal["", "champion"] = Field(default="", description="champion: start from the registry's "
-                                                                       "current champion model.")
+                                                                       "current champion model (its checkpoint; "
+                                                                       "the head is replaced when labels differ).")
+    registry_name: str = Field(default=registry.DEFAULT_MODEL, description="The registered model init_from "
+                                                                             "reads.")
     image_size: int = Field(default=0, ge=0, description="Input size; 0: the model's (b0 224 ... b7 600, others 224).")
     epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=64, ge=1)
@@ -85,11 +88,24 @@ def crops_folder(storage: ArtifactStore, partitions: list[str]) -> Path:
     return root
 
 
-def _initial_weights(config: TrainingConfig, storage: ArtifactStore) -> tuple[Any, str]:
+def _champion_checkpoint(config: TrainingConfig, mlflow: MlflowTracking) -> tuple[Any, str]:
+    """The registry champion's checkpoint (its head is replaced when the labels differ)."""
+    client = mlflow.client()
+    champion = registry.by_alias(client, config.registry_name, registry.CHAMPION)
+    if champion is None:
+        raise dg.Failure(f"init_from: champion, but {config.registry_name!r} has no champion yet: train from "
+                         "pretrained weights first (the first registered version becomes champion)")
+    files = registry.model_files(mlflow.uri, champion)
+    if files.params.get("model_name") != config.model_name:
+        raise dg.Failure(f"the champion (version {champion.version}) is a {files.params.get('model_name')}; "
+                         f"model_name is {config.model_name}")
+    return read_checkpoint(files.checkpoint), f"champion:{champion.version}:{hashlib.sha256(files.checkpoint).hexdigest()}"
+
+
+def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: MlflowTracking) -> tuple[Any, str]:
     """What the model starts from, and a fingerprint of it for the resume key."""
     if config.init_from == "champion":
-        raise dg.Failure("init_from: champion needs the model registry (registered_model), which is not set up "
-                         "yet: train from pretrained weights or a checkpoint path instead")
+        return _champion_checkpoint(config, mlflow)
     choice = config.pretrained.strip()
     if choice.lower() in ("", "false"):
         return False, "none"
@@ -193,7 +209,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     counts = frame.groupby("split").size().to_dict()
     if not counts.get("train") or not counts.get("val"):
         raise dg.Failure(f"training needs crops in train and val; the splits hold {counts}")
-    init, init_fingerprint = _initial_weights(config, storage)
+    init, init_fingerprint = _initial_weights(config, storage, mlflow)
     crops_versions = {p: value_version(crops[p], "crops") for p in partitions if p in crops}
     learned = {k: v for k, v in asdict(params).items() if k not in RUN_ONLY}
     key = hashlib.sha256(json.dumps({"params": learned, "dataset": dataset_version, "splits": splits_version,
@@ -260,11 +276,9 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     version = value_version(value, "classifier_checkpoint")
     folder = version_folder("classifier_checkpoint", version)
     curve = learning_curve(result.history, best_epoch)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in (("ckpt_best.pt", torch_bytes(result.best)), ("params.json", json.dumps(params_json, indent=1).encode()),
-                           ("label_index.json", json.dumps(label_index, indent=1).encode()), (LEARNING_CURVE, curve)):
-            (Path(tmp) / name).write_bytes(data)
-            client.log_artifact(run_id, str(Path(tmp) / name), artifact_path="checkpoint")
+    tracking.log_artifacts(client, run_id, "checkpoint", {
+        "ckpt_best.pt": torch_bytes(result.best), "params.json": json.dumps(params_json, indent=1).encode(),
+        "label_index.json": json.dumps(label_index, indent=1).encode(), LEARNING_CURVE: curve})
     tracking.set_tags(client, run_id, {"animl.checkpoint_version": version})
     client.set_terminated(run_id, status="FINISHED")
     url = tracking.run_url(mlflow.uri, mlflow.ui_url, experiment, run_id)

@@ -1,6 +1,7 @@
 """Values as plain, readable files, and back: what the artifact IO manager stores. Never pickles.
 
-A DataFrame is a CSV, a dict or list a JSON file, arrays an ``.npz``, a ``TorchFile`` (a checkpoint) a
+A DataFrame is a CSV (gzipped when its file name ends in ``.gz``), a dict or list a JSON file, arrays an
+``.npz``, raw bytes (``Blob``, e.g. a TorchScript model) the file itself, a ``TorchFile`` (a checkpoint) a
 ``torch.save`` file; a dataclass of such values (an "artifact set", e.g. a dataset's CSV and label index,
 or a checkpoint beside its ``params.json`` and ``label_index.json``) is one file per field, named by the
 field's ``file`` metadata. ``artifacts.json``, written last, says what the folder holds and how to load it.
@@ -9,6 +10,7 @@ field's ``file`` metadata. ``artifacts.json``, written last, says what the folde
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
@@ -25,6 +27,10 @@ INDEX = "artifacts.json"
 
 class Arrays(dict):
     """Named numpy arrays, stored together as one ``.npz`` (e.g. a confusion matrix per split)."""
+
+
+class Blob(bytes):
+    """A file's bytes stored as they are (e.g. a TorchScript model)."""
 
 
 class TorchFile(dict):
@@ -48,6 +54,8 @@ def artifact_file(name: str) -> dict[str, str]:
 
 
 def _dump(value: Any) -> tuple[str, bytes]:
+    if isinstance(value, Blob):
+        return "bytes", bytes(value)
     if isinstance(value, TorchFile):
         return "pt", torch_bytes(value)
     if isinstance(value, pd.DataFrame):
@@ -63,6 +71,8 @@ def _dump(value: Any) -> tuple[str, bytes]:
 
 
 def _load(kind: str, data: bytes) -> Any:
+    if kind == "bytes":
+        return Blob(data)
     if kind == "pt":
         import torch
 
@@ -85,7 +95,7 @@ def to_files(value: Any, name: str) -> dict[str, bytes]:
         for field in dataclasses.fields(value):
             kind, data = _dump(getattr(value, field.name))
             file = field.metadata.get("file", f"{field.name}.{kind}")
-            files[file] = data
+            files[file] = gzip.compress(data, mtime=0) if file.endswith(".gz") else data
             index["files"][field.name] = {"file": file, "kind": _kind(getattr(value, field.name), kind)}
     else:
         kind, data = _dump(value)
@@ -108,7 +118,12 @@ def from_files(read: Any) -> Any:
     cls = getattr(sys.modules.get(module), qualname, None)  # never imports: only classes already loaded
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise ValueError(f"refusing to load an artifact set of class {index['class']!r}: not a loaded dataclass")
-    return cls(**{field: _load(entry["kind"], read(entry["file"])) for field, entry in index["files"].items()})
+    return cls(**{field: _load(entry["kind"], _unzipped(entry["file"], read(entry["file"])))
+                  for field, entry in index["files"].items()})
+
+
+def _unzipped(file: str, data: bytes) -> bytes:
+    return gzip.decompress(data) if file.endswith(".gz") else data
 
 
 def content_version(files: dict[str, bytes]) -> str:

@@ -5,6 +5,7 @@ run); dataset versions as MLflow dataset inputs; per-epoch metrics; artifacts.""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -76,6 +77,14 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, version: str, sour
     dataset = Dataset(name=name, digest=version, source_type="animl-artifacts",
                       source=json.dumps({"uri": source}), profile=json.dumps(dict(profile)))
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def log_artifacts(client: MlflowClient, run_id: str, artifact_path: str, files: Mapping[str, bytes]) -> None:
+    """Files (name -> bytes) as artifacts of the run, under ``artifact_path``."""
+    with tempfile.TemporaryDirectory(prefix="animl-mlflow-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        client.log_artifacts(run_id, tmp, artifact_path=artifact_path)
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:

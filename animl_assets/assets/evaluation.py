@@ -1,0 +1,247 @@
+"""``classifier_evaluation``: the best checkpoint on train, val and test in the reference's formats, with
+TorchScript, thresholds and plots; ``model_comparison``: other models (registered versions, external
+TorchScript through a target mapping) on the same test split, in one table."""
+
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import dagster as dg
+import pandas as pd
+import torch
+from PIL import Image
+from pydantic import Field
+
+from animl_assets.assets.artifacts import image_metadata, location, table
+from animl_assets.assets.training import crops_folder
+from animl_assets.core import evaluation as ev
+from animl_assets.core import plots, registry, tracking
+from animl_assets.core.artifact_files import value_version
+from animl_assets.core.dataset import DatasetVersion
+from animl_assets.core.models import build_model
+from animl_assets.core.store import Store
+from animl_assets.core.training import SPLITS, TrainedClassifier, resolve_device, split_frame
+from animl_assets.resources.io_manager import read_artifacts, version_folder
+from animl_assets.resources.storage import ArtifactStore, read_uri
+from animl_assets.resources.tracking import MlflowTracking
+
+
+class EvaluationConfig(dg.Config):
+    """How the evaluation runs, and the precision per-label thresholds aim for."""
+
+    target_precision: float = Field(default=0.95, gt=0, le=1, description="Per-label thresholds: the lowest "
+                                    "confidence at which a label's predictions reach this precision on val.")
+    errors_per_label: int = Field(default=4, ge=0, description="Most confident false positives and false "
+                                                               "negatives shown per label.")
+    batch_size: int = Field(default=64, ge=1)
+    num_workers: int = Field(default=2, ge=0)
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, ...")
+
+
+def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[DatasetVersion, Path]:
+    """The dataset version a checkpoint was trained on (its ``params.json`` names it) and a local folder
+    holding its crops."""
+    dataset = read_artifacts(storage.store(), version_folder("classification_dataset", params["dataset_version"]))
+    return dataset, crops_folder(storage, sorted(dataset.classification_ds["dataset"].unique()))
+
+
+def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.DataFrame, Path, pd.DataFrame]:
+    """The dataset and splits versions a checkpoint was trained on as ``split_frame`` rows over the crops
+    present (weighted as in training; no detection-confidence weights, as the reference), with the local
+    crops folder and the missing crops."""
+    dataset, crops_root = dataset_crops(storage, params)
+    splits = read_artifacts(storage.store(), version_folder("splits", params["splits_version"]))
+    ds = dataset.classification_ds
+    present = ds["path"].map(lambda path: (crops_root / path).is_file())
+    frame = split_frame(ds[present], dataset.label_index, splits, bool(params["label_weighted"]))
+    return frame, crops_root, ds.loc[~present, ["path", "dataset", "label"]]
+
+
+def _error_grid(outputs: pd.DataFrame, names: list[str], crops_root: Path, per_label: int) -> bytes:
+    rows = []
+    for name, found in ev.confident_errors(outputs, names, per_label).items():
+        for kind, short in (("false_positives", "FP"), ("false_negatives", "FN")):
+            images = []
+            for path, caption in found[kind]:
+                with Image.open(crops_root / path) as image:
+                    images.append((image.convert("RGB"), caption))
+            rows.append((f"{name}\n{short}", images))
+    return plots.error_grid(rows, "most confident errors on test: false positives (FP) and negatives (FN)")
+
+
+def evaluation_figures(result: ev.Evaluation, crops_root: Path, errors_per_label: int) -> dict[str, bytes]:
+    """The PNGs of an evaluation: a confusion heatmap per split, reliability curves and the error grid
+    (test)."""
+    names = result.names
+    figures = {f"confusion_{split}.png": plots.confusion_heatmap(result.confusion_matrices[split], names,
+                                                                 f"confusion matrix: {split}")
+               for split in SPLITS if len(result.outputs(split))}
+    test = result.outputs_test
+    if len(test):
+        y = test["label"].map({n: i for i, n in enumerate(names)}).to_numpy()
+        figures["reliability_test.png"] = plots.reliability(y, test[names].to_numpy(), names,
+                                                            "reliability on test (one vs rest)")
+        figures["errors_test.png"] = _error_grid(test, names, crops_root, errors_per_label)
+    return figures
+
+
+@dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"}, tags={"animl/accelerator": "gpu"})
+def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig,
+                          classifier_checkpoint: TrainedClassifier, storage: ArtifactStore,
+                          mlflow: MlflowTracking) -> Iterator[dg.Output]:
+    """The best checkpoint on the train, val and test splits it was trained with: ``outputs_{split}.csv.gz``,
+    ``overall_metrics.csv``, ``confusion_matrices.npz``, ``label_stats.csv`` (the reference's), the
+    TorchScript model (checked against the eager one), per-label F1 and thresholds, and plots, also logged
+    to the training's MLflow run."""
+    started = time.perf_counter()
+    checkpoint = classifier_checkpoint
+    params = checkpoint.params
+    store: Store = storage.store()
+    frame, crops_root, missing = training_data(storage, params)
+    if len(missing):
+        context.log.warning(f"{len(missing)} crops of the dataset are missing under {crops_root}; left out")
+    label_index = checkpoint.label_index
+    model = build_model(params["model_name"], len(label_index), image_size=params["image_size"])
+    model.load_state_dict(checkpoint.ckpt["model"])
+    try:
+        result, gap = ev.evaluate(model, frame, crops_root, label_index, params["image_size"],
+                                  resolve_device(config.device), target_precision=config.target_precision,
+                                  batch_size=config.batch_size, num_workers=config.num_workers,
+                                  params=params, progress=context.log.info)
+    except ValueError as err:
+        raise dg.Failure(str(err)) from err
+    version = value_version(result, "classifier_evaluation")
+    folder = version_folder("classifier_evaluation", version)
+    figures = evaluation_figures(result, crops_root, config.errors_per_label)
+    figure_metadata: dict[str, Any] = {}
+    for name, png in figures.items():
+        figure_metadata |= image_metadata(store, f"{folder}/{name}", png, name.removesuffix(".png"),
+                                          name.removesuffix(".png").replace("_", " "))
+
+    run_id = params.get("mlflow_run_id")
+    client = mlflow.client()
+    test_summary = ev.summary_row(result.outputs_test, result.names) if len(result.outputs_test) else {}
+    if run_id:
+        metrics = {f"eval/{row['split']}/{k}": v for row in result.overall_metrics.to_dict("records")
+                   for k, v in row.items() if k != "split" and v == v}
+        metrics |= {f"eval/test/{k}": v for k, v in test_summary.items() if k.startswith("macro") and v == v}
+        tracking.log_metrics(client, run_id, metrics, int(checkpoint.ckpt.get("epoch", 0)))
+        tracking.log_artifacts(client, run_id, "evaluation", {
+            **figures, "overall_metrics.csv": result.overall_metrics.to_csv(index=False).encode(),
+            "label_stats.csv": result.label_stats.to_csv(index=False).encode(),
+            "label_report.csv": result.label_report.to_csv(index=False).encode(),
+            "thresholds.json": json.dumps(result.thresholds, indent=1).encode()})
+        tracking.set_tags(client, run_id, {"animl.evaluation_version": version})
+    url = tracking.run_url(mlflow.uri, mlflow.ui_url, client.get_run(run_id).info.experiment_id, run_id) if run_id else ""
+    test_report = result.label_report[result.label_report["split"] == "test"].drop(columns="split")
+    test_metrics = result.metrics("test")
+    yield dg.Output(result, data_version=dg.DataVersion(version), metadata={
+        **{f"test_{k}": round(v, 3) for k, v in test_metrics.items() if v == v},
+        **{f"test_{k}": round(v, 4) for k, v in test_summary.items() if k.startswith("macro") and v == v},
+        "overall_metrics": table(result.overall_metrics.round(4)),
+        "per_label_test": table(test_report.round(4)),
+        "thresholds_target_precision": config.target_precision,
+        "labels_with_threshold": sum(e["threshold"] is not None for e in result.thresholds["labels"].values()),
+        "torchscript_max_abs_diff": float(f"{gap:.3g}"),
+        **{f"num_{split}_crops": len(result.outputs(split)) for split in SPLITS},
+        "num_missing_crops": len(missing),
+        **figure_metadata,
+        "checkpoint_version": value_version(checkpoint, "classifier_checkpoint"),
+        "dataset_version": params["dataset_version"], "splits_version": params["splits_version"],
+        "torchscript": location(store.uri(f"{folder}/ckpt_best_compiled.pt")),
+        "mlflow_run_id": run_id or "",
+        **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
+        "seconds": round(time.perf_counter() - started, 1),
+    })
+
+
+# ---- comparing with other models ----------------------------------------------------------------------------
+
+class ExternalModel(dg.Config):
+    """A TorchScript classifier from elsewhere (e.g. MegaClassifier) with its labels."""
+
+    name: str = Field(description="What the comparison table calls it.")
+    torchscript: str = Field(description="Path or s3:// URI of the TorchScript file.")
+    label_index: str = Field(description="Its label_index.json ({\"0\": name, ...}), path or s3:// URI.")
+    target_mapping: str = Field(default="", description="JSON {our label: [its labels]}: probabilities summed "
+                                "per label, its other labels to 'other'. Empty: labels matched by name.")
+    image_size: int = Field(default=224, ge=8)
+
+
+class ComparisonConfig(dg.Config):
+    """Which models to set beside this evaluation on its test split."""
+
+    registered: list[str] = Field(default=["champion"], description="Versions of the registered model: "
+                                  "numbers, aliases (champion, challenger) or models:/name/N URIs.")
+    model_name: str = registry.DEFAULT_MODEL
+    external: list[ExternalModel] = Field(default=[])
+    device: str = "auto"
+    batch_size: int = Field(default=64, ge=1)
+
+
+def score_model(scripted: torch.jit.ScriptModule, labels: list[str], image_size: int, outputs: pd.DataFrame,
+                crops_root: Path, device: torch.device, mapping: dict | None = None, batch_size: int = 64
+                ) -> dict[str, float]:
+    """Another model's comparison figures on the crops (and labels) of our ``outputs`` frame."""
+    theirs, names = ev.evaluate_scripted(scripted, labels, outputs, crops_root, image_size, device, mapping,
+                                         batch_size)
+    return ev.summary_row(theirs, names)
+
+
+def registered_scores(client: Any, tracking_uri: str, version: Any, outputs: pd.DataFrame, crops_root: Path,
+                      device: torch.device, batch_size: int = 64) -> dict[str, float]:
+    """A registered version's comparison figures on our test crops (labels matched by name)."""
+    files = registry.model_files(tracking_uri, version)
+    return score_model(ev.load_script(files.torchscript), ev.label_names(files.label_index),
+                       int(files.preprocessing["image_size"]), outputs, crops_root, device, batch_size=batch_size)
+
+
+def _json(uri: str, storage: ArtifactStore) -> Any:
+    try:
+        return json.loads(read_uri(uri, storage.s3))
+    except (OSError, ValueError) as err:
+        raise dg.Failure(f"cannot read {uri}: {err}") from err
+
+
+@dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"})
+def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig,
+                     classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
+                     mlflow: MlflowTracking) -> dg.Output[pd.DataFrame]:
+    """This evaluation's model beside registered versions and external TorchScript models (through a
+    target mapping, as the reference's MegaClassifier comparison) on the same test split: one table."""
+    ours = classifier_evaluation
+    test = ours.outputs_test
+    if test.empty:
+        raise dg.Failure("the evaluation has no test crops to compare on")
+    _, crops_root = dataset_crops(storage, ours.params)
+    device = resolve_device(config.device)
+    rows = [{"model": "this evaluation", "source": value_version(ours, "classifier_evaluation"),
+             **ev.summary_row(test, ours.names)}]
+    client = mlflow.client()
+    for ref in config.registered:
+        try:
+            version = registry.resolve(client, config.model_name, ref)
+        except ValueError as err:
+            context.log.warning(f"skipped {ref}: {err}")
+            continue
+        rows.append({"model": f"{config.model_name} v{version.version} ({ref})", "source": version.source,
+                     **registered_scores(client, mlflow.uri, version, test, crops_root, device, config.batch_size)})
+    for external in config.external:
+        try:
+            scripted = ev.load_script(read_uri(external.torchscript, storage.s3))
+        except (OSError, RuntimeError) as err:
+            raise dg.Failure(f"cannot load TorchScript model {external.torchscript}: {err}") from err
+        labels = ev.label_names(_json(external.label_index, storage))
+        mapping = _json(external.target_mapping, storage) if external.target_mapping else None
+        try:
+            scores = score_model(scripted, labels, external.image_size, test, crops_root, device, mapping,
+                                 config.batch_size)
+        except ValueError as err:
+            raise dg.Failure(f"{external.name}: {err}") from err
+        rows.append({"model": external.name, "source": external.torchscript, **scores})
+    comparison = pd.DataFrame(rows)
+    return dg.Output(comparison, metadata={"comparison": table(comparison.round(4)),
+                                           "models": len(comparison), "test_crops": len(test)})

@@ -1,0 +1,140 @@
+"""``registered_model``: an evaluated checkpoint as a new version of a named MLflow model (alias
+``challenger``); the blocking ``beats_champion`` check; ``champion_model``: the alias ``champion`` moved to
+a version that passed it."""
+
+
+from typing import Any, Iterator
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from animl_assets.assets.artifacts import table
+from animl_assets.assets.evaluation import dataset_crops, registered_scores
+from animl_assets.core import evaluation as ev
+from animl_assets.core import registry
+from animl_assets.core.artifact_files import torch_bytes, value_version
+from animl_assets.core.training import TrainedClassifier, resolve_device
+from animl_assets.resources.storage import ArtifactStore
+from animl_assets.resources.tracking import MlflowTracking
+
+GATE_METRICS = ("acc_top1", "macro_recall")
+
+
+class RegistryConfig(dg.Config):
+    """Where the model is registered and what it must do to replace the champion."""
+
+    model_name: str = Field(default=registry.DEFAULT_MODEL, description="The registered model's name.")
+    gate_margin: float = Field(default=0.0, ge=-1, le=1, description="How much a new version must beat the "
+                               "champion by on the same test split, on both top-1 accuracy and macro recall "
+                               "(fractions; 0: at least as good, ties go to the newer model).")
+
+
+def _lineage_tags(checkpoint: TrainedClassifier, evaluation: ev.Evaluation, exports: list[str],
+                  dagster_run_id: str) -> dict[str, str]:
+    params = checkpoint.params
+    return {"animl.dataset_version": params["dataset_version"], "animl.splits_version": params["splits_version"],
+            "animl.checkpoint_version": value_version(checkpoint, "classifier_checkpoint"),
+            "animl.evaluation_version": value_version(evaluation, "classifier_evaluation"),
+            "animl.exports": ",".join(exports), "dagster.run_id": dagster_run_id,
+            "animl.training_run_id": params.get("mlflow_run_id") or "", "animl.model_name": params["model_name"],
+            "animl.image_size": str(params["image_size"])}
+
+
+@dg.asset(group_name="registry", kinds={"mlflow"})
+def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
+                     classifier_evaluation: ev.Evaluation, classifier_checkpoint: TrainedClassifier,
+                     storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
+    """The evaluated model as a new version of the registered model (a pyfunc that predicts class
+    probabilities for a batch of crops, with its TorchScript file, labels, preprocessing, thresholds and
+    params), tagged with its lineage and aliased ``challenger`` until the champion gate promotes it."""
+    evaluation, checkpoint = classifier_evaluation, classifier_checkpoint
+    if evaluation.params != checkpoint.params:
+        raise dg.Failure("classifier_evaluation is not of the latest classifier_checkpoint: materialize "
+                         "classifier_evaluation first")
+    dataset, crops_root = dataset_crops(storage, checkpoint.params)
+    example_path = next(iter(evaluation.outputs_test["path"]), None) or dataset.classification_ds["path"].iloc[0]
+    files = registry.ModelFiles(bytes(evaluation.compiled), evaluation.label_index,
+                                registry.preprocessing(int(checkpoint.params["image_size"])), evaluation.thresholds,
+                                checkpoint.params, torch_bytes(checkpoint.ckpt))
+    client = mlflow.client()
+    run_id = checkpoint.params.get("mlflow_run_id")
+    if not run_id:
+        raise dg.Failure("the checkpoint names no MLflow run (params.json mlflow_run_id): retrain it")
+    exports = sorted(dataset.classification_ds["dataset"].unique())
+    source = registry.log_model(client, run_id, files, (crops_root / example_path).read_bytes())
+    test = ev.summary_row(evaluation.outputs_test, evaluation.names) if len(evaluation.outputs_test) else {}
+    tags = _lineage_tags(checkpoint, evaluation, exports, context.run.run_id) | {
+        f"animl.test_{k}": f"{test[k]:.4f}" for k in GATE_METRICS if k in test}
+    version = registry.register(client, config.model_name, source, run_id, tags,
+                                description=f"{checkpoint.params['model_name']} on dataset "
+                                            f"{checkpoint.params['dataset_version']}")
+    client.set_registered_model_alias(config.model_name, registry.CHALLENGER, version.version)
+    value = {"name": config.model_name, "version": version.version, "source": source, "mlflow_run_id": run_id,
+             "gate_margin": config.gate_margin, "test": {k: test.get(k) for k in GATE_METRICS},
+             "model_uri": f"models:/{config.model_name}/{version.version}", "tags": tags}
+    data_version = value_version(value, "registered_model")
+    client.set_model_version_tag(config.model_name, version.version, "animl.registered_version", data_version)
+    context.log.info(f"registered {config.model_name} version {version.version} (alias challenger)")
+    yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
+        "model_name": config.model_name, "model_version": int(version.version),
+        "model_uri": value["model_uri"], "alias": registry.CHALLENGER,
+        **{f"test_{k}": round(v, 4) for k, v in test.items() if k in ("acc_top1", "macro_recall", "macro_f1")},
+        "lineage": dg.MetadataValue.json(tags),
+    })
+
+
+def _comparison(new: dict[str, float], champion: dict[str, float], margin: float) -> tuple[bool, list[dict]]:
+    rows, passed = [], True
+    for metric in GATE_METRICS:
+        scale = 100 if metric.startswith("acc") else 1  # overall_metrics are in percent
+        theirs, ours = champion[metric] / scale, new[metric] / scale
+        ok = ours - theirs >= margin - 1e-12
+        passed &= ok
+        rows.append({"metric": metric, "champion": round(theirs, 4), "new": round(ours, 4),
+                     "difference": round(ours - theirs, 4), "required": margin, "passed": ok})
+    return passed, rows
+
+
+@dg.asset_check(asset=registered_model, blocking=True, additional_ins={"classifier_evaluation": dg.AssetIn()},
+                description="The new version beats the current champion on the same test split (top-1 and macro "
+                            "recall, by the configured margin); the first version passes. Blocks promotion.")
+def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
+                   mlflow: MlflowTracking) -> dg.AssetCheckResult:
+    value, evaluation = registered_model, classifier_evaluation
+    name, margin = value["name"], float(value["gate_margin"])
+    client = mlflow.client()
+    champion = registry.by_alias(client, name, registry.CHAMPION)
+    if champion is None or champion.version == value["version"]:
+        return dg.AssetCheckResult(passed=True, metadata={
+            "reason": "no champion yet: the first version becomes champion" if champion is None
+            else "this version is the champion already", "new_version": int(value["version"])})
+    if evaluation.outputs_test.empty:
+        return dg.AssetCheckResult(passed=False, metadata={"reason": "no test crops to compare on"})
+    _, crops_root = dataset_crops(storage, evaluation.params)
+    new = ev.summary_row(evaluation.outputs_test, evaluation.names)
+    theirs = registered_scores(client, mlflow.uri, champion, evaluation.outputs_test, crops_root,
+                               resolve_device("auto"))
+    passed, rows = _comparison(new, theirs, margin)
+    return dg.AssetCheckResult(passed=passed, metadata={
+        "comparison": table(pd.DataFrame(rows)), "champion_version": int(champion.version),
+        "new_version": int(value["version"]), "margin": margin, "test_crops": len(evaluation.outputs_test),
+        "reason": (f"version {value['version']} beats champion version {champion.version}" if passed else
+                   f"version {value['version']} does not beat champion version {champion.version}: it stays "
+                   f"challenger"),
+    })
+
+
+@dg.asset(group_name="registry", kinds={"mlflow"})
+def champion_model(context: dg.AssetExecutionContext, registered_model: dict[str, Any],
+                   mlflow: MlflowTracking) -> dg.Output[dict[str, Any]]:
+    """The registered model's ``champion`` alias, moved to the new version once ``beats_champion`` passed
+    (``animl promote`` moves it by hand)."""
+    name, version = registered_model["name"], registered_model["version"]
+    previous = registry.promote(mlflow.client(), name, version, how="gate")
+    context.log.info(f"{name} version {version} is champion (was: {previous or 'none'})")
+    value = {"name": name, "version": version, "replaced": previous, "how": "gate",
+             "model_uri": f"models:/{name}@{registry.CHAMPION}"}
+    return dg.Output(value, data_version=dg.DataVersion(value_version(value, "champion_model")), metadata={
+        "model_name": name, "champion_version": int(version), "replaced_version": previous or "",
+        "model_uri": value["model_uri"]})

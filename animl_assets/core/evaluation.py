@@ -1,0 +1,372 @@
+"""Evaluating a classifier, in the reference ``evaluate_model.py``'s formats, with scikit-learn's metrics.
+
+Per split: ``outputs_{split}.csv.gz`` (``path,label,weight,<one column per label>``: softmax
+probabilities), a row of ``overall_metrics.csv`` (loss and top-1/top-3 accuracy, plain and weighted, in
+percent as the reference writes them), a confusion matrix, and ``label_stats.csv`` rows (precision and
+recall; recall is empty for a label without crops, as in the reference). Beyond the reference: F1 and
+macro averages, per-label confidence thresholds for a target precision, models on other label sets
+through a target mapping, and two labels (where the reference's top-3 crashes) or no label weighting
+(where its loader crashes).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn import metrics as skm
+from torch import nn
+from torch.utils.data import DataLoader
+
+from animl_assets.core.artifact_files import Arrays, Blob, artifact_file
+from animl_assets.core.training import SPLITS, CropDataset, eval_transform
+
+OVERALL_COLUMNS = ("split", "loss", "acc_top1", "acc_top3", "loss_weighted", "acc_weighted_top1",
+                   "acc_weighted_top3")
+LABEL_STATS_COLUMNS = ("split", "label", "precision", "recall")
+OTHER = "other"
+MACRO = "(macro)"
+
+
+def top_ks(num_labels: int) -> tuple[int, int]:
+    """Top-1 and top-3, or top-(number of labels) when there are fewer than three."""
+    return 1, min(3, num_labels)
+
+
+def label_names(label_index: Mapping[str, str]) -> list[str]:
+    """Label names in label-id order, from a ``label_index.json`` mapping."""
+    return [label_index[str(i)] for i in range(len(label_index))]
+
+
+# ---- mapping another model's labels onto ours --------------------------------------------------------------
+
+def target_columns(model_labels: Sequence[str], targets: Sequence[str],
+                   mapping: Mapping[str, Sequence[str]] | None = None) -> tuple[list[str], list[list[int]]]:
+    """The output label names and, for each, the model's columns whose probabilities add up to it.
+
+    Without ``mapping`` a model label counts for the target of the same name. Model labels that map to
+    no target go to ``other`` (appended when ``targets`` lack it), as the reference's MegaClassifier
+    comparison does. Raises ValueError on a mapping naming labels the model does not have."""
+    index = {name: i for i, name in enumerate(model_labels)}
+    mapping = {t: [t] for t in targets if t in index} if mapping is None else dict(mapping)
+    unknown = sorted({name for names in mapping.values() for name in names} - set(index))
+    if unknown:
+        raise ValueError(f"the target mapping names labels the model does not have: {unknown[:10]}")
+    names = list(targets)
+    columns = [[index[n] for n in mapping.get(t, ())] for t in names]
+    unmapped = sorted(set(range(len(model_labels))) - {c for cols in columns for c in cols})
+    if unmapped:
+        if OTHER not in names:
+            names.append(OTHER)
+            columns.append([])
+        columns[names.index(OTHER)] += unmapped
+    return names, columns
+
+
+def map_logits(logits: torch.Tensor, columns: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits over the targets: log-sum-exp of each target's columns, so that the softmax of the result is
+    the sum of the mapped probabilities (an empty target gets probability 0)."""
+    out = torch.full((logits.shape[0], len(columns)), -math.inf, dtype=logits.dtype, device=logits.device)
+    for target, cols in enumerate(columns):
+        if cols:
+            out[:, target] = torch.logsumexp(logits[:, list(cols)], dim=1)
+    return out
+
+
+# ---- running a model --------------------------------------------------------------------------------------
+
+def eval_loader(paths: Sequence[str], labels: Sequence[int], weights: Sequence[float], crops_root: str | Path,
+                image_size: int, batch_size: int = 64, num_workers: int = 0) -> DataLoader:
+    """The crops in order, through the evaluation transform (resize, centre crop, ImageNet normalization)."""
+    dataset = CropDataset(crops_root, paths, labels, weights, eval_transform(image_size))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      persistent_workers=False)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module | torch.jit.ScriptModule, loader: DataLoader, device: torch.device,
+                   columns: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """The model's logits for every crop of ``loader`` (in order, float64), mapped onto targets when
+    ``columns`` is given."""
+    model.eval().to(device)
+    batches = []
+    for images, *_ in loader:
+        logits = model(images.to(device)).float()
+        batches.append((map_logits(logits, columns) if columns is not None else logits).double().cpu())
+    return torch.cat(batches).numpy() if batches else np.zeros((0, len(columns or ())))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (rows of -inf logits get probability 0)."""
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+def outputs_frame(paths: Sequence[str], labels: Sequence[str], weights: Sequence[float], probs: np.ndarray,
+                  names: Sequence[str]) -> pd.DataFrame:
+    """``outputs_{split}.csv``: ``path,label,weight`` and one probability column per label."""
+    frame = pd.DataFrame({"path": list(paths), "label": list(labels), "weight": np.asarray(weights, dtype=float)})
+    return pd.concat([frame, pd.DataFrame(probs.astype(np.float32), columns=list(names))], axis=1)
+
+
+def _arrays(outputs: pd.DataFrame, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    probs = outputs[list(names)].to_numpy(dtype=np.float64)
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(outputs["label"]) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the model's outputs")
+    return outputs["label"].map(index).to_numpy(dtype=int), probs, outputs["weight"].to_numpy(dtype=float)
+
+
+def _hits(y: np.ndarray, probs: np.ndarray, k: int, weights: np.ndarray | None) -> float:
+    labels = np.arange(probs.shape[1])
+    if k >= len(labels):
+        return float(len(y) if weights is None else weights.sum())
+    score = probs[:, 1] if len(labels) == 2 else probs  # scikit-learn's binary form
+    return float(skm.top_k_accuracy_score(y, score, k=k, labels=labels, normalize=False, sample_weight=weights))
+
+
+def overall_metrics(outputs: pd.DataFrame, names: Sequence[str]) -> dict[str, float]:
+    """One ``overall_metrics.csv`` row: mean cross-entropy and top-1/top-3 accuracy (percent), and their
+    weighted versions, which (as in the reference) divide the weighted sums by the number of crops."""
+    y, probs, weights = _arrays(outputs, names)
+    n = len(y)
+    if n == 0:
+        return {column: math.nan for column in OVERALL_COLUMNS[1:]}
+    labels = np.arange(len(names))
+    clipped = np.clip(probs, 1e-15, 1)
+    clipped /= clipped.sum(axis=1, keepdims=True)
+    k1, k3 = top_ks(len(names))
+    return {
+        "loss": float(skm.log_loss(y, clipped, labels=labels)),
+        "acc_top1": 100 * _hits(y, probs, k1, None) / n,
+        "acc_top3": 100 * _hits(y, probs, k3, None) / n,
+        "loss_weighted": float(skm.log_loss(y, clipped, labels=labels, sample_weight=weights, normalize=False)) / n,
+        "acc_weighted_top1": 100 * _hits(y, probs, k1, weights) / n,
+        "acc_weighted_top3": 100 * _hits(y, probs, k3, weights) / n,
+    }
+
+
+def confusion(outputs: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
+    """C[i, j]: crops of label i predicted as label j."""
+    y, probs, _ = _arrays(outputs, names)
+    return skm.confusion_matrix(y, probs.argmax(axis=1), labels=np.arange(len(names)))
+
+
+def label_stats(outputs: pd.DataFrame, names: Sequence[str], split: str) -> pd.DataFrame:
+    """``label_stats.csv`` rows: precision (0 for a label never predicted) and recall (empty for a label
+    without crops), as the reference."""
+    y, probs, _ = _arrays(outputs, names)
+    pred, labels = probs.argmax(axis=1), np.arange(len(names))
+    return pd.DataFrame({
+        "split": split, "label": list(names),
+        "precision": skm.precision_score(y, pred, labels=labels, average=None, zero_division=0),
+        "recall": skm.recall_score(y, pred, labels=labels, average=None, zero_division=np.nan),
+    })
+
+
+def label_report(outputs: pd.DataFrame, names: Sequence[str], split: str) -> pd.DataFrame:
+    """Per-label precision, recall, F1 and support, and their macro averages (label ``(macro)``) over the
+    labels that are defined (a label without crops or predictions does not count)."""
+    y, probs, _ = _arrays(outputs, names)
+    pred, labels = probs.argmax(axis=1), np.arange(len(names))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, pred, labels=labels, average=None, zero_division=np.nan)
+    rows = pd.DataFrame({"split": split, "label": list(names), "precision": precision, "recall": recall,
+                         "f1": f1, "support": support.astype(int)})
+    macro = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=np.nan)
+    rows.loc[len(rows)] = [split, MACRO, *macro[:3], int(support.sum())]
+    return rows
+
+
+def macro_recall(outputs: pd.DataFrame, names: Sequence[str]) -> float:
+    """Mean recall over the labels with crops in ``outputs`` (scikit-learn's balanced accuracy)."""
+    y, probs, _ = _arrays(outputs, names)
+    return float(skm.recall_score(y, probs.argmax(axis=1), labels=np.unique(y), average="macro", zero_division=0))
+
+
+# ---- per-label thresholds --------------------------------------------------------------------------------
+
+def thresholds(outputs: pd.DataFrame, names: Sequence[str], target_precision: float = 0.95) -> dict[str, Any]:
+    """For each label, the lowest confidence at which accepting the model's top-1 prediction of that label
+    reaches ``target_precision`` on these outputs (the validation split), with the precision and recall
+    left there; ``threshold`` is None when no confidence reaches it."""
+    y, probs, _ = _arrays(outputs, names)
+    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    per_label = {}
+    for i, name in enumerate(names):
+        positives = int((y == i).sum())
+        score = np.where(pred == i, conf, 0.0)  # confidence of an accepted prediction of this label
+        entry: dict[str, Any] = {"threshold": None, "precision": None, "recall": None, "support": positives}
+        if positives and (pred == i).any():
+            precision, recall, cuts = skm.precision_recall_curve(y == i, score)
+            ok = [j for j in range(len(cuts)) if cuts[j] > 0 and precision[j] >= target_precision]
+            if ok:
+                j = ok[0]  # cuts ascend: the first is the lowest
+                entry.update(threshold=float(cuts[j]), precision=float(precision[j]), recall=float(recall[j]))
+        per_label[name] = entry
+    return {"target_precision": target_precision, "split": "val", "labels": per_label}
+
+
+def thresholds_table(found: Mapping[str, Any]) -> pd.DataFrame:
+    """``thresholds.json`` as rows: label, threshold, precision and recall there."""
+    return pd.DataFrame([{"label": name, **{k: entry[k] for k in ("threshold", "precision", "recall")}}
+                         for name, entry in found["labels"].items()])
+
+
+# ---- TorchScript ------------------------------------------------------------------------------------------
+
+def compile_model(model: nn.Module, image_size: int) -> torch.jit.ScriptModule:
+    """The model traced with TorchScript on CPU (as the reference: tracing, since EfficientNet does not
+    script), a standalone file that needs neither this package nor efficientnet-pytorch."""
+    model = model.eval().to("cpu")
+    with torch.no_grad():
+        return torch.jit.trace(model, torch.rand(1, 3, image_size, image_size))
+
+
+def script_bytes(scripted: torch.jit.ScriptModule) -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
+
+
+def load_script(data: bytes, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    return torch.jit.load(io.BytesIO(data), map_location=device)
+
+
+def parity(eager: nn.Module, scripted: torch.jit.ScriptModule, batch: torch.Tensor) -> float:
+    """The largest absolute difference between the eager and the TorchScript model's softmax outputs on
+    ``batch`` (CPU, float32)."""
+    with torch.no_grad():
+        a = torch.softmax(eager.eval().to("cpu")(batch), dim=1)
+        b = torch.softmax(scripted(batch), dim=1)
+    return float((a - b).abs().max())
+
+
+# ---- the whole evaluation ---------------------------------------------------------------------------------
+
+@dataclass
+class Evaluation:
+    """An evaluation's files: the reference's four (one outputs file per split), the TorchScript model, the
+    per-label report and thresholds, the label index the probability columns follow, and the evaluated
+    checkpoint's ``params.json`` (model, input size, dataset and splits versions)."""
+
+    outputs_train: pd.DataFrame = field(metadata=artifact_file("outputs_train.csv.gz"))
+    outputs_val: pd.DataFrame = field(metadata=artifact_file("outputs_val.csv.gz"))
+    outputs_test: pd.DataFrame = field(metadata=artifact_file("outputs_test.csv.gz"))
+    overall_metrics: pd.DataFrame = field(metadata=artifact_file("overall_metrics.csv"))
+    confusion_matrices: Arrays = field(metadata=artifact_file("confusion_matrices.npz"))
+    label_stats: pd.DataFrame = field(metadata=artifact_file("label_stats.csv"))
+    label_report: pd.DataFrame = field(metadata=artifact_file("label_report.csv"))
+    thresholds: dict[str, Any] = field(metadata=artifact_file("thresholds.json"))
+    label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
+    compiled: Blob = field(metadata=artifact_file("ckpt_best_compiled.pt"))
+    params: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("params.json"))
+
+    def outputs(self, split: str) -> pd.DataFrame:
+        return getattr(self, f"outputs_{split}")
+
+    @property
+    def names(self) -> list[str]:
+        return label_names(self.label_index)
+
+    def metrics(self, split: str) -> dict[str, float]:
+        row = self.overall_metrics[self.overall_metrics["split"] == split]
+        return {} if row.empty else {k: float(v) for k, v in row.iloc[0].items() if k != "split"}
+
+
+def summarize(outputs: Mapping[str, pd.DataFrame], names: Sequence[str]
+              ) -> tuple[pd.DataFrame, Arrays, pd.DataFrame, pd.DataFrame]:
+    """``overall_metrics``, confusion matrices, ``label_stats`` and the label report over the splits' outputs."""
+    overall = pd.DataFrame([{"split": s, **overall_metrics(o, names)} for s, o in outputs.items()],
+                           columns=list(OVERALL_COLUMNS))
+    cms = Arrays({s: confusion(o, names) for s, o in outputs.items()})
+    stats = pd.concat([label_stats(o, names, s) for s, o in outputs.items()], ignore_index=True)
+    report = pd.concat([label_report(o, names, s) for s, o in outputs.items()], ignore_index=True)
+    return overall, cms, stats[list(LABEL_STATS_COLUMNS)], report
+
+
+def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, label_index: Mapping[str, str],
+             image_size: int, device: torch.device, *, target_precision: float = 0.95, batch_size: int = 64,
+             num_workers: int = 0, parity_tolerance: float = 1e-4, params: Mapping[str, Any] | None = None,
+             progress: Callable[[str], None] | None = None) -> tuple[Evaluation, float]:
+    """Evaluate ``model`` (its best checkpoint loaded) on every split of ``frame`` (``split_frame``'s rows:
+    path, label, label_index, weight, split), compile it with TorchScript and check that the compiled model
+    gives the eager model's outputs on a batch (ValueError past ``parity_tolerance``). Returns the
+    evaluation and that largest difference."""
+    names = label_names(label_index)
+    outputs = {}
+    for split in SPLITS:
+        rows = frame[frame["split"] == split]
+        loader = eval_loader(rows["path"], rows["label_index"], rows["weight"], crops_root, image_size,
+                             batch_size, num_workers)
+        probs = softmax(predict_logits(model, loader, device)) if len(rows) else np.zeros((0, len(names)))
+        outputs[split] = outputs_frame(rows["path"], rows["label"], rows["weight"], probs, names)
+        if progress:
+            progress(f"evaluated {len(rows)} {split} crops")
+    overall, cms, stats, report = summarize(outputs, names)
+    found = thresholds(outputs["val"], names, target_precision)
+    at_threshold = thresholds_table(found).rename(columns={"precision": "precision_at_threshold",
+                                                           "recall": "recall_at_threshold"})
+    report = report.merge(at_threshold, on="label", how="left")
+    scripted = compile_model(model, image_size)
+    sample = frame.head(min(len(frame), 8))
+    batch = next(iter(eval_loader(sample["path"], sample["label_index"], sample["weight"], crops_root, image_size,
+                                  len(sample))))[0]
+    gap = parity(model, scripted, batch)
+    if gap > parity_tolerance:
+        raise ValueError(f"the TorchScript model's outputs differ from the eager model's by {gap:.2e} "
+                         f"(tolerance {parity_tolerance:.0e})")
+    return Evaluation(outputs["train"], outputs["val"], outputs["test"], overall, cms, stats, report, found,
+                      dict(label_index), Blob(script_bytes(scripted)), dict(params or {})), gap
+
+
+def evaluate_scripted(scripted: torch.jit.ScriptModule, model_labels: Sequence[str], outputs: pd.DataFrame,
+                      crops_root: str | Path, image_size: int, device: torch.device,
+                      mapping: Mapping[str, Sequence[str]] | None = None, batch_size: int = 64,
+                      num_workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
+    """Another model (TorchScript, its own labels) on the crops of an ``outputs`` frame (path, label,
+    weight): its probabilities mapped onto the frame's labels (by name, or through ``mapping``; the rest to
+    ``other``). Returns its outputs frame and the label columns."""
+    targets = [c for c in outputs.columns if c not in ("path", "label", "weight")]
+    names, columns = target_columns(model_labels, targets, mapping)
+    index = {name: i for i, name in enumerate(names)}
+    loader = eval_loader(outputs["path"], outputs["label"].map(index).fillna(-1).astype(int), outputs["weight"],
+                         crops_root, image_size, batch_size, num_workers)
+    probs = softmax(predict_logits(scripted, loader, device, columns))
+    return outputs_frame(outputs["path"], outputs["label"], outputs["weight"], probs, names), names
+
+
+def summary_row(outputs: pd.DataFrame, names: Sequence[str]) -> dict[str, float]:
+    """The figures models are compared on: overall metrics (percent) and macro precision/recall/F1."""
+    report = label_report(outputs, names, "")
+    macro = report[report["label"] == MACRO].iloc[0]
+    return {**overall_metrics(outputs, names), "macro_precision": float(macro["precision"]),
+            "macro_recall": macro_recall(outputs, names), "macro_f1": float(macro["f1"]), "crops": len(outputs)}
+
+
+def confident_errors(outputs: pd.DataFrame, names: Sequence[str], per_label: int = 4
+                     ) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """Per label, the most confident false positives (other labels' crops predicted as it, by its
+    probability) and false negatives (its crops predicted as another label, by that label's probability):
+    ``{label: {"false_positives": [(path, caption)], "false_negatives": [...]}}``."""
+    _, probs, _ = _arrays(outputs, names)
+    pred = np.asarray(names)[probs.argmax(axis=1)] if len(outputs) else np.array([], dtype=object)
+    conf = probs.max(axis=1) if len(outputs) else np.array([])
+    frame = outputs[["path", "label"]].assign(pred=pred, conf=conf)
+    found = {}
+    for name in names:
+        fp = frame[(frame["pred"] == name) & (frame["label"] != name)].nlargest(per_label, "conf")
+        fn = frame[(frame["label"] == name) & (frame["pred"] != name)].nlargest(per_label, "conf")
+        found[name] = {
+            "false_positives": [(r.path, f"was {r.label}\n{r.conf:.2f}") for r in fp.itertuples()],
+            "false_negatives": [(r.path, f"as {r.pred}\n{r.conf:.2f}") for r in fn.itertuples()],
+        }
+    return found

@@ -1,0 +1,165 @@
+"""The MLflow model registry: a classifier logged as a pyfunc model (TorchScript inside, its labels,
+preprocessing, thresholds, training params and checkpoint beside it), registered as a new version of a
+named model; aliases ``champion`` and ``challenger`` (never stages); lineage as version tags."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from animl_assets.core.training import MEANS, STDS
+
+DEFAULT_MODEL = "animl-classifier"
+CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+# the lineage tags of a registered version, and the assets whose versions they name
+ASSET_OF_TAG = {"animl.dataset_version": "classification_dataset", "animl.splits_version": "splits",
+                "animl.checkpoint_version": "classifier_checkpoint", "animl.evaluation_version": "classifier_evaluation",
+                "animl.registered_version": "registered_model"}
+
+
+@dataclass
+class ModelFiles:
+    """What a registered model is made of (all plain files)."""
+
+    torchscript: bytes
+    label_index: dict[str, str]
+    preprocessing: dict[str, Any]
+    thresholds: dict[str, Any]
+    params: dict[str, Any]
+    checkpoint: bytes
+
+
+def preprocessing(image_size: int) -> dict[str, Any]:
+    """The input a model expects: crops resized and centre-cropped to ``image_size``, then normalized."""
+    return {"image_size": image_size, "resize": "bicubic short side, centre crop", "mean": list(MEANS),
+            "std": list(STDS), "color": "RGB"}
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "torchvision", "pillow", "pandas")]
+
+
+def log_model(client: MlflowClient, run_id: str, files: ModelFiles, example: bytes, artifact_path: str = "model") -> str:
+    """Save the pyfunc model (with its signature and an input example: one real crop) as artifacts of the
+    MLflow run ``run_id``; returns the model's source URI."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    names = [files.label_index[str(i)] for i in range(len(files.label_index))]
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                               outputs=Schema([ColSpec("double", name) for name in names]))
+    with tempfile.TemporaryDirectory(prefix="animl-model-") as tmp:
+        folder = Path(tmp)
+        artifacts = {"torchscript": ("model_compiled.pt", files.torchscript),
+                     "label_index": ("label_index.json", files.label_index),
+                     "preprocessing": ("preprocessing.json", files.preprocessing),
+                     "thresholds": ("thresholds.json", files.thresholds),
+                     "params": ("params.json", files.params), "checkpoint": ("ckpt_best.pt", files.checkpoint)}
+        paths = {}
+        for key, (name, value) in artifacts.items():
+            path = folder / "files" / name
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(value if isinstance(value, bytes) else json.dumps(value, indent=1).encode())
+            paths[key] = str(path)
+        mlflow.pyfunc.save_model(folder / artifact_path, python_model=str(MODEL_CODE), artifacts=paths,
+                                 signature=signature, input_example=pd.DataFrame({"image": [example]}),
+                                 pip_requirements=_requirements(),
+                                 metadata={"label_index": files.label_index, "preprocessing": files.preprocessing})
+        client.log_artifacts(run_id, str(folder / artifact_path), artifact_path)
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+
+def register(client: MlflowClient, name: str, source: str, run_id: str, tags: Mapping[str, str],
+             description: str = "") -> ModelVersion:
+    """A new version of registered model ``name`` (created when missing) from ``source``, with ``tags``."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Species classifiers for camera-trap crops "
+                                                         "(animl-assets). Aliases: champion, challenger.")
+    return client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                       description=description)
+
+
+def by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version ``alias`` points at, or None (no such model or alias)."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def resolve(client: MlflowClient, name: str, ref: str) -> ModelVersion:
+    """A version by number, alias (``champion``), or ``models:/name/3`` / ``models:/name@alias`` URI."""
+    if ref.startswith("models:/"):
+        name, _, ref = ref.removeprefix("models:/").rpartition("/") if "@" not in ref else (
+            ref.removeprefix("models:/").partition("@")[0], "", ref.partition("@")[2])
+    if ref.isdigit():
+        try:
+            return client.get_model_version(name, ref)
+        except MlflowException as err:
+            raise ValueError(f"registered model {name!r} has no version {ref}") from err
+    found = by_alias(client, name, ref)
+    if found is None:
+        raise ValueError(f"registered model {name!r} has no version with alias {ref!r}")
+    return found
+
+
+def model_files(tracking_uri: str, version: ModelVersion) -> ModelFiles:
+    """The files of a registered version, downloaded from its source."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="animl-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp,
+                                                         tracking_uri=tracking_uri))
+        found = next(local.rglob("model_compiled.pt"), None)
+        if found is None:
+            raise ValueError(f"model version {version.version} of {version.name!r} holds no animl model files "
+                             f"(model_compiled.pt) at {version.source}")
+        folder = found.parent
+        load = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+        return ModelFiles((folder / "model_compiled.pt").read_bytes(), load("label_index.json"),
+                          load("preprocessing.json"), load("thresholds.json"), load("params.json"),
+                          (folder / "ckpt_best.pt").read_bytes())
+
+
+def promote(client: MlflowClient, name: str, version: str, how: str, reason: str = "") -> str | None:
+    """Point ``champion`` at ``version`` (dropping its ``challenger`` alias), recording how and when as tags;
+    returns the version that was champion before."""
+    previous = by_alias(client, name, CHAMPION)
+    challenger = by_alias(client, name, CHALLENGER)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if challenger is not None and challenger.version == str(version):
+        client.delete_registered_model_alias(name, CHALLENGER)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    tags = {"animl.promoted": how, "animl.promoted_at": now,
+            "animl.replaced_champion": previous.version if previous else ""}
+    if reason:
+        tags["animl.promotion_reason"] = reason
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return previous.version if previous else None
+
+
+def kept_versions(client: MlflowClient) -> dict[str, set[str]]:
+    """The asset versions registered models were made from, per asset (``animl gc`` keeps them)."""
+    kept: dict[str, set[str]] = {}
+    for model in client.search_registered_models():
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            for tag, asset in ASSET_OF_TAG.items():
+                if version.tags.get(tag):
+                    kept.setdefault(asset, set()).add(version.tags[tag])
+    return kept
