@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ANIML_HOME ?= $(CURDIR)/.animl
 export ANIML_HOME
 
-.PHONY: setup demo test ui bench clean
+.PHONY: setup demo demo-challenger test ui bench clean
 
 $(BIN)/animl: pyproject.toml animl_assets/core/_jpegregion.c
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,11 @@ $(BIN)/animl: pyproject.toml animl_assets/core/_jpegregion.c
 
 setup: $(BIN)/animl  ## create .venv with the animl command and the test tools
 
-demo: setup  ## generate the sample export and materialize every asset for it
+demo: setup  ## generate the sample export and materialize every asset for it, up to a champion model
 	$(BIN)/animl demo
+
+demo-challenger: setup  ## after make demo: a worse model, which the champion gate leaves as challenger
+	$(BIN)/animl demo --challenger
 
 test: setup  ## the whole test suite (CI runs exactly this)
 	$(BIN)/python -m pytest -n 2 --durations=15

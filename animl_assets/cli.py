@@ -181,11 +181,13 @@ def load_run_config(path: str | None) -> dict:
     return config
 
 
-def run_job(job_name: str, partition: str | None = None, run_config: dict | None = None) -> None:
+def run_job(job_name: str, partition: str | None = None, run_config: dict | None = None,
+            outcomes: tuple[str, ...] = ()) -> bool:
     """Run one of the Definitions' jobs (for one partition, if given), printing what it materialized.
 
     A step stopped by a reported failure (``dg.Failure``) or a failed blocking check raises CliError
-    naming it; an unexpected error prints its trace and raises RunCrashed.
+    naming it; an unexpected error prints its trace and raises RunCrashed. A failed check named in
+    ``outcomes`` (a gate: the champion stays) is an outcome, not an error: printed, and False returned.
     """
     import dagster as dg
 
@@ -201,12 +203,18 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
         counts = {k: v.value for k, v in materialization.metadata.items()
-                  if (k.startswith(("num_", "val_acc_top1", "test_acc_top1", "best_epoch")) or k == "score")
+                  if (k.startswith(("num_", "val_acc_top1", "test_acc_top1", "test_macro_recall", "best_epoch",
+                                    "model_version", "champion_version")) or k == "score")
                   and isinstance(v.value, (int, float))}
         print(f"  materialized {materialization.asset_key.to_user_string()}{where}: {counts}")
-    expected, unexpected = [], []
+    expected, unexpected, gated = [], [], False
     for check in result.get_asset_check_evaluations():
         if check.passed:
+            continue
+        if check.check_name in outcomes:
+            gated = True
+            reason = check.metadata.get("reason")
+            print(f"  check {check.check_name}: {reason.value if reason else 'failed'}")
             continue
         blocking = check.blocking and check.severity == dg.AssetCheckSeverity.ERROR
         problems = check.metadata.get("problems")
@@ -227,8 +235,9 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
     if unexpected:
         print("\n".join(unexpected), file=sys.stderr)
         raise RunCrashed(job_name)
-    if not result.success or expected:
+    if expected or not (result.success or gated):
         raise CliError("; ".join(expected) or f"the run of {job_name}{where} failed")
+    return not gated
 
 
 def known_partitions() -> list[str]:
@@ -263,13 +272,29 @@ DEMO_IMAGES_PER_CLASS_AND_LOCATION = 4  # about 200 crops: enough for train, val
 # fine-tuned at 128 px.
 DEMO_TRAINING = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 128, "epochs": 10,
                  "finetune": 10, "batch_size": 16, "lr": 0.001, "num_workers": 2, "progress_every": 0}
+# `animl demo --challenger`: a deliberately worse config (no pretrained weights, two epochs, no label
+# weighting), to watch the champion gate keep the champion.
+DEMO_CHALLENGER = DEMO_TRAINING | {"pretrained": "false", "epochs": 2, "finetune": 0, "label_weighted": False}
+GATE_CHECK = "beats_champion"
 
 
-def train(run_config: dict | None = None) -> None:
-    """classifier_checkpoint on the newest dataset version and splits."""
+def train(run_config: dict | None = None) -> bool:
+    """classifier_checkpoint on the newest dataset version and splits, then its evaluation, registration and
+    the champion gate; True when the new version became champion."""
     from animl_assets.definitions import TRAIN_JOB
 
-    run_job(TRAIN_JOB, None, run_config)
+    return run_job(TRAIN_JOB, None, run_config, outcomes=(GATE_CHECK,))
+
+
+def _registry_line(settings: Settings) -> str:
+    from animl_assets.core import registry
+    from animl_assets.definitions import build_resources
+
+    client = build_resources(settings)["mlflow"].client()
+    aliases = {alias: registry.by_alias(client, registry.DEFAULT_MODEL, alias)
+               for alias in (registry.CHAMPION, registry.CHALLENGER)}
+    found = ", ".join(f"{alias} = version {v.version}" for alias, v in aliases.items() if v)
+    return f"{registry.DEFAULT_MODEL}: {found or 'no versions'}"
 
 
 def run_mlflow_ui(settings: Settings, extra_args: list[str]) -> int:
@@ -284,11 +309,21 @@ def run_mlflow_ui(settings: Settings, extra_args: list[str]) -> int:
     return subprocess.call(command)
 
 
-def run_demo(settings: Settings) -> int:
-    """Generate the sample export, register it and materialize every asset."""
+def run_demo(settings: Settings, challenger: bool = False) -> int:
+    """Generate the sample export, register it and materialize every asset up to a champion model; with
+    ``challenger``, train a worse model on the same data and let the gate keep the champion."""
     from animl_assets.core.sample import EXPORT_NAME, write_sample_export
 
     started = time.perf_counter()
+    if challenger:
+        if not known_partitions():
+            raise CliError("run animl demo first: --challenger trains on its dataset")
+        print("[1/1] training a deliberately worse model (no pretrained weights, 2 epochs) -> evaluation -> "
+              "registry -> champion gate")
+        promoted = train({"ops": {"classifier_checkpoint": {"config": DEMO_CHALLENGER}}})
+        print(f"\nthe new version {'became champion' if promoted else 'stays challenger'}; "
+              f"{_registry_line(settings)}")
+        return 0
     export_dir = Path(settings.exports_uri) / "sample"
     if settings.exports_uri.startswith("s3://"):
         export_dir = settings.home / "sample_export"
@@ -303,12 +338,15 @@ def run_demo(settings: Settings) -> int:
     materialize_export(partition)
     print("[4/5] materializing classification_dataset -> splits (all exports)")
     build_dataset()
-    print(f"[5/5] training classifier_checkpoint ({DEMO_TRAINING['model_name']}, MLflow run)")
+    print(f"[5/5] classifier_checkpoint ({DEMO_TRAINING['model_name']}, MLflow run) -> classifier_evaluation -> "
+          "registered_model -> beats_champion -> champion_model")
     train({"ops": {"classifier_checkpoint": {"config": DEMO_TRAINING}}})
     print(f"\ndone in {time.perf_counter() - started:.1f}s")
     print(f"artifacts:    {settings.storage_uri}")
     print(f"dagster home: {os.environ['DAGSTER_HOME']}")
+    print(f"registry:     {_registry_line(settings)}")
     print("open the UI:  make ui   (then http://127.0.0.1:3000); MLflow: animl mlflow-ui")
+    print("next:         animl demo --challenger   (a worse model: the gate keeps the champion)")
     return 0
 
 
@@ -340,13 +378,17 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
 
     from animl_assets.definitions import build_resources
     from animl_assets.core.artifact_files import INDEX
+    from animl_assets.core.registry import kept_versions
     from animl_assets.lineage import collectable, remove_version
     from animl_assets.resources.io_manager import version_folder
 
-    store = build_resources(settings)["storage"].store()
+    resources = build_resources(settings)
+    store = resources["storage"].store()
+    registered = kept_versions(resources["mlflow"].client())
     with dg.DagsterInstance.get() as instance:
         doomed = collectable(instance, args.keep,
-                             lambda asset, version: store.exists(f"{version_folder(asset, version)}/{INDEX}"))
+                             lambda asset, version: store.exists(f"{version_folder(asset, version)}/{INDEX}"),
+                             registered)
     for asset, versions in doomed.items():
         for version in versions:
             if args.yes:
@@ -354,13 +396,37 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 print(f"would remove {asset} {version}")
     if not any(doomed.values()):
-        print(f"nothing to remove: every version is among the newest {args.keep} or needed by one")
+        print(f"nothing to remove: every version is among the newest {args.keep}, needed by one, or behind a "
+              "registered model")
     elif not args.yes:
         print("dry run: run again with --yes to remove them")
     return 0
 
 
+def run_promote(args: argparse.Namespace, settings: Settings) -> int:
+    """Point the registered model's ``champion`` alias at a version by hand, bypassing the gate; recorded as
+    version tags and as a ``champion_model`` materialization in the Dagster instance."""
+    import dagster as dg
+
+    from animl_assets.core import registry
+    from animl_assets.definitions import build_resources
+
+    client = build_resources(settings)["mlflow"].client()
+    version = registry.resolve(client, args.model, args.version)
+    previous = registry.promote(client, args.model, version.version, how="hand", reason=args.reason or "")
+    with dg.DagsterInstance.get() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            "champion_model", description=f"promoted by hand: {args.reason or 'no reason given'}",
+            metadata={"model_name": args.model, "champion_version": int(version.version),
+                      "replaced_version": previous or "", "how": "hand"}))
+    print(f"{args.model} version {version.version} is champion (was: {previous or 'none'}); recorded as "
+          "tag animl.promoted=hand")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from animl_assets.lineage import CROSS_EXPORT
+
     parser = argparse.ArgumentParser(
         prog="animl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ENV_HELP,
         description="Camera-trap exports to species-classifier datasets, as Dagster assets. Everything a "
@@ -388,16 +454,23 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (register, materialize, build, training):
         command.add_argument("--run-config", metavar="FILE", help="Dagster run config (YAML or JSON), as in the "
                                                                   "launchpad: ops: {cct_export: {config: {…}}}")
-    commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
-                                     "-> classification_dataset, splits -> classifier_checkpoint, all under "
-                                     "ANIML_HOME")
+    demo = commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
+                                            "-> classification_dataset, splits -> classifier_checkpoint -> "
+                                            "classifier_evaluation -> registered_model -> champion, all under ANIML_HOME")
+    demo.add_argument("--challenger", action="store_true", help="after a demo: train a worse model on its data; "
+                                                                "the champion gate keeps the champion")
     lineage = commands.add_parser("lineage", help="the chain from a dataset, splits or checkpoint version down to the "
                                                   "export partitions and their file hashes")
-    lineage.add_argument("asset", choices=["classification_dataset", "splits", "classifier_checkpoint"])
+    lineage.add_argument("asset", choices=list(CROSS_EXPORT))
     lineage.add_argument("--version", help="the version (default: the newest)")
     lineage.add_argument("--json", action="store_true", help="print JSON")
-    gc = commands.add_parser("gc", help="remove dataset, splits and checkpoint versions beyond the newest N that nothing "
-                                        "kept depends on (a dry run unless --yes)")
+    gc = commands.add_parser("gc", help="remove dataset, splits, checkpoint and evaluation versions beyond the newest N "
+                                        "that nothing kept (nor a registered model) depends on (a dry run unless --yes)")
+    promote = commands.add_parser("promote", help="make VERSION (number or alias) of the registered model the "
+                                                  "champion by hand, bypassing the gate (recorded as tags)")
+    promote.add_argument("version")
+    promote.add_argument("--model", default="animl-classifier", help="the registered model (default animl-classifier)")
+    promote.add_argument("--reason", help="why, kept as the version's animl.promotion_reason tag")
     gc.add_argument("--keep", type=int, default=3, help="versions to keep per asset (default 3)")
     gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")
     ui = commands.add_parser("ui", help="the Dagster UI and daemon (sensors) on http://127.0.0.1:3000; "
@@ -409,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in CLI logs
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("ui", "mlflow-ui"):
@@ -434,11 +508,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         os.environ["ANIML_HOME"] = str(settings.home)  # one home for this process and the runs it starts
     ensure_dagster_home(settings)
     if args.command == "demo":
-        return run_demo(settings)
+        return run_demo(settings, args.challenger)
     if args.command == "ui":
         return run_ui(args.dagster_args)
     if args.command == "mlflow-ui":
         return run_mlflow_ui(settings, args.dagster_args)
+    if args.command == "promote":
+        return run_promote(args, settings)
     if args.command in ("lineage", "gc"):
         return run_lineage(args, settings) if args.command == "lineage" else run_gc(args, settings)
     if args.command == "register":

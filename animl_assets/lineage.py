@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import dagster as dg
 
@@ -20,8 +20,11 @@ from animl_assets.core.store import Store
 from animl_assets.resources.io_manager import VERSION_METADATA, version_folder
 from animl_assets.resources.storage import LocalStore
 
-CROSS_EXPORT = ("classification_dataset", "splits", "classifier_checkpoint")  # downstream last
-UPSTREAM = {"splits": ("classification_dataset",), "classifier_checkpoint": ("splits", "classification_dataset")}
+CROSS_EXPORT = ("classification_dataset", "splits", "classifier_checkpoint", "classifier_evaluation",
+                "registered_model")  # downstream last
+UPSTREAM = {"splits": ("classification_dataset",), "classifier_checkpoint": ("splits", "classification_dataset"),
+            "classifier_evaluation": ("classifier_checkpoint",),
+            "registered_model": ("classifier_evaluation", "classifier_checkpoint")}
 INPUT_VERSION_TAG = "dagster/input_data_version/"
 DATA_VERSION_TAG = "dagster/data_version"
 
@@ -108,13 +111,16 @@ def _export_node(instance: dg.DagsterInstance, partition: str, sha256: str) -> N
     return Node("cct_export", sha256, "(not in this instance's history)", "", partition)
 
 
-def collectable(instance: dg.DagsterInstance, keep: int, present: Callable[[str, str], bool]) -> dict[str, list[str]]:
+def collectable(instance: dg.DagsterInstance, keep: int, present: Callable[[str, str], bool],
+                in_use: Mapping[str, Iterable[str]] | None = None) -> dict[str, list[str]]:
     """Versions of each cross-export asset beyond the newest ``keep`` that nothing kept depends on; only
-    versions whose files are ``present(asset, version)`` count (removed ones stay in the event log)."""
+    versions whose files are ``present(asset, version)`` count (removed ones stay in the event log).
+    ``in_use`` names versions something outside the asset graph needs (registered models: see
+    ``registry.kept_versions``); they are kept with what they were made from."""
     if keep < 1:
         raise ValueError("--keep must be at least 1")
     stored = {asset: [v for v, _ in versions(instance, asset) if present(asset, v)] for asset in CROSS_EXPORT}
-    kept: dict[str, set[str]] = {asset: set(in_use(asset)) for asset in CROSS_EXPORT}
+    kept: dict[str, set[str]] = {asset: set((in_use or {}).get(asset, ())) for asset in CROSS_EXPORT}
     for asset in reversed(CROSS_EXPORT):  # downstream first: what a kept version read is kept too
         kept[asset].update(stored[asset][:keep])
         for version in kept[asset]:
@@ -122,15 +128,6 @@ def collectable(instance: dg.DagsterInstance, keep: int, present: Callable[[str,
                 if node.asset in kept:
                     kept[node.asset].add(node.version)
     return {asset: [v for v in stored[asset] if v not in kept[asset]] for asset in CROSS_EXPORT}
-
-
-def in_use(asset: str) -> list[str]:
-    """Versions that something outside the asset graph still needs, and ``gc`` must keep.
-
-    The place for the model registry: a registered model keeps the dataset and splits versions it was
-    trained from (its lineage tags). Nothing registers models yet, so nothing is kept here.
-    """
-    return []
 
 
 def remove_version(store: Store, asset: str, version: str) -> int:

@@ -103,3 +103,83 @@ def test_the_evaluation_writes_the_reference_files_torchscript_and_plots(registe
     assert {"evaluation/confusion_test.png", "evaluation/reliability_test.png", "evaluation/errors_test.png",
             "evaluation/label_report.csv", "evaluation/thresholds.json"} <= logged
     assert "eval/test/acc_top1" in client.get_run(run_id).data.metrics
+
+
+def test_the_champion_loads_with_pyfunc_and_predicts_the_evaluations_probabilities(registered_home):
+    settings, dagster_home, result = registered_home
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        folder = latest_version(settings, instance, "classifier_evaluation")
+    outputs = pd.read_csv(folder / "outputs_test.csv.gz").head(6)
+    names = [c for c in outputs.columns if c not in ("path", "label", "weight")]
+    crops = settings.home / "artifacts" / "crops"
+    uri = tracking.embedded_tracking_uri(settings.home)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/animl-classifier@champion")
+    predicted = model.predict(pd.DataFrame({"image": [(crops / p).read_bytes() for p in outputs["path"]]}))
+    assert list(predicted.columns) == names
+    assert np.allclose(predicted.to_numpy(), outputs[names].to_numpy(), atol=1e-4)
+    info = model.metadata
+    assert info.signature.inputs.input_names() == ["image"] and info.signature.outputs.input_names() == names
+    assert info.metadata["preprocessing"]["image_size"] == SMALL["image_size"]
+    assert info.saved_input_example_info is not None
+
+
+def test_the_first_version_is_champion_with_its_lineage_as_tags(registered_home):
+    settings, dagster_home, result = registered_home
+    assert _gate(result).passed and "first version" in _gate(result).metadata["reason"].value
+    client = _client(settings)
+    champion = client.get_model_version_by_alias("animl-classifier", "champion")
+    training = _materialized(result, "classifier_checkpoint")
+    assert champion.tags["animl.dataset_version"] == training["dataset_version"]
+    assert champion.tags["animl.splits_version"] == training["splits_version"]
+    assert champion.tags["animl.training_run_id"] == training["mlflow_run_id"] == champion.run_id
+    assert champion.tags["animl.exports"] and champion.tags["dagster.run_id"] == result.run_id
+    assert champion.tags["animl.promoted"] == "gate"
+    assert _materialized(result, "champion_model")["champion_version"] == int(champion.version)
+
+
+def test_a_worse_model_stays_challenger_and_the_gate_says_why(registered_home):
+    settings, dagster_home, _ = registered_home
+    client = _client(settings)
+    before = client.get_model_version_by_alias("animl-classifier", "champion").version
+    result = _train_all(settings, dagster_home, WORSE)
+    gate = _gate(result)
+    assert not result.success and not gate.passed
+    assert _materialized(result, "champion_model") is None  # blocked
+    new = _materialized(result, "registered_model")["model_version"]
+    assert client.get_model_version_by_alias("animl-classifier", "champion").version == before
+    assert str(client.get_model_version_by_alias("animl-classifier", "challenger").version) == str(new)
+    rows = {r.data["metric"]: r.data for r in gate.metadata["comparison"].value.records}
+    assert set(rows) == {"acc_top1", "macro_recall"} and not all(r["passed"] for r in rows.values())
+    assert "stays challenger" in gate.metadata["reason"].value
+
+    # trained without label weighting: the evaluation's weights are all 1, weighted == plain
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        folder = latest_version(settings, instance, "classifier_evaluation")
+    assert (pd.read_csv(folder / "outputs_val.csv.gz")["weight"] == 1.0).all()
+    overall = pd.read_csv(folder / "overall_metrics.csv")
+    assert np.allclose(overall["acc_top1"], overall["acc_weighted_top1"])
+
+
+def test_the_gate_passes_on_a_tie_and_fails_past_its_margin(registered_home, monkeypatch):
+    settings, dagster_home, _ = registered_home
+    monkeypatch.setenv("ANIML_HOME", str(settings.home))
+    client = _client(settings)
+    register = [dg.AssetKey("registered_model"), dg.AssetKey("champion_model")]
+    # re-register the latest evaluation against itself-as-champion: first make its version champion by hand
+    failing = _run(settings, dagster_home, selection=register, registered_model={"gate_margin": 0.5})
+    version = _materialized(failing, "registered_model")["model_version"]
+    assert not _gate(failing).passed  # the champion is another model; nothing beats it by 0.5
+    from animl_assets import cli
+
+    assert cli.main(["promote", str(version), "--reason", "test"]) == 0
+    promoted = client.get_model_version("animl-classifier", str(version))
+    assert promoted.tags["animl.promoted"] == "hand" and promoted.tags["animl.promotion_reason"] == "test"
+    assert str(client.get_model_version_by_alias("animl-classifier", "champion").version) == str(version)
+    # the same evaluation registered again ties with the champion: passes with margin 0, fails with 0.01
+    tie = _run(settings, dagster_home, selection=register)
+    assert _gate(tie).passed and tie.success
+    rows = {r.data["metric"]: r.data for r in _gate(tie).metadata["comparison"].value.records}
+    assert all(abs(r["difference"]) < 1e-6 for r in rows.values())
+    assert not _gate(_run(settings, dagster_home, selection=register, registered_model={"gate_margin": 0.01})).passed

@@ -139,7 +139,7 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     test_report = result.label_report[result.label_report["split"] == "test"].drop(columns="split")
     test_metrics = result.metrics("test")
     yield dg.Output(result, data_version=dg.DataVersion(version), metadata={
-        **{f"test_{k}": round(v, 3) for k, v in test_metrics.items() if v == v},
+        **{f"test_{k}": round(v, 4) for k, v in ev.as_fractions(test_metrics).items() if v == v},
         **{f"test_{k}": round(v, 4) for k, v in test_summary.items() if k.startswith("macro") and v == v},
         "overall_metrics": table(result.overall_metrics.round(4)),
         "per_label_test": table(test_report.round(4)),

@@ -69,12 +69,12 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     version = registry.register(client, config.model_name, source, run_id, tags,
                                 description=f"{checkpoint.params['model_name']} on dataset "
                                             f"{checkpoint.params['dataset_version']}")
-    client.set_registered_model_alias(config.model_name, registry.CHALLENGER, version.version)
-    value = {"name": config.model_name, "version": version.version, "source": source, "mlflow_run_id": run_id,
+    client.set_registered_model_alias(config.model_name, registry.CHALLENGER, str(version.version))
+    value = {"name": config.model_name, "version": str(version.version), "source": source, "mlflow_run_id": run_id,
              "gate_margin": config.gate_margin, "test": {k: test.get(k) for k in GATE_METRICS},
              "model_uri": f"models:/{config.model_name}/{version.version}", "tags": tags}
     data_version = value_version(value, "registered_model")
-    client.set_model_version_tag(config.model_name, version.version, "animl.registered_version", data_version)
+    client.set_model_version_tag(config.model_name, str(version.version), "animl.registered_version", data_version)
     context.log.info(f"registered {config.model_name} version {version.version} (alias challenger)")
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
         "model_name": config.model_name, "model_version": int(version.version),
@@ -87,8 +87,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
 def _comparison(new: dict[str, float], champion: dict[str, float], margin: float) -> tuple[bool, list[dict]]:
     rows, passed = [], True
     for metric in GATE_METRICS:
-        scale = 100 if metric.startswith("acc") else 1  # overall_metrics are in percent
-        theirs, ours = champion[metric] / scale, new[metric] / scale
+        theirs, ours = champion[metric], new[metric]
         ok = ours - theirs >= margin - 1e-12
         passed &= ok
         rows.append({"metric": metric, "champion": round(theirs, 4), "new": round(ours, 4),
@@ -105,7 +104,7 @@ def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.E
     name, margin = value["name"], float(value["gate_margin"])
     client = mlflow.client()
     champion = registry.by_alias(client, name, registry.CHAMPION)
-    if champion is None or champion.version == value["version"]:
+    if champion is None or str(champion.version) == str(value["version"]):
         return dg.AssetCheckResult(passed=True, metadata={
             "reason": "no champion yet: the first version becomes champion" if champion is None
             else "this version is the champion already", "new_version": int(value["version"])})

@@ -344,11 +344,17 @@ def evaluate_scripted(scripted: torch.jit.ScriptModule, model_labels: Sequence[s
     return outputs_frame(outputs["path"], outputs["label"], outputs["weight"], probs, names), names
 
 
+def as_fractions(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Overall metrics with the accuracies as fractions (``overall_metrics.csv`` has them in percent)."""
+    return {k: v / 100 if k.startswith("acc") else v for k, v in metrics.items()}
+
+
 def summary_row(outputs: pd.DataFrame, names: Sequence[str]) -> dict[str, float]:
-    """The figures models are compared on: overall metrics (percent) and macro precision/recall/F1."""
+    """The figures models are compared on, all fractions (accuracies too, unlike ``overall_metrics.csv``):
+    loss, top-1/top-3 accuracy plain and weighted, and macro precision/recall/F1."""
     report = label_report(outputs, names, "")
     macro = report[report["label"] == MACRO].iloc[0]
-    return {**overall_metrics(outputs, names), "macro_precision": float(macro["precision"]),
+    return {**as_fractions(overall_metrics(outputs, names)), "macro_precision": float(macro["precision"]),
             "macro_recall": macro_recall(outputs, names), "macro_f1": float(macro["f1"]), "crops": len(outputs)}
 
 

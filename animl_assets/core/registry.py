@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,10 +75,12 @@ def log_model(client: MlflowClient, run_id: str, files: ModelFiles, example: byt
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(value if isinstance(value, bytes) else json.dumps(value, indent=1).encode())
             paths[key] = str(path)
-        mlflow.pyfunc.save_model(folder / artifact_path, python_model=str(MODEL_CODE), artifacts=paths,
-                                 signature=signature, input_example=pd.DataFrame({"image": [example]}),
-                                 pip_requirements=_requirements(),
-                                 metadata={"label_index": files.label_index, "preprocessing": files.preprocessing})
+        with warnings.catch_warnings():  # the signature is given: no type hints needed on predict
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            mlflow.pyfunc.save_model(folder / artifact_path, python_model=str(MODEL_CODE), artifacts=paths,
+                                     signature=signature, input_example=pd.DataFrame({"image": [example]}),
+                                     pip_requirements=_requirements(), metadata={
+                                         "label_index": files.label_index, "preprocessing": files.preprocessing})
         client.log_artifacts(run_id, str(folder / artifact_path), artifact_path)
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
@@ -141,17 +144,17 @@ def promote(client: MlflowClient, name: str, version: str, how: str, reason: str
     returns the version that was champion before."""
     previous = by_alias(client, name, CHAMPION)
     challenger = by_alias(client, name, CHALLENGER)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    if challenger is not None and challenger.version == str(version):
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    if challenger is not None and str(challenger.version) == str(version):
         client.delete_registered_model_alias(name, CHALLENGER)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tags = {"animl.promoted": how, "animl.promoted_at": now,
-            "animl.replaced_champion": previous.version if previous else ""}
+            "animl.replaced_champion": str(previous.version) if previous else ""}
     if reason:
         tags["animl.promotion_reason"] = reason
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
-    return previous.version if previous else None
+    return str(previous.version) if previous else None
 
 
 def kept_versions(client: MlflowClient) -> dict[str, set[str]]:
