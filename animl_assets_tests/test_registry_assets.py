@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from animl_assets.core import tracking
+from animl_assets.core import registry, tracking
 from animl_assets.core.evaluation import LABEL_STATS_COLUMNS, OVERALL_COLUMNS
 from animl_assets.definitions import COMPARE_JOB, DATASET_JOB, TRAIN_JOB, build_definitions
 from animl_assets.settings import Settings
@@ -183,3 +183,63 @@ def test_the_gate_passes_on_a_tie_and_fails_past_its_margin(registered_home, mon
     rows = {r.data["metric"]: r.data for r in _gate(tie).metadata["comparison"].value.records}
     assert all(abs(r["difference"]) < 1e-6 for r in rows.values())
     assert not _gate(_run(settings, dagster_home, selection=register, registered_model={"gate_margin": 0.01})).passed
+
+
+def test_comparison_sets_an_external_model_through_a_target_mapping_beside_our_own(registered_home, tmp_path):
+    settings, dagster_home, _ = registered_home
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        folder = latest_version(settings, instance, "classifier_evaluation")
+    label_index = json.loads((folder / "label_index.json").read_text())
+    # the same network under other names: ours split in two labels and one unmapped ("blank")
+    theirs = {str(i): f"their_{name}" for i, name in label_index.items()}
+    (tmp_path / "labels.json").write_text(json.dumps(theirs))
+    (tmp_path / "mapping.json").write_text(json.dumps({name: [f"their_{name}"] for name in label_index.values()}))
+    external = {"name": "renamed", "torchscript": str(folder / "ckpt_best_compiled.pt"),
+                "label_index": str(tmp_path / "labels.json"), "target_mapping": str(tmp_path / "mapping.json"),
+                "image_size": SMALL["image_size"]}
+    broken = external | {"name": "unmapped", "target_mapping": ""}  # names match nothing: all "other"
+    result = _run(settings, dagster_home, job=COMPARE_JOB, model_comparison={
+        "registered": ["champion", "challenger", "99"], "external": [external, broken]})
+    assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        table = pd.read_csv(latest_version(settings, instance, "model_comparison") / "model_comparison.csv")
+    rows = table.set_index("model")
+    assert len(rows) == 5  # ours, champion, challenger, two external; version 99 does not exist: skipped
+    ours, renamed = rows.loc["this evaluation"], rows.loc["renamed"]
+    for metric in ("acc_top1", "macro_recall", "loss"):
+        assert renamed[metric] == pytest.approx(ours[metric], abs=1e-4)
+    assert rows.loc["unmapped", "acc_top1"] == 0.0
+
+
+def test_training_can_start_from_the_champion(registered_home):
+    settings, dagster_home, _ = registered_home
+    result = _run(settings, dagster_home, selection=[dg.AssetKey("classifier_checkpoint")],
+                  classifier_checkpoint=SMALL | {"init_from": "champion", "pretrained": "false", "epochs": 1,
+                                                 "finetune": 1})
+    assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
+    champion = _client(settings).get_model_version_by_alias("animl-classifier", "champion")
+    start = torch.load(io.BytesIO(registry.model_files(tracking.embedded_tracking_uri(settings.home),
+                                                       champion).checkpoint), weights_only=True)["model"]
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        trained = torch.load(latest_version(settings, instance, "classifier_checkpoint") / "ckpt_best.pt",
+                             weights_only=True)["model"]
+    convs = [k for k, v in start.items() if v.ndim == 4]
+    # head-only fine-tuning: the backbone is the champion's, weight for weight
+    assert convs and all(torch.equal(start[k], trained[k]) for k in convs)
+
+
+def test_gc_keeps_what_registered_models_were_made_from(registered_home, monkeypatch, capsys):
+    settings, dagster_home, _ = registered_home
+    monkeypatch.setenv("ANIML_HOME", str(settings.home))
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    from animl_assets import cli
+
+    assert cli.main(["gc", "--keep", "1"]) == 0
+    printed = capsys.readouterr().out
+    client = _client(settings)
+    for version in client.search_model_versions("name = 'animl-classifier'"):
+        for tag in ("animl.checkpoint_version", "animl.evaluation_version", "animl.dataset_version"):
+            assert version.tags[tag] not in printed
+    assert cli.main(["lineage", "registered_model"]) == 0
+    chain = capsys.readouterr().out
+    assert "classifier_evaluation" in chain and "classifier_checkpoint" in chain and "cct_export" in chain
