@@ -147,3 +147,16 @@ def test_parity_tells_a_traced_model_from_another():
     batch = torch.rand(2, 3, 64, 64)
     assert ev.parity(other, scripted, batch) < 1e-5
     assert ev.parity(model, scripted, batch) > 1e-4
+
+
+def test_the_file_columns_are_the_reference_evaluate_models():
+    # evaluate_model.py: metrics keys 'loss', 'loss_weighted', 'acc_top{k}', 'acc_weighted_top{k}' for k in (1, 3),
+    # written with the split as the index column; label_stats: split, label, precision, recall
+    reference_metrics = {"loss", "loss_weighted", "acc_top1", "acc_top3", "acc_weighted_top1", "acc_weighted_top3"}
+    assert ev.OVERALL_COLUMNS[0] == "split" and set(ev.OVERALL_COLUMNS[1:]) == reference_metrics
+    outputs, _, _ = _outputs()
+    overall, cms, stats, _ = ev.summarize({"train": outputs, "val": outputs, "test": outputs}, NAMES)
+    assert tuple(overall.columns) == ev.OVERALL_COLUMNS and list(overall["split"]) == ["train", "val", "test"]
+    assert tuple(stats.columns) == ("split", "label", "precision", "recall") and len(stats) == 3 * len(NAMES)
+    assert sorted(cms) == ["test", "train", "val"]
+    assert list(outputs.columns) == ["path", "label", "weight", *NAMES]

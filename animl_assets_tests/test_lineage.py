@@ -71,19 +71,34 @@ def test_no_artifact_is_a_pickle(two_exports):
     for path in files:
         head = path.read_bytes()[:2]
         assert not head.startswith(b"\x80"), f"{path} looks like a pickle"
-        assert path.suffix in {".json", ".csv", ".jpg", ".png", ".npz", ".pt"}, path
-        if path.suffix == ".pt":  # torch.save's zip of tensors, loaded with weights_only=True
+        assert path.suffix in {".json", ".csv", ".jpg", ".png", ".npz", ".pt", ".gz"}, path
+        if path.suffix == ".pt":  # torch.save's zip of tensors (weights_only loads), or TorchScript's zip
             assert head == b"PK", path
+        if path.suffix == ".gz":  # outputs_{split}.csv.gz
+            assert path.name.endswith(".csv.gz") and head == b"\x1f\x8b", path
+
+
+def _forget_registered_models(home: Path) -> None:
+    from mlflow import MlflowClient
+
+    from animl_assets.core.tracking import embedded_tracking_uri
+
+    uri = embedded_tracking_uri(home)
+    MlflowClient(uri, uri).delete_registered_model("animl-classifier")
 
 
 def test_gc_keeps_the_newest_and_what_they_read(two_exports, capsys):
     datasets = two_exports / "artifacts" / "classification_dataset"
+    assert main(["gc", "--keep", "1"]) == 0  # both models are registered: all they were made from stays
+    assert "nothing to remove" in capsys.readouterr().out
+    _forget_registered_models(two_exports)
     assert main(["gc", "--keep", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("would remove") == 3 and "dry run" in out  # the old dataset, splits and checkpoint versions
+    # the old dataset, splits, checkpoint, evaluation and registration versions
+    assert out.count("would remove") == 5 and "dry run" in out
     assert len(list(datasets.iterdir())) == 2  # a dry run removes nothing
     assert main(["gc", "--keep", "1", "--yes"]) == 0
-    assert capsys.readouterr().out.count("removed") == 3
+    assert capsys.readouterr().out.count("removed") == 5
     assert main(["lineage", "splits", "--json"]) == 0
     kept = json.loads(capsys.readouterr().out)["inputs"][0]["version"]
     assert [p.name for p in datasets.iterdir()] == [kept]
@@ -99,6 +114,7 @@ def test_gc_keeps_a_dataset_version_a_kept_splits_version_read(two_exports, caps
     with dg.DagsterInstance.get() as instance:
         assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("classification_dataset")],
                                       run_config=config).success
+    _forget_registered_models(two_exports)
     assert main(["gc", "--keep", "1", "--yes"]) == 0
     out = capsys.readouterr().out
     assert out.count("removed classification_dataset") == 1 and out.count("removed splits") == 1

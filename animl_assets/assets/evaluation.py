@@ -3,7 +3,6 @@ TorchScript, thresholds and plots; ``model_comparison``: other models (registere
 TorchScript through a target mapping) on the same test split, in one table."""
 
 
-import io
 import json
 import time
 from pathlib import Path
