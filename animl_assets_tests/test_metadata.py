@@ -63,6 +63,20 @@ def test_the_demo_event_log_holds_typed_metadata_and_no_large_images(demo_home):
     assert model.metadata["test_acc_top1"].value >= 0.9  # the demo's model clearly learns the sample export
     assert isinstance(model.metadata["learning_curve"], dg.MarkdownMetadataValue)
     assert model.metadata["mlflow_run_id"].value and model.metadata["epochs_run"].value >= 1
+    # the demo ends with a registered champion whose evaluation plots are in the UI and in MLflow
+    evaluation = next(event for event in events if event.asset_key == dg.AssetKey("classifier_evaluation"))
+    for figure in ("confusion_test", "confusion_val", "reliability_test", "errors_test"):
+        assert isinstance(evaluation.metadata[figure], dg.MarkdownMetadataValue)
+    champion = next(event for event in events if event.asset_key == dg.AssetKey("champion_model"))
+    assert champion.metadata["champion_version"].value == 1
+    from mlflow import MlflowClient
+
+    from animl_assets.core.tracking import embedded_tracking_uri
+
+    uri = embedded_tracking_uri(demo_home)
+    version = MlflowClient(uri, uri).get_model_version_by_alias("animl-classifier", "champion")
+    logged = {a.path for a in MlflowClient(uri, uri).list_artifacts(version.run_id, "evaluation")}
+    assert "evaluation/confusion_test.png" in logged and "evaluation/errors_test.png" in logged
     images = next(event for event in events if event.asset_key == dg.AssetKey("images"))
     assert [column.name for column in images.metadata["dagster/column_schema"].schema.columns][:3] == [
         "image_id", "file_name", "status"]

@@ -22,6 +22,7 @@ SMALL = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size"
          "batch_size": 16, "lr": 0.001, "num_workers": 0, "progress_every": 0}
 WORSE = SMALL | {"pretrained": "false", "epochs": 1, "finetune": 0, "lr": 1e-5, "label_weighted": False}
 FAST_EVAL = {"num_workers": 0}
+pytestmark = pytest.mark.slow  # each module run trains three small models
 
 
 def _run(settings, dagster_home, job=TRAIN_JOB, selection=None, **ops):
