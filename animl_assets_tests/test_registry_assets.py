@@ -200,12 +200,14 @@ def test_comparison_sets_an_external_model_through_a_target_mapping_beside_our_o
                 "image_size": SMALL["image_size"]}
     broken = external | {"name": "unmapped", "target_mapping": ""}  # names match nothing: all "other"
     result = _run(settings, dagster_home, job=COMPARE_JOB, model_comparison={
-        "registered": ["champion", "challenger", "99"], "external": [external, broken]})
+        "registered": ["champion", "challenger", "models:/animl-classifier/1", "99"],
+        "external": [external, broken]})
     assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         table = pd.read_csv(latest_version(settings, instance, "model_comparison") / "model_comparison.csv")
     rows = table.set_index("model")
-    assert len(rows) == 5  # ours, champion, challenger, two external; version 99 does not exist: skipped
+    assert len(rows) == 6  # ours, champion, challenger, version 1, two external; no version 99: skipped
+    assert "animl-classifier v1 (models:/animl-classifier/1)" in rows.index
     ours, renamed = rows.loc["this evaluation"], rows.loc["renamed"]
     for metric in ("acc_top1", "macro_recall", "loss"):
         assert renamed[metric] == pytest.approx(ours[metric], abs=1e-4)

@@ -108,8 +108,8 @@ def by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None
 def resolve(client: MlflowClient, name: str, ref: str) -> ModelVersion:
     """A version by number, alias (``champion``), or ``models:/name/3`` / ``models:/name@alias`` URI."""
     if ref.startswith("models:/"):
-        name, _, ref = ref.removeprefix("models:/").rpartition("/") if "@" not in ref else (
-            ref.removeprefix("models:/").partition("@")[0], "", ref.partition("@")[2])
+        path = ref.removeprefix("models:/")
+        name, _, ref = path.partition("@") if "@" in path else path.rpartition("/")
     if ref.isdigit():
         try:
             return client.get_model_version(name, ref)
