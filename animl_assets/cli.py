@@ -286,6 +286,16 @@ def train(run_config: dict | None = None) -> bool:
     return run_job(TRAIN_JOB, None, run_config, outcomes=(GATE_CHECK,))
 
 
+def classify_export(partition: str, run_config: dict | None = None) -> None:
+    """classifications and classified_detections of one export (the champion by default)."""
+    from animl_assets.definitions import CLASSIFY_JOB
+
+    known = known_partitions()
+    if partition not in known:
+        raise CliError(f"unknown partition {partition!r}; known: {', '.join(known) or 'none (animl register one)'}")
+    run_job(CLASSIFY_JOB, partition, run_config)
+
+
 def _registry_line(settings: Settings) -> str:
     from animl_assets.core import registry
     from animl_assets.definitions import build_resources
@@ -312,6 +322,7 @@ def run_mlflow_ui(settings: Settings, extra_args: list[str]) -> int:
 def run_demo(settings: Settings, challenger: bool = False) -> int:
     """Generate the sample export, register it and materialize every asset up to a champion model; with
     ``challenger``, train a worse model on the same data and let the gate keep the champion."""
+    from animl_assets.core.exports import partition_folder
     from animl_assets.core.sample import EXPORT_NAME, write_sample_export
 
     started = time.perf_counter()
@@ -331,20 +342,25 @@ def run_demo(settings: Settings, challenger: bool = False) -> int:
     sample = write_sample_export(export_dir, images_per_class_and_location=DEMO_IMAGES_PER_CLASS_AND_LOCATION)
     print(f"      {sample.images} images, {sample.annotations} annotations, "
           f"{len(sample.broken_files)} deliberately broken files")
-    print("[2/5] registering it as a partition of 'exports'")
+    print("[2/6] registering it as a partition of 'exports'")
     partition = register_export(settings, str(export_dir / EXPORT_NAME))
     print(f"      partition: {partition}")
-    print("[3/5] materializing cct_export -> images -> md_detections -> crops")
+    print("[3/6] materializing cct_export -> images -> md_detections -> crops")
     materialize_export(partition)
-    print("[4/5] materializing classification_dataset -> splits (all exports)")
+    print("[4/6] materializing classification_dataset -> splits (all exports)")
     build_dataset()
-    print(f"[5/5] classifier_checkpoint ({DEMO_TRAINING['model_name']}, MLflow run) -> classifier_evaluation -> "
+    print(f"[5/6] classifier_checkpoint ({DEMO_TRAINING['model_name']}, MLflow run) -> classifier_evaluation -> "
           "registered_model -> beats_champion -> champion_model")
     train({"ops": {"classifier_checkpoint": {"config": DEMO_TRAINING}}})
+    print("[6/6] classifying the export with the champion: classifications -> classified_detections "
+          "(MegaDetector JSON for Timelapse)")
+    classify_export(partition, {"ops": {"classified_detections": {"config": {"label_pos": "last"}}}})
     print(f"\ndone in {time.perf_counter() - started:.1f}s")
     print(f"artifacts:    {settings.storage_uri}")
     print(f"dagster home: {os.environ['DAGSTER_HOME']}")
     print(f"registry:     {_registry_line(settings)}")
+    print(f"for Timelapse: {settings.storage_uri.rstrip('/')}/classified_detections/{partition_folder(partition)}/"
+          "classified_detections.json")
     print("open the UI:  make ui   (then http://127.0.0.1:3000); MLflow: animl mlflow-ui")
     print("next:         animl demo --challenger   (a worse model: the gate keeps the champion)")
     return 0
@@ -451,7 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build-dataset", help="materialize classification_dataset and splits over all exports")
     training = commands.add_parser("train", help="materialize classifier_checkpoint on the newest dataset and "
                                                  "splits (config: ops: {classifier_checkpoint: {config: {…}}})")
-    for command in (register, materialize, build, training):
+    classify = commands.add_parser("classify", help="classify a partition's crops with the champion and write its "
+                                                    "MegaDetector JSON with classifications (for Timelapse)")
+    classify.add_argument("partition")
+    for command in (register, materialize, build, training, classify):
         command.add_argument("--run-config", metavar="FILE", help="Dagster run config (YAML or JSON), as in the "
                                                                   "launchpad: ops: {cct_export: {config: {…}}}")
     demo = commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
@@ -526,6 +545,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         build_dataset(load_run_config(args.run_config))
     elif args.command == "train":
         train(load_run_config(args.run_config))
+    elif args.command == "classify":
+        classify_export(args.partition, load_run_config(args.run_config))
     else:
         materialize_export(args.partition, load_run_config(args.run_config))
     return 0

@@ -7,7 +7,8 @@ from typing import Mapping
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from animl_assets.assets import (DATASET_ASSETS, PER_EXPORT_ASSETS, TRAINING_ASSETS, TRAINING_CHECKS,
+from animl_assets.assets import (DATASET_ASSETS, PER_EXPORT_ASSETS, REVIEW_ACROSS_EXPORTS, REVIEW_ASSETS, TRAINING_ASSETS,
+                                 TRAINING_CHECKS,
                                  make_new_exports_sensor, model_comparison)
 from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
@@ -21,6 +22,7 @@ INGEST_JOB = "ingest_export"
 DATASET_JOB = "build_dataset"
 TRAIN_JOB = "train_classifier"
 COMPARE_JOB = "compare_models"
+CLASSIFY_JOB = "classify_export"
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, dict]:
@@ -81,14 +83,19 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         description="Train a classifier on the latest dataset version and splits (GPU-tagged; MLflow run), "
                     "evaluate it, register it and promote it to champion if it beats the current one.",
     )
+    classify_job = dg.define_asset_job(
+        CLASSIFY_JOB, selection=dg.AssetSelection.assets(*REVIEW_ASSETS),
+        description="Classify one export's crops with the champion and write its MegaDetector JSON for Timelapse.",
+    )
     compare_job = dg.define_asset_job(
         COMPARE_JOB, selection=dg.AssetSelection.assets(model_comparison),
         description="Set registered versions and external TorchScript models beside the latest evaluation.",
     )
     return dg.Definitions(
-        assets=[*PER_EXPORT_ASSETS, *DATASET_ASSETS, *TRAINING_ASSETS, model_comparison],
+        assets=[*PER_EXPORT_ASSETS, *DATASET_ASSETS, *TRAINING_ASSETS, model_comparison, *REVIEW_ASSETS,
+                *REVIEW_ACROSS_EXPORTS],
         asset_checks=TRAINING_CHECKS,
-        jobs=[ingest_job, dataset_job, train_job, compare_job],
+        jobs=[ingest_job, dataset_job, train_job, compare_job, classify_job],
         sensors=[make_new_exports_sensor(ingest_job)],
         resources=build_resources(settings),
     )

@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from animl_assets.cli import main
-from animl_assets.definitions import COMPARE_JOB, DATASET_JOB, INGEST_JOB, TRAIN_JOB, build_definitions
+from animl_assets.definitions import CLASSIFY_JOB, COMPARE_JOB, DATASET_JOB, INGEST_JOB, TRAIN_JOB, build_definitions
 from animl_assets.resources.storage import LocalStore, S3Store
 from animl_assets.settings import Settings
 
@@ -34,15 +34,16 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
     repo = defs.get_repository_def()
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "cct_export", "images", "md_detections", "crops", "classification_dataset", "splits", "classifier_checkpoint",
-        "classifier_evaluation", "registered_model", "champion_model", "model_comparison"}
+        "classifier_evaluation", "registered_model", "champion_model", "model_comparison", "classifications",
+        "classified_detections", "mislabeled_candidates"}
     assert repo.has_job(INGEST_JOB) and repo.has_job(TRAIN_JOB) and repo.has_sensor_def("new_exports")
     assert {key.to_user_string() for key in defs.resolve_asset_graph().asset_check_keys} == {
         "cct_export:schema", "cct_export:unique_ids", "cct_export:references", "cct_export:bboxes",
         "cct_export:boxes_clipped",
         "images:failure_rate", "md_detections:md_format", "crops:failure_rate",
         "classification_dataset:enough_labels_to_train", "splits:no_location_leakage",
-        "splits:every_label_in_every_split", "registered_model:beats_champion"}
-    assert repo.has_job(DATASET_JOB) and repo.has_job(COMPARE_JOB)
+        "splits:every_label_in_every_split", "registered_model:beats_champion", "classified_detections:md_format"}
+    assert repo.has_job(DATASET_JOB) and repo.has_job(COMPARE_JOB) and repo.has_job(CLASSIFY_JOB)
     storage = defs.resources["storage"]
     assert storage.location == str(tmp_path / ".animl" / "artifacts")
     assert isinstance(storage.store(), LocalStore)

@@ -1,5 +1,6 @@
 """``classification_dataset`` and ``splits``: one dataset version across exports, split by location."""
 
+import hashlib
 import json
 from typing import Iterator, Literal
 
@@ -18,6 +19,7 @@ from animl_assets.core.exports import partition_folder
 from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, default_label_mapping, parse_label_spec,
                                           parse_taxonomy, resolve_label_spec)
 from animl_assets.core.megadetector import Detections, with_box_labels
+from animl_assets.core.review import apply_corrections, read_corrections
 from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
 from animl_assets.core.tables import read_csv as read_table
 from animl_assets.resources.io_manager import version_folder
@@ -47,6 +49,9 @@ class DatasetConfig(dg.Config):
     match_test_splits: str = ""
     min_crops_per_label: int = Field(default=10, ge=1, description="The enough_labels_to_train check needs at "
                                                                    "least two labels with this many crops.")
+    corrections: str = Field(default="", description="Reviewed labels (path or s3:// URI): Timelapse's CSV with "
+                             "mislabeled and correct_class, or file,correct_label; relabels every crop of a "
+                             "listed image, or drops them when the correct label is empty.")
 
 
 def _read_text(uri: str, storage: ArtifactStore) -> str:
@@ -107,6 +112,16 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     if config.match_test_csv:
         earlier = read_table(_read_text(config.match_test_csv, storage)).fillna({"location": ""})
         ds, test_locations = match_test(ds, earlier, json.loads(_read_text(config.match_test_splits, storage)))
+    corrected = {}
+    if config.corrections:
+        data = read_uri(config.corrections, storage.s3)
+        try:
+            ds, corrected = apply_corrections(ds, read_corrections(data), {p: partition_folder(p) for p in ready})
+        except ValueError as err:
+            raise dg.Failure(f"corrections {config.corrections}: {err}") from err
+        corrected |= {"uri": config.corrections, "sha256": hashlib.sha256(data).hexdigest()}
+        if corrected["unmatched"]:
+            context.log.warning(f"{len(corrected['unmatched'])} corrections match no crop of the dataset")
     if ds.empty:
         raise dg.Failure(f"the dataset is empty; left out: {report.dropped}")
     dataset = DatasetVersion(ds, label_index(ds), spec or {
@@ -135,6 +150,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
             "conflicting_images": table(report.conflicts),
             "sampled": dg.MetadataValue.json({k: {"before": a, "after": b} for k, (a, b) in report.sampled.items()}),
             "match_test_locations": len(test_locations),
+            "corrections": dg.MetadataValue.json(corrected),
             **image_metadata(store, f"{folder}/{SAMPLE_GRID}", grid, "sample_grid", "sample crops per label"),
             "path": location(store.uri(f"{folder}/{DATASET_CSV}")),
         },

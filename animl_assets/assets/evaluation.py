@@ -6,7 +6,7 @@ TorchScript through a target mapping) on the same test split, in one table."""
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import dagster as dg
 import pandas as pd
@@ -14,13 +14,15 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from animl_assets.assets.artifacts import image_metadata, location, table
+from animl_assets.assets.artifacts import artifact_key, image_metadata, location, table
 from animl_assets.assets.training import crops_folder
 from animl_assets.core import evaluation as ev
 from animl_assets.core import plots, registry, tracking
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.dataset import DatasetVersion
+from animl_assets.core.exports import partition_folder
 from animl_assets.core.models import build_model
+from animl_assets.core.sequences import crop_image, sequence_ids, sequence_top1
 from animl_assets.core.store import Store
 from animl_assets.core.training import SPLITS, TrainedClassifier, resolve_device, split_frame
 from animl_assets.resources.io_manager import read_artifacts, version_folder
@@ -38,6 +40,8 @@ class EvaluationConfig(dg.Config):
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=2, ge=0)
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, ...")
+    sequence_gap_s: float = Field(default=60.0, gt=0, description="Sequences: images of one location this close "
+                                  "in time, where the export has no seq_id.")
 
 
 def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[DatasetVersion, Path]:
@@ -57,6 +61,24 @@ def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.Da
     present = ds["path"].map(lambda path: (crops_root / path).is_file())
     frame = split_frame(ds[present], dataset.label_index, splits, bool(params["label_weighted"]))
     return frame, crops_root, ds.loc[~present, ["path", "dataset", "label"]]
+
+
+def crop_sequences(storage: ArtifactStore, partitions: Iterable[str], crops: Iterable[str],
+                   gap_s: float = 60.0) -> dict[str, str]:
+    """``{crop path: sequence}`` for crop paths ``<partition folder>/<file>___cropNN…`` of ``partitions``,
+    from their exports (``seq_id``, or images of one location within ``gap_s``)."""
+    store = storage.store()
+    per_folder = {}
+    for partition in partitions:
+        export = read_artifacts(store, artifact_key("cct_export", partition, "")).export
+        per_folder[partition_folder(partition)] = {
+            file: f"{partition}|{seq}" for file, seq in sequence_ids(export["images"], gap_s).items()}
+    found = {}
+    for path in crops:
+        folder, _, file = crop_image(path).partition("/")
+        if file in per_folder.get(folder, {}):
+            found[path] = per_folder[folder][file]
+    return found
 
 
 def _error_grid(outputs: pd.DataFrame, names: list[str], crops_root: Path, per_label: int) -> bytes:
@@ -112,6 +134,10 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
                                   params=params, progress=context.log.info)
     except ValueError as err:
         raise dg.Failure(str(err)) from err
+    test = result.outputs_test
+    sequences = crop_sequences(storage, sorted(frame["dataset"].unique()), test["path"], config.sequence_gap_s)
+    known = test[test["path"].isin(sequences.keys())]
+    sequence_acc = sequence_top1(known, result.names, sequences)
     version = value_version(result, "classifier_evaluation")
     folder = version_folder("classifier_evaluation", version)
     figures = evaluation_figures(result, crops_root, config.errors_per_label)
@@ -127,6 +153,8 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         metrics = {f"eval/{row['split']}/{k}": v for row in result.overall_metrics.to_dict("records")
                    for k, v in row.items() if k != "split" and v == v}
         metrics |= {f"eval/test/{k}": v for k, v in test_summary.items() if k.startswith("macro") and v == v}
+        if sequence_acc == sequence_acc:
+            metrics["eval/test/sequence_acc_top1"] = sequence_acc
         tracking.log_metrics(client, run_id, metrics, int(checkpoint.ckpt.get("epoch", 0)))
         tracking.log_artifacts(client, run_id, "evaluation", {
             **figures, "overall_metrics.csv": result.overall_metrics.to_csv(index=False).encode(),
@@ -140,6 +168,8 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     yield dg.Output(result, data_version=dg.DataVersion(version), metadata={
         **{f"test_{k}": round(v, 4) for k, v in ev.as_fractions(test_metrics).items() if v == v},
         **{f"test_{k}": round(v, 4) for k, v in test_summary.items() if k.startswith("macro") and v == v},
+        **({"test_sequence_acc_top1": round(sequence_acc, 4)} if sequence_acc == sequence_acc else {}),
+        "num_test_sequences": int(pd.Series(list(sequences.values())).nunique()) if sequences else 0,
         "overall_metrics": table(result.overall_metrics.round(4)),
         "per_label_test": table(test_report.round(4)),
         "thresholds_target_precision": config.target_precision,

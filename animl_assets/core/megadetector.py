@@ -134,6 +134,9 @@ def _check_categories(md: dict[str, Any], key: str, problems: list[str]) -> dict
     return categories
 
 
+LABEL_ID_OFFSET = 1_000_000  # the reference merge script's ids for ground-truth label categories
+
+
 def _check_detection(where: str, det: Any, detection_categories: dict, classification_categories: dict,
                      problems: list[str]) -> None:
     if not isinstance(det, dict):
@@ -157,8 +160,10 @@ def _check_detection(where: str, det: Any, detection_categories: dict, classific
                 and isinstance(c[0], str) and _is_number(c[1]) for c in classes):
             problems.append(f"{where}: classifications must be [[class id string, conf], …] "
                             "with ids in classification_categories")
-        elif any(a[1] < b[1] for a, b in zip(classes, classes[1:])):
-            problems.append(f"{where}: classifications are not sorted by descending confidence")
+        else:  # predictions sorted; ground-truth label entries (ids from 1,000,000) may sit first or last
+            predicted = [c for c in classes if not (c[0].isdigit() and int(c[0]) >= LABEL_ID_OFFSET)]
+            if any(a[1] < b[1] for a, b in zip(predicted, predicted[1:])):
+                problems.append(f"{where}: classifications are not sorted by descending confidence")
 
 
 def validate_batch_output(md: Any) -> list[str]:

@@ -1,0 +1,231 @@
+"""Inference and review. Per export, after a champion exists: ``classifications`` (the reference
+``run_classifier.py``'s ``classifier_output.csv.gz``, streamed) and ``classified_detections``
+(MegaDetector JSON with classifications, for Timelapse). Across exports: ``mislabeled_candidates`` from
+an evaluation, to review and correct (``classification_dataset``'s ``corrections``)."""
+
+import gzip
+import hashlib
+import json
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from animl_assets.assets.artifacts import artifact_key, image_metadata, local_folder, location, table
+from animl_assets.assets.exports import exports_partitions
+from animl_assets.core import evaluation as ev
+from animl_assets.core import registry, review
+from animl_assets.core.contact_sheet import contact_sheet
+from animl_assets.core.artifact_files import INDEX, value_version
+from animl_assets.core.crops import CropManifest
+from animl_assets.core.exports import partition_folder
+from animl_assets.core.inference import Classifier, classify, remapped_label_index
+from animl_assets.core.megadetector import Detections, validate_batch_output
+from animl_assets.core.review import merge_classifications
+from animl_assets.core.sequences import aggregate_csv, crop_image, sequence_ids
+from animl_assets.core.tables import read_csv
+from animl_assets.core.training import resolve_device
+from animl_assets.resources.io_manager import read_artifacts
+from animl_assets.resources.storage import ArtifactStore, read_uri
+from animl_assets.resources.tracking import MlflowTracking
+
+OUTPUT = "classifier_output.csv.gz"
+SEQUENCE_OUTPUT = "sequence_output.csv.gz"
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {
+    "requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}}}}
+
+
+class ClassificationsConfig(dg.Config):
+    """Which model classifies the export's crops, and how it runs."""
+
+    model: str = Field(default=registry.CHAMPION, description="A version of the registered model: an alias "
+                       "(champion), a number or a models:/ URI. Ignored when torchscript is set.")
+    registry_name: str = registry.DEFAULT_MODEL
+    torchscript: str = Field(default="", description="An external TorchScript model (path or s3:// URI) instead.")
+    label_index: str = Field(default="", description="The external model's label_index.json.")
+    image_size: int = Field(default=224, ge=8, description="The external model's input size.")
+    target_mapping: str = Field(default="", description="JSON {target: [classifier labels]} (path or s3:// URI): "
+                                "probabilities summed per target, unmapped labels to 'other'.")
+    batch_size: int = Field(default=64, ge=1)
+    num_workers: int = Field(default=2, ge=0)
+    device: str = "auto"
+    progress_every: int = Field(default=50, ge=0, description="A progress line every N batches (0: none).")
+    sequences: bool = Field(default=False, description="Also write sequence_output.csv.gz: the mean of the crops' "
+                            "probabilities per sequence (export seq_id, else one location within the gap).")
+    sequence_gap_s: float = Field(default=60.0, gt=0)
+
+
+def _json(uri: str, storage: ArtifactStore) -> Any:
+    try:
+        return json.loads(read_uri(uri, storage.s3))
+    except (OSError, ValueError) as err:
+        raise dg.Failure(f"cannot read {uri}: {err}") from err
+
+
+def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflow: MlflowTracking) -> Classifier:
+    """The configured model: a registered version (default: the champion) or an external TorchScript file."""
+    if config.torchscript:
+        if not config.label_index:
+            raise dg.Failure("an external torchscript model needs its label_index")
+        data = read_uri(config.torchscript, storage.s3)
+        labels = ev.label_names(_json(config.label_index, storage))
+        fingerprint = hashlib.sha256(data + json.dumps(labels).encode()).hexdigest()[:16]
+        return Classifier(ev.load_script(data), labels, config.image_size, f"external:{fingerprint}",
+                          Path(config.torchscript).name)
+    client = mlflow.client()
+    try:
+        version = registry.resolve(client, config.registry_name, config.model)
+    except ValueError as err:
+        raise dg.Failure(f"{err}: train and register a model first (animl train), or set torchscript") from err
+    files = registry.model_files(mlflow.uri, version)
+    return Classifier(ev.load_script(files.torchscript), ev.label_names(files.label_index),
+                      int(files.preprocessing["image_size"]), f"{version.name}/{version.version}",
+                      f"{version.name} v{version.version}")
+
+
+@dg.asset(partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"}, deps=["champion_model"],
+          op_tags=GPU_TAGS, tags={"animl/accelerator": "gpu"})
+def classifications(context: dg.AssetExecutionContext, config: ClassificationsConfig, crops: CropManifest,
+                    storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
+    """The export's crops classified by the champion (or a chosen version, or an external TorchScript model):
+    ``classifier_output.csv.gz`` (``path`` + one probability column per category) streamed batch by batch,
+    and its ``label_index.json``. A re-run with the same model and crops does nothing; a new champion makes
+    it stale."""
+    partition = context.partition_key
+    store = storage.store()
+    classifier = load_classifier(config, storage, mlflow)
+    mapping = _json(config.target_mapping, storage) if config.target_mapping else None
+    paths = crops.manifest["crop"].astype(str).tolist()
+    key = hashlib.sha256(json.dumps({"model": classifier.version, "crops": value_version(crops, "crops"),
+                                     "mapping": mapping, "sequences": config.sequences and config.sequence_gap_s},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    folder = artifact_key("classifications", partition, "")
+    previous = _previous(store, folder)
+    if previous and previous.get("key") == key and store.exists(f"{folder}/{OUTPUT}"):
+        context.log.info(f"{partition}: already classified by {classifier.name} ({key}); nothing to do")
+        yield dg.Output(previous, data_version=dg.DataVersion(key), metadata={"skipped": True, **_meta(previous)})
+        return
+    crops_root = local_folder(store.child(artifact_key("crops", partition, "")),
+                              storage.cache("crops", partition_folder(partition)))
+    device = resolve_device(config.device)
+    with tempfile.TemporaryDirectory(prefix="animl-classify-") as tmp:
+        out = Path(tmp) / OUTPUT
+        report = classify(classifier, crops_root, paths, out, mapping=mapping, device=device,
+                          batch_size=config.batch_size, workers=config.num_workers,
+                          progress=lambda done, total: context.log.info(f"classified {done}/{total} crops"),
+                          progress_every=config.progress_every)
+        store.write_bytes(f"{folder}/{OUTPUT}", out.read_bytes())
+        if config.sequences:
+            export = read_artifacts(store, artifact_key("cct_export", partition, "")).export
+            images = sequence_ids(export["images"], config.sequence_gap_s)
+            per_sequence = aggregate_csv(str(out), report.columns,
+                                         {p: images[crop_image(p)] for p in paths if crop_image(p) in images})
+            sequence_file = Path(tmp) / SEQUENCE_OUTPUT
+            per_sequence.to_csv(sequence_file, index=False, compression={"method": "gzip", "mtime": 0})
+            store.write_bytes(f"{folder}/{SEQUENCE_OUTPUT}", sequence_file.read_bytes())
+    label_index = remapped_label_index(report.columns)
+    store.write_bytes(f"{folder}/label_index.json", json.dumps(label_index, indent=1).encode())
+    failures = pd.DataFrame(report.failures, columns=["path", "error"])
+    value = {"key": key, "model": classifier.version, "classifier": classifier.name, "label_index": label_index,
+             "output": f"{folder}/{OUTPUT}", "num_classified": report.classified, "num_failed": len(failures),
+             "mapping": mapping, "failures": failures.to_dict("records"),
+             "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "sequence_output": f"{folder}/{SEQUENCE_OUTPUT}" if config.sequences else ""}
+    yield dg.Output(value, data_version=dg.DataVersion(key), metadata={
+        **_meta(value), "crops_per_s": round(report.crops_per_s, 1), "device": str(device),
+        "failures": table(failures), "classifier_output": location(store.uri(f"{folder}/{OUTPUT}"))})
+
+
+def _previous(store: Any, folder: str) -> dict[str, Any] | None:
+    """The value the last materialization of this partition stored (the IO manager's files), if any."""
+    if not store.exists(f"{folder}/{INDEX}"):
+        return None
+    previous = read_artifacts(store, folder)
+    return previous if isinstance(previous, dict) else None
+
+
+def _meta(value: dict[str, Any]) -> dict[str, Any]:
+    return {"model": value["model"], "classifier": value["classifier"], "num_classified": value["num_classified"],
+            "num_failed": value["num_failed"], "labels": len(value["label_index"]),
+            "dagster/row_count": value["num_classified"]}
+
+
+class ReviewConfig(dg.Config):
+    """How classifications are written into the MegaDetector JSON (the reference merge script's options)."""
+
+    threshold: float = Field(default=0.1, ge=0, le=1, description="Omit categories below this confidence.")
+    label_pos: Literal["none", "first", "last"] = Field(default="none", description="Add the export's label of "
+                                                        "each crop as an extra category (id + 1,000,000).")
+    relative_conf: bool = Field(default=False, description="Each confidence as its margin over the labelled "
+                                                           "category's (needs the export's labels).")
+    typical_threshold: float = Field(default=-1.0, description="Passed along as info.classifier_metadata."
+                                                               "typical_classification_threshold (<0: omitted).")
+
+
+@dg.asset(partitions_def=exports_partitions, group_name="inference", kinds={"json"},
+          check_specs=[dg.AssetCheckSpec("md_format", asset="classified_detections", blocking=True,
+                                         description="The output passes the MegaDetector batch-output rules.")])
+def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfig, md_detections: Detections,
+                          crops: CropManifest, classifications: dict[str, Any],
+                          storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    """The export's MegaDetector JSON with each cropped detection's ``classifications`` (at or above the
+    threshold, by descending confidence), ``classification_categories`` and ``info.classifier``: what
+    Timelapse opens. Detections without a crop keep their place and get none."""
+    outputs = read_csv(gzip.decompress(storage.store().read_bytes(classifications["output"])))
+    labels = ev.label_names(classifications["label_index"])
+    truth = None
+    if config.label_pos != "none" or config.relative_conf:
+        keys = crops.manifest[["crop", "file", "detection_index"]].astype({"detection_index": int})
+        labelled = keys.merge(md_detections.labels[["file", "detection_index", "label"]]
+                              .astype({"detection_index": int}), on=["file", "detection_index"], how="left")
+        truth = {c: lab for c, lab in zip(labelled["crop"], labelled["label"].fillna("")) if lab}
+    merged, unmatched = merge_classifications(
+        md_detections.md, outputs, labels, classifications["classifier"], threshold=config.threshold,
+        ground_truth=truth, label_pos=None if config.label_pos == "none" else config.label_pos,
+        relative_conf=config.relative_conf,
+        typical_threshold=config.typical_threshold if config.typical_threshold >= 0 else None,
+        completed=datetime.fromisoformat(classifications["completed"]))
+    problems = validate_batch_output(merged)
+    classified = sum(1 for image in merged["images"] for d in image.get("detections") or []
+                     if d.get("classifications"))
+    yield dg.Output(merged, metadata={
+        "classifier": classifications["classifier"], "num_images": len(merged["images"]),
+        "num_classified_detections": classified, "num_unmatched_crops": len(unmatched),
+        "threshold": config.threshold})
+    yield dg.AssetCheckResult(check_name="md_format", passed=not problems, metadata={
+        "problems": len(problems), "first_problems": dg.MetadataValue.json(problems[:20])})
+
+
+class MislabeledConfig(dg.Config):
+    """Which crops look mislabeled."""
+
+    margin: float = Field(default=0.95, gt=0, le=1, description="Predicted confidence minus labelled confidence.")
+    splits: list[str] = Field(default=["train", "val", "test"])
+
+
+@dg.asset(group_name="evaluation", kinds={"csv"})
+def mislabeled_candidates(context: dg.AssetExecutionContext, config: MislabeledConfig,
+                          classifier_evaluation: ev.Evaluation, storage: ArtifactStore) -> dg.Output[pd.DataFrame]:
+    """Crops whose predicted label beats their label by the margin, per split and dataset, to review (e.g. in
+    Timelapse) and correct: the corrections file feeds the next ``classification_dataset``."""
+    evaluation = classifier_evaluation
+    frames = [review.mislabeled_candidates(evaluation.outputs(split), evaluation.names, config.margin)
+              .assign(split=split) for split in config.splits]
+    found = pd.concat(frames, ignore_index=True)
+    folders = {partition_folder(p): p for p in context.instance.get_dynamic_partitions(exports_partitions.name)}
+    found.insert(0, "dataset", found["path"].str.partition("/")[0].map(folders).fillna(""))
+    store = storage.store()
+    sample = {f"{label} as {pred}": list(group["path"].head(8))
+              for (label, pred), group in found.groupby(["label", "pred"])}
+    sheet = contact_sheet(sample, lambda path: store.read_bytes(artifact_key("crops", None, path)))
+    per = found.groupby(["split", "dataset"]).size().reset_index(name="candidates")
+    version = value_version(found, "mislabeled_candidates")
+    return dg.Output(found, data_version=dg.DataVersion(version), metadata={
+        "num_candidates": len(found), "margin": config.margin, "per_split_and_dataset": table(per),
+        "candidates": table(found.round(4)),
+        **image_metadata(store, f"mislabeled_candidates/{version}/contact_sheet.png", sheet, "contact_sheet",
+                         "mislabeled candidates: label as prediction")})

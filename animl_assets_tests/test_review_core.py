@@ -1,0 +1,153 @@
+"""core.inference and core.review on hand-made models and outputs: streamed classification with a target
+mapping, the MD JSON merge, mislabeled candidates and corrections."""
+
+import gzip
+import tracemalloc
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from animl_assets.core import review as rv
+from animl_assets.core.inference import Classifier, classify
+from animl_assets.core.megadetector import validate_batch_output
+
+
+class ColourModel(torch.nn.Module):
+    """Logits from the mean of each colour channel: red, green and blue crops are told apart."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 20 * x.mean(dim=(2, 3))
+
+
+def _crops(folder, n, size=40):
+    colours = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
+    paths = []
+    for i in range(n):
+        path = f"cam/img{i:05d}.jpg___crop00_md.jpg"
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (size, size), colours[i % 3]).save(folder / path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def _read(path):
+    with gzip.open(path, "rt") as f:
+        return pd.read_csv(f)
+
+
+def test_classify_streams_the_reference_csv_and_reports_a_broken_crop(tmp_path):
+    paths = _crops(tmp_path, 9)
+    (tmp_path / "cam" / "broken.jpg___crop00_md.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    model = Classifier(torch.jit.script(ColourModel()), ["red", "green", "blue"], 32, "v1")
+    report = classify(model, tmp_path, [*paths, "cam/broken.jpg___crop00_md.jpg", "cam/missing.jpg"],
+                      tmp_path / "out.csv.gz", batch_size=4, workers=0)
+    out = _read(tmp_path / "out.csv.gz")
+    assert list(out.columns) == ["path", "red", "green", "blue"] and list(out["path"]) == paths
+    assert list(out[["red", "green", "blue"]].to_numpy().argmax(1)) == [0, 1, 2] * 3
+    assert np.allclose(out[["red", "green", "blue"]].sum(axis=1), 1, atol=1e-5)
+    assert report.classified == 9 and [p for p, _ in report.failures] == ["cam/broken.jpg___crop00_md.jpg",
+                                                                         "cam/missing.jpg"]
+
+
+def test_a_target_mapping_sums_probabilities_and_sends_the_rest_to_other(tmp_path):
+    paths = _crops(tmp_path, 6)
+    model = Classifier(ColourModel(), ["red", "green", "blue"], 32, "v1")
+    classify(model, tmp_path, paths, tmp_path / "plain.csv.gz", workers=0)
+    classify(model, tmp_path, paths, tmp_path / "mapped.csv.gz", workers=0, mapping={"warm": ["red"], "cold": ["blue"]})
+    plain, mapped = _read(tmp_path / "plain.csv.gz"), _read(tmp_path / "mapped.csv.gz")
+    assert list(mapped.columns) == ["path", "warm", "cold", "other"]
+    assert np.allclose(mapped["warm"], plain["red"], atol=1e-5)
+    assert np.allclose(mapped["other"], plain["green"], atol=1e-5)  # unmapped: other
+    classify(model, tmp_path, paths, tmp_path / "both.csv.gz", workers=0, mapping={"rgb": ["red", "green"]})
+    assert np.allclose(_read(tmp_path / "both.csv.gz")["rgb"], plain["red"] + plain["green"], atol=1e-5)
+
+
+def test_memory_stays_flat_as_the_export_grows(tmp_path):
+    model = Classifier(ColourModel(), ["red", "green", "blue"], 16, "v1")
+    peaks = []
+    for n in (200, 1600):
+        folder = tmp_path / str(n)
+        paths = _crops(folder, n, size=16)
+        tracemalloc.start()
+        classify(model, folder, paths, folder / "out.csv.gz", batch_size=50, workers=0)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.5 * peaks[0] + 200_000  # 8x the crops, about the same peak
+
+
+MD = {"info": {"format_version": "1.4", "detector": "md"}, "detection_categories": {"1": "animal", "2": "person"},
+      "images": [{"file": "cam/a.jpg", "detections": [
+          {"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.2, 0.2]},
+          {"category": "1", "conf": 0.05, "bbox": [0.5, 0.5, 0.2, 0.2]},  # below the crop threshold: no crop
+          {"category": "1", "conf": 0.8, "bbox": [0.3, 0.3, 0.2, 0.2]}]},
+                 {"file": "cam/b.jpg", "failure": "corrupt"}]}
+
+
+def test_the_merged_json_is_valid_sorted_rounded_and_thresholded():
+    outputs = pd.DataFrame({"path": ["cam/a.jpg___crop00_md.jpg", "cam/a.jpg___crop02_md.jpg", "cam/z.jpg___crop00_md.jpg"],
+                            "deer": [0.123456, 0.05, 0.5], "fox": [0.8, 0.9, 0.5], "owl": [0.076544, 0.05, 0.0]})
+    when = datetime(2026, 11, 23, 10, 30, 5, tzinfo=timezone.utc)
+    merged, unmatched = rv.merge_classifications(MD, outputs, ["deer", "fox", "owl"], "animl v1", threshold=0.1,
+                                                 completed=when)
+    assert validate_batch_output(merged) == [] and unmatched == ["cam/z.jpg___crop00_md.jpg"]
+    detections = merged["images"][0]["detections"]
+    assert detections[0]["classifications"] == [["1", 0.8], ["0", 0.1235]]  # sorted, rounded, owl < 0.1 omitted
+    assert "classifications" not in detections[1]  # kept in place, not classified
+    assert detections[2]["classifications"] == [["1", 0.9]]
+    assert merged["classification_categories"] == {"0": "deer", "1": "fox", "2": "owl"}
+    assert merged["info"]["classifier"] == "animl v1"
+    assert merged["info"]["classification_completion_time"] == "2026-11-23 10:30:05"  # the reference dropped the time
+    assert "classifications" not in MD["images"][0]["detections"][0]  # the input is left alone
+
+
+def test_ground_truth_labels_and_relative_confidence_follow_the_reference():
+    outputs = pd.DataFrame({"path": ["cam/a.jpg___crop00_md.jpg"], "deer": [0.7], "fox": [0.2], "owl": [0.1]})
+    truth = {"cam/a.jpg___crop00_md.jpg": "fox"}
+    merged, _ = rv.merge_classifications(MD, outputs, ["deer", "fox", "owl"], "m", threshold=0.0, ground_truth=truth,
+                                         label_pos="first", relative_conf=True)
+    classes = merged["images"][0]["detections"][0]["classifications"]
+    assert classes[0] == ["1000001", 1.0]  # the label first
+    assert classes[1:] == [["0", 0.5], ["1", 0.0], ["2", 0.0]]  # margins over the label's 0.2, floored at 0
+    assert merged["classification_categories"]["1000001"] == "label: fox"
+    assert validate_batch_output(merged) == []
+    last, _ = rv.merge_classifications(MD, outputs, ["deer", "fox", "owl"], "m", ground_truth=truth, label_pos="last")
+    assert last["images"][0]["detections"][0]["classifications"][-1] == ["1000001", 1.0]
+    assert validate_batch_output(last) == []
+    with pytest.raises(ValueError, match="ground-truth"):
+        rv.merge_classifications(MD, outputs, ["deer", "fox", "owl"], "m", relative_conf=True)
+
+
+def test_mislabeled_candidates_are_crops_beaten_by_the_margin():
+    outputs = pd.DataFrame({"path": ["d/a.jpg___crop00_m.jpg", "d/b.jpg___crop00_m.jpg", "d/c.jpg___crop01_m.jpg"],
+                            "label": ["fox", "fox", "deer"], "weight": 1.0,
+                            "deer": [0.97, 0.6, 0.99], "fox": [0.01, 0.4, 0.01], "owl": [0.02, 0.0, 0.0]})
+    found = rv.mislabeled_candidates(outputs, ["deer", "fox", "owl"], margin=0.95)
+    assert list(found["path"]) == ["d/a.jpg___crop00_m.jpg"]  # b: only 0.2 ahead; c: labelled as predicted
+    assert found.iloc[0][["image", "pred"]].tolist() == ["d/a.jpg", "deer"]
+    assert len(rv.mislabeled_candidates(outputs, ["deer", "fox", "owl"], margin=0.1)) == 2
+
+
+def test_a_timelapse_corrections_csv_relabels_and_drops():
+    timelapse = (b"File,RelativePath,DateTime,DeleteFlag,mislabeled,correct_class\n"
+                 b"fox_1.jpg,ridge\\cam1,2020-01-01,false,true,deer\n"
+                 b"fox_2.jpg,ridge\\cam1,2020-01-01,false,false,deer\n"  # not flagged: ignored
+                 b"owl.jpg,,2020-01-01,false,TRUE,\n")  # flagged without a class: dropped
+    corrections = rv.read_corrections(timelapse)
+    assert corrections.to_dict("records") == [{"file": "ridge/cam1/fox_1.jpg", "correct_label": "deer"},
+                                              {"file": "owl.jpg", "correct_label": ""}]
+    ds = pd.DataFrame({"path": ["exp/ridge/cam1/fox_1.jpg___crop00_md.jpg", "exp/ridge/cam1/fox_1.jpg___crop01_md.jpg",
+                                "exp/ridge/cam1/fox_2.jpg___crop00_md.jpg", "exp/owl.jpg___crop00_md.jpg"],
+                       "dataset": "site/exp", "location": "ridge", "dataset_class": "fox", "confidence": 1.0,
+                       "label": ["fox", "fox", "fox", "owl"]})
+    fixed, report = rv.apply_corrections(ds, corrections, {"site/exp": "exp"})
+    assert list(fixed["label"]) == ["deer", "deer", "fox"] and len(fixed) == 3
+    assert report["crops_relabeled"] == 2 and report["crops_dropped"] == 1 and report["unmatched"] == []
+    plain = rv.read_corrections(b"file,correct_label\nsite/exp/ridge/cam1/fox_2.jpg,deer\nnowhere.jpg,fox\n")
+    fixed, report = rv.apply_corrections(ds, plain, {"site/exp": "exp"})
+    assert list(fixed["label"]) == ["fox", "fox", "deer", "owl"] and report["unmatched"] == ["nowhere.jpg"]
+    with pytest.raises(ValueError, match="corrections file"):
+        rv.read_corrections(b"a,b\n1,2\n")
