@@ -79,9 +79,10 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         description="Build one dataset version across exports and split it by location.",
     )
     train_job = dg.define_asset_job(
-        TRAIN_JOB, selection=dg.AssetSelection.assets(*TRAINING_ASSETS),
+        TRAIN_JOB, selection=dg.AssetSelection.assets(*TRAINING_ASSETS, *REVIEW_ACROSS_EXPORTS),
         description="Train a classifier on the latest dataset version and splits (GPU-tagged; MLflow run), "
-                    "evaluate it, register it and promote it to champion if it beats the current one.",
+                    "evaluate it, list mislabeled candidates, register it and promote it to champion if it beats "
+                    "the current one.",
     )
     classify_job = dg.define_asset_job(
         CLASSIFY_JOB, selection=dg.AssetSelection.assets(*REVIEW_ASSETS),

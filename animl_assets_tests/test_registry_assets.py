@@ -246,3 +246,81 @@ def test_gc_keeps_what_registered_models_were_made_from(registered_home, monkeyp
     assert cli.main(["lineage", "registered_model"]) == 0
     chain = capsys.readouterr().out
     assert "classifier_evaluation" in chain and "classifier_checkpoint" in chain and "cct_export" in chain
+
+
+def _partition(dagster_home):
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        [partition] = instance.get_dynamic_partitions("exports")
+    return partition
+
+
+def _classify(settings, dagster_home, **ops):
+    from animl_assets.definitions import CLASSIFY_JOB
+
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        return build_definitions(settings).resolve_job_def(CLASSIFY_JOB).execute_in_process(
+            instance=instance, raise_on_error=False, partition_key=_partition(dagster_home),
+            run_config={"ops": {"classifications": {"config": {"num_workers": 0, "sequences": True}}} | ops})
+
+
+def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_model(registered_home):
+    from animl_assets.core.megadetector import validate_batch_output
+
+    settings, dagster_home, _ = registered_home
+    result = _classify(settings, dagster_home, classified_detections={"config": {"label_pos": "last"}})
+    assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
+    meta = _materialized(result, "classifications")
+    champion = _client(settings).get_model_version_by_alias("animl-classifier", "champion")
+    assert meta["model"] == f"animl-classifier/{champion.version}" and meta["num_failed"] == 0
+    folder = settings.home / "artifacts" / "classifications"
+    [export_folder] = [p for p in folder.iterdir() if p.is_dir()]
+    output = pd.read_csv(export_folder / "classifier_output.csv.gz")
+    assert output.columns[0] == "path" and len(output) == meta["num_classified"] > 0
+    sequences = pd.read_csv(export_folder / "sequence_output.csv.gz")
+    assert sequences["crops"].sum() == len(output) and {"sequence", "pred"} <= set(sequences.columns)
+    [check] = result.get_asset_check_evaluations()
+    assert check.check_name == "md_format" and check.passed
+    [merged_file] = (settings.home / "artifacts" / "classified_detections").rglob("classified_detections.json")
+    merged = json.loads(merged_file.read_text())
+    assert validate_batch_output(merged) == []
+    classified = [d for image in merged["images"] for d in image.get("detections") or [] if "classifications" in d]
+    assert len(classified) == len(output) and merged["info"]["classifier"] == meta["classifier"]
+    assert any(c[0].startswith("100000") for d in classified for c in d["classifications"])  # labels, last
+
+    again = _classify(settings, dagster_home)
+    assert _materialized(again, "classifications")["skipped"] is True  # same model, same crops: nothing to do
+    other = next(v for v in _client(settings).search_model_versions("name = 'animl-classifier'")
+                 if str(v.version) != str(champion.version))
+    registry.promote(_client(settings), "animl-classifier", str(other.version), how="hand")
+    try:
+        fresh = _materialized(_classify(settings, dagster_home), "classifications")
+        assert "skipped" not in fresh and fresh["model"] == f"animl-classifier/{other.version}"
+    finally:
+        registry.promote(_client(settings), "animl-classifier", str(champion.version), how="hand")
+    graph = build_definitions(settings).resolve_asset_graph()
+    assert dg.AssetKey("champion_model") in graph.get(dg.AssetKey("classifications")).parent_keys  # new champion: stale
+
+
+def test_reviewed_corrections_change_the_next_dataset_version(registered_home, tmp_path):
+    settings, dagster_home, _ = registered_home
+    # the first config again: its training resumes complete, then evaluation and the candidates
+    result = _train_all(settings, dagster_home, SMALL, mislabeled_candidates={"margin": 0.01})
+    meta = _materialized(result, "mislabeled_candidates")
+    assert meta["num_candidates"] > 0 and meta["contact_sheet"].startswith("![")
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        candidates = pd.read_csv(latest_version(settings, instance, "mislabeled_candidates") /
+                                 "mislabeled_candidates.csv")
+        before = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv")
+    first = candidates.iloc[0]
+    image = first["image"].partition("/")[2]  # as the export names it
+    (tmp_path / "corrections.csv").write_text(f"file,correct_label\n{image},{first['pred']}\n")
+    rebuilt = _run(settings, dagster_home, job=DATASET_JOB, selection=[dg.AssetKey("classification_dataset")],
+                   classification_dataset={"corrections": str(tmp_path / "corrections.csv")})
+    assert rebuilt.success
+    corrections = _materialized(rebuilt, "classification_dataset")["corrections"]
+    assert corrections["crops_relabeled"] >= 1 and len(corrections["sha256"]) == 64
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        after = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv")
+    row = after[after["path"] == first["path"]]
+    assert row["label"].tolist() == [first["pred"]] and before.loc[before["path"] == first["path"], "label"].tolist() == [
+        first["label"]]

@@ -151,3 +151,33 @@ def test_a_timelapse_corrections_csv_relabels_and_drops():
     assert list(fixed["label"]) == ["fox", "fox", "deer", "owl"] and report["unmatched"] == ["nowhere.jpg"]
     with pytest.raises(ValueError, match="corrections file"):
         rv.read_corrections(b"a,b\n1,2\n")
+
+
+def test_sequences_come_from_seq_id_or_from_time_gaps_at_one_location(tmp_path):
+    from animl_assets.core.sequences import aggregate, aggregate_csv, sequence_ids, sequence_top1
+
+    images = [{"file_name": "a1.jpg", "seq_id": "s1", "location": "x", "datetime": "2024-01-01 00:00:00"},
+              {"file_name": "a2.jpg", "seq_id": "s1", "location": "x", "datetime": "2024-01-01 05:00:00"},
+              {"file_name": "b1.jpg", "location": "y", "datetime": "2024-01-01 00:00:00"},
+              {"file_name": "b2.jpg", "location": "y", "datetime": "2024-01-01 00:00:50"},
+              {"file_name": "b3.jpg", "location": "y", "datetime": "2024-01-01 00:01:40"},  # 50 s after b2
+              {"file_name": "b4.jpg", "location": "y", "datetime": "2024-01-01 00:10:00"},
+              {"file_name": "c1.jpg", "location": "z", "datetime": "2024-01-01 00:00:10"},  # another location
+              {"file_name": "d1.jpg", "location": "y"}]  # no time: alone
+    ids = sequence_ids(images, gap_s=60)
+    assert ids["a1.jpg"] == ids["a2.jpg"] == "seq:s1"  # the export's seq_id wins over the 5 h gap
+    assert ids["b1.jpg"] == ids["b2.jpg"] == ids["b3.jpg"] != ids["b4.jpg"]
+    assert ids["c1.jpg"] not in (ids["b1.jpg"], ids["b4.jpg"]) and ids["d1.jpg"] == "image:d1.jpg"
+    assert sequence_ids(images, gap_s=30)["b2.jpg"] != sequence_ids(images, gap_s=30)["b1.jpg"]
+
+    outputs = pd.DataFrame({"path": ["b1.jpg___crop00_m.jpg", "b2.jpg___crop00_m.jpg", "b3.jpg___crop00_m.jpg",
+                                     "b4.jpg___crop00_m.jpg"],
+                            "label": ["fox", "fox", "fox", "deer"], "deer": [0.6, 0.3, 0.2, 0.9], "fox": [0.4, 0.7, 0.8, 0.1]})
+    of = {p: ids[p.split("___")[0]] for p in outputs["path"]}
+    per = aggregate(outputs, ["deer", "fox"], of).set_index("sequence")
+    burst = per.loc[ids["b1.jpg"]]
+    assert burst["crops"] == 3 and burst["fox"] == pytest.approx(0.6333, abs=1e-4) and burst["pred"] == "fox"
+    assert sequence_top1(outputs, ["deer", "fox"], of) == 1.0  # b1 alone is wrong; its burst is right
+    outputs.drop(columns="label").to_csv(tmp_path / "out.csv", index=False)
+    streamed = aggregate_csv(str(tmp_path / "out.csv"), ["deer", "fox"], of, chunksize=2).set_index("sequence")
+    assert np.allclose(streamed.loc[per.index, ["deer", "fox"]].to_numpy(), per[["deer", "fox"]].to_numpy())

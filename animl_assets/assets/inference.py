@@ -217,7 +217,7 @@ def mislabeled_candidates(context: dg.AssetExecutionContext, config: MislabeledC
               .assign(split=split) for split in config.splits]
     found = pd.concat(frames, ignore_index=True)
     folders = {partition_folder(p): p for p in context.instance.get_dynamic_partitions(exports_partitions.name)}
-    found.insert(0, "dataset", found["path"].str.partition("/")[0].map(folders).fillna(""))
+    found.insert(0, "dataset", found["path"].str.split("/", n=1).str[0].map(folders).fillna(""))
     store = storage.store()
     sample = {f"{label} as {pred}": list(group["path"].head(8))
               for (label, pred), group in found.groupby(["label", "pred"])}

@@ -91,7 +91,7 @@ def mislabeled_candidates(outputs: pd.DataFrame, labels: Sequence[str], margin: 
     rows = np.arange(len(outputs))
     label_conf = probs[rows, outputs["label"].map(index).to_numpy(dtype=int)] if len(outputs) else np.array([])
     pred = probs.argmax(axis=1) if len(outputs) else np.array([], dtype=int)
-    frame = pd.DataFrame({"path": outputs["path"], "image": outputs["path"].str.rpartition(CROP_MARK)[0],
+    frame = pd.DataFrame({"path": outputs["path"], "image": outputs["path"].str.rsplit(CROP_MARK, n=1).str[0],
                           "label": outputs["label"], "pred": np.asarray(labels, dtype=object)[pred],
                           "pred_conf": probs.max(axis=1) if len(outputs) else [], "label_conf": label_conf})
     found = frame[frame["pred_conf"] >= frame["label_conf"] + margin]
