@@ -77,6 +77,13 @@ def test_the_demo_event_log_holds_typed_metadata_and_no_large_images(demo_home):
     version = MlflowClient(uri, uri).get_model_version_by_alias("animl-classifier", "champion")
     logged = {a.path for a in MlflowClient(uri, uri).list_artifacts(version.run_id, "evaluation")}
     assert "evaluation/confusion_test.png" in logged and "evaluation/errors_test.png" in logged
+    # ... and classifies the sample export with it into MegaDetector JSON that validates
+    from animl_assets.core.megadetector import validate_batch_output
+
+    [merged] = (demo_home / "artifacts" / "classified_detections").rglob("classified_detections.json")
+    merged = json.loads(merged.read_text())
+    assert validate_batch_output(merged) == [] and merged["info"]["classifier"] == "animl-classifier v1"
+    assert sum("classifications" in d for image in merged["images"] for d in image.get("detections") or []) > 0
     images = next(event for event in events if event.asset_key == dg.AssetKey("images"))
     assert [column.name for column in images.metadata["dagster/column_schema"].schema.columns][:3] == [
         "image_id", "file_name", "status"]
