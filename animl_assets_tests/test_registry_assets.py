@@ -96,6 +96,8 @@ def test_the_evaluation_writes_the_reference_files_torchscript_and_plots(registe
     assert meta["torchscript_max_abs_diff"] < 1e-4
     assert isinstance(scripted, torch.jit.ScriptModule)
 
+    # sequence-level top-1 beside the crop-level one (the sample export has seq_id)
+    assert 0 <= meta["test_sequence_acc_top1"] <= 1 and 0 < meta["num_test_sequences"] <= meta["num_test_crops"]
     for figure in ("confusion_test", "reliability_test", "errors_test"):
         assert meta[figure].startswith("![") and Path(meta[f"{figure}_path"]).stat().st_size > 5000
     client = _client(settings)

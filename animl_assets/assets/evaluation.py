@@ -228,7 +228,8 @@ def registered_scores(client: Any, tracking_uri: str, version: Any, outputs: pd.
                        int(files.preprocessing["image_size"]), outputs, crops_root, device, batch_size=batch_size)
 
 
-def _json(uri: str, storage: ArtifactStore) -> Any:
+def read_json(uri: str, storage: ArtifactStore) -> Any:
+    """A JSON file (path or s3:// URI) given in a config; a clear failure when it cannot be read."""
     try:
         return json.loads(read_uri(uri, storage.s3))
     except (OSError, ValueError) as err:
@@ -263,8 +264,8 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
             scripted = ev.load_script(read_uri(external.torchscript, storage.s3))
         except (OSError, RuntimeError) as err:
             raise dg.Failure(f"cannot load TorchScript model {external.torchscript}: {err}") from err
-        labels = ev.label_names(_json(external.label_index, storage))
-        mapping = _json(external.target_mapping, storage) if external.target_mapping else None
+        labels = ev.label_names(read_json(external.label_index, storage))
+        mapping = read_json(external.target_mapping, storage) if external.target_mapping else None
         try:
             scores = score_model(scripted, labels, external.image_size, test, crops_root, device, mapping,
                                  config.batch_size)

@@ -16,7 +16,9 @@ import pandas as pd
 from pydantic import Field
 
 from animl_assets.assets.artifacts import artifact_key, image_metadata, local_folder, location, table
+from animl_assets.assets.evaluation import read_json
 from animl_assets.assets.exports import exports_partitions
+from animl_assets.assets.training import GPU_TAGS
 from animl_assets.core import evaluation as ev
 from animl_assets.core import registry, review
 from animl_assets.core.contact_sheet import contact_sheet
@@ -35,8 +37,6 @@ from animl_assets.resources.tracking import MlflowTracking
 
 OUTPUT = "classifier_output.csv.gz"
 SEQUENCE_OUTPUT = "sequence_output.csv.gz"
-GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {
-    "requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}}}}
 
 
 class ClassificationsConfig(dg.Config):
@@ -59,20 +59,13 @@ class ClassificationsConfig(dg.Config):
     sequence_gap_s: float = Field(default=60.0, gt=0)
 
 
-def _json(uri: str, storage: ArtifactStore) -> Any:
-    try:
-        return json.loads(read_uri(uri, storage.s3))
-    except (OSError, ValueError) as err:
-        raise dg.Failure(f"cannot read {uri}: {err}") from err
-
-
 def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflow: MlflowTracking) -> Classifier:
     """The configured model: a registered version (default: the champion) or an external TorchScript file."""
     if config.torchscript:
         if not config.label_index:
             raise dg.Failure("an external torchscript model needs its label_index")
         data = read_uri(config.torchscript, storage.s3)
-        labels = ev.label_names(_json(config.label_index, storage))
+        labels = ev.label_names(read_json(config.label_index, storage))
         fingerprint = hashlib.sha256(data + json.dumps(labels).encode()).hexdigest()[:16]
         return Classifier(ev.load_script(data), labels, config.image_size, f"external:{fingerprint}",
                           Path(config.torchscript).name)
@@ -98,7 +91,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     partition = context.partition_key
     store = storage.store()
     classifier = load_classifier(config, storage, mlflow)
-    mapping = _json(config.target_mapping, storage) if config.target_mapping else None
+    mapping = read_json(config.target_mapping, storage) if config.target_mapping else None
     paths = crops.manifest["crop"].astype(str).tolist()
     key = hashlib.sha256(json.dumps({"model": classifier.version, "crops": value_version(crops, "crops"),
                                      "mapping": mapping, "sequences": config.sequences and config.sequence_gap_s},
