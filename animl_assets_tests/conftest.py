@@ -214,3 +214,19 @@ def latest_version(settings: Settings, instance: dg.DagsterInstance, asset: str)
     assert event is not None, f"{asset} was never materialized"
     version = event.asset_materialization.metadata["version"].value
     return Path(settings.storage_uri) / asset / version
+
+
+def dataset_home(root: Path, sample_dir: Path) -> tuple[Settings, Path]:
+    """A home under ``root`` with the sample export ingested and one dataset version and splits built;
+    returns its settings and its DAGSTER_HOME (the project's dagster.yaml)."""
+    from animl_assets.definitions import DATASET_JOB
+
+    settings = Settings.from_env({"ANIML_HOME": str(root / "animl")})
+    dagster_home = root / "dagster"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_bytes((REPO / "dagster.yaml").read_bytes())
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        partition = add_export(settings, instance, sample_dir)
+        assert run_ingest(settings, instance, partition).success
+        assert build_definitions(settings).resolve_job_def(DATASET_JOB).execute_in_process(instance=instance).success
+    return settings, dagster_home

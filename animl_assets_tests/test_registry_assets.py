@@ -15,14 +15,15 @@ from mlflow import MlflowClient
 from animl_assets.core import registry, tracking
 from animl_assets.core.evaluation import LABEL_STATS_COLUMNS, OVERALL_COLUMNS
 from animl_assets.definitions import COMPARE_JOB, DATASET_JOB, TRAIN_JOB, build_definitions
-from animl_assets.settings import Settings
-from animl_assets_tests.conftest import REPO, add_export, latest_version, run_ingest
+from animl_assets_tests.conftest import dataset_home, latest_version
 
 SMALL = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 64, "epochs": 2, "finetune": 2,
          "batch_size": 16, "lr": 0.001, "num_workers": 0, "progress_every": 0}
 WORSE = SMALL | {"pretrained": "false", "epochs": 1, "finetune": 0, "lr": 1e-5, "label_weighted": False}
 FAST_EVAL = {"num_workers": 0}
-pytestmark = pytest.mark.slow  # each module run trains three small models
+# Each module run trains a few small models, and its tests are one story (v1 champion, a worse v2 challenger,
+# promotions): they run in order on one xdist worker (--dist loadgroup in pyproject.toml).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("registry")]
 
 
 def _run(settings, dagster_home, job=TRAIN_JOB, selection=None, **ops):
@@ -52,15 +53,7 @@ def _gate(result):
 @pytest.fixture(scope="module")
 def registered_home(tmp_path_factory, sample_dir):
     """The sample export ingested, a dataset built, and the train job run once: v1, the champion."""
-    root = tmp_path_factory.mktemp("registry")
-    settings = Settings.from_env({"ANIML_HOME": str(root / "animl")})
-    dagster_home = root / "dagster"
-    dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").write_bytes((REPO / "dagster.yaml").read_bytes())
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        partition = add_export(settings, instance, sample_dir)
-        assert run_ingest(settings, instance, partition).success
-        assert build_definitions(settings).resolve_job_def(DATASET_JOB).execute_in_process(instance=instance).success
+    settings, dagster_home = dataset_home(tmp_path_factory.mktemp("registry"), sample_dir)
     result = _train_all(settings, dagster_home, SMALL)
     assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
     return settings, dagster_home, result
@@ -291,14 +284,12 @@ def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_m
 
     again = _classify(settings, dagster_home)
     assert _materialized(again, "classifications")["skipped"] is True  # same model, same crops: nothing to do
-    other = next(v for v in _client(settings).search_model_versions("name = 'animl-classifier'")
-                 if str(v.version) != str(champion.version))
-    registry.promote(_client(settings), "animl-classifier", str(other.version), how="hand")
-    try:
-        fresh = _materialized(_classify(settings, dagster_home), "classifications")
-        assert "skipped" not in fresh and fresh["model"] == f"animl-classifier/{other.version}"
-    finally:
-        registry.promote(_client(settings), "animl-classifier", str(champion.version), how="hand")
+    # a new champion (the same evaluation registered again ties and is promoted): classified again
+    promoted = _run(settings, dagster_home, selection=[dg.AssetKey("registered_model"), dg.AssetKey("champion_model")])
+    new = _materialized(promoted, "champion_model")["champion_version"]
+    assert str(new) != str(champion.version)
+    fresh = _materialized(_classify(settings, dagster_home), "classifications")
+    assert "skipped" not in fresh and fresh["model"] == f"animl-classifier/{new}"
     graph = build_definitions(settings).resolve_asset_graph()
     assert dg.AssetKey("champion_model") in graph.get(dg.AssetKey("classifications")).parent_keys  # new champion: stale
 

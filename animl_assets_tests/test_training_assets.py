@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 
 from animl_assets.core import tracking
 from animl_assets.core.training import LAST
-from animl_assets.definitions import DATASET_JOB, TRAIN_JOB, build_definitions
+from animl_assets.definitions import TRAIN_JOB, build_definitions
 from animl_assets.settings import Settings
-from animl_assets_tests.conftest import REPO, add_export, latest_version, run_ingest
+from animl_assets_tests.conftest import dataset_home, latest_version
 
 SMALL = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 64, "epochs": 2, "finetune": 2,
          "batch_size": 16, "lr": 0.001, "num_workers": 0, "progress_every": 2}
@@ -29,16 +29,7 @@ REFERENCE_PARAMS = {"dataset_dir", "cropped_images_dir", "multilabel", "model_na
 @pytest.fixture(scope="module")
 def trained_home(tmp_path_factory, sample_dir):
     """A home with the sample export ingested and one dataset version and splits built."""
-    root = tmp_path_factory.mktemp("train")
-    settings = Settings.from_env({"ANIML_HOME": str(root / "animl")})
-    dagster_home = root / "dagster"
-    dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").write_bytes((REPO / "dagster.yaml").read_bytes())
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        partition = add_export(settings, instance, sample_dir)
-        assert run_ingest(settings, instance, partition).success
-        assert build_definitions(settings).resolve_job_def(DATASET_JOB).execute_in_process(instance=instance).success
-    return settings, dagster_home
+    return dataset_home(tmp_path_factory.mktemp("train"), sample_dir)
 
 
 def _train(settings, dagster_home, **config):
