@@ -285,7 +285,8 @@ def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_m
     again = _classify(settings, dagster_home)
     assert _materialized(again, "classifications")["skipped"] is True  # same model, same crops: nothing to do
     # a new champion (the same evaluation registered again ties and is promoted): classified again
-    promoted = _run(settings, dagster_home, selection=[dg.AssetKey("registered_model"), dg.AssetKey("champion_model")])
+    promoted = _run(settings, dagster_home, selection=[dg.AssetKey("registered_model"), dg.AssetKey("champion_model")],
+                    registered_model={"gate_margin": -1.0})
     new = _materialized(promoted, "champion_model")["champion_version"]
     assert str(new) != str(champion.version)
     fresh = _materialized(_classify(settings, dagster_home), "classifications")

@@ -111,9 +111,11 @@ def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.E
     if evaluation.outputs_test.empty:
         return dg.AssetCheckResult(passed=False, metadata={"reason": "no test crops to compare on"})
     _, crops_root = dataset_crops(storage, evaluation.params)
-    new = ev.summary_row(evaluation.outputs_test, evaluation.names)
-    theirs = registered_scores(client, mlflow.uri, champion, evaluation.outputs_test, crops_root,
-                               resolve_device("auto"))
+    # both versions run the same way on the same crops, so a tie is a tie (the stored outputs are rounded)
+    device = resolve_device("auto")
+    new_version = registry.resolve(client, name, str(value["version"]))
+    new = registered_scores(client, mlflow.uri, new_version, evaluation.outputs_test, crops_root, device)
+    theirs = registered_scores(client, mlflow.uri, champion, evaluation.outputs_test, crops_root, device)
     passed, rows = _comparison(new, theirs, margin)
     return dg.AssetCheckResult(passed=passed, metadata={
         "comparison": table(pd.DataFrame(rows)), "champion_version": int(champion.version),
