@@ -151,6 +151,8 @@ def test_a_timelapse_corrections_csv_relabels_and_drops():
     assert list(fixed["label"]) == ["fox", "fox", "deer", "owl"] and report["unmatched"] == ["nowhere.jpg"]
     with pytest.raises(ValueError, match="corrections file"):
         rv.read_corrections(b"a,b\n1,2\n")
+    empty, report = rv.apply_corrections(ds.iloc[:0], plain, {"site/exp": "exp"})  # no crops left: no KeyError
+    assert empty.empty and report["unmatched"] == ["site/exp/ridge/cam1/fox_2.jpg", "nowhere.jpg"]
 
 
 def test_sequences_come_from_seq_id_or_from_time_gaps_at_one_location(tmp_path):

@@ -129,9 +129,8 @@ def apply_corrections(ds: pd.DataFrame, corrections: pd.DataFrame, dataset_folde
     relabelled, or dropped when the correct label is empty. A correction names an image as in its export
     (``file``) or prefixed with its dataset (``<dataset>/<file>``). Returns the rows and what was done."""
     folder_to_dataset = {folder: name for name, folder in dataset_folder.items()}
-    image = ds["path"].str.rpartition(CROP_MARK)[0]
-    parts = image.str.partition("/")
-    folder, file = parts[0], parts[2]
+    image = ds["path"].str.rsplit(CROP_MARK, n=1).str[0]
+    folder, file = image.str.split("/", n=1).str[0], image.str.split("/", n=1).str[1]
     dataset = folder.map(folder_to_dataset).fillna(folder)
     keys = {}
     for row, (d, f) in enumerate(zip(dataset, file)):

@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 
 from animl_assets.core.cct import image_location
-
-CROP_MARK = "___crop"
+from animl_assets.core.review import CROP_MARK
 
 
 def sequence_ids(images: Iterable[Mapping[str, Any]], gap_s: float = 60.0) -> dict[str, str]:
