@@ -338,7 +338,7 @@ def run_demo(settings: Settings, challenger: bool = False) -> int:
     export_dir = Path(settings.exports_uri) / "sample"
     if settings.exports_uri.startswith("s3://"):
         export_dir = settings.home / "sample_export"
-    print(f"[1/5] writing the sample export to {export_dir}")
+    print(f"[1/6] writing the sample export to {export_dir}")
     sample = write_sample_export(export_dir, images_per_class_and_location=DEMO_IMAGES_PER_CLASS_AND_LOCATION)
     print(f"      {sample.images} images, {sample.annotations} annotations, "
           f"{len(sample.broken_files)} deliberately broken files")

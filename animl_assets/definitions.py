@@ -10,6 +10,8 @@ from dagster_aws.s3 import S3Resource
 from animl_assets.assets import (DATASET_ASSETS, PER_EXPORT_ASSETS, REVIEW_ACROSS_EXPORTS, REVIEW_ASSETS, TRAINING_ASSETS,
                                  TRAINING_CHECKS,
                                  make_new_exports_sensor, model_comparison)
+from animl_assets.automation import make_automation_sensor, make_retraining_schedule
+from animl_assets.k8s import executor
 from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
 from animl_assets.resources.tracking import MlflowTracking
@@ -23,6 +25,7 @@ DATASET_JOB = "build_dataset"
 TRAIN_JOB = "train_classifier"
 COMPARE_JOB = "compare_models"
 CLASSIFY_JOB = "classify_export"
+RETRAIN_JOB = "retrain_classifier"
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, dict]:
@@ -40,7 +43,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, dict]:
     return {"s3": s3_fields, "storage": home | refer("ANIML_STORAGE_URI"),
             "exports": home | refer("ANIML_EXPORTS_URI") | depth,
             "image_source": home | refer("ANIML_IMAGES_URI", "ANIML_ALLOWED_IMAGE_ROOTS"),
-            "mlflow": home | refer("MLFLOW_TRACKING_URI", "ANIML_MLFLOW_UI_URL")}
+            "mlflow": home | refer("MLFLOW_TRACKING_URI", "ANIML_MLFLOW_UI_URL", "ANIML_MLFLOW_ARTIFACTS_URI")}
 
 
 def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
@@ -56,7 +59,8 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
         fields = {"s3": {"endpoint_url": settings.s3_endpoint_url, "region_name": settings.s3_region},
                   "storage": home | {"uri": settings.storage_uri}, "exports": home | {"uri": settings.exports_uri, "max_depth": settings.exports_max_depth},
                   "image_source": home | {"uri": settings.images_uri, "allowed_roots": settings.allowed_image_roots},
-                  "mlflow": home | {"tracking_uri": settings.mlflow_tracking_uri, "ui_url": settings.mlflow_ui_url}}
+                  "mlflow": home | {"tracking_uri": settings.mlflow_tracking_uri, "ui_url": settings.mlflow_ui_url,
+                                           "artifacts_uri": settings.mlflow_artifacts_uri}}
     s3 = S3Resource(**fields["s3"])
     storage = ArtifactStore(s3=s3, **fields["storage"])
     return {
@@ -92,13 +96,20 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         COMPARE_JOB, selection=dg.AssetSelection.assets(model_comparison),
         description="Set registered versions and external TorchScript models beside the latest evaluation.",
     )
+    retrain_job = dg.define_asset_job(
+        RETRAIN_JOB, selection=dg.AssetSelection.assets(*DATASET_ASSETS, *TRAINING_ASSETS, *REVIEW_ACROSS_EXPORTS),
+        description="A new dataset version across exports, its splits, and a classifier trained on them (from the "
+                    "champion when the schedule starts it), evaluated, registered and gated.",
+    )
     return dg.Definitions(
         assets=[*PER_EXPORT_ASSETS, *DATASET_ASSETS, *TRAINING_ASSETS, model_comparison, *REVIEW_ASSETS,
                 *REVIEW_ACROSS_EXPORTS],
         asset_checks=TRAINING_CHECKS,
-        jobs=[ingest_job, dataset_job, train_job, compare_job, classify_job],
-        sensors=[make_new_exports_sensor(ingest_job)],
+        jobs=[ingest_job, dataset_job, train_job, compare_job, classify_job, retrain_job],
+        sensors=[make_new_exports_sensor(ingest_job), make_automation_sensor(dg.AssetSelection.assets(*REVIEW_ASSETS))],
+        schedules=[make_retraining_schedule(retrain_job)],
         resources=build_resources(settings),
+        executor=executor(os.environ),
     )
 
 

@@ -66,6 +66,14 @@ def _records(instance: dg.DagsterInstance, asset: str, partition: str | None = N
         cursor = page.cursor
 
 
+def newest_record(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> Any | None:
+    """The newest materialization record of ``asset`` (of one partition), or None."""
+    page = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1)
+    return page.records[0] if page.records else None
+
+
 def _node(record: Any, asset: str, version: str, partition: str | None = None) -> Node:
     time = datetime.fromtimestamp(record.timestamp, timezone.utc).isoformat(timespec="seconds")
     return Node(asset, version, record.run_id, time, partition)

@@ -16,6 +16,7 @@ ENV_VARS = {
     "ANIML_ALLOWED_IMAGE_ROOTS": "allowed_roots",
     "MLFLOW_TRACKING_URI": "tracking_uri",
     "ANIML_MLFLOW_UI_URL": "ui_url",
+    "ANIML_MLFLOW_ARTIFACTS_URI": "artifacts_uri",
 }
 ENV_HELP = """environment:
   ANIML_HOME               where everything lives by default (./.animl): artifacts/, exports/, cache/ and
@@ -29,6 +30,9 @@ ENV_HELP = """environment:
   ANIML_S3_ENDPOINT_URL    S3-compatible endpoint (MinIO, moto); credentials from the usual AWS variables
   MLFLOW_TRACKING_URI      MLflow tracking and registry (sqlite:///$ANIML_HOME/mlflow.db)
   ANIML_MLFLOW_UI_URL      the MLflow UI's address, for links in asset metadata
+  ANIML_MLFLOW_ARTIFACTS_URI  where run artifacts and models go when MLflow is a database (sqlite://,
+                           postgresql://): a folder or s3:// prefix ($ANIML_HOME/mlartifacts)
+  ANIML_EXECUTOR           k8s: each step in its own Kubernetes pod (dagster-k8s; deploy/); unset: one process
 Any location may be a local folder or an s3://bucket/prefix."""
 
 
@@ -46,6 +50,7 @@ class Settings:
     allowed_image_roots: str = ""
     mlflow_tracking_uri: str = ""
     mlflow_ui_url: str = ""
+    mlflow_artifacts_uri: str = ""
 
     @property
     def dagster_home(self) -> Path:
@@ -66,5 +71,6 @@ class Settings:
             exports_max_depth=int(env.get("ANIML_EXPORTS_MAX_DEPTH") or 1),
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or "",
             mlflow_ui_url=env.get("ANIML_MLFLOW_UI_URL") or "",
+            mlflow_artifacts_uri=env.get("ANIML_MLFLOW_ARTIFACTS_URI") or "",
             allowed_image_roots=env.get("ANIML_ALLOWED_IMAGE_ROOTS") or "",
         )

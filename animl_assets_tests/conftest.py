@@ -6,10 +6,14 @@ import http.client
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import threading
+import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -153,12 +157,45 @@ class _FaultyS3Proxy(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, chaos: Chaos | None = None) -> None:
         self.upstream = urlsplit(upstream)
         self.truncated: list[str] = []
         self.seen: set[str] = set()
         self.lock = threading.Lock()
+        self.chaos = chaos
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+
+@dataclass
+class Chaos:
+    """An endpoint failing at random instead of truncating (seeded; at most ``max_faults`` faults): drops
+    the connection before forwarding, answers 503 SlowDown, or forwards late."""
+
+    drop: float = 0.2
+    unavailable: float = 0.1
+    delay: float = 0.1
+    max_delay_s: float = 0.3
+    max_faults: int = 5000
+    seed: int = 0
+    faults: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def draw(self) -> str:
+        """The fault for the next request: "drop", "503", "delay" or "" (forward as is)."""
+        if sum(self.faults.values()) >= self.max_faults:
+            return ""
+        r = self.rng.random()
+        fault = ("drop" if r < self.drop else "503" if r < self.drop + self.unavailable
+                 else "delay" if r < self.drop + self.unavailable + self.delay else "")
+        if fault:
+            self.faults[fault] += 1
+        return fault
+
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -170,13 +207,30 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         server: _FaultyS3Proxy = self.server  # type: ignore[assignment]
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if server.chaos is not None:
+            with server.lock:
+                fault = server.chaos.draw()
+                pause = server.chaos.rng.uniform(0.02, server.chaos.max_delay_s)
+            if fault == "drop":  # the connection closes with no answer at all
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if fault == "503":
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                self.end_headers()
+                self.wfile.write(SLOW_DOWN)
+                return
+            if fault == "delay":
+                time.sleep(pause)
         upstream = http.client.HTTPConnection(server.upstream.hostname, server.upstream.port, timeout=30)
         upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
         response = upstream.getresponse()
         data = response.read()
         object_get = self.command == "GET" and "list-type" not in self.path and response.status == 200
         with server.lock:
-            cut = object_get and len(data) > 64 and self.path not in server.seen
+            cut = server.chaos is None and object_get and len(data) > 64 and self.path not in server.seen
             server.seen.add(self.path)
             if cut:
                 server.truncated.append(self.path)
@@ -196,6 +250,17 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         upstream.close()
 
     do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+
+@pytest.fixture()
+def chaotic_s3(moto_endpoint):
+    """(endpoint URL of a proxy that drops 20% of requests, answers 503 to 10%, delays 10%, the Chaos)."""
+    chaos = Chaos()
+    proxy = _FaultyS3Proxy(moto_endpoint, chaos)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{proxy.server_address[1]}", chaos
+    proxy.shutdown()
 
 
 @pytest.fixture()

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -12,21 +13,54 @@ from animl_assets.definitions import build_definitions
 from animl_assets.settings import Settings
 
 
-@pytest.fixture()
-def two_exports(tmp_path, monkeypatch, capsys) -> Path:
+# The tests share one built home (a demo takes minutes; --dist loadfile keeps them on one worker), each test
+# on a fresh copy of it.
+
+
+@pytest.fixture(scope="module")
+def built_home(tmp_path_factory) -> tuple[Path, Path]:
     """The demo, then a second export registered, the dataset rebuilt and a model trained on it: two
-    versions of the dataset, the splits and the checkpoint."""
-    home = tmp_path / "home"
+    versions of the dataset, the splits and the checkpoint. Returns (home, a pristine copy of it)."""
+    root = tmp_path_factory.mktemp("lineage")
+    home = root / "home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANIML_HOME", str(home))
+        patch.setenv("DAGSTER_HOME", "")
+        assert main(["demo"]) == 0
+        assert main(["sample-export", str(root / "second"), "--seed", "1"]) == 0
+        assert main(["register", str(root / "second" / "sample_export.json"), "--name", "second"]) == 0
+        assert main(["build-dataset"]) == 0
+        small = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 32, "epochs": 1,
+                 "finetune": 1, "batch_size": 32, "num_workers": 0}
+        (root / "train.json").write_text(json.dumps({"ops": {"classifier_checkpoint": {"config": small}}}))
+        assert main(["train", "--run-config", str(root / "train.json")]) == 0  # a model of the new version too
+    shutil.copytree(home, root / "pristine", symlinks=True)
+    return home, root / "pristine"
+
+
+def _restore(pristine: Path, home: Path) -> None:
+    """Make ``home`` a copy of ``pristine`` again, file by file in place: processes' open SQLite stores
+    (MLflow keeps its engine) see the restored content rather than a deleted file."""
+    for path in sorted(home.rglob("*"), reverse=True):
+        twin = pristine / path.relative_to(home)
+        if not twin.exists() and not twin.is_symlink():
+            path.unlink() if path.is_file() or path.is_symlink() else path.rmdir()
+    for twin in pristine.rglob("*"):
+        path = home / twin.relative_to(pristine)
+        if twin.is_dir() and not twin.is_symlink():
+            path.mkdir(exist_ok=True)
+        elif not twin.is_symlink():
+            shutil.copyfile(twin, path)
+
+
+@pytest.fixture()
+def two_exports(built_home, monkeypatch, capsys) -> Path:
+    """``built_home`` as it was built (gc tests remove versions), at the same path: the paths its event
+    log and MLflow store hold stay true."""
+    home, pristine = built_home
+    _restore(pristine, home)
     monkeypatch.setenv("ANIML_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", "")
-    assert main(["demo"]) == 0
-    assert main(["sample-export", str(tmp_path / "second"), "--seed", "1"]) == 0
-    assert main(["register", str(tmp_path / "second" / "sample_export.json"), "--name", "second"]) == 0
-    assert main(["build-dataset"]) == 0
-    small = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 32, "epochs": 1, "finetune": 1,
-             "batch_size": 32, "num_workers": 0}
-    (tmp_path / "train.json").write_text(json.dumps({"ops": {"classifier_checkpoint": {"config": small}}}))
-    assert main(["train", "--run-config", str(tmp_path / "train.json")]) == 0  # a model of the new version too
     capsys.readouterr()
     return home
 

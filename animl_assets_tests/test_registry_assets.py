@@ -2,6 +2,7 @@
 
 import io
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -14,7 +15,9 @@ from mlflow import MlflowClient
 
 from animl_assets.core import registry, tracking
 from animl_assets.core.evaluation import LABEL_STATS_COLUMNS, OVERALL_COLUMNS
-from animl_assets.definitions import COMPARE_JOB, DATASET_JOB, TRAIN_JOB, build_definitions
+from animl_assets.automation import RETRAIN_SCHEDULE, exports_changed
+from animl_assets.definitions import COMPARE_JOB, DATASET_JOB, RETRAIN_JOB, TRAIN_JOB, build_definitions
+from animl_assets.lineage import DATA_VERSION_TAG
 from animl_assets_tests.conftest import dataset_home, latest_version
 
 SMALL = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 64, "epochs": 2, "finetune": 2,
@@ -22,8 +25,8 @@ SMALL = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size"
 WORSE = SMALL | {"pretrained": "false", "epochs": 1, "finetune": 0, "lr": 1e-5, "label_weighted": False}
 FAST_EVAL = {"num_workers": 0}
 # Each module run trains a few small models, and its tests are one story (v1 champion, a worse v2 challenger,
-# promotions): they run in order on one xdist worker (--dist loadgroup in pyproject.toml).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("registry")]
+# promotions): they run in order on one xdist worker (--dist loadfile in pyproject.toml).
+pytestmark = pytest.mark.slow
 
 
 def _run(settings, dagster_home, job=TRAIN_JOB, selection=None, **ops):
@@ -135,6 +138,23 @@ def test_the_first_version_is_champion_with_its_lineage_as_tags(registered_home)
     assert _materialized(result, "champion_model")["champion_version"] == int(champion.version)
 
 
+def test_weekly_retraining_reads_the_real_lineage_and_warm_starts_from_the_champion(registered_home):
+    settings, dagster_home, _ = registered_home
+    defs = build_definitions(settings)
+    schedule = defs.resolve_schedule_def(RETRAIN_SCHEDULE)
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert exports_changed(instance) == []  # the dataset read the crops' own data versions
+        with dg.build_schedule_context(instance=instance, resources={"mlflow": defs.resources["mlflow"]},
+                                       scheduled_execution_time=datetime.now(timezone.utc)) as context:
+            assert "no export changed" in schedule.evaluate_tick(context).skip_message
+            [partition] = instance.get_dynamic_partitions("exports")
+            instance.report_runless_asset_event(dg.AssetMaterialization(  # the export re-cropped
+                "crops", partition=partition, tags={DATA_VERSION_TAG: "recropped"}))
+            [request] = schedule.evaluate_tick(context).run_requests
+    assert request.run_config["ops"]["classifier_checkpoint"]["config"]["init_from"] == "champion"
+    assert dg.validate_run_config(defs.resolve_job_def(RETRAIN_JOB), request.run_config)
+
+
 def test_a_worse_model_stays_challenger_and_the_gate_says_why(registered_home):
     settings, dagster_home, _ = registered_home
     client = _client(settings)
@@ -183,6 +203,9 @@ def test_the_gate_passes_on_a_tie_and_fails_past_its_margin(registered_home, mon
 
 def test_comparison_sets_an_external_model_through_a_target_mapping_beside_our_own(registered_home, tmp_path):
     settings, dagster_home, _ = registered_home
+    client = _client(settings)  # the comparison reads both aliases, whatever the tests before left
+    newest = max(int(v.version) for v in client.search_model_versions("name = 'animl-classifier'"))
+    client.set_registered_model_alias("animl-classifier", "challenger", str(newest))
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         folder = latest_version(settings, instance, "classifier_evaluation")
     label_index = json.loads((folder / "label_index.json").read_text())

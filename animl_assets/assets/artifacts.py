@@ -19,6 +19,16 @@ from animl_assets.core.tables import read_csv as read_table
 from animl_assets.resources.storage import LocalStore, location  # noqa: F401 - location: for the assets
 
 
+# S3 and MLflow calls fail now and then (a dropped connection, a 503 while a server restarts): a step that
+# talks to them runs again after about 2, 4 and 8 s. ``stop`` failures (bad input or config) are not retried.
+NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+def stop(description: str, metadata: dict[str, Any] | None = None) -> dg.Failure:
+    """A failure another try cannot fix (bad input or config): retry policies let it through at once."""
+    return dg.Failure(description=description, metadata=metadata, allow_retries=False)
+
+
 def artifact_key(asset: str, partition: str | None, name: str) -> str:
     """The key of artifact ``name`` of ``asset`` (below its partition's folder, when it is partitioned)."""
     return "/".join(part for part in (asset, partition and partition_folder(partition), name) if part)

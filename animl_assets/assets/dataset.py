@@ -8,7 +8,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, image_metadata, location, table, table_schema
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, location,
+                                          stop, table, table_schema)
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.cct import UNKNOWN_LOCATION, ExportArtifacts, image_location
@@ -73,7 +74,7 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections,
     return frame, {"crops": value_version(crops, "crops"), "cct_export": export.source["sha256"]}
 
 
-@dg.asset(group_name="dataset", kinds={"csv"},
+@dg.asset(retry_policy=NETWORK_RETRY, group_name="dataset", kinds={"csv"},
           check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
                                          description="At least two labels have min_crops_per_label crops.")])
 def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig, crops: dict[str, CropManifest],
@@ -86,10 +87,10 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     wanted = config.exports or registered
     unknown = sorted(set(wanted) - set(registered))
     if unknown:
-        raise dg.Failure(f"not registered exports: {unknown}")
+        raise stop(f"not registered exports: {unknown}")
     ready = [p for p in wanted if p in crops and p in md_detections and p in cct_export]
     if not ready:
-        raise dg.Failure(f"no crops materialized yet for {wanted or 'any export'}: materialize crops first")
+        raise stop(f"no crops materialized yet for {wanted or 'any export'}: materialize crops first")
     skipped = sorted(set(wanted) - set(ready))
     per_export = {p: _crop_rows(p, crops[p], md_detections[p], cct_export[p]) for p in ready}
     frame = pd.concat([rows for rows, _ in per_export.values()], ignore_index=True)
@@ -104,7 +105,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
         else:
             mapping = default_label_mapping(classes, config.excluded_classes)
     except (LabelSpecError, FileNotFoundError) as err:
-        raise dg.Failure(f"label spec: {err}") from err
+        raise stop(f"label spec: {err}") from err
     ds, report = build_classification_dataset(frame, mapping, spec=spec, threshold=config.threshold,
                                               min_locs=config.min_locs or None,
                                               one_label_per_image=config.one_label_per_image, seed=config.seed)
@@ -118,12 +119,12 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
         try:
             ds, corrected = apply_corrections(ds, read_corrections(data), {p: partition_folder(p) for p in ready})
         except ValueError as err:
-            raise dg.Failure(f"corrections {config.corrections}: {err}") from err
+            raise stop(f"corrections {config.corrections}: {err}") from err
         corrected |= {"uri": config.corrections, "sha256": hashlib.sha256(data).hexdigest()}
         if corrected["unmatched"]:
             context.log.warning(f"{len(corrected['unmatched'])} corrections match no crop of the dataset")
     if ds.empty:
-        raise dg.Failure(f"the dataset is empty; left out: {report.dropped}")
+        raise stop(f"the dataset is empty; left out: {report.dropped}")
     dataset = DatasetVersion(ds, label_index(ds), spec or {
         "generated": {f"{d}|{c}": label for (d, c), label in sorted(mapping.items())}}, test_locations)
     version = value_version(dataset, "classification_dataset")
@@ -174,6 +175,7 @@ class SplitsConfig(dg.Config):
 
 
 @dg.asset(
+    retry_policy=NETWORK_RETRY,
     group_name="dataset", kinds={"json"},
     check_specs=[
         dg.AssetCheckSpec("no_location_leakage", asset="splits", blocking=True,

@@ -7,7 +7,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import table
+from animl_assets.assets.artifacts import NETWORK_RETRY, stop, table
 from animl_assets.assets.checks import problems_check
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import images_folder
@@ -43,6 +43,7 @@ def _image_sizes(manifest) -> dict[str, tuple[int, int]]:
 
 
 @dg.asset(
+    retry_policy=NETWORK_RETRY,
     partitions_def=exports_partitions, group_name="detections", kinds={"json"},
     check_specs=[dg.AssetCheckSpec("md_format", asset="md_detections", blocking=True,
                                    description="The batch output follows MegaDetector's format rules "
@@ -64,7 +65,7 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, c
         try:
             raw = json.loads(exports_store.read_bytes(mdcache_key))
         except json.JSONDecodeError as err:
-            raise dg.Failure(f"MegaDetector results {exports_store.uri(mdcache_key)} are not valid JSON: {err}") from err
+            raise stop(f"MegaDetector results {exports_store.uri(mdcache_key)} are not valid JSON: {err}") from err
         mdcache_problems = validate_batch_output(raw)
         detector = upgrade_batch_output(raw)
         sources["ingested"] = len(detector.get("images", []))
@@ -77,7 +78,7 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, c
         try:
             ran = run_megadetector(config.detector_weights, images_dir, todo, threshold=config.detector_threshold)
         except DetectorUnavailable as err:
-            raise dg.Failure(str(err)) from err
+            raise stop(str(err)) from err
         sources["detector run"] = len(ran["images"])
         detector = ran if detector is None else merge_detections(ran, detector)
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, image_metadata, location, table
+from animl_assets.assets.artifacts import NETWORK_RETRY, artifact_key, image_metadata, location, stop, table
 from animl_assets.assets.training import crops_folder
 from animl_assets.core import evaluation as ev
 from animl_assets.core import plots, registry, tracking
@@ -25,6 +25,7 @@ from animl_assets.core.models import build_model
 from animl_assets.core.sequences import crop_image, sequence_ids, sequence_top1
 from animl_assets.core.store import Store
 from animl_assets.core.training import SPLITS, TrainedClassifier, resolve_device, split_frame
+from animl_assets.k8s import GPU_TAGS
 from animl_assets.resources.io_manager import read_artifacts, version_folder
 from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
@@ -109,7 +110,8 @@ def evaluation_figures(result: ev.Evaluation, crops_root: Path, errors_per_label
     return figures
 
 
-@dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"}, tags={"animl/accelerator": "gpu"})
+@dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"pytorch", "mlflow"}, op_tags=GPU_TAGS,
+          tags={"animl/accelerator": "gpu"})
 def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig,
                           classifier_checkpoint: TrainedClassifier, storage: ArtifactStore,
                           mlflow: MlflowTracking) -> Iterator[dg.Output]:
@@ -133,7 +135,7 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
                                   batch_size=config.batch_size, num_workers=config.num_workers,
                                   params=params, progress=context.log.info)
     except ValueError as err:
-        raise dg.Failure(str(err)) from err
+        raise stop(str(err)) from err
     test = result.outputs_test
     sequences = crop_sequences(storage, sorted(frame["dataset"].unique()), test["path"], config.sequence_gap_s)
     known = test[test["path"].isin(sequences.keys())]
@@ -233,10 +235,10 @@ def read_json(uri: str, storage: ArtifactStore) -> Any:
     try:
         return json.loads(read_uri(uri, storage.s3))
     except (OSError, ValueError) as err:
-        raise dg.Failure(f"cannot read {uri}: {err}") from err
+        raise stop(f"cannot read {uri}: {err}") from err
 
 
-@dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"})
+@dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"pytorch", "mlflow"})
 def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig,
                      classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
                      mlflow: MlflowTracking) -> dg.Output[pd.DataFrame]:
@@ -245,7 +247,7 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
     ours = classifier_evaluation
     test = ours.outputs_test
     if test.empty:
-        raise dg.Failure("the evaluation has no test crops to compare on")
+        raise stop("the evaluation has no test crops to compare on")
     _, crops_root = dataset_crops(storage, ours.params)
     device = resolve_device(config.device)
     rows = [{"model": "this evaluation", "source": value_version(ours, "classifier_evaluation"),
@@ -263,14 +265,14 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
         try:
             scripted = ev.load_script(read_uri(external.torchscript, storage.s3))
         except (OSError, RuntimeError) as err:
-            raise dg.Failure(f"cannot load TorchScript model {external.torchscript}: {err}") from err
+            raise stop(f"cannot load TorchScript model {external.torchscript}: {err}") from err
         labels = ev.label_names(read_json(external.label_index, storage))
         mapping = read_json(external.target_mapping, storage) if external.target_mapping else None
         try:
             scores = score_model(scripted, labels, external.image_size, test, crops_root, device, mapping,
                                  config.batch_size)
         except ValueError as err:
-            raise dg.Failure(f"{external.name}: {err}") from err
+            raise stop(f"{external.name}: {err}") from err
         rows.append({"model": external.name, "source": external.torchscript, **scores})
     comparison = pd.DataFrame(rows)
     return dg.Output(comparison, metadata={"comparison": table(comparison.round(4)),

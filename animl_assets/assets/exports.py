@@ -6,7 +6,7 @@ from typing import Any, Iterator
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import location, table
+from animl_assets.assets.artifacts import NETWORK_RETRY, location, stop, table
 from animl_assets.assets.checks import problems_check
 from animl_assets.core.cct import (BBOX_OVERHANG_TOLERANCE, CHECKS, CCTFormatError, ExportArtifacts,
                                    category_location_table, load_cct, summarize_cct, validate_cct)
@@ -33,6 +33,7 @@ class ExportConfig(dg.Config):
 
 
 @dg.asset(
+    retry_policy=NETWORK_RETRY,
     partitions_def=exports_partitions,
     group_name="ingest",
     kinds={"json"},
@@ -52,7 +53,7 @@ def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
     try:
         cct = load_cct(raw)
     except CCTFormatError as err:
-        raise dg.Failure(
+        raise stop(
             description=f"export {source.uri(export_key_for(partition))} is malformed: {err}",
             metadata={"export": source.uri(export_key_for(partition)), "error": str(err)},
         ) from err

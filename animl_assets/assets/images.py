@@ -7,7 +7,8 @@ from typing import Iterator
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, local_folder, location, read_csv, table, table_schema
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, local_folder, location,
+                                          read_csv, stop, table, table_schema)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import value_version
@@ -64,7 +65,7 @@ def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_
     if named and not config.images_root:
         allowed = image_source.allowed(folder_store.uri())
         if not isinstance(named, str) or not any(is_under(named, root) for root in allowed):
-            raise dg.Failure(
+            raise stop(
                 description=f"the export names {IMAGES_ROOT_INFO_KEY} {redact_credentials(str(named))!r}, which is "
                             f"not under an allowed root ({', '.join(allowed)}): refused. An operator can allow it "
                             "with ANIML_ALLOWED_IMAGE_ROOTS, `animl register --images-root`, or the images asset's "
@@ -74,7 +75,7 @@ def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_
     return open_store(root, exports.s3 or image_source.s3) if root else folder_store
 
 
-@dg.asset(partitions_def=exports_partitions, group_name="ingest", kinds={"jpeg"},
+@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="ingest", kinds={"jpeg"},
           check_specs=[failure_rate_spec("images")])
 def images(context: dg.AssetExecutionContext, config: ImagesConfig, cct_export: ExportArtifacts,
            storage: ArtifactStore, exports: ExportsLocation,

@@ -15,10 +15,10 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, image_metadata, local_folder, location, table
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, local_folder,
+                                          location, stop, table)
 from animl_assets.assets.evaluation import read_json
 from animl_assets.assets.exports import exports_partitions
-from animl_assets.assets.training import GPU_TAGS
 from animl_assets.core import evaluation as ev
 from animl_assets.core import registry, review
 from animl_assets.core.contact_sheet import contact_sheet
@@ -31,6 +31,7 @@ from animl_assets.core.review import merge_classifications
 from animl_assets.core.sequences import aggregate_csv, crop_image, sequence_ids
 from animl_assets.core.tables import read_csv
 from animl_assets.core.training import resolve_device
+from animl_assets.k8s import GPU_TAGS
 from animl_assets.resources.io_manager import read_artifacts
 from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
@@ -38,6 +39,10 @@ from animl_assets.resources.tracking import MlflowTracking
 OUTPUT = "classifier_output.csv.gz"
 SEQUENCE_OUTPUT = "sequence_output.csv.gz"
 
+
+# A partition runs again when its crops, detections or the champion changed and nothing it reads is missing or
+# being written: a new export is classified, and every export again under a new champion.
+FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 
 class ClassificationsConfig(dg.Config):
     """Which model classifies the export's crops, and how it runs."""
@@ -63,7 +68,7 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
     """The configured model: a registered version (default: the champion) or an external TorchScript file."""
     if config.torchscript:
         if not config.label_index:
-            raise dg.Failure("an external torchscript model needs its label_index")
+            raise stop("an external torchscript model needs its label_index")
         data = read_uri(config.torchscript, storage.s3)
         labels = ev.label_names(read_json(config.label_index, storage))
         fingerprint = hashlib.sha256(data + json.dumps(labels).encode()).hexdigest()[:16]
@@ -73,15 +78,15 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
     try:
         version = registry.resolve(client, config.registry_name, config.model)
     except ValueError as err:
-        raise dg.Failure(f"{err}: train and register a model first (animl train), or set torchscript") from err
+        raise stop(f"{err}: train and register a model first (animl train), or set torchscript") from err
     files = registry.model_files(mlflow.uri, version)
     return Classifier(ev.load_script(files.torchscript), ev.label_names(files.label_index),
                       int(files.preprocessing["image_size"]), f"{version.name}/{version.version}",
                       f"{version.name} v{version.version}")
 
 
-@dg.asset(partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"}, deps=["champion_model"],
-          op_tags=GPU_TAGS, tags={"animl/accelerator": "gpu"})
+@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"}, deps=["champion_model"],
+          op_tags=GPU_TAGS, tags={"animl/accelerator": "gpu"}, automation_condition=FOLLOW_UPSTREAM)
 def classifications(context: dg.AssetExecutionContext, config: ClassificationsConfig, crops: CropManifest,
                     storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
     """The export's crops classified by the champion (or a chosen version, or an external TorchScript model):
@@ -159,7 +164,8 @@ class ReviewConfig(dg.Config):
                                                                "typical_classification_threshold (<0: omitted).")
 
 
-@dg.asset(partitions_def=exports_partitions, group_name="inference", kinds={"json"},
+@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="inference", kinds={"json"},
+          automation_condition=FOLLOW_UPSTREAM,
           check_specs=[dg.AssetCheckSpec("md_format", asset="classified_detections", blocking=True,
                                          description="The output passes the MegaDetector batch-output rules.")])
 def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfig, md_detections: Detections,
@@ -200,7 +206,7 @@ class MislabeledConfig(dg.Config):
     splits: list[str] = Field(default=["train", "val", "test"])
 
 
-@dg.asset(group_name="evaluation", kinds={"csv"})
+@dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"csv"})
 def mislabeled_candidates(context: dg.AssetExecutionContext, config: MislabeledConfig,
                           classifier_evaluation: ev.Evaluation, storage: ArtifactStore) -> dg.Output[pd.DataFrame]:
     """Crops whose predicted label beats their label by the margin, per split and dataset, to review (e.g. in

@@ -9,7 +9,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import table
+from animl_assets.assets.artifacts import NETWORK_RETRY, stop, table
 from animl_assets.assets.evaluation import dataset_crops, registered_scores
 from animl_assets.core import evaluation as ev
 from animl_assets.core import registry
@@ -41,7 +41,7 @@ def _lineage_tags(checkpoint: TrainedClassifier, evaluation: ev.Evaluation, expo
             "animl.image_size": str(params["image_size"])}
 
 
-@dg.asset(group_name="registry", kinds={"mlflow"})
+@dg.asset(retry_policy=NETWORK_RETRY, group_name="registry", kinds={"mlflow"})
 def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
                      classifier_evaluation: ev.Evaluation, classifier_checkpoint: TrainedClassifier,
                      storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
@@ -50,7 +50,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     params), tagged with its lineage and aliased ``challenger`` until the champion gate promotes it."""
     evaluation, checkpoint = classifier_evaluation, classifier_checkpoint
     if evaluation.params != checkpoint.params:
-        raise dg.Failure("classifier_evaluation is not of the latest classifier_checkpoint: materialize "
+        raise stop("classifier_evaluation is not of the latest classifier_checkpoint: materialize "
                          "classifier_evaluation first")
     dataset, crops_root = dataset_crops(storage, checkpoint.params)
     example_path = next(iter(evaluation.outputs_test["path"]), None) or dataset.classification_ds["path"].iloc[0]
@@ -60,7 +60,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     client = mlflow.client()
     run_id = checkpoint.params.get("mlflow_run_id")
     if not run_id:
-        raise dg.Failure("the checkpoint names no MLflow run (params.json mlflow_run_id): retrain it")
+        raise stop("the checkpoint names no MLflow run (params.json mlflow_run_id): retrain it")
     exports = sorted(dataset.classification_ds["dataset"].unique())
     source = registry.log_model(client, run_id, files, (crops_root / example_path).read_bytes())
     test = ev.summary_row(evaluation.outputs_test, evaluation.names) if len(evaluation.outputs_test) else {}
@@ -126,7 +126,7 @@ def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.E
     })
 
 
-@dg.asset(group_name="registry", kinds={"mlflow"})
+@dg.asset(retry_policy=NETWORK_RETRY, group_name="registry", kinds={"mlflow"})
 def champion_model(context: dg.AssetExecutionContext, registered_model: dict[str, Any],
                    mlflow: MlflowTracking) -> dg.Output[dict[str, Any]]:
     """The registered model's ``champion`` alias, moved to the new version once ``beats_champion`` passed

@@ -14,23 +14,24 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import artifact_key, image_metadata, local_folder, location, table
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, local_folder,
+                                          location, stop, table)
 from animl_assets.core import registry, tracking
 from animl_assets.core.artifact_files import TorchFile, torch_bytes, value_version
 from animl_assets.core.crops import CropManifest
 from animl_assets.core.dataset import DatasetVersion
 from animl_assets.core.exports import partition_folder
 from animl_assets.core.models import VALID_MODELS, PretrainedWeightsUnavailable, default_image_size, read_checkpoint
+from animl_assets.core.paths import redact_credentials
 from animl_assets.core.plots import learning_curve
 from animl_assets.core.store import Store
 from animl_assets.core.training import (BEST, LAST, Checkpoints, FitResult, TrainedClassifier, TrainingParams,
                                         evaluate_checkpoint, split_frame, train_classifier)
+from animl_assets.k8s import GPU_TAGS
 from animl_assets.resources.io_manager import version_folder
 from animl_assets.resources.storage import ArtifactStore, LocalStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
 
-GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {
-    "requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}}}}
 RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: kept out of the resume key
 LEARNING_CURVE = "learning_curve.png"
 
@@ -93,11 +94,11 @@ def _champion_checkpoint(config: TrainingConfig, mlflow: MlflowTracking) -> tupl
     client = mlflow.client()
     champion = registry.by_alias(client, config.registry_name, registry.CHAMPION)
     if champion is None:
-        raise dg.Failure(f"init_from: champion, but {config.registry_name!r} has no champion yet: train from "
+        raise stop(f"init_from: champion, but {config.registry_name!r} has no champion yet: train from "
                          "pretrained weights first (the first registered version becomes champion)")
     files = registry.model_files(mlflow.uri, champion)
     if files.params.get("model_name") != config.model_name:
-        raise dg.Failure(f"the champion (version {champion.version}) is a {files.params.get('model_name')}; "
+        raise stop(f"the champion (version {champion.version}) is a {files.params.get('model_name')}; "
                          f"model_name is {config.model_name}")
     return read_checkpoint(files.checkpoint), f"champion:{champion.version}:{hashlib.sha256(files.checkpoint).hexdigest()}"
 
@@ -110,14 +111,14 @@ def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: Mlf
     if choice.lower() in ("", "false"):
         return False, "none"
     if choice.lower() == "lite0" and config.model_name != "efficientnet-lite0":
-        raise dg.Failure(f"pretrained: lite0 is EfficientNet-Lite0's weights; model_name is {config.model_name}")
+        raise stop(f"pretrained: lite0 is EfficientNet-Lite0's weights; model_name is {config.model_name}")
     if choice.lower() in ("true", "lite0"):
         return (True if choice.lower() == "true" else "lite0"), choice.lower()
     try:
         data = read_uri(choice, storage.s3)
         return read_checkpoint(data), hashlib.sha256(data).hexdigest()
     except (FileNotFoundError, OSError, RuntimeError) as err:
-        raise dg.Failure(f"pretrained checkpoint {choice!r} cannot be read: {err}") from err
+        raise stop(f"pretrained checkpoint {choice!r} cannot be read: {err}") from err
 
 
 def _calibration(config: TrainingConfig, storage: ArtifactStore) -> dict | None:
@@ -173,12 +174,13 @@ def _run_distributed(context: dg.AssetExecutionContext, config: TrainingConfig, 
         dg.PipesSubprocessClient().run(command=command, context=context).get_results()
     last, best = checkpoints.load(LAST), checkpoints.load(BEST)
     if last is None or best is None:
-        raise dg.Failure(f"the distributed training left no checkpoint at {checkpoints.uri('')}")
+        raise stop(f"the distributed training left no checkpoint at {checkpoints.uri('')}")
     return FitResult(best=best, history=list(last["history"]), stopped_early=bool(last.get("stopped")),
                      resumed_from_epoch=None)
 
 
 @dg.asset(
+    retry_policy=NETWORK_RETRY,
     group_name="training", kinds={"pytorch", "mlflow"}, pool="gpu", op_tags=GPU_TAGS,
     tags={"animl/accelerator": "gpu"},
 )
@@ -205,10 +207,10 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         frame = split_frame(ds[present], label_index, splits, params.label_weighted,
                             params.weight_by_detection_conf, _calibration(config, storage))
     except ValueError as err:
-        raise dg.Failure(f"the dataset cannot be trained on: {err}") from err
+        raise stop(f"the dataset cannot be trained on: {err}") from err
     counts = frame.groupby("split").size().to_dict()
     if not counts.get("train") or not counts.get("val"):
-        raise dg.Failure(f"training needs crops in train and val; the splits hold {counts}")
+        raise stop(f"training needs crops in train and val; the splits hold {counts}")
     init, init_fingerprint = _initial_weights(config, storage, mlflow)
     crops_versions = {p: value_version(crops[p], "crops") for p in partitions if p in crops}
     learned = {k: v for k, v in asdict(params).items() if k not in RUN_ONLY}
@@ -262,7 +264,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
                                       resume=config.resume, on_epoch=on_epoch, progress=context.log.info)
     except PretrainedWeightsUnavailable as err:
         client.set_terminated(run_id, status="FAILED")
-        raise dg.Failure(str(err)) from err
+        raise stop(str(err)) from err
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -298,7 +300,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         **image_metadata(store, f"{folder}/{LEARNING_CURVE}", curve, "learning_curve", "learning curve"),
         "dataset_version": dataset_version, "splits_version": splits_version, "training_key": key,
         "mlflow_run_id": run_id, "mlflow_experiment": f"animl/{params.model_name}",
-        "mlflow_tracking_uri": mlflow.uri,
+        "mlflow_tracking_uri": redact_credentials(mlflow.uri),
         **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
         "checkpoint": location(store.uri(f"{folder}/ckpt_best.pt")),
         "last_epoch_val_acc_top1": round(last["val/acc_top1"], 4),

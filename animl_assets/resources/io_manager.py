@@ -74,7 +74,8 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             partition = context.asset_partition_key
             if not store.exists(f"{self._folder(asset, partition, None)}/{INDEX}"):
                 name = context.asset_key.to_user_string()
-                raise dg.Failure(f"{name} is not materialized for partition {partition!r}: materialize {name} first")
+                raise dg.Failure(f"{name} is not materialized for partition {partition!r}: materialize {name} first",
+                                 allow_retries=False)
             return read_artifacts(store, self._folder(asset, partition, None))
         if context.has_asset_partitions:  # across exports: {partition: value} of those materialized so far
             folders = {p: self._folder(asset, p, None) for p in context.asset_partition_keys}
@@ -89,5 +90,5 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
         if VERSION_METADATA not in metadata:
             name = context.asset_key.to_user_string()
-            raise dg.Failure(f"{name} is not materialized yet: materialize {name} first")
+            raise dg.Failure(f"{name} is not materialized yet: materialize {name} first", allow_retries=False)
         return str(metadata[VERSION_METADATA].value)

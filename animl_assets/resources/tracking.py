@@ -16,6 +16,9 @@ class MlflowTracking(dg.ConfigurableResource):
     tracking_uri: str = Field(default="", description="MLFLOW_TRACKING_URI: any MLflow tracking URI (http(s) "
                                                       "server, database). Empty: SQLite under home.")
     home: str = Field(default=".animl", description="ANIML_HOME: where the embedded store lives.")
+    artifacts_uri: str = Field(default="", description="ANIML_MLFLOW_ARTIFACTS_URI: run artifacts and models "
+                                                       "of a database store (folder or s3:// prefix). Empty: "
+                                                       "$ANIML_HOME/mlartifacts.")
     ui_url: str = Field(default="", description="ANIML_MLFLOW_UI_URL: the MLflow UI's address, for links in "
                                                 "asset metadata (an http(s) tracking URI is used when empty).")
 
@@ -25,9 +28,12 @@ class MlflowTracking(dg.ConfigurableResource):
 
     @property
     def artifact_root(self) -> str | None:
-        """Where the embedded store keeps run artifacts; None: the tracking server decides."""
-        if self.tracking_uri:
+        """Where a database-backed store (the embedded SQLite, or PostgreSQL) keeps run artifacts and models;
+        None for a tracking server, which decides itself."""
+        if self.tracking_uri.startswith(("http://", "https://")):
             return None
+        if self.artifacts_uri:
+            return self.artifacts_uri
         return (Path(self.home).expanduser().absolute() / "mlartifacts").as_uri()
 
     def client(self) -> MlflowClient:

@@ -1,0 +1,74 @@
+"""What runs without anyone clicking: the sensor that evaluates the classifications' automation conditions
+(they follow a new champion or a new export), and a weekly retraining that skips when no export changed since the last dataset version."""
+
+from typing import Any
+
+import dagster as dg
+
+from animl_assets.assets.dataset import READ_METADATA
+from animl_assets.assets.exports import exports_partitions
+from animl_assets.core import registry
+from animl_assets.lineage import DATA_VERSION_TAG, newest_record
+from animl_assets.resources.tracking import MlflowTracking
+
+AUTOMATION_SENSOR = "classify_on_new_champion_or_export"
+RETRAIN_SCHEDULE = "weekly_retraining"
+RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
+
+
+def exports_changed(instance: dg.DagsterInstance) -> list[str]:
+    """How the exports' crops differ from what the newest dataset version read (empty: nothing changed).
+
+    Compares each export partition's newest ``crops`` data version with the dataset's ``exports_read``
+    lineage; a new export, re-cropped export or removed export counts."""
+    current = {}
+    for partition in instance.get_dynamic_partitions(exports_partitions.name):
+        record = newest_record(instance, "crops", partition)
+        if record is not None:
+            current[partition] = (record.asset_materialization.tags or {}).get(DATA_VERSION_TAG)
+    dataset = newest_record(instance, "classification_dataset")
+    if dataset is None:
+        return [f"no dataset version yet; {len(current)} exports have crops"] if current else []
+    read_value = dataset.asset_materialization.metadata.get(READ_METADATA)
+    read = {p: v["crops"] for p, v in (read_value.value if read_value else {}).items()}
+    changes = [f"new export {p}" for p in sorted(current.keys() - read.keys())]
+    changes += [f"export {p} re-cropped" for p in sorted(current.keys() & read.keys()) if current[p] != read[p]]
+    changes += [f"export {p} no longer has crops" for p in sorted(read.keys() - current.keys())]
+    return changes
+
+
+def retraining_run_config(has_champion: bool) -> dict[str, Any]:
+    """Warm-start from the champion when there is one (else the training config's defaults)."""
+    if not has_champion:
+        return {}
+    return {"ops": {"classifier_checkpoint": {"config": {"init_from": "champion"}}}}
+
+
+def make_retraining_schedule(job: dg.JobDefinition | Any) -> dg.ScheduleDefinition:
+    """Weekly: a new dataset version, splits and a classifier warm-started from the champion, gated as any
+    training; skipped when no export changed since the newest dataset version."""
+
+    @dg.schedule(name=RETRAIN_SCHEDULE, job=job, cron_schedule=RETRAIN_CRON, execution_timezone="UTC",
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
+                 description="Mondays 03:00 UTC: rebuild the dataset across exports and retrain from the champion "
+                             "(gated as any training); skipped when no export changed since the last dataset.")
+    def weekly_retraining(context: dg.ScheduleEvaluationContext, mlflow: MlflowTracking) -> dg.RunRequest | dg.SkipReason:
+        changes = exports_changed(context.instance)
+        if not changes:
+            return dg.SkipReason("no export changed since the newest dataset version: nothing to retrain on")
+        client = mlflow.client()
+        has_champion = registry.by_alias(client, registry.DEFAULT_MODEL, registry.CHAMPION) is not None
+        context.log.info(f"retraining ({'from the champion' if has_champion else 'from scratch'}): {changes}")
+        return dg.RunRequest(run_key=f"retrain-{context.scheduled_execution_time:%Y-%m-%d}",
+                             run_config=retraining_run_config(has_champion),
+                             tags={"animl/retraining": "weekly", "animl/changes": "; ".join(changes)[:200]})
+
+    return weekly_retraining
+
+
+def make_automation_sensor(selection: dg.AssetSelection) -> dg.AutomationConditionSensorDefinition:
+    """Evaluates the automation conditions of ``selection`` every 30 s; on from the start."""
+    return dg.AutomationConditionSensorDefinition(
+        AUTOMATION_SENSOR, target=selection, default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=30,
+        description="Classifies each new export, and every export again when the champion changes.")

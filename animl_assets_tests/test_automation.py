@@ -1,0 +1,132 @@
+"""Automation: classifications follow a new champion or export; weekly retraining skips when nothing changed;
+retries and run monitoring in the instance."""
+
+from datetime import datetime, timezone
+
+import dagster as dg
+import pytest
+
+from animl_assets.assets.dataset import READ_METADATA
+from animl_assets.automation import AUTOMATION_SENSOR, RETRAIN_SCHEDULE, exports_changed
+from animl_assets.definitions import RETRAIN_JOB, build_definitions
+from animl_assets.lineage import DATA_VERSION_TAG
+from animl_assets.settings import Settings
+from animl_assets_tests.conftest import EXPORT_NAME, add_export, run_ingest
+
+REVIEW = dg.AssetSelection.assets("classifications", "classified_detections")
+
+
+@pytest.fixture()
+def defs(settings) -> dg.Definitions:
+    return build_definitions(settings)
+
+
+def _materialized(instance: dg.DagsterInstance, asset: str, partition: str | None = None, **tags: str) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition, tags=tags or None))
+
+
+def _exported(instance: dg.DagsterInstance, partition: str, crops_version: str = "c1") -> None:
+    """An export ingested: its partition, detections and crops (with a data version) materialized."""
+    instance.add_dynamic_partitions("exports", [partition])
+    for asset in ("cct_export", "images", "md_detections"):
+        _materialized(instance, asset, partition)
+    _materialized(instance, "crops", partition, **{DATA_VERSION_TAG: crops_version})
+
+
+def _classified(instance: dg.DagsterInstance, partition: str) -> None:
+    for asset in ("classifications", "classified_detections"):
+        _materialized(instance, asset, partition)
+
+
+def _requested(defs, instance, cursor):
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=REVIEW, cursor=cursor)
+    partitions = {(asset, p) for asset in ("classifications", "classified_detections")
+                  for p in result.get_requested_partitions(dg.AssetKey(asset))}
+    return partitions, result.cursor
+
+
+def test_classifications_follow_a_new_champion_and_then_each_new_export(defs, instance):
+    _exported(instance, "a")
+    requested, cursor = _requested(defs, instance, None)
+    assert requested == set()  # no champion yet: nothing to classify with
+    requested, cursor = _requested(defs, instance, cursor)
+    assert requested == set()
+    _materialized(instance, "champion_model")
+    requested, cursor = _requested(defs, instance, cursor)
+    assert requested == {("classifications", "a"), ("classified_detections", "a")}
+    _classified(instance, "a")  # what that run does
+    requested, cursor = _requested(defs, instance, cursor)
+    assert requested == set()  # handled: no second run for the same champion
+    _exported(instance, "b")
+    requested, cursor = _requested(defs, instance, cursor)
+    assert requested == {("classifications", "b"), ("classified_detections", "b")}
+    _classified(instance, "b")
+    requested, cursor = _requested(defs, instance, cursor)
+    assert requested == set()
+    _materialized(instance, "champion_model")  # a new champion: every export again
+    requested, _ = _requested(defs, instance, cursor)
+    assert {p for _, p in requested} == {"a", "b"}
+
+
+def test_the_automation_sensor_is_on_from_the_start_and_targets_the_review_assets(defs):
+    sensor = defs.resolve_sensor_def(AUTOMATION_SENSOR)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert {key.path[-1] for key in sensor.asset_selection.resolve(defs.resolve_asset_graph())} == {
+        "classifications", "classified_detections"}
+
+
+def _dataset(instance: dg.DagsterInstance, crops: dict[str, str]) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization("classification_dataset", metadata={
+        READ_METADATA: dg.MetadataValue.json({p: {"crops": v, "cct_export": "sha"} for p, v in crops.items()})}))
+
+
+def _tick(defs, instance, settings):
+    schedule = defs.resolve_schedule_def(RETRAIN_SCHEDULE)
+    mlflow = build_definitions(settings).resources["mlflow"]
+    with dg.build_schedule_context(instance=instance, resources={"mlflow": mlflow},
+                                   scheduled_execution_time=datetime(2026, 11, 23, 3, tzinfo=timezone.utc)) as context:
+        return schedule.evaluate_tick(context)
+
+
+def test_weekly_retraining_skips_until_an_export_changes(defs, instance, settings):
+    assert exports_changed(instance) == []
+    assert "no export changed" in _tick(defs, instance, settings).skip_message
+    _exported(instance, "a")
+    assert exports_changed(instance) == ["no dataset version yet; 1 exports have crops"]
+    _dataset(instance, {"a": "c1"})
+    assert exports_changed(instance) == []
+    assert _tick(defs, instance, settings).skip_message
+    _exported(instance, "b")
+    _materialized(instance, "crops", "a", **{DATA_VERSION_TAG: "c2"})
+    assert exports_changed(instance) == ["new export b", "export a re-cropped"]
+    [request] = _tick(defs, instance, settings).run_requests
+    assert request.run_config == {}  # no champion: the training's own defaults
+    assert request.run_key == "retrain-2026-11-23"
+    assert dg.validate_run_config(defs.resolve_job_def(RETRAIN_JOB), request.run_config)
+
+
+def test_the_instance_retries_crashed_runs_frees_their_slots_and_gives_the_gpu_pool_one_slot(instance):
+    assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+    assert not instance.run_retries_retry_on_asset_or_op_failure  # step failures: the steps' own RetryPolicy
+    assert instance.run_monitoring_enabled
+    assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_s3_and_mlflow_steps_retry_with_exponential_backoff():
+    defs = build_definitions(Settings.from_env({}))
+    for asset in ("cct_export", "images", "crops", "classifications", "registered_model"):
+        policy = defs.resolve_assets_def(asset).op.retry_policy
+        assert policy.max_retries >= 3 and policy.backoff == dg.Backoff.EXPONENTIAL
+        assert policy.calculate_delay(3) > policy.calculate_delay(1)
+
+
+def test_a_malformed_export_fails_at_once_without_retries(settings, instance, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / EXPORT_NAME).write_text("{not json")
+    partition = add_export(settings, instance, folder, "bad")
+    result = run_ingest(settings, instance, partition)
+    assert not result.success
+    assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+    [failure] = result.get_step_failure_events()
+    assert "is malformed" in failure.step_failure_data.error.to_string()
