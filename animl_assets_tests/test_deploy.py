@@ -95,3 +95,12 @@ def test_the_dockerfile_passes_hadolint():
     result = subprocess.run([hadolint, "--config", str(DEPLOY / ".hadolint.yaml"), "--format", "json",
                              str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, json.loads(result.stdout or "[]")
+
+
+def test_the_postgresql_profile_is_the_project_instance_config_on_postgresql():
+    default = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    postgres = yaml.safe_load((DEPLOY / "dagster-postgres.yaml").read_text())
+    storage = postgres.pop("storage")
+    assert postgres == default  # the same queue, pools, retries and monitoring
+    assert validate_config(dagster_instance_config_schema(), {"storage": storage}).success
+    assert storage["postgres"]["postgres_db"]["password"] == {"env": "ANIML_PG_PASSWORD"}  # never inline
