@@ -104,3 +104,13 @@ def test_the_postgresql_profile_is_the_project_instance_config_on_postgresql():
     assert postgres == default  # the same queue, pools, retries and monitoring
     assert validate_config(dagster_instance_config_schema(), {"storage": storage}).success
     assert storage["postgres"]["postgres_db"]["password"] == {"env": "ANIML_PG_PASSWORD"}  # never inline
+
+
+def test_the_readme_says_how_to_go_to_production_and_that_the_uis_need_the_deployments_authentication():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Going to production"):]
+    assert "no authentication of their own" in section
+    for step in ("S3", "PostgreSQL for Dagster", "MLflow on PostgreSQL", "Kubernetes", "GPUs", "Several GPUs"):
+        assert f"**{step}" in section, step
+    for path in re.findall(r"`(deploy/[\w./-]+)`", section):
+        assert (REPO / path).is_file(), path
