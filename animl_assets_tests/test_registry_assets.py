@@ -104,7 +104,7 @@ def test_the_evaluation_writes_the_reference_files_torchscript_and_plots(registe
     assert "eval/test/acc_top1" in client.get_run(run_id).data.metrics
 
 
-def test_the_champion_loads_with_pyfunc_and_predicts_the_evaluations_probabilities(registered_home):
+def test_the_champion_loads_with_pyfunc_and_predicts_the_evaluations_probabilities(registered_home, monkeypatch):
     settings, dagster_home, result = registered_home
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         folder = latest_version(settings, instance, "classifier_evaluation")
@@ -112,8 +112,10 @@ def test_the_champion_loads_with_pyfunc_and_predicts_the_evaluations_probabiliti
     names = [c for c in outputs.columns if c not in ("path", "label", "weight")]
     crops = settings.home / "artifacts" / "crops"
     uri = tracking.embedded_tracking_uri(settings.home)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # through the environment, restored after the test (mlflow.set_tracking_uri would leave this store as
+    # every later test's MLFLOW_TRACKING_URI in this worker)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     model = mlflow.pyfunc.load_model("models:/animl-classifier@champion")
     predicted = model.predict(pd.DataFrame({"image": [(crops / p).read_bytes() for p in outputs["path"]]}))
     assert list(predicted.columns) == names
@@ -307,9 +309,10 @@ def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_m
 
     again = _classify(settings, dagster_home)
     assert _materialized(again, "classifications")["skipped"] is True  # same model, same crops: nothing to do
-    # a new champion (the same evaluation registered again ties and is promoted): classified again
-    promoted = _run(settings, dagster_home, selection=[dg.AssetKey("registered_model"), dg.AssetKey("champion_model")],
-                    registered_model={"gate_margin": -1.0})
+    # a new champion (the newest checkpoint evaluated, registered and promoted past any margin): classified again
+    promoted = _run(settings, dagster_home, selection=[dg.AssetKey("classifier_evaluation"),
+                                                       dg.AssetKey("registered_model"), dg.AssetKey("champion_model")],
+                    classifier_evaluation=FAST_EVAL, registered_model={"gate_margin": -1.0})
     new = _materialized(promoted, "champion_model")["champion_version"]
     assert str(new) != str(champion.version)
     fresh = _materialized(_classify(settings, dagster_home), "classifications")
