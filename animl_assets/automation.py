@@ -1,5 +1,6 @@
 """What runs without anyone clicking: the sensor that evaluates the classifications' automation conditions
-(they follow a new champion or a new export), and a weekly retraining that skips when no export changed since the last dataset version."""
+(they follow a new champion or a new export), and a weekly retraining that skips when no export changed
+since the last dataset version."""
 
 from typing import Any
 
@@ -52,7 +53,8 @@ def make_retraining_schedule(job: dg.JobDefinition | Any) -> dg.ScheduleDefiniti
                  default_status=dg.DefaultScheduleStatus.RUNNING,
                  description="Mondays 03:00 UTC: rebuild the dataset across exports and retrain from the champion "
                              "(gated as any training); skipped when no export changed since the last dataset.")
-    def weekly_retraining(context: dg.ScheduleEvaluationContext, mlflow: MlflowTracking) -> dg.RunRequest | dg.SkipReason:
+    def weekly_retraining(context: dg.ScheduleEvaluationContext,
+                          mlflow: MlflowTracking) -> dg.RunRequest | dg.SkipReason:
         changes = exports_changed(context.instance)
         if not changes:
             return dg.SkipReason("no export changed since the newest dataset version: nothing to retrain on")

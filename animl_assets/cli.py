@@ -309,12 +309,13 @@ def _registry_line(settings: Settings) -> str:
 
 def run_mlflow_ui(settings: Settings, extra_args: list[str]) -> int:
     """The MLflow UI on the tracking store (MLFLOW_TRACKING_URI, else the embedded SQLite store)."""
-    from animl_assets.core.tracking import embedded_tracking_uri
+    from animl_assets.definitions import build_resources
 
-    uri = settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home)
+    tracking = build_resources(settings)["mlflow"]  # the same store and artifact root the assets use
+    uri, artifact_root = tracking.uri, tracking.artifact_root
     mlflow = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri,
-               "--default-artifact-root", (settings.home / "mlartifacts").as_uri(), *extra_args]
+               *(["--default-artifact-root", artifact_root] if artifact_root else []), *extra_args]
     print(f"MLflow UI on {uri}: http://127.0.0.1:5000 (unless --port says otherwise)")
     return subprocess.call(command)
 

@@ -7,9 +7,8 @@ from typing import Mapping
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from animl_assets.assets import (DATASET_ASSETS, PER_EXPORT_ASSETS, REVIEW_ACROSS_EXPORTS, REVIEW_ASSETS, TRAINING_ASSETS,
-                                 TRAINING_CHECKS,
-                                 make_new_exports_sensor, model_comparison)
+from animl_assets.assets import (DATASET_ASSETS, PER_EXPORT_ASSETS, REVIEW_ACROSS_EXPORTS, REVIEW_ASSETS,
+                                 TRAINING_ASSETS, TRAINING_CHECKS, make_new_exports_sensor, model_comparison)
 from animl_assets.automation import make_automation_sensor, make_retraining_schedule
 from animl_assets.k8s import executor
 from animl_assets.resources.io_manager import ArtifactIOManager
@@ -60,7 +59,7 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
                   "storage": home | {"uri": settings.storage_uri}, "exports": home | {"uri": settings.exports_uri, "max_depth": settings.exports_max_depth},
                   "image_source": home | {"uri": settings.images_uri, "allowed_roots": settings.allowed_image_roots},
                   "mlflow": home | {"tracking_uri": settings.mlflow_tracking_uri, "ui_url": settings.mlflow_ui_url,
-                                           "artifacts_uri": settings.mlflow_artifacts_uri}}
+                                    "artifacts_uri": settings.mlflow_artifacts_uri}}
     s3 = S3Resource(**fields["s3"])
     storage = ArtifactStore(s3=s3, **fields["storage"])
     return {
@@ -106,7 +105,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 *REVIEW_ACROSS_EXPORTS],
         asset_checks=TRAINING_CHECKS,
         jobs=[ingest_job, dataset_job, train_job, compare_job, classify_job, retrain_job],
-        sensors=[make_new_exports_sensor(ingest_job), make_automation_sensor(dg.AssetSelection.assets(*REVIEW_ASSETS))],
+        sensors=[make_new_exports_sensor(ingest_job),
+                 make_automation_sensor(dg.AssetSelection.assets(*REVIEW_ASSETS))],
         schedules=[make_retraining_schedule(retrain_job)],
         resources=build_resources(settings),
         executor=executor(os.environ),

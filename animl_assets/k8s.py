@@ -1,7 +1,6 @@
 """Kubernetes: the step pods' resources (GPU steps on GPU nodes) and the executor that runs each step in its
 own pod (dagster-k8s's ``k8s_job_executor``, chosen with ``ANIML_EXECUTOR=k8s``; deploy/ has the rest)."""
 
-import json
 from typing import Any, Mapping
 
 import dagster as dg
@@ -22,11 +21,6 @@ EXECUTOR_CONFIG: dict[str, Any] = {
     "step_k8s_config": {"container_config": {"resources": {"requests": {"cpu": "2", "memory": "4Gi"},
                                                            "limits": {"memory": "8Gi"}}}},
 }
-
-
-def step_tags(op_tags: Mapping[str, Any]) -> dict[str, str]:
-    """Op tags as Dagster stores them (JSON strings): what dagster-k8s reads for a step's pod."""
-    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in op_tags.items()}
 
 
 def executor(env: Mapping[str, str]) -> dg.ExecutorDefinition | None:

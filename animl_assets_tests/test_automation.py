@@ -80,26 +80,25 @@ def _dataset(instance: dg.DagsterInstance, crops: dict[str, str]) -> None:
         READ_METADATA: dg.MetadataValue.json({p: {"crops": v, "cct_export": "sha"} for p, v in crops.items()})}))
 
 
-def _tick(defs, instance, settings):
+def _tick(defs, instance):
     schedule = defs.resolve_schedule_def(RETRAIN_SCHEDULE)
-    mlflow = build_definitions(settings).resources["mlflow"]
-    with dg.build_schedule_context(instance=instance, resources={"mlflow": mlflow},
+    with dg.build_schedule_context(instance=instance, resources={"mlflow": defs.resources["mlflow"]},
                                    scheduled_execution_time=datetime(2026, 11, 23, 3, tzinfo=timezone.utc)) as context:
         return schedule.evaluate_tick(context)
 
 
-def test_weekly_retraining_skips_until_an_export_changes(defs, instance, settings):
+def test_weekly_retraining_skips_until_an_export_changes(defs, instance):
     assert exports_changed(instance) == []
-    assert "no export changed" in _tick(defs, instance, settings).skip_message
+    assert "no export changed" in _tick(defs, instance).skip_message
     _exported(instance, "a")
     assert exports_changed(instance) == ["no dataset version yet; 1 exports have crops"]
     _dataset(instance, {"a": "c1"})
     assert exports_changed(instance) == []
-    assert _tick(defs, instance, settings).skip_message
+    assert _tick(defs, instance).skip_message
     _exported(instance, "b")
     _materialized(instance, "crops", "a", **{DATA_VERSION_TAG: "c2"})
     assert exports_changed(instance) == ["new export b", "export a re-cropped"]
-    [request] = _tick(defs, instance, settings).run_requests
+    [request] = _tick(defs, instance).run_requests
     assert request.run_config == {}  # no champion: the training's own defaults
     assert request.run_key == "retrain-2026-11-23"
     assert dg.validate_run_config(defs.resolve_job_def(RETRAIN_JOB), request.run_config)

@@ -300,3 +300,18 @@ def test_first_commands_started_together_leave_a_working_home(tmp_path, sample_d
         assert after.returncode == 0 and "more than one head" not in after.stderr, after.stderr
         instance = dg.DagsterInstance.from_config(str(tmp_path / f"home{trial}" / "dagster"))
         assert sorted(instance.get_dynamic_partitions("exports")) == ["p0", "p1", "p2", "p3"]
+
+
+def test_the_mlflow_ui_opens_the_store_and_artifact_root_the_assets_use(fresh_home, monkeypatch):
+    from animl_assets import cli
+
+    commands = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda command: commands.append(command) or 0)
+    assert main(["mlflow-ui", "--port", "5001"]) == 0
+    monkeypatch.setenv("ANIML_MLFLOW_ARTIFACTS_URI", "s3://bucket/mlflow")
+    assert main(["mlflow-ui"]) == 0
+    embedded, configured = commands
+    assert embedded[embedded.index("--backend-store-uri") + 1] == f"sqlite:///{fresh_home / 'mlflow.db'}"
+    assert embedded[embedded.index("--default-artifact-root") + 1] == (fresh_home / "mlartifacts").as_uri()
+    assert embedded[-2:] == ["--port", "5001"]
+    assert configured[configured.index("--default-artifact-root") + 1] == "s3://bucket/mlflow"

@@ -16,7 +16,7 @@ from dagster_k8s.job import (USER_DEFINED_K8S_JOB_CONFIG_SCHEMA, DagsterK8sJobCo
                              get_user_defined_k8s_config)
 
 from animl_assets.definitions import TRAIN_JOB, build_definitions
-from animl_assets.k8s import EXECUTOR_CONFIG, executor, step_tags
+from animl_assets.k8s import EXECUTOR_CONFIG, executor
 from animl_assets.settings import ENV_HELP, Settings
 from animl_assets_tests.conftest import REPO
 
@@ -25,7 +25,7 @@ GPU_ASSETS = ("classifier_checkpoint", "classifier_evaluation", "classifications
 
 
 def _pod_spec(op_tags):
-    config = get_user_defined_k8s_config(step_tags(op_tags))  # validates the tag against dagster-k8s's schema
+    config = get_user_defined_k8s_config(op_tags)  # validates the tag against dagster-k8s's schema
     job = construct_dagster_k8s_job(DagsterK8sJobConfig(job_image="animl-assets:test", dagster_home="/opt/dagster"),
                                     args=["dagster", "api", "execute_step"], job_name="step",
                                     user_defined_k8s_config=config)

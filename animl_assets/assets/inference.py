@@ -39,10 +39,10 @@ from animl_assets.resources.tracking import MlflowTracking
 OUTPUT = "classifier_output.csv.gz"
 SEQUENCE_OUTPUT = "sequence_output.csv.gz"
 
-
 # A partition runs again when its crops, detections or the champion changed and nothing it reads is missing or
 # being written: a new export is classified, and every export again under a new champion.
 FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
+
 
 class ClassificationsConfig(dg.Config):
     """Which model classifies the export's crops, and how it runs."""
@@ -85,8 +85,9 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
                       f"{version.name} v{version.version}")
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"}, deps=["champion_model"],
-          op_tags=GPU_TAGS, tags={"animl/accelerator": "gpu"}, automation_condition=FOLLOW_UPSTREAM)
+@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"},
+          deps=["champion_model"], op_tags=GPU_TAGS, tags={"animl/accelerator": "gpu"},
+          automation_condition=FOLLOW_UPSTREAM)
 def classifications(context: dg.AssetExecutionContext, config: ClassificationsConfig, crops: CropManifest,
                     storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
     """The export's crops classified by the champion (or a chosen version, or an external TorchScript model):

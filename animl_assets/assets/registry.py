@@ -51,7 +51,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     evaluation, checkpoint = classifier_evaluation, classifier_checkpoint
     if evaluation.params != checkpoint.params:
         raise stop("classifier_evaluation is not of the latest classifier_checkpoint: materialize "
-                         "classifier_evaluation first")
+                   "classifier_evaluation first")
     dataset, crops_root = dataset_crops(storage, checkpoint.params)
     example_path = next(iter(evaluation.outputs_test["path"]), None) or dataset.classification_ds["path"].iloc[0]
     files = registry.ModelFiles(bytes(evaluation.compiled), evaluation.label_index,

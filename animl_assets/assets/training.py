@@ -95,11 +95,11 @@ def _champion_checkpoint(config: TrainingConfig, mlflow: MlflowTracking) -> tupl
     champion = registry.by_alias(client, config.registry_name, registry.CHAMPION)
     if champion is None:
         raise stop(f"init_from: champion, but {config.registry_name!r} has no champion yet: train from "
-                         "pretrained weights first (the first registered version becomes champion)")
+                   "pretrained weights first (the first registered version becomes champion)")
     files = registry.model_files(mlflow.uri, champion)
     if files.params.get("model_name") != config.model_name:
         raise stop(f"the champion (version {champion.version}) is a {files.params.get('model_name')}; "
-                         f"model_name is {config.model_name}")
+                   f"model_name is {config.model_name}")
     return read_checkpoint(files.checkpoint), f"champion:{champion.version}:{hashlib.sha256(files.checkpoint).hexdigest()}"
 
 
