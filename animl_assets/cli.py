@@ -309,6 +309,7 @@ def _registry_line(settings: Settings) -> str:
 
 def run_mlflow_ui(settings: Settings, extra_args: list[str]) -> int:
     """The MLflow UI on the tracking store (MLFLOW_TRACKING_URI, else the embedded SQLite store)."""
+    from animl_assets.core.paths import redact_credentials
     from animl_assets.definitions import build_resources
 
     tracking = build_resources(settings)["mlflow"]  # the same store and artifact root the assets use
@@ -316,7 +317,7 @@ def run_mlflow_ui(settings: Settings, extra_args: list[str]) -> int:
     mlflow = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri,
                *(["--default-artifact-root", artifact_root] if artifact_root else []), *extra_args]
-    print(f"MLflow UI on {uri}: http://127.0.0.1:5000 (unless --port says otherwise)")
+    print(f"MLflow UI on {redact_credentials(uri)}: http://127.0.0.1:5000 (unless --port says otherwise)")
     return subprocess.call(command)
 
 

@@ -302,14 +302,16 @@ def test_first_commands_started_together_leave_a_working_home(tmp_path, sample_d
         assert sorted(instance.get_dynamic_partitions("exports")) == ["p0", "p1", "p2", "p3"]
 
 
-def test_the_mlflow_ui_opens_the_store_and_artifact_root_the_assets_use(fresh_home, monkeypatch):
+def test_the_mlflow_ui_opens_the_store_and_artifact_root_the_assets_use(fresh_home, monkeypatch, capsys):
     from animl_assets import cli
 
     commands = []
     monkeypatch.setattr(cli.subprocess, "call", lambda command: commands.append(command) or 0)
     assert main(["mlflow-ui", "--port", "5001"]) == 0
     monkeypatch.setenv("ANIML_MLFLOW_ARTIFACTS_URI", "s3://bucket/mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://animl:pg-secret@db:5432/mlflow")
     assert main(["mlflow-ui"]) == 0
+    assert "pg-secret" not in capsys.readouterr().out  # the announcement names the store without its password
     embedded, configured = commands
     assert embedded[embedded.index("--backend-store-uri") + 1] == f"sqlite:///{fresh_home / 'mlflow.db'}"
     assert embedded[embedded.index("--default-artifact-root") + 1] == (fresh_home / "mlartifacts").as_uri()
