@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import logging
 import os
 import random
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,9 +29,11 @@ import boto3
 import dagster as dg
 import pytest
 
+from animl_assets.core.artifact_files import INDEX, content_version
 from animl_assets.core.exports import partition_key_for
 from animl_assets.core.sample import BROKEN, EXPORT_NAME, write_sample_export
 from animl_assets.definitions import INGEST_JOB, build_definitions
+from animl_assets.lineage import CROSS_EXPORT
 from animl_assets.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,10 +100,43 @@ def run_ingest(settings: Settings, instance: dg.DagsterInstance, partition: str,
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def dagster_ui(home: Path, log: Path, timeout_s: float = 180) -> Iterator[str]:
+    """``animl ui`` (dagster dev: webserver and daemon) on 127.0.0.1 over ``home``; yields its base URL once
+    it answers, and stops the whole process group at the end."""
+    port = free_port()
+    env = {**os.environ, "ANIML_HOME": str(home), "DAGSTER_HOME": ""}
+    with log.open("w") as out:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("animl")), "ui", "--host", "127.0.0.1",
+                                    "--port", str(port)], cwd=REPO, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{base}/server_info", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"the UI did not answer in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +147,7 @@ def moto_endpoint() -> str:
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ.setdefault(key, value)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -271,6 +313,30 @@ def faulty_s3(moto_endpoint):
     thread.start()
     yield f"http://127.0.0.1:{proxy.server_address[1]}", proxy
     proxy.shutdown()
+
+
+def bucket_objects(client, bucket: str) -> dict[str, bytes]:
+    """Every object in ``bucket``: key -> bytes."""
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+def assert_artifacts_intact(stored: dict[str, bytes], assets: set[str]) -> None:
+    """Each of ``assets`` has artifact sets among the ``stored`` objects, every set reads back whole (gzip
+    CRCs, JSON to the end), and each cross-export version's files hash to its folder name."""
+    indexes = [key for key in stored if key.endswith(f"/{INDEX}")]
+    assert {key.split("/")[1] for key in indexes} >= assets
+    for key in indexes:
+        folder = key[: -len(INDEX) - 1]
+        index = json.loads(stored[key])
+        files = {entry["file"]: stored[f"{folder}/{entry['file']}"] for entry in index["files"].values()}
+        for name, data in files.items():
+            data = gzip.decompress(data) if name.endswith(".gz") else data
+            if name.endswith((".json", ".json.gz")):
+                json.loads(data)
+        if folder.split("/")[1] in CROSS_EXPORT:
+            assert content_version(files) == folder.rsplit("/", 1)[1], folder
 
 
 def latest_version(settings: Settings, instance: dg.DagsterInstance, asset: str) -> Path:

@@ -1,12 +1,8 @@
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -17,13 +13,7 @@ from animl_assets.definitions import CLASSIFY_JOB, COMPARE_JOB, DATASET_JOB, ING
 from animl_assets.resources.storage import LocalStore, S3Store
 from animl_assets.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from animl_assets_tests.conftest import REPO, dagster_ui
 
 
 def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
@@ -232,26 +222,9 @@ def test_help_is_plain_text_and_names_the_environment(capsys):
 
 @pytest.mark.slow
 def test_animl_ui_serves_the_project_without_the_instance_warning(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "ANIML_HOME": str(tmp_path / "home"), "DAGSTER_HOME": ""}
     log = tmp_path / "ui.log"
-    with log.open("w") as out:
-        process = subprocess.Popen([str(Path(sys.executable).with_name("animl")), "ui", "--port", str(port)],
-                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail(f"the UI did not answer in 120 s:\n{log.read_text()}")
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+    with dagster_ui(tmp_path / "home", log):
+        pass
     text = log.read_text()
     assert "will not be used" not in text, text
     assert (tmp_path / "home" / "dagster" / "dagster.yaml").resolve() == REPO / "dagster.yaml"

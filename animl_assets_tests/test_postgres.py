@@ -5,7 +5,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from animl_assets_tests.conftest import REPO
+from animl_assets_tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 USER, PASSWORD = "animl", "pg-test-password"
@@ -23,12 +22,6 @@ USER, PASSWORD = "animl", "pg-test-password"
 def _binaries() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     return Path(found[-1]).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def postgres():
     password_file.write_text(PASSWORD)
     if run_as:
         os.chown(password_file, pwd.getpwnam("postgres").pw_uid, -1)
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", USER, "--auth=scram-sha-256",
                     f"--pwfile={password_file}"], check=True, capture_output=True)
     options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={folder}"

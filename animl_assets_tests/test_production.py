@@ -1,7 +1,6 @@
 """Production failure and security tests: the whole demo (ingest → training → inference) on S3 behind an
 endpoint that drops, refuses and delays requests, with secret credentials that must show up nowhere."""
 
-import gzip
 import json
 import os
 import subprocess
@@ -12,17 +11,12 @@ from pathlib import Path
 import boto3
 import pytest
 
-from animl_assets.core.artifact_files import INDEX, content_version
 from animl_assets.core.megadetector import validate_batch_output
 from animl_assets.lineage import CROSS_EXPORT
 
+from animl_assets_tests.conftest import assert_artifacts_intact, bucket_objects
+
 pytestmark = pytest.mark.slow
-
-
-def _objects(client, bucket: str) -> dict[str, bytes]:
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for o in page.get("Contents", [])]
-    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 def _files_under(folder: Path) -> dict[str, bytes]:
@@ -48,20 +42,8 @@ def test_the_demo_on_a_failing_s3_endpoint_completes_intact_and_leaks_no_credent
     assert result.returncode == 0, output[-4000:]
     assert chaos.faults["drop"] > 20 and chaos.faults["503"] > 10 and chaos.faults["delay"] > 10, chaos.faults
 
-    # every artifact is whole: each artifact set reads back, and a version's files hash to its name
-    stored = _objects(s3, bucket)
-    indexes = [key for key in stored if key.endswith(f"/{INDEX}")]
-    assert {key.split("/")[1] for key in indexes} >= {"crops", "classified_detections", *CROSS_EXPORT}
-    for key in indexes:
-        folder = key[: -len(INDEX) - 1]
-        index = json.loads(stored[key])
-        files = {entry["file"]: stored[f"{folder}/{entry['file']}"] for entry in index["files"].values()}
-        for name, data in files.items():  # gzip checks its CRC; JSON must parse to the end
-            data = gzip.decompress(data) if name.endswith(".gz") else data
-            if name.endswith((".json", ".json.gz")):
-                json.loads(data)
-        if folder.split("/")[1] in CROSS_EXPORT:
-            assert content_version(files) == folder.rsplit("/", 1)[1], folder
+    stored = bucket_objects(s3, bucket)
+    assert_artifacts_intact(stored, {"crops", "classified_detections", *CROSS_EXPORT})
     [md_key] = [k for k in stored if k.endswith("classified_detections.json")]
     md = json.loads(stored[md_key])
     assert validate_batch_output(md) == [] and any(d.get("classifications") for i in md["images"]
