@@ -1,7 +1,9 @@
-"""The Dagster UI as users use it: headless Chromium (Debian's package, driven by Playwright) over `animl ui`
-on a demo home opens the asset graph, materializes the dataset from the launchpad with a changed config and
-opens the model's lineage. Screenshots land in $ANIML_TEST_ARTIFACTS/ui (default test-artifacts/ui)."""
+"""A demo home, looked at as users do: its event log and MLflow store (typed metadata, small previews, a
+champion, MegaDetector JSON), then the Dagster UI in headless Chromium (Debian's package, driven by
+Playwright) over `animl ui`: the asset graph, the dataset materialized from the launchpad with a changed
+config, the model's lineage. Screenshots land in $ANIML_TEST_ARTIFACTS/ui (default test-artifacts/ui)."""
 
+import json
 import os
 import re
 import shutil
@@ -12,14 +14,20 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from animl_assets.assets.artifacts import THUMBNAIL_BYTES
 from animl_assets.lineage import DATA_VERSION_TAG
 
 from animl_assets_tests.conftest import REPO, dagster_ui
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = pytest.mark.slow
+browser = pytest.mark.browser
 GROUPS = ("ingest", "detections", "dataset", "training", "evaluation", "registry", "inference")
 STATUS = re.compile(r"^(Success|Failure|Canceled)$")
 RUN_TIMEOUT_MS = 300_000
+PATH_KEYS = {"path", "manifest", "source", "contact_sheet_path", "sample_grid_path"}
+TABLE_KEYS = {"category_by_location", "failures", "crops_per_class", "crop_sizes", "crops_per_label",
+              "conflicting_images", "crops_per_label_and_split"}
+ROW_COUNTED = {"cct_export", "images", "md_detections", "crops", "classification_dataset"}
 
 
 def _chromium() -> str:
@@ -39,15 +47,21 @@ def screenshots() -> Path:
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory):
-    """(base URL of `animl ui`, demo home): the demo's champion, served by dagster dev on 127.0.0.1."""
-    home = tmp_path_factory.mktemp("ui") / "home"
+def demo_home(tmp_path_factory) -> Path:
+    """ANIML_HOME after `animl demo`: a champion model and the sample export classified with it."""
+    home = tmp_path_factory.mktemp("demo") / "home"
     env = {**os.environ, "ANIML_HOME": str(home), "DAGSTER_HOME": ""}
     demo = subprocess.run([str(Path(sys.executable).with_name("animl")), "demo"], env=env, capture_output=True,
                           text=True, timeout=900)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    with dagster_ui(home, home.parent / "dagster-dev.log") as base:
-        yield base, home
+    return home
+
+
+@pytest.fixture(scope="module")
+def ui(demo_home):
+    """(base URL of `animl ui` over the demo home, the home): dagster dev on 127.0.0.1."""
+    with dagster_ui(demo_home, demo_home.parent / "dagster-dev.log") as base:
+        yield base, demo_home
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +81,70 @@ def page(ui):
 
 def _instance(home: Path) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_config(str(home / "dagster"))
+
+
+def materializations(instance: dg.DagsterInstance) -> list[dg.AssetMaterialization]:
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("crops")), limit=1)
+    assert records.records, "nothing was materialized"
+    events = []
+    for key in instance.get_asset_keys():
+        result = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=100)
+        events += [record.asset_materialization for record in result.records]
+    return events
+
+
+def test_the_demo_event_log_holds_typed_metadata_and_no_large_images(demo_home):
+    instance = dg.DagsterInstance.from_config(str(demo_home / "dagster"))
+    events = materializations(instance)
+    assert {event.asset_key.to_user_string() for event in events} >= ROW_COUNTED | {"splits"}
+    for event in events:
+        asset = event.asset_key.to_user_string()
+        metadata = event.metadata
+        for key, value in metadata.items():
+            assert len(json.dumps(dg.serialize_value(value))) < THUMBNAIL_BYTES + 2_000, f"{asset}.{key} is large"
+            if key in PATH_KEYS:
+                assert isinstance(value, dg.PathMetadataValue), f"{asset}.{key} is {type(value).__name__}"
+                assert Path(value.path).exists()
+            if key in TABLE_KEYS:
+                assert isinstance(value, dg.TableMetadataValue) and value.schema.columns, f"{asset}.{key}"
+        if asset in ROW_COUNTED:
+            assert isinstance(metadata["dagster/row_count"], dg.IntMetadataValue) and metadata["dagster/row_count"].value > 0
+    crops = next(event for event in events if event.asset_key == dg.AssetKey("crops"))
+    preview = crops.metadata["contact_sheet"]
+    assert isinstance(preview, dg.MarkdownMetadataValue) and len(preview.value) <= THUMBNAIL_BYTES
+    full = Path(crops.metadata["contact_sheet_path"].path)
+    assert full.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and full.stat().st_size > THUMBNAIL_BYTES  # kept whole
+    assert crops.metadata["dagster/row_count"].value == crops.metadata["num_crops"].value
+    model = next(event for event in events if event.asset_key == dg.AssetKey("classifier_checkpoint"))
+    assert model.metadata["test_acc_top1"].value >= 0.9  # the demo's model clearly learns the sample export
+    assert isinstance(model.metadata["learning_curve"], dg.MarkdownMetadataValue)
+    assert model.metadata["mlflow_run_id"].value and model.metadata["epochs_run"].value >= 1
+    # the demo ends with a registered champion whose evaluation plots are in the UI and in MLflow
+    evaluation = next(event for event in events if event.asset_key == dg.AssetKey("classifier_evaluation"))
+    for figure in ("confusion_test", "confusion_val", "reliability_test", "errors_test"):
+        assert isinstance(evaluation.metadata[figure], dg.MarkdownMetadataValue)
+    champion = next(event for event in events if event.asset_key == dg.AssetKey("champion_model"))
+    assert champion.metadata["champion_version"].value == 1
+    from mlflow import MlflowClient
+
+    from animl_assets.core.tracking import embedded_tracking_uri
+
+    uri = embedded_tracking_uri(demo_home)
+    version = MlflowClient(uri, uri).get_model_version_by_alias("animl-classifier", "champion")
+    logged = {a.path for a in MlflowClient(uri, uri).list_artifacts(version.run_id, "evaluation")}
+    assert "evaluation/confusion_test.png" in logged and "evaluation/errors_test.png" in logged
+    # ... and classifies the sample export with it into MegaDetector JSON that validates
+    from animl_assets.core.megadetector import validate_batch_output
+
+    [merged] = (demo_home / "artifacts" / "classified_detections").rglob("classified_detections.json")
+    merged = json.loads(merged.read_text())
+    assert validate_batch_output(merged) == [] and merged["info"]["classifier"] == "animl-classifier v1"
+    assert sum("classifications" in d for image in merged["images"] for d in image.get("detections") or []) > 0
+    images = next(event for event in events if event.asset_key == dg.AssetKey("images"))
+    assert [column.name for column in images.metadata["dagster/column_schema"].schema.columns][:3] == [
+        "image_id", "file_name", "status"]
+
+
 
 
 def _editor_text(page) -> str:
@@ -92,6 +170,7 @@ def _leave_out(page, label: str) -> str:
     return _editor_text(page)
 
 
+@browser
 def test_the_asset_graph_shows_every_stage(ui, page, screenshots):
     base, _ = ui
     page.goto(f"{base}/asset-groups")
@@ -101,6 +180,7 @@ def test_the_asset_graph_shows_every_stage(ui, page, screenshots):
     assert page.title() == "Global asset lineage"
 
 
+@browser
 def test_the_dataset_materializes_from_the_launchpad_with_a_changed_config(ui, page, screenshots):
     base, home = ui
     instance = _instance(home)
@@ -140,6 +220,7 @@ def _shown(label: str, asset: str) -> bool:
     return label == asset or bool(ellipsis) and asset.startswith(head) and asset.endswith(tail)
 
 
+@browser
 def test_the_models_lineage_reaches_back_to_the_export(ui, page, screenshots):
     base, _ = ui
     page.goto(f"{base}/assets/champion_model")
