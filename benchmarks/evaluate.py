@@ -18,20 +18,18 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _shared_data import classification_data  # noqa: E402
 from animl_assets.assets.evaluation import evaluation_figures  # noqa: E402
 from animl_assets.core import evaluation as ev  # noqa: E402
 from animl_assets.core.artifact_files import to_files  # noqa: E402
 from animl_assets.core.models import VALID_MODELS, build_model, default_image_size, read_checkpoint  # noqa: E402
-from animl_assets.core.sample import write_sample_crops  # noqa: E402
 from animl_assets.core.training import resolve_device, split_frame  # noqa: E402
 
 
@@ -49,16 +47,9 @@ def main() -> None:
     parser.add_argument("--out", help="write the evaluation's files into this folder")
     args = parser.parse_args()
 
-    temp = None
-    if args.dataset_dir is None:
-        temp = tempfile.TemporaryDirectory(prefix="animl-bench-")
-        sample = write_sample_crops(temp.name, crops_per_label_and_location=10, size=320)
-        args.crops_dir, args.dataset_dir = str(sample.crops_dir), str(sample.dataset_dir)
-    dataset_dir = Path(args.dataset_dir)
-    ds = pd.read_csv(dataset_dir / "classification_ds.csv")
-    label_index = json.loads((dataset_dir / "label_index.json").read_text())
-    splits = json.loads((dataset_dir / "splits.json").read_text())
-    frame = split_frame(ds, label_index, splits, args.label_weighted)
+    data = classification_data(args.crops_dir, args.dataset_dir, crops_per_label_and_location=10)
+    crops_dir, label_index = data.crops_dir, data.label_index
+    frame = split_frame(data.ds, label_index, data.splits, args.label_weighted)
     size = args.image_size or default_image_size(args.model)
     model = build_model(args.model, len(label_index), image_size=size)
     if args.checkpoint:
@@ -67,13 +58,13 @@ def main() -> None:
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    result, gap = ev.evaluate(model, frame, args.crops_dir, label_index, size, device,
+    result, gap = ev.evaluate(model, frame, crops_dir, label_index, size, device,
                               batch_size=args.batch_size, num_workers=args.workers,
                               progress=lambda line: timings.setdefault(line, time.perf_counter() - started))
     total = time.perf_counter() - started
     predicted = max(timings.values())  # the last split evaluated; then TorchScript and the rest
     figures_started = time.perf_counter()
-    evaluation_figures(result, Path(args.crops_dir), 4)
+    evaluation_figures(result, Path(crops_dir), 4)
     figures = time.perf_counter() - figures_started
     if args.out:
         for name, data in to_files(result, "classifier_evaluation").items():
@@ -86,8 +77,7 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         **({"gpu_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20)} if device.type == "cuda" else {}),
     }))
-    if temp is not None:
-        temp.cleanup()
+    data.cleanup()
 
 
 if __name__ == "__main__":

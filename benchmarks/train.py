@@ -15,17 +15,15 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _shared_data import classification_data  # noqa: E402
 from animl_assets.core.models import VALID_MODELS, default_image_size  # noqa: E402
-from animl_assets.core.sample import write_sample_crops  # noqa: E402
 from animl_assets.core.training import (TrainingParams, init_model, make_loaders, make_optimizer,  # noqa: E402
                                         resolve_device, split_frame, train_one_epoch, validate)
 
@@ -53,26 +51,18 @@ def main() -> None:
     parser.add_argument("--no-amp", action="store_true")
     args = parser.parse_args()
 
-    temp = None
-    if args.dataset_dir is None:
-        temp = tempfile.TemporaryDirectory(prefix="animl-bench-")
-        per = max(1, args.generated_crops // (4 * 6))
-        sample = write_sample_crops(temp.name, crops_per_label_and_location=per, size=320)
-        args.crops_dir, args.dataset_dir = str(sample.crops_dir), str(sample.dataset_dir)
-    dataset_dir = Path(args.dataset_dir)
-    ds = pd.read_csv(dataset_dir / "classification_ds.csv", dtype={"dataset": str, "location": str})
-    label_index = json.loads((dataset_dir / "label_index.json").read_text())
-    splits = json.loads((dataset_dir / "splits.json").read_text())
+    data = classification_data(args.crops_dir, args.dataset_dir, max(1, args.generated_crops // (4 * 6)))
+    crops_dir, label_index = data.crops_dir, data.label_index
     params = TrainingParams(model_name=args.model, image_size=args.image_size or default_image_size(args.model),
                             batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                             amp=not args.no_amp, channels_last=not args.no_channels_last, epochs=args.epochs)
     device = resolve_device(params.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    frame = split_frame(ds, label_index, splits, params.label_weighted)
+    frame = split_frame(data.ds, label_index, data.splits, params.label_weighted)
     eval_split = "val" if (frame["split"] == "val").any() else "train"
-    loaders = make_loaders(frame, args.crops_dir, params, device)
-    eval_loader = make_loaders(frame.assign(split=eval_split), args.crops_dir, params, device)[eval_split] \
+    loaders = make_loaders(frame, crops_dir, params, device)
+    eval_loader = make_loaders(frame.assign(split=eval_split), crops_dir, params, device)[eval_split] \
         if eval_split == "train" else loaders["val"]
     model = init_model(params, len(label_index))
     model.to(device, memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
@@ -106,8 +96,7 @@ def main() -> None:
         result["gpu_util"] = round(sum(utilization) / len(utilization), 1) if utilization else None
         result["gpu"] = torch.cuda.get_device_name(device)
     print(json.dumps(result))
-    if temp is not None:
-        temp.cleanup()
+    data.cleanup()
 
 
 if __name__ == "__main__":
