@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import boto3
@@ -40,14 +41,19 @@ REPO = Path(__file__).resolve().parents[1]
 ENA24 = REPO.parent / "shared" / "data" / "ena24_small"
 
 
+def unavailable(message: str) -> NoReturn:
+    """Stop a test whose outside requirement (data, a Debian package) is missing: a skip that says so, and
+    a failure under CI, which provides everything."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def shared_data(folder: Path) -> Path:
     """``folder`` of ../shared test data; where it is absent the test is skipped saying so (a failure in CI)."""
     if not (folder / "md_annotations.json").is_file():
-        message = (f"needs the ENA24 sample images at {folder} (../shared/data/ena24_small beside the "
-                   "repository; CI and the project's workspace have it, a plain clone does not)")
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"needs the ENA24 sample images at {folder} (../shared/data/ena24_small beside the "
+                    "repository; CI and the project's workspace have it, a plain clone does not)")
     return folder
 
 

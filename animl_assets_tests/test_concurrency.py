@@ -19,7 +19,7 @@ import yaml
 from animl_assets.cli import main
 from animl_assets.core.sample import EXPORT_NAME, write_sample_export
 from animl_assets.definitions import INGEST_JOB, TRAIN_JOB
-from animl_assets.lineage import CROSS_EXPORT
+from animl_assets.lineage import CROSS_EXPORT, newest_record
 
 from animl_assets_tests.conftest import assert_artifacts_intact, bucket_objects
 
@@ -28,12 +28,6 @@ ANIML = str(Path(sys.executable).with_name("animl"))
 TRAINING = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 64, "epochs": 2,
             "finetune": 2, "batch_size": 16, "num_workers": 0, "progress_every": 0}
 CLEAR_FAILURE = re.compile(r"animl \S+: error: |step \S+ failed")
-
-
-def _materialized(instance: dg.DagsterInstance, asset: str, partition: str) -> bool:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
-    return bool(records)
 
 
 def _first_run(instance: dg.DagsterInstance, job: str, partition: str | None) -> dg.RunRecord:
@@ -73,7 +67,7 @@ def test_two_exports_and_a_training_at_once_complete_or_fail_clearly_and_recover
     # c is killed (its process group, as the kernel's OOM killer or a lost node would) once it is cropping
     instance = dg.DagsterInstance.from_config(str(home / "dagster"))
     deadline = time.monotonic() + 600
-    while not _materialized(instance, "md_detections", "c") and runs["c"].poll() is None:
+    while newest_record(instance, "md_detections", "c") is None and runs["c"].poll() is None:
         assert time.monotonic() < deadline, "c never reached its crops"
         time.sleep(0.2)
     killed, killed_at = runs["c"].poll() is None, time.time()
@@ -107,7 +101,7 @@ def test_two_exports_and_a_training_at_once_complete_or_fail_clearly_and_recover
     # the recovered exports join the next dataset, and every artifact set in the bucket is whole
     assert main(["build-dataset"]) == 0
     for name in exports:
-        assert _materialized(instance, "crops", name)
-    newest = instance.fetch_materializations(dg.AssetKey("classification_dataset"), limit=1).records[0]
+        assert newest_record(instance, "crops", name) is not None
+    newest = newest_record(instance, "classification_dataset")
     assert set(newest.asset_materialization.metadata["exports_read"].data) == set(exports)
     assert_artifacts_intact(bucket_objects(s3, bucket), {"crops", *CROSS_EXPORT})

@@ -17,7 +17,7 @@ import pytest
 from animl_assets.assets.artifacts import THUMBNAIL_BYTES
 from animl_assets.lineage import DATA_VERSION_TAG
 
-from animl_assets_tests.conftest import REPO, dagster_ui
+from animl_assets_tests.conftest import REPO, dagster_ui, unavailable
 
 pytestmark = pytest.mark.slow
 browser = pytest.mark.browser
@@ -33,8 +33,7 @@ ROW_COUNTED = {"cct_export", "images", "md_detections", "crops", "classification
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        message = "Chromium is not installed (Debian: apt-get install chromium)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        unavailable("Chromium is not installed (Debian: apt-get install chromium)")
     return found
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from animl_assets_tests.conftest import REPO, free_port
+from animl_assets_tests.conftest import REPO, free_port, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 USER, PASSWORD = "animl", "pg-test-password"
@@ -29,8 +29,7 @@ def postgres():
     """(port, data dir) of a PostgreSQL server for this module; stopped and removed at the end."""
     bindir = _binaries()
     if bindir is None:
-        message = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        unavailable("PostgreSQL is not installed (Debian: apt-get install postgresql)")
     run_as: list[str] = []
     folder = Path(tempfile.mkdtemp(prefix="animl-pg-"))
     if os.geteuid() == 0:  # the server refuses to run as root: the package's own system user runs it
