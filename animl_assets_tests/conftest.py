@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -106,43 +106,82 @@ def run_ingest(settings: Settings, instance: dg.DagsterInstance, partition: str,
     )
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections' local ports (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, below the ephemeral range: a busy test beside it (thousands of
+    HTTP connections) cannot take it as a connection's local port before the server binds it."""
+    ephemeral = _ephemeral_ports()
+    candidates = range(20000, ephemeral.start) if ephemeral.start > 21000 else range(10000, 20000)
+    for port in random.sample(candidates, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {candidates}")
+
+
+BIND_FAILED = "address already in use"
 
 
 @contextmanager
-def dagster_ui(home: Path, log: Path, timeout_s: float = 180) -> Iterator[str]:
+def dagster_ui(home: Path, log: Path, timeout_s: float = 180, attempts: int = 3) -> Iterator[str]:
     """``animl ui`` (dagster dev: webserver and daemon) on 127.0.0.1 over ``home``; yields its base URL once
-    it answers, and stops the whole process group at the end."""
-    port = free_port()
-    env = {**os.environ, "ANIML_HOME": str(home), "DAGSTER_HOME": ""}
-    with log.open("w") as out:
-        process = subprocess.Popen([str(Path(sys.executable).with_name("animl")), "ui", "--host", "127.0.0.1",
-                                    "--port", str(port)], cwd=REPO, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/server_info", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail(f"the UI did not answer in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
-        yield base
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+    it answers, and stops the whole process group at the end. A port taken in the meantime (the webserver
+    logs the bind error and hangs) is retried on another port."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("animl")), "ui", "--host", "127.0.0.1", "--port", str(port)],
+                cwd=REPO, env={**os.environ, "ANIML_HOME": str(home), "DAGSTER_HOME": ""}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            answered = _wait_for_ui(f"http://127.0.0.1:{port}", process, log, timeout_s)
+            if answered:
+                yield f"http://127.0.0.1:{port}"
+                return
+        finally:
+            _stop_group(process)
+        if BIND_FAILED not in log.read_text() or attempt == attempts:
+            not_daemon = [line for line in log.read_text().splitlines() if "dagster.daemon" not in line]
+            pytest.fail(f"the UI did not answer in {timeout_s:.0f} s (attempt {attempt}); its log without the "
+                        "daemon's lines:\n" + "\n".join(not_daemon[-60:]))
+
+
+def _wait_for_ui(base: str, process: subprocess.Popen, log: Path, timeout_s: float) -> bool:
+    """Whether the webserver at ``base`` answered before the timeout, the process's end or a bind error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/server_info", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            if BIND_FAILED in log.read_text():
+                return False
+            time.sleep(1)
+    return False
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM a process group (its leader may be gone, a child not), SIGKILL it after a minute."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.fixture(scope="session")
