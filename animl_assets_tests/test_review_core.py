@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from animl_assets.core import review as rv
 from animl_assets.core.inference import Classifier, classify
 from animl_assets.core.megadetector import validate_batch_output
+from animl_assets.core.training import eval_resize, eval_transform, normalize
 
 
 class ColourModel(torch.nn.Module):
@@ -51,6 +53,28 @@ def test_classify_streams_the_reference_csv_and_reports_a_broken_crop(tmp_path):
     assert np.allclose(out[["red", "green", "blue"]].sum(axis=1), 1, atol=1e-5)
     assert report.classified == 9 and [p for p, _ in report.failures] == ["cam/broken.jpg___crop00_md.jpg",
                                                                          "cam/missing.jpg"]
+
+
+@pytest.mark.parametrize("mean, std", [(None, None), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
+def test_classify_feeds_the_model_what_evaluation_feeds_it(tmp_path, mean, std):
+    """uint8 crops from the loader, normalized on the device: the same input as ``eval_transform`` (the
+    evaluation's), with the classifier's own mean and std when it has them."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(60, 40), (40, 70), (33, 33)]):
+        paths.append(f"cam/noise{i}.png")
+        (tmp_path / "cam").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / paths[-1])
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    stats = {} if mean is None else {"mean": mean, "std": std}
+    transform = eval_transform(24) if mean is None else v2.Compose([eval_resize(24), normalize(mean, std)])
+    with torch.no_grad():
+        inputs = torch.stack([transform(Image.open(tmp_path / p).convert("RGB")) for p in paths])
+        expected = torch.softmax(net(inputs), dim=1).numpy()
+    classify(Classifier(net, ["a", "b", "c", "d"], 24, "v1", **stats), tmp_path, paths, tmp_path / "out.csv",
+             batch_size=2, workers=0)
+    assert np.allclose(pd.read_csv(tmp_path / "out.csv")[["a", "b", "c", "d"]], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_target_mapping_sums_probabilities_and_sends_the_rest_to_other(tmp_path):

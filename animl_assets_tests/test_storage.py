@@ -2,6 +2,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import tracemalloc
+from pathlib import Path
 
 import dagster as dg
 
@@ -9,7 +12,7 @@ import pytest
 from dagster_aws.s3 import S3Resource
 
 from animl_assets.core.paths import UnsafePathError, redact_credentials
-from animl_assets.resources.storage import LocalStore, S3Store, StoreResource, open_store, parse_s3_uri
+from animl_assets.resources.storage import MULTIPART_BYTES, LocalStore, S3Store, StoreResource, open_store, parse_s3_uri
 from animl_assets.settings import Settings
 
 
@@ -38,10 +41,32 @@ def exercise(store):
     for bad in ("../x", "/etc/passwd", "a/../../x"):
         with pytest.raises(UnsafePathError):
             store.write_bytes(bad, b"")
+    with tempfile.TemporaryDirectory() as tmp:
+        small, large = Path(tmp) / "small.csv", Path(tmp) / "large.csv.gz"
+        small.write_bytes(b"path,a\n")
+        large.write_bytes(os.urandom(MULTIPART_BYTES + 1000))  # S3: the multipart upload
+        store.put_file("up/small.csv", small)
+        store.put_file("up/large.csv.gz", large)
+        assert store.read_bytes("up/small.csv") == small.read_bytes()
+        assert store.read_bytes("up/large.csv.gz") == large.read_bytes()
+        with pytest.raises(UnsafePathError):
+            store.put_file("../escape.csv", small)
 
 
 def test_local_store_contract(tmp_path):
     exercise(LocalStore(tmp_path / "root"))
+
+
+def test_putting_a_large_file_streams_it(tmp_path):
+    big = tmp_path / "classifier_output.csv.gz"
+    big.write_bytes(os.urandom(32 << 20))
+    store = LocalStore(tmp_path / "root")
+    tracemalloc.start()
+    store.put_file("classifications/x/classifier_output.csv.gz", big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB held for a 32 MiB file"
+    assert store.stat("classifications/x/classifier_output.csv.gz").size == 32 << 20
 
 
 def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ from crop files to the written ``classifier_output.csv.gz``.
 ``--crops-dir``: every image under it (else generated crops). ``--model-file``: a TorchScript file or a
 checkpoint (``{"model": state_dict}``) of ``--model``; without it the model has random weights (the speed
 does not depend on them). Prints one JSON object last: crops, crops_per_s, peak_rss_mb (and gpu_mem_mb on
-CUDA).
+CUDA), and where the time goes: ``loader_crops_per_s_per_worker`` (decode, resize and crop of one loader
+process alone; times ``--workers`` it is the most the loader can feed the model).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from animl_assets.core.evaluation import load_script  # noqa: E402
-from animl_assets.core.inference import Classifier, classify  # noqa: E402
+from animl_assets.core.inference import Classifier, CropFiles, classify  # noqa: E402
 from animl_assets.core.models import VALID_MODELS, build_model, default_image_size, read_checkpoint  # noqa: E402
 from animl_assets.core.sample import write_sample_crops  # noqa: E402
 from animl_assets.core.training import resolve_device  # noqa: E402
@@ -76,10 +78,20 @@ def main() -> None:
         "model": args.model, "image_size": size, "batch_size": args.batch_size, "workers": args.workers,
         "device": str(device), "crops": best.classified, "failed": len(best.failures),
         "crops_per_s": round(best.crops_per_s, 1),
+        "loader_crops_per_s_per_worker": round(_loader_speed(root, paths, size), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         **({"gpu_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20)} if device.type == "cuda" else {}),
     }))
     temp.cleanup()
+
+
+def _loader_speed(root: Path, paths: list[str], size: int, most: int = 400) -> float:
+    """Crops per second one loader process prepares (``CropFiles``: decode, resize, crop) with no model."""
+    dataset = CropFiles(root, paths[:most], size)
+    started = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    return len(dataset) / (time.perf_counter() - started)
 
 
 def _is_checkpoint(path: str) -> bool:

@@ -115,6 +115,6 @@ def publish(folder: Path, store: Store) -> int:
         key, stat = path.relative_to(folder).as_posix(), path.stat()
         remote = present.get(key)
         if remote is None or remote.size != stat.st_size or stat.st_mtime > remote.mtime + 1:
-            store.write_bytes(key, path.read_bytes())
+            store.put_file(key, path)
             uploaded += 1
     return uploaded

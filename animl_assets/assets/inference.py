@@ -117,7 +117,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
                           batch_size=config.batch_size, workers=config.num_workers,
                           progress=lambda done, total: context.log.info(f"classified {done}/{total} crops"),
                           progress_every=config.progress_every)
-        store.write_bytes(f"{folder}/{OUTPUT}", out.read_bytes())
+        store.put_file(f"{folder}/{OUTPUT}", out)
         if config.sequences:
             export = read_artifacts(store, artifact_key("cct_export", partition, "")).export
             images = sequence_ids(export["images"], config.sequence_gap_s)
@@ -125,7 +125,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
                                          {p: images[crop_image(p)] for p in paths if crop_image(p) in images})
             sequence_file = Path(tmp) / SEQUENCE_OUTPUT
             per_sequence.to_csv(sequence_file, index=False, compression={"method": "gzip", "mtime": 0})
-            store.write_bytes(f"{folder}/{SEQUENCE_OUTPUT}", sequence_file.read_bytes())
+            store.put_file(f"{folder}/{SEQUENCE_OUTPUT}", sequence_file)
     label_index = remapped_label_index(report.columns)
     store.write_bytes(f"{folder}/label_index.json", json.dumps(label_index, indent=1).encode())
     failures = pd.DataFrame(report.failures, columns=["path", "error"])

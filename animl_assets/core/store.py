@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -30,6 +31,10 @@ class Store(Protocol):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write atomically: readers see the old file or the whole new one, never a part."""
+        ...
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        """Copy a local file to ``key`` in a stream (memory does not grow with its size), atomically."""
         ...
 
     def exists(self, key: str) -> bool: ...

@@ -78,16 +78,26 @@ def train_transform(size: int) -> v2.Compose:
         v2.RandomResizedCrop(size, antialias=True), v2.RandomRotation(degrees=(-90, 90)),
         v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.1), v2.RandomGrayscale(p=0.1),
         v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
-        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEANS, STDS),
+        v2.PILToTensor(), normalize(),
     ])
+
+
+def eval_resize(size: int) -> v2.Compose:
+    """The reference's evaluation geometry: bicubic resize of the short side, centre crop; a uint8 tensor."""
+    return v2.Compose([
+        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
+        v2.PILToTensor(),
+    ])
+
+
+def normalize(mean: Sequence[float] = MEANS, std: Sequence[float] = STDS) -> v2.Compose:
+    """uint8 image tensors (one or a batch) to the model's normalized float input."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 def eval_transform(size: int) -> v2.Compose:
-    """The reference's evaluation transform: bicubic resize of the short side, centre crop, normalize."""
-    return v2.Compose([
-        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
-        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEANS, STDS),
-    ])
+    """The reference's evaluation transform: ``eval_resize`` then ``normalize``."""
+    return v2.Compose([eval_resize(size), normalize()])
 
 
 def detection_weights(confidence: np.ndarray, calibration: Mapping[str, np.ndarray] | None) -> np.ndarray:

@@ -2,12 +2,14 @@
 
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointConnectionError, IncompleteReadError,
                                  ReadTimeoutError, ResponseStreamingError)
 from dagster_aws.s3 import S3Resource
@@ -16,9 +18,12 @@ from pydantic import Field
 from urllib3.exceptions import ProtocolError
 
 from animl_assets.core.exports import EXPORT_SUFFIX
-from animl_assets.core.files import TEMP_PREFIX, atomic_write
+from animl_assets.core.files import TEMP_PREFIX, atomic_open, atomic_write
 from animl_assets.core.paths import redact_credentials, safe_relative_path
 from animl_assets.core.store import Store, StoredFile
+
+COPY_CHUNK = 1 << 20
+MULTIPART_BYTES = 8 << 20
 
 # A response cut short, a connection dropped or refused, a read timing out: worth another try.
 TRANSIENT_ERRORS = (IncompleteReadError, ResponseStreamingError, ProtocolError, ConnectionClosedError,
@@ -50,6 +55,10 @@ class LocalStore:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         atomic_write(self._path(key), data)
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        with open(path, "rb") as source, atomic_open(self._path(key)) as target:
+            shutil.copyfileobj(source, target, COPY_CHUNK)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -121,6 +130,16 @@ class S3Store:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        """One PUT from the open file for a small file (a crop); past ``MULTIPART_BYTES``, boto3's managed
+        transfer in parts (each retried). Either way the object appears only when whole."""
+        if os.path.getsize(path) <= MULTIPART_BYTES:
+            with open(path, "rb") as body:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body)
+        else:
+            self.client.upload_file(str(path), self.bucket, self._key(key),
+                                    Config=TransferConfig(multipart_threshold=MULTIPART_BYTES))
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
