@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from animl_assets.core import review as rv
-from animl_assets.core.inference import Classifier, classify
+from animl_assets.core.inference import Classifier, classify, decode_on, encoded_tensor
 from animl_assets.core.megadetector import validate_batch_output
 from animl_assets.core.training import eval_resize, eval_transform, normalize
 
@@ -75,6 +75,48 @@ def test_classify_feeds_the_model_what_evaluation_feeds_it(tmp_path, mean, std):
     classify(Classifier(net, ["a", "b", "c", "d"], 24, "v1", **stats), tmp_path, paths, tmp_path / "out.csv",
              batch_size=2, workers=0)
     assert np.allclose(pd.read_csv(tmp_path / "out.csv")[["a", "b", "c", "d"]], expected, rtol=1e-5, atol=1e-6)
+
+
+def _mixed_crops(folder) -> dict[str, str]:
+    """Crops of every kind the loader meets, with the error each should get ("" when it decodes)."""
+    yy, xx = np.mgrid[0:90, 0:130]
+    smooth = Image.fromarray(np.stack([xx * 2 % 256, yy * 3 % 256, (xx + yy) % 256], -1).astype(np.uint8))
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 50, 3), dtype=np.uint8))
+    (folder / "cam").mkdir(parents=True, exist_ok=True)
+    kinds = {"cam/rgb.jpg": smooth, "cam/noise.jpg": noise, "cam/gray.jpg": smooth.convert("L"),
+             "cam/cmyk.jpg": smooth.convert("CMYK"), "cam/crop.png": smooth}
+    for path, image in kinds.items():
+        image.save(folder / path, quality=90)
+    (folder / "cam/truncated.jpg").write_bytes((folder / "cam/rgb.jpg").read_bytes()[:300])
+    (folder / "cam/zero.jpg").write_bytes(b"")
+    (folder / "cam/garbage.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return {**dict.fromkeys(kinds, ""), "cam/truncated.jpg": "Truncated", "cam/zero.jpg": "empty",
+            "cam/garbage.jpg": "cannot identify", "cam/missing.jpg": "No such file"}
+
+
+def test_decoding_on_the_device_gives_the_loaders_pixels_and_reports_the_same_crops(tmp_path):
+    """decode="device" (the GPU path: bytes from the loader, decode_jpeg on the device, PIL for what it
+    refuses), run here on the CPU: the loader path's pixels within one level, the same failures."""
+    expected = _mixed_crops(tmp_path)
+    paths = list(expected)
+    encoded = [encoded_tensor((tmp_path / p).read_bytes()) for p in paths if (tmp_path / p).is_file()]
+    batch, errors = decode_on(torch.device("cpu"), encoded, 32)
+    decoded = [p for p in paths if not expected[p]]
+    assert [bool(e) for e in errors] == [bool(expected[p]) for p in paths if (tmp_path / p).is_file()]
+    for path, pixels in zip(decoded, batch):
+        reference = eval_resize(32)(Image.open(tmp_path / path).convert("RGB"))
+        assert (pixels.int() - reference.int()).abs().max() <= 1, path
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    model = Classifier(net, ["a", "b", "c"], 32, "v1")
+    reports = {decode: classify(model, tmp_path, paths, tmp_path / f"{decode}.csv", batch_size=3, workers=0,
+                                decode=decode) for decode in ("loader", "device")}
+    for report in reports.values():
+        assert {path: error for path, error in report.failures}.keys() == {p for p in paths if expected[p]}
+        assert all(expected[path] in error for path, error in report.failures), report.failures
+    by_loader, on_device = (pd.read_csv(tmp_path / f"{d}.csv", index_col="path") for d in ("loader", "device"))
+    assert list(on_device.index) == decoded == list(by_loader.index)
+    assert np.allclose(on_device, by_loader, atol=2e-3)
 
 
 def test_a_target_mapping_sums_probabilities_and_sends_the_rest_to_other(tmp_path):

@@ -2,8 +2,8 @@
 from crop files to the written ``classifier_output.csv.gz``.
 
     python benchmarks/infer.py [--crops-dir DIR] [--model efficientnet-b0] [--image-size 224]
-                               [--batch-size 16] [--workers 2] [--device auto] [--model-file FILE]
-                               [--repeat 1]
+                               [--batch-size 16] [--workers 2] [--device auto] [--decode auto]
+                               [--model-file FILE] [--repeat 1]
 
 ``--crops-dir``: every image under it (else generated crops). ``--model-file``: a TorchScript file or a
 checkpoint (``{"model": state_dict}``) of ``--model``; without it the model has random weights (the speed
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decode", default="auto", choices=["auto", "loader", "device"],
+                        help="decode crops in the loader workers (PIL) or on the device (auto: the device on CUDA)")
     parser.add_argument("--model-file", help="TorchScript file or checkpoint of --model")
     parser.add_argument("--labels", type=int, default=4, help="outputs of a random-weight model")
     parser.add_argument("--generated-crops", type=int, default=480)
@@ -71,12 +73,12 @@ def main() -> None:
     best = None
     for _ in range(args.repeat):
         report = classify(classifier, root, paths, Path(temp.name) / "classifier_output.csv.gz", device=device,
-                          batch_size=args.batch_size, workers=args.workers)
+                          batch_size=args.batch_size, workers=args.workers, decode=args.decode)
         print(f"{report.classified} crops in {report.seconds:.1f}s: {report.crops_per_s:.1f} crops/s", flush=True)
         best = report if best is None or report.crops_per_s > best.crops_per_s else best
     print(json.dumps({
         "model": args.model, "image_size": size, "batch_size": args.batch_size, "workers": args.workers,
-        "device": str(device), "crops": best.classified, "failed": len(best.failures),
+        "device": str(device), "decode": args.decode, "crops": best.classified, "failed": len(best.failures),
         "crops_per_s": round(best.crops_per_s, 1),
         "loader_crops_per_s_per_worker": round(_loader_speed(root, paths, size), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -58,6 +58,9 @@ class ClassificationsConfig(dg.Config):
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=2, ge=0)
     device: str = "auto"
+    decode: Literal["auto", "loader", "device"] = Field(default="auto", description="Where crops are decoded: "
+                                                        "loader (PIL in the workers), device (nvJPEG on the GPU) "
+                                                        "or auto (the device on CUDA).")
     progress_every: int = Field(default=50, ge=0, description="A progress line every N batches (0: none).")
     sequences: bool = Field(default=False, description="Also write sequence_output.csv.gz: the mean of the crops' "
                             "probabilities per sequence (export seq_id, else one location within the gap).")
@@ -114,7 +117,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     with tempfile.TemporaryDirectory(prefix="animl-classify-") as tmp:
         out = Path(tmp) / OUTPUT
         report = classify(classifier, crops_root, paths, out, mapping=mapping, device=device,
-                          batch_size=config.batch_size, workers=config.num_workers,
+                          batch_size=config.batch_size, workers=config.num_workers, decode=config.decode,
                           progress=lambda done, total: context.log.info(f"classified {done}/{total} crops"),
                           progress_every=config.progress_every)
         store.put_file(f"{folder}/{OUTPUT}", out)

@@ -14,16 +14,21 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
 
 from animl_assets.core.evaluation import map_logits, target_columns
 from animl_assets.core.training import MEANS, STDS, eval_resize, normalize
+
+
+Decode = Literal["auto", "loader", "device"]
 
 
 @dataclass
@@ -52,11 +57,85 @@ class CropFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        path = self.root / self.paths[index]
         try:
-            with Image.open(self.root / self.paths[index]) as image:
+            with Image.open(path) as image:
                 return self.transform(image.convert("RGB")), index, ""
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), index, f"{type(err).__name__}: {err}"
+            error = "empty file" if path.is_file() and not path.stat().st_size else f"{type(err).__name__}: {err}"
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), index, error
+
+
+class CropBytes(Dataset):
+    """Crop files' encoded bytes, for decoding on the device (nvJPEG on CUDA): the loader workers only read,
+    which takes the CPU loader out of the way of a fast GPU. A file that cannot be read yields its error."""
+
+    def __init__(self, root: str | Path, paths: Sequence[str]) -> None:
+        self.root, self.paths = Path(root), list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            data = (self.root / self.paths[index]).read_bytes()
+            return encoded_tensor(data), index, ""
+        except OSError as err:
+            return torch.empty(0, dtype=torch.uint8), index, f"{type(err).__name__}: {err}"
+
+
+def encoded_tensor(data: bytes) -> torch.Tensor:
+    """A file's bytes as the 1-D uint8 tensor ``decode_on`` takes (empty for an empty file)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _as_lists(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """Collate encoded files of different lengths: a list of them, the indices, the errors."""
+    data, indices, errors = zip(*batch)
+    return list(data), torch.tensor(indices), list(errors)
+
+
+def decode_on(device: torch.device, encoded: Sequence[torch.Tensor], size: int
+              ) -> tuple[torch.Tensor, list[str]]:
+    """Decode JPEG bytes on ``device`` (nvJPEG on CUDA; one call for the batch) and resize and crop them
+    there as ``eval_resize`` does. A file the JPEG decoder refuses (a PNG, a CMYK or corrupt JPEG) goes to
+    PIL on the CPU, or is reported. Returns the uint8 batch of the decoded files and each file's error
+    ("" when decoded)."""
+    images, errors = [], []
+    for data, image in zip(encoded, _decode_jpegs(device, encoded)):
+        if image is None:
+            if not data.numel():
+                errors.append("empty file")
+                continue
+            try:
+                with Image.open(io.BytesIO(data.numpy().tobytes())) as pil:
+                    image = eval_resize(size)(pil.convert("RGB")).to(device)
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                errors.append(f"{type(err).__name__}: {err}")
+                continue
+        else:
+            image = F.center_crop(F.resize(image, [size], interpolation=F.InterpolationMode.BICUBIC,
+                                           antialias=True), [size, size])
+        images.append(image)
+        errors.append("")
+    batch = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
+    return batch, errors
+
+
+def _decode_jpegs(device: torch.device, encoded: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """``decode_jpeg`` over the batch at once, else file by file; None where it cannot decode a file."""
+    if not encoded:
+        return []
+    try:
+        return list(decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        decoded: list[torch.Tensor | None] = []
+        for data in encoded:
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(None)
+        return decoded
 
 
 @dataclass
@@ -100,19 +179,22 @@ def _onednn_fusion(enabled: bool) -> Iterator[None]:
 def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str], out: str | Path, *,
              mapping: Mapping[str, Sequence[str]] | None = None, targets: Sequence[str] | None = None,
              device: torch.device | None = None, batch_size: int = 64, workers: int = 2,
-             progress: Callable[[int, int], None] | None = None, progress_every: int = 50) -> ClassifyReport:
+             decode: Decode = "auto", progress: Callable[[int, int], None] | None = None,
+             progress_every: int = 50) -> ClassifyReport:
     """Classify the crops ``paths`` (relative to ``crops_root``) and stream ``path,<category>…`` rows to
     ``out`` (gzipped when it ends in ``.gz``) batch by batch. With ``mapping`` the columns are ``targets``
     (default: the mapping's keys, in order) plus ``other`` for unmapped labels; probabilities are summed.
-    ``progress(done, total)`` is called every ``progress_every`` batches."""
+    ``decode``: "loader" (PIL in the loader workers, the evaluation's exact pixels), "device" (``decode_on``)
+    or "auto" (the device on CUDA). ``progress(done, total)`` is called every ``progress_every`` batches."""
     device = device or torch.device("cpu")
     if mapping is not None:
         columns, cols = target_columns(classifier.labels, list(targets or mapping), mapping)
     else:
         columns, cols = list(classifier.labels), None
-    dataset = CropFiles(crops_root, paths, classifier.image_size)
+    on_device = decode == "device" or (decode == "auto" and device.type == "cuda")
+    dataset = CropBytes(crops_root, paths) if on_device else CropFiles(crops_root, paths, classifier.image_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        persistent_workers=False, collate_fn=_as_lists if on_device else None)
     model = prepare(classifier.model, device, classifier.image_size)
     to_input = normalize(classifier.mean, classifier.std)
     report = ClassifyReport(columns)
@@ -121,13 +203,16 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
     with opener(out, "wt", newline="") as stream, torch.inference_mode(), _onednn_fusion(device.type == "cpu"):
         stream.write(",".join(["path", *(_csv_field(c) for c in columns)]) + "\n")
         for batch, (images, indices, errors) in enumerate(loader):
-            ok = torch.tensor([not e for e in errors])
-            for index, error in zip(indices.tolist(), errors):
-                if error:
-                    report.failures.append((dataset.paths[index], error))
+            if on_device:  # decode what was read; ``images`` becomes the decoded batch
+                read = [i for i, error in enumerate(errors) if not error]
+                images, decode_errors = decode_on(device, [images[i] for i in read], classifier.image_size)
+                for i, error in zip(read, decode_errors):
+                    errors[i] = error
+            ok = torch.tensor([not error for error in errors], dtype=torch.bool)
+            report.failures += [(dataset.paths[i], error) for i, error in zip(indices.tolist(), errors) if error]
             if ok.any():
-                images = to_input(images[ok].to(device, non_blocking=True)).contiguous(
-                    memory_format=torch.channels_last)
+                images = images if on_device else images[ok]
+                images = to_input(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(images).float()
                 if cols is not None:
