@@ -485,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("asset", choices=list(CROSS_EXPORT))
     lineage.add_argument("--version", help="the version (default: the newest)")
     lineage.add_argument("--json", action="store_true", help="print JSON")
-    gc = commands.add_parser("gc", help="remove dataset, splits, checkpoint and evaluation versions beyond the newest N "
-                                        "that nothing kept (nor a registered model) depends on (a dry run unless --yes)")
+    gc = commands.add_parser("gc", help="remove dataset, splits, checkpoint, evaluation and review-list versions beyond "
+                                        "the newest N that nothing kept (nor a registered model) depends on (a dry run "
+                                        "unless --yes)")
     promote = commands.add_parser("promote", help="make VERSION (number or alias) of the registered model the "
                                                   "champion by hand, bypassing the gate (recorded as tags)")
     promote.add_argument("version")

@@ -21,10 +21,11 @@ from animl_assets.resources.io_manager import VERSION_METADATA, version_folder
 from animl_assets.resources.storage import LocalStore
 
 CROSS_EXPORT = ("classification_dataset", "splits", "classifier_checkpoint", "classifier_evaluation",
-                "registered_model")  # downstream last
+                "registered_model", "mislabeled_candidates")  # downstream last
 UPSTREAM = {"splits": ("classification_dataset",), "classifier_checkpoint": ("splits", "classification_dataset"),
             "classifier_evaluation": ("classifier_checkpoint",),
-            "registered_model": ("classifier_evaluation", "classifier_checkpoint")}
+            "registered_model": ("classifier_evaluation", "classifier_checkpoint"),
+            "mislabeled_candidates": ("classifier_evaluation",)}
 INPUT_VERSION_TAG = "dagster/input_data_version/"
 DATA_VERSION_TAG = "dagster/data_version"
 

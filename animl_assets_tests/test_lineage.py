@@ -121,18 +121,32 @@ def _forget_registered_models(home: Path) -> None:
     MlflowClient(uri, uri).delete_registered_model("animl-classifier")
 
 
+def _review_lists(home: Path, margin: float) -> str:
+    """Materialize mislabeled_candidates with ``margin``; returns the new version."""
+    ensure_dagster_home(Settings.from_env())
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    config = {"ops": {"mislabeled_candidates": {"config": {"margin": margin}}}}
+    with dg.DagsterInstance.get() as instance:
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("mislabeled_candidates")],
+                                      run_config=config).success
+        event = instance.get_latest_materialization_event(dg.AssetKey("mislabeled_candidates"))
+    return event.asset_materialization.metadata["version"].value
+
+
 def test_gc_keeps_the_newest_and_what_they_read(two_exports, capsys):
     datasets = two_exports / "artifacts" / "classification_dataset"
+    old_reviews = len(list((two_exports / "artifacts" / "mislabeled_candidates").iterdir())) - 1
     assert main(["gc", "--keep", "1"]) == 0  # both models are registered: all they were made from stays
-    assert "nothing to remove" in capsys.readouterr().out
+    out = capsys.readouterr().out  # review lists are not what a model is made from
+    assert out.count("would remove") == out.count("would remove mislabeled_candidates") == old_reviews
     _forget_registered_models(two_exports)
     assert main(["gc", "--keep", "1"]) == 0
     out = capsys.readouterr().out
-    # the old dataset, splits, checkpoint, evaluation and registration versions
-    assert out.count("would remove") == 5 and "dry run" in out
+    # the old dataset, splits, checkpoint, evaluation and registration versions (and review lists)
+    assert out.count("would remove") == 5 + old_reviews and "dry run" in out
     assert len(list(datasets.iterdir())) == 2  # a dry run removes nothing
     assert main(["gc", "--keep", "1", "--yes"]) == 0
-    assert capsys.readouterr().out.count("removed") == 5
+    assert capsys.readouterr().out.count("removed") == 5 + old_reviews
     assert main(["lineage", "splits", "--json"]) == 0
     kept = json.loads(capsys.readouterr().out)["inputs"][0]["version"]
     assert [p.name for p in datasets.iterdir()] == [kept]
@@ -156,3 +170,17 @@ def test_gc_keeps_a_dataset_version_a_kept_splits_version_read(two_exports, caps
     assert main(["lineage", "splits", "--json"]) == 0
     read_by_splits = json.loads(capsys.readouterr().out)["inputs"][0]["version"]
     assert len(remaining) == 2 and read_by_splits in remaining  # the newest, and the one splits read
+
+
+def test_gc_removes_old_review_lists_with_their_contact_sheets(two_exports, capsys):
+    reviews = two_exports / "artifacts" / "mislabeled_candidates"
+    before = {p.name for p in reviews.iterdir()}
+    newest = _review_lists(two_exports, margin=0.01)  # a wider net: another list, another version
+    assert newest not in before and (reviews / newest / "contact_sheet.png").is_file()
+    assert main(["lineage", "mislabeled_candidates", "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert chain["version"] == newest and chain["inputs"][0]["asset"] == "classifier_evaluation"
+    assert main(["gc", "--keep", "1", "--yes"]) == 0  # the models stay registered: only review lists go
+    out = capsys.readouterr().out
+    assert out.count("removed") == out.count("removed mislabeled_candidates") == len(before)
+    assert [p.name for p in reviews.iterdir()] == [newest]
