@@ -23,6 +23,10 @@ class CliError(Exception):
     """An expected failure: bad input or a run that stopped for a reason it reported. One line, exit 2."""
 
 
+# what a step raises that says itself what is wrong: one line, no trace (a Failure, a service that cannot be asked)
+REPORTED_ERRORS = ("Failure", "RegistryUnavailable", "TrackingUnavailable")
+
+
 class RunCrashed(Exception):
     """A run failed on an unexpected error, whose trace has been printed. Exit 1."""
 
@@ -227,8 +231,8 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
         error = event.step_failure_data.error
         if error.cls_name == "DagsterAssetCheckFailedError":
             continue  # the failed check itself is reported above
-        failure = error if error.cls_name == "Failure" else error.cause
-        if failure is not None and failure.cls_name == "Failure":
+        failure = error if error.cls_name in REPORTED_ERRORS else error.cause
+        if failure is not None and failure.cls_name in REPORTED_ERRORS:
             expected.append(f"{event.step_key}: {failure.message.split(': ', 1)[-1].strip()}")
         else:
             unexpected.append(f"step {event.step_key} failed:\n{error.to_string()}")
@@ -429,15 +433,18 @@ def run_promote(args: argparse.Namespace, settings: Settings) -> int:
     from animl_assets.core import registry
     from animl_assets.definitions import build_resources
 
+    model, ref = registry.parse_ref(args.model or registry.DEFAULT_MODEL, args.version)
+    if args.model and model != args.model:
+        raise CliError(f"{args.version} is a version of {model!r}, not of --model {args.model!r}")
     client = build_resources(settings)["mlflow"].client()
-    version = registry.resolve(client, args.model, args.version)
-    previous = registry.promote(client, args.model, version.version, how="hand", reason=args.reason or "")
+    version = registry.resolve(client, model, ref)
+    previous = registry.promote(client, version.name, version.version, how="hand", reason=args.reason or "")
     with dg.DagsterInstance.get() as instance:
         instance.report_runless_asset_event(dg.AssetMaterialization(
             "champion_model", description=f"promoted by hand: {args.reason or 'no reason given'}",
-            metadata={"model_name": args.model, "champion_version": int(version.version),
+            metadata={"model_name": version.name, "champion_version": int(version.version),
                       "replaced_version": previous or "", "how": "hand"}))
-    print(f"{args.model} version {version.version} is champion (was: {previous or 'none'}); recorded as "
+    print(f"{version.name} version {version.version} is champion (was: {previous or 'none'}); recorded as "
           "tag animl.promoted=hand")
     return 0
 
@@ -491,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote = commands.add_parser("promote", help="make VERSION (number or alias) of the registered model the "
                                                   "champion by hand, bypassing the gate (recorded as tags)")
     promote.add_argument("version")
-    promote.add_argument("--model", default="animl-classifier", help="the registered model (default animl-classifier)")
+    promote.add_argument("--model", help="the registered model (default: the one a models:/ URI names, else "
+                                          "animl-classifier)")
     promote.add_argument("--reason", help="why, kept as the version's animl.promotion_reason tag")
     gc.add_argument("--keep", type=int, default=3, help="versions to keep per asset (default 3)")
     gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")

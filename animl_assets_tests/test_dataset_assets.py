@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 
@@ -134,3 +135,49 @@ def test_location_strings_survive_the_whole_chain(settings, instance, sample_dir
     placed = [tuple(pair) for split in splits.values() for pair in split]
     assert sorted(placed) == sorted({(row["dataset"], row["location"]) for row in rows})
     assert {location for _, location in placed} == set(tricky)
+
+
+def _failure(result) -> str:
+    return " ".join(e.step_failure_data.error.message for e in result.get_step_failure_events())
+
+
+def test_corrections_name_their_export_and_never_invent_labels(settings, instance, sample_dir, tmp_path):
+    # two exports of the same cameras: every file name is in both
+    first, second = (add_export(settings, instance, sample_dir, folder) for folder in ("north", "south"))
+    assert run_ingest(settings, instance, first).success and run_ingest(settings, instance, second).success
+    bare = tmp_path / "bare.csv"
+    bare.write_text("file,correct_label\nridge/deer_000.jpg,fox\n")
+    refused = run_dataset(settings, instance, config({"corrections": str(bare)}))
+    assert not refused.success and "matches images of 2 exports" in _failure(refused)
+    assert instance.get_latest_materialization_event(dg.AssetKey("classification_dataset")) is None
+
+    named = tmp_path / "named.csv"
+    named.write_text(f"dataset,file,correct_label\n{second},ridge/deer_000.jpg, Fox\n"
+                     + "".join(f"{second},nowhere/{i}.jpg,fox\n" for i in range(5000)))
+    timelapse = tmp_path / "timelapse.csv"  # Timelapse's file for the first export's folder
+    timelapse.write_text("File,RelativePath,mislabeled,correct_class\ndeer_001.jpg,ridge,true,raccoon\n")
+    result = run_dataset(settings, instance, config({"corrections": str(named),
+                                                     "export_corrections": {first: str(timelapse)}}))
+    assert result.success, _failure(result)
+    ds = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv")
+    labels = dict(zip(ds["path"].str.split("___").str[0], ds["label"]))
+    north, south = (next(p for p in labels if p.startswith(f"{name}") and p.endswith("ridge/deer_000.jpg"))
+                    for name in ("north", "south"))
+    assert labels[north] == "deer" and labels[south] == "fox"  # ' Fox' read as the dataset's 'fox'
+    assert labels[next(p for p in labels if p.startswith("north") and p.endswith("ridge/deer_001.jpg"))] == "raccoon"
+    assert labels[next(p for p in labels if p.startswith("south") and p.endswith("ridge/deer_001.jpg"))] == "deer"
+    meta = materialization(result, "classification_dataset")
+    summary = meta["corrections"]
+    assert summary["num_unmatched"] == 5000 and len(summary["unmatched_first"]) == 20
+    assert len(json.dumps(summary)) < 10_000  # the event log holds a summary; the artifact holds every row
+    unmatched = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "corrections_unmatched.csv")
+    assert len(unmatched) == 5000
+
+    typo = tmp_path / "typo.csv"
+    typo.write_text(f"dataset,file,correct_label\n{second},ridge/deer_000.jpg,dear\n")
+    refused = run_dataset(settings, instance, config({"corrections": str(typo)}))
+    assert not refused.success and "'dear' (did you mean 'deer'?)" in _failure(refused)
+    allowed = run_dataset(settings, instance, config({"corrections": str(typo), "allow_new_labels": True,
+                                                      "min_crops_per_label": 1}))
+    assert "dear" in pd.read_csv(latest_version(settings, instance, "classification_dataset") /
+                                 "classification_ds.csv")["label"].tolist(), _failure(allowed)

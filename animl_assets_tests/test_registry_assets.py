@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from animl_assets.core import registry, tracking
 from animl_assets.core.evaluation import LABEL_STATS_COLUMNS, OVERALL_COLUMNS
@@ -180,6 +182,71 @@ def test_a_worse_model_stays_challenger_and_the_gate_says_why(registered_home):
     assert np.allclose(overall["acc_top1"], overall["acc_weighted_top1"])
 
 
+def _flaky_alias_lookups(monkeypatch, failures: int | None):
+    """The registry answers the champion lookup with a 503 ``failures`` times (None: always)."""
+    real, calls = MlflowClient.get_model_version_by_alias, []
+
+    def lookup(self, name, alias):
+        calls.append(alias)
+        if alias == "champion" and (failures is None or calls.count("champion") <= failures):
+            raise MlflowException("503 Service Unavailable", error_code=TEMPORARILY_UNAVAILABLE)
+        return real(self, name, alias)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", lookup)
+    return calls
+
+
+def test_the_gate_fails_closed_when_the_registry_cannot_be_asked(registered_home, monkeypatch):
+    settings, dagster_home, _ = registered_home
+    client = _client(settings)
+    register = [dg.AssetKey("registered_model"), dg.AssetKey("champion_model")]
+    champion = client.get_model_version_by_alias("animl-classifier", "champion").version
+    # one 503 on the champion lookup: the check is retried and compares as usual (the worse model stays challenger)
+    calls = _flaky_alias_lookups(monkeypatch, failures=1)
+    once = _run(settings, dagster_home, selection=register)
+    assert calls.count("champion") >= 2 and not _gate(once).passed
+    assert "does not beat" in _gate(once).metadata["reason"].value
+    assert _materialized(once, "champion_model") is None
+    # the registry down for good: no verdict, no promotion, and the failure says why
+    calls = _flaky_alias_lookups(monkeypatch, failures=None)
+    down = _run(settings, dagster_home, selection=register)
+    assert not down.success and not down.get_asset_check_evaluations()
+    assert _materialized(down, "champion_model") is None
+    errors = [e.step_failure_data.error for e in down.get_step_failure_events()]
+    assert any("could not be asked for animl-classifier@champion" in (e.cause or e).message for e in errors)
+    monkeypatch.undo()
+    assert client.get_model_version_by_alias("animl-classifier", "champion").version == champion
+    # the CLI says so in one line too
+    monkeypatch.setenv("ANIML_HOME", str(settings.home))
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    _flaky_alias_lookups(monkeypatch, failures=None)
+    from animl_assets import cli
+
+    assert cli.main(["promote", "champion"]) == 2
+
+
+def test_promote_never_moves_another_models_champion(registered_home, monkeypatch, capsys):
+    settings, dagster_home, _ = registered_home
+    monkeypatch.setenv("ANIML_HOME", str(settings.home))
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    client = _client(settings)
+    champion = client.get_model_version_by_alias("animl-classifier", "champion").version
+    other = client.get_model_version("animl-classifier", "1")
+    registry.register(client, "othermodel", other.source, other.run_id, {})
+    from animl_assets import cli
+
+    # a URI names its own model: promoting it moves othermodel's alias, not animl-classifier's
+    assert cli.main(["promote", "models:/othermodel/1"]) == 0
+    assert str(client.get_model_version_by_alias("othermodel", "champion").version) == "1"
+    assert client.get_model_version_by_alias("animl-classifier", "champion").version == champion
+    assert "othermodel version 1 is champion" in capsys.readouterr().out
+    assert cli.main(["promote", "models:/othermodel/1", "--model", "animl-classifier"]) == 2
+    assert "is a version of 'othermodel', not of --model 'animl-classifier'" in capsys.readouterr().err
+    assert cli.main(["promote", "models:/othermodel/7"]) == 2
+    assert "has no version 7" in capsys.readouterr().err
+    assert client.get_model_version_by_alias("animl-classifier", "champion").version == champion
+
+
 def test_the_gate_passes_on_a_tie_and_fails_past_its_margin(registered_home, monkeypatch):
     settings, dagster_home, _ = registered_home
     monkeypatch.setenv("ANIML_HOME", str(settings.home))
@@ -338,7 +405,7 @@ def test_reviewed_corrections_change_the_next_dataset_version(registered_home, t
                    classification_dataset={"corrections": str(tmp_path / "corrections.csv")})
     assert rebuilt.success
     corrections = _materialized(rebuilt, "classification_dataset")["corrections"]
-    assert corrections["crops_relabeled"] >= 1 and len(corrections["sha256"]) == 64
+    assert corrections["crops_relabeled"] >= 1 and len(corrections["files"][0]["sha256"]) == 64
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         after = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv")
     row = after[after["path"] == first["path"]]

@@ -17,10 +17,10 @@ from animl_assets.core.contact_sheet import contact_sheet
 from animl_assets.core.crops import CropManifest
 from animl_assets.core.dataset import CROP_COLUMNS, DatasetVersion, build_classification_dataset, label_index, match_test
 from animl_assets.core.exports import partition_folder
-from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, default_label_mapping, parse_label_spec,
-                                          parse_taxonomy, resolve_label_spec)
+from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, check_writable, default_label_mapping,
+                                          parse_label_spec, parse_taxonomy, resolve_label_spec)
 from animl_assets.core.megadetector import Detections, with_box_labels
-from animl_assets.core.review import apply_corrections, read_corrections
+from animl_assets.core.review import CorrectionsError, apply_corrections, read_corrections
 from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
 from animl_assets.core.tables import read_csv as read_table
 from animl_assets.resources.io_manager import version_folder
@@ -50,13 +50,61 @@ class DatasetConfig(dg.Config):
     match_test_splits: str = ""
     min_crops_per_label: int = Field(default=10, ge=1, description="The enough_labels_to_train check needs at "
                                                                    "least two labels with this many crops.")
-    corrections: str = Field(default="", description="Reviewed labels (path or s3:// URI): Timelapse's CSV with "
-                             "mislabeled and correct_class, or file,correct_label; relabels every crop of a "
-                             "listed image, or drops them when the correct label is empty.")
+    corrections: str = Field(default="", description="Reviewed labels (path or s3:// URI): a dataset,file,"
+                             "correct_label list (dataset: the export partition; or file as <dataset>/<file>). "
+                             "Relabels every crop of a listed image, or drops them when the correct label is "
+                             "empty. A bare file name that matches images of two exports is refused.")
+    export_corrections: dict[str, str] = Field(default={}, description="Reviewed labels per export: {partition: "
+                                               "path or s3:// URI} of Timelapse's CSV (mislabeled, correct_class) "
+                                               "or a file,correct_label list, for that export's images only.")
+    allow_new_labels: bool = Field(default=False, description="Let corrections name labels the dataset does not "
+                                   "have yet (by default an unknown label, such as a typo, is refused).")
 
 
 def _read_text(uri: str, storage: ArtifactStore) -> str:
     return read_uri(uri, storage.s3).decode()
+
+
+def _corrections(context: dg.AssetExecutionContext, config: DatasetConfig, storage: ArtifactStore,
+                 ds: pd.DataFrame, ready: list[str]) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """The dataset with the configured corrections applied (under ``dataset``), a summary for the event log
+    (files, counts, the first unmatched rows) and the full tables of applied and unmatched rows."""
+    sources = ([("", config.corrections)] if config.corrections else []) + sorted(config.export_corrections.items())
+    if not sources:
+        return {}, {}
+    unknown = sorted(set(config.export_corrections) - set(ready))
+    if unknown:
+        raise stop(f"export_corrections names exports that are not in the dataset: {unknown}")
+    frames, files = [], []
+    for export, uri in sources:
+        data = read_uri(uri, storage.s3)
+        try:
+            frames.append(read_corrections(data, dataset=export))
+        except ValueError as err:
+            raise stop(f"corrections {uri}: {err}") from err
+        files.append({"uri": uri, "export": export, "sha256": hashlib.sha256(data).hexdigest()})
+    try:
+        out, report = apply_corrections(ds, pd.concat(frames, ignore_index=True),
+                                        {p: partition_folder(p) for p in ready}, config.allow_new_labels)
+    except CorrectionsError as err:
+        raise stop(f"corrections: {err}") from err
+    for warning in report["warnings"]:
+        context.log.warning(f"corrections: {warning}")
+    unmatched = report["unmatched"]
+    if len(unmatched):
+        context.log.warning(f"{len(unmatched)} corrections match no crop of the dataset")
+    summary = {"dataset": out, "files": files, **{k: report[k] for k in ("corrections", "crops_relabeled",
+                                                                          "crops_dropped")},
+               "warnings": report["warnings"][:20], "num_unmatched": len(unmatched),
+               "unmatched_first": unmatched.head(20).to_dict("records")}
+    return summary, {"corrections_applied.csv": report["applied"], "corrections_unmatched.csv": unmatched}
+
+
+def _correction_files(store, folder: str, tables: dict[str, pd.DataFrame]) -> dict[str, dg.MetadataValue]:
+    """The corrections' full tables as artifacts beside the dataset version (the event log has a summary)."""
+    for name, frame in tables.items():
+        store.write_bytes(f"{folder}/{name}", frame.to_csv(index=False).encode())
+    return {f"{name.removesuffix('.csv')}_path": location(store.uri(f"{folder}/{name}")) for name in tables}
 
 
 def _crop_rows(partition: str, crops: CropManifest, detections: Detections,
@@ -104,6 +152,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
             mapping = resolve_label_spec(spec, classes, taxonomy)
         else:
             mapping = default_label_mapping(classes, config.excluded_classes)
+        check_writable(mapping.values())
     except (LabelSpecError, FileNotFoundError) as err:
         raise stop(f"label spec: {err}") from err
     ds, report = build_classification_dataset(frame, mapping, spec=spec, threshold=config.threshold,
@@ -113,16 +162,9 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     if config.match_test_csv:
         earlier = read_table(_read_text(config.match_test_csv, storage)).fillna({"location": ""})
         ds, test_locations = match_test(ds, earlier, json.loads(_read_text(config.match_test_splits, storage)))
-    corrected = {}
-    if config.corrections:
-        data = read_uri(config.corrections, storage.s3)
-        try:
-            ds, corrected = apply_corrections(ds, read_corrections(data), {p: partition_folder(p) for p in ready})
-        except ValueError as err:
-            raise stop(f"corrections {config.corrections}: {err}") from err
-        corrected |= {"uri": config.corrections, "sha256": hashlib.sha256(data).hexdigest()}
-        if corrected["unmatched"]:
-            context.log.warning(f"{len(corrected['unmatched'])} corrections match no crop of the dataset")
+    corrected, correction_tables = _corrections(context, config, storage, ds, ready)
+    if corrected:
+        ds = corrected.pop("dataset")
     if ds.empty:
         raise stop(f"the dataset is empty; left out: {report.dropped}")
     dataset = DatasetVersion(ds, label_index(ds), spec or {
@@ -152,6 +194,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
             "sampled": dg.MetadataValue.json({k: {"before": a, "after": b} for k, (a, b) in report.sampled.items()}),
             "match_test_locations": len(test_locations),
             "corrections": dg.MetadataValue.json(corrected),
+            **_correction_files(store, folder, correction_tables),
             **image_metadata(store, f"{folder}/{SAMPLE_GRID}", grid, "sample_grid", "sample crops per label"),
             "path": location(store.uri(f"{folder}/{DATASET_CSV}")),
         },

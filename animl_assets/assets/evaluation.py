@@ -259,7 +259,7 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
         except ValueError as err:
             context.log.warning(f"skipped {ref}: {err}")
             continue
-        rows.append({"model": f"{config.model_name} v{version.version} ({ref})", "source": version.source,
+        rows.append({"model": f"{version.name} v{version.version} ({ref})", "source": version.source,
                      **registered_scores(client, mlflow.uri, version, test, crops_root, device, config.batch_size)})
     for external in config.external:
         try:

@@ -96,14 +96,16 @@ def _comparison(new: dict[str, float], champion: dict[str, float], margin: float
 
 
 @dg.asset_check(asset=registered_model, blocking=True, additional_ins={"classifier_evaluation": dg.AssetIn()},
+                retry_policy=NETWORK_RETRY,
                 description="The new version beats the current champion on the same test split (top-1 and macro "
-                            "recall, by the configured margin); the first version passes. Blocks promotion.")
+                            "recall, by the configured margin); the first version passes. Blocks promotion. "
+                            "Fails closed: a registry that cannot be asked for the champion fails the check.")
 def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
                    mlflow: MlflowTracking) -> dg.AssetCheckResult:
     value, evaluation = registered_model, classifier_evaluation
     name, margin = value["name"], float(value["gate_margin"])
     client = mlflow.client()
-    champion = registry.by_alias(client, name, registry.CHAMPION)
+    champion = registry.by_alias(client, name, registry.CHAMPION)  # raises (and is retried) when it cannot ask
     if champion is None or str(champion.version) == str(value["version"]):
         return dg.AssetCheckResult(passed=True, metadata={
             "reason": "no champion yet: the first version becomes champion" if champion is None

@@ -186,3 +186,12 @@ def default_label_mapping(classes: Iterable[Pair], excluded: Iterable[str] = DEF
     skip = {name.lower() for name in excluded}
     return {(dataset, name): name.strip().lower().replace(" ", "_")
             for dataset, name in classes if name.strip().lower() not in skip}
+
+
+def check_writable(labels: Iterable[str]) -> None:
+    """Raise LabelSpecError for output labels ``classification_ds.csv`` cannot hold: it joins a crop's labels
+    with commas, so a label with one would read back as two."""
+    bad = sorted({label for label in labels if "," in label})
+    if bad:
+        raise LabelSpecError(f"labels with a comma cannot be written to classification_ds.csv (it joins labels with "
+                             f"commas): {bad}; map those classes to other names with a label spec")

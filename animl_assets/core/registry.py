@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from animl_assets.core.paths import redact_credentials
 from animl_assets.core.training import MEANS, STDS
 
 DEFAULT_MODEL = "animl-classifier"
@@ -85,12 +86,30 @@ def log_model(client: MlflowClient, run_id: str, files: ModelFiles, example: byt
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
+class RegistryUnavailable(ConnectionError):
+    """The registry could not be asked (unreachable, an error on its side): not the same as "no such version".
+    A ConnectionError, so callers that retry transient network errors retry it, and nothing reads it as absent."""
+
+
+def is_absent(err: MlflowException) -> bool:
+    """Whether ``err`` says the model, version or alias does not exist (rather than that asking failed)."""
+    code = err.error_code
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(err))
+
+
+def _unavailable(client: MlflowClient, what: str, err: Exception) -> RegistryUnavailable:
+    return RegistryUnavailable(f"the model registry at {redact_credentials(str(client._registry_uri))} could not be "
+                               f"asked for {what}: {str(err).splitlines()[0][:300]}")
+
+
 def register(client: MlflowClient, name: str, source: str, run_id: str, tags: Mapping[str, str],
              description: str = "") -> ModelVersion:
     """A new version of registered model ``name`` (created when missing) from ``source``, with ``tags``."""
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as err:
+        if not is_absent(err):
+            raise _unavailable(client, f"model {name!r}", err) from err
         client.create_registered_model(name, description="Species classifiers for camera-trap crops "
                                                          "(animl-assets). Aliases: champion, challenger.")
     return client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
@@ -98,22 +117,39 @@ def register(client: MlflowClient, name: str, source: str, run_id: str, tags: Ma
 
 
 def by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version ``alias`` points at, or None (no such model or alias)."""
+    """The version ``alias`` points at, or None (no such model or alias). Raises RegistryUnavailable when the
+    registry could not be asked: an outage never reads as "no champion"."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if is_absent(err):
+            return None
+        raise _unavailable(client, f"{name}@{alias}", err) from err
+
+
+def parse_ref(name: str, ref: str) -> tuple[str, str]:
+    """(model name, version or alias) of ``ref``: a number, an alias, or a ``models:/name/3`` /
+    ``models:/name@alias`` URI, which names its own model."""
+    if not ref.startswith("models:/"):
+        return name, ref
+    path = ref.removeprefix("models:/")
+    model, _, ref = path.partition("@") if "@" in path else path.rpartition("/")
+    if not model or not ref:
+        raise ValueError(f"{ref!r} is not a model URI (models:/NAME/VERSION or models:/NAME@ALIAS)")
+    return model, ref
 
 
 def resolve(client: MlflowClient, name: str, ref: str) -> ModelVersion:
-    """A version by number, alias (``champion``), or ``models:/name/3`` / ``models:/name@alias`` URI."""
-    if ref.startswith("models:/"):
-        path = ref.removeprefix("models:/")
-        name, _, ref = path.partition("@") if "@" in path else path.rpartition("/")
+    """A version of model ``name`` by number or alias (``champion``), or the version a ``models:/name/3`` /
+    ``models:/name@alias`` URI names (of that URI's model: read ``.name`` of the result). ValueError when it
+    does not exist, RegistryUnavailable when the registry could not be asked."""
+    name, ref = parse_ref(name, ref)
     if ref.isdigit():
         try:
             return client.get_model_version(name, ref)
         except MlflowException as err:
+            if not is_absent(err):
+                raise _unavailable(client, f"{name} version {ref}", err) from err
             raise ValueError(f"registered model {name!r} has no version {ref}") from err
     found = by_alias(client, name, ref)
     if found is None:
