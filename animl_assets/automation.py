@@ -1,15 +1,19 @@
 """What runs without anyone clicking: the sensor that evaluates the classifications' automation conditions
-(they follow a new champion or a new export), and a weekly retraining that skips when no export changed
-since the last dataset version."""
+(they follow a new champion or a new export), and a weekly retraining of the champion's recipe that skips
+when no export changed since the dataset the newest classifier was trained on."""
 
+import json
 from typing import Any
 
 import dagster as dg
+from mlflow.entities.model_registry import ModelVersion
 
 from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core import registry
-from animl_assets.lineage import DATA_VERSION_TAG, newest_record
+from animl_assets.core.registry import TRAINING_CONFIG_TAG
+from animl_assets.lineage import DATA_VERSION_TAG, newest_record, records
+from animl_assets.resources.io_manager import INPUT_VERSION_TAG
 from animl_assets.resources.tracking import MlflowTracking
 
 AUTOMATION_SENSOR = "classify_on_new_champion_or_export"
@@ -17,19 +21,34 @@ RETRAIN_SCHEDULE = "weekly_retraining"
 RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 
 
-def exports_changed(instance: dg.DagsterInstance) -> list[str]:
-    """How the exports' crops differ from what the newest dataset version read (empty: nothing changed).
+def _dataset_trained_on(instance: dg.DagsterInstance) -> Any | None:
+    """The dataset record the newest trained checkpoint read, or None when nothing was trained yet. A dataset
+    materialized by a retraining whose training failed is not it, so the next tick tries again."""
+    checkpoint = newest_record(instance, "classifier_checkpoint")
+    if checkpoint is None:
+        return None
+    version = (checkpoint.asset_materialization.tags or {}).get(f"{INPUT_VERSION_TAG}classification_dataset")
+    for record in records(instance, "classification_dataset"):
+        if (record.asset_materialization.tags or {}).get(DATA_VERSION_TAG) == version:
+            return record
+    return None
 
-    Compares each export partition's newest ``crops`` data version with the dataset's ``exports_read``
-    lineage; a new export, re-cropped export or removed export counts."""
+
+def exports_changed(instance: dg.DagsterInstance) -> list[str]:
+    """How the exports' crops differ from what the newest trained classifier's dataset read (empty: nothing
+    changed).
+
+    Compares each export partition's newest ``crops`` data version with the ``exports_read`` lineage of the
+    dataset version the newest ``classifier_checkpoint`` was trained on; a new export, re-cropped export or
+    removed export counts."""
     current = {}
     for partition in instance.get_dynamic_partitions(exports_partitions.name):
         record = newest_record(instance, "crops", partition)
         if record is not None:
             current[partition] = (record.asset_materialization.tags or {}).get(DATA_VERSION_TAG)
-    dataset = newest_record(instance, "classification_dataset")
+    dataset = _dataset_trained_on(instance)
     if dataset is None:
-        return [f"no dataset version yet; {len(current)} exports have crops"] if current else []
+        return [f"no classifier trained yet; {len(current)} exports have crops"] if current else []
     read_value = dataset.asset_materialization.metadata.get(READ_METADATA)
     read = {p: v["crops"] for p, v in (read_value.value if read_value else {}).items()}
     changes = [f"new export {p}" for p in sorted(current.keys() - read.keys())]
@@ -38,11 +57,14 @@ def exports_changed(instance: dg.DagsterInstance) -> list[str]:
     return changes
 
 
-def retraining_run_config(has_champion: bool) -> dict[str, Any]:
-    """Warm-start from the champion when there is one (else the training config's defaults)."""
-    if not has_champion:
+def retraining_run_config(champion: ModelVersion | None) -> dict[str, Any]:
+    """The champion's own training recipe (model, size, hyperparameters), warm-started from it; without a
+    champion, the training config's defaults."""
+    if champion is None:
         return {}
-    return {"ops": {"classifier_checkpoint": {"config": {"init_from": "champion"}}}}
+    recipe = json.loads(champion.tags.get(TRAINING_CONFIG_TAG) or "{}") or {
+        "model_name": champion.tags.get("animl.model_name"), "image_size": int(champion.tags.get("animl.image_size") or 0)}
+    return {"ops": {"classifier_checkpoint": {"config": {**recipe, "init_from": "champion"}}}}
 
 
 def make_retraining_schedule(job: dg.JobDefinition | Any) -> dg.ScheduleDefinition:
@@ -58,11 +80,10 @@ def make_retraining_schedule(job: dg.JobDefinition | Any) -> dg.ScheduleDefiniti
         changes = exports_changed(context.instance)
         if not changes:
             return dg.SkipReason("no export changed since the newest dataset version: nothing to retrain on")
-        client = mlflow.client()
-        has_champion = registry.by_alias(client, registry.DEFAULT_MODEL, registry.CHAMPION) is not None
-        context.log.info(f"retraining ({'from the champion' if has_champion else 'from scratch'}): {changes}")
+        champion = registry.by_alias(mlflow.client(), registry.DEFAULT_MODEL, registry.CHAMPION)
+        context.log.info(f"retraining ({'from the champion' if champion else 'from scratch'}): {changes}")
         return dg.RunRequest(run_key=f"retrain-{context.scheduled_execution_time:%Y-%m-%d}",
-                             run_config=retraining_run_config(has_champion),
+                             run_config=retraining_run_config(champion),
                              tags={"animl/retraining": "weekly", "animl/changes": "; ".join(changes)[:200]})
 
     return weekly_retraining

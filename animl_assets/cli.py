@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -185,6 +186,29 @@ def load_run_config(path: str | None) -> dict:
     return config
 
 
+def check_config_bounds(job, run_config: dict) -> None:
+    """Build each op's config class from ``run_config`` before the run starts, so a value out of its bounds
+    (epochs 0, a negative learning rate) is one CliError line naming the field, not a step's traceback."""
+    import pydantic
+
+    problems = []
+    for name, op in (run_config.get("ops") or {}).items():
+        if not job.graph.has_node_named(name) or not isinstance(op, dict) or not isinstance(op.get("config"), dict):
+            continue
+        compute = getattr(job.graph.node_named(name).definition, "compute_fn", None)
+        parameter = inspect.signature(compute.decorated_fn).parameters.get("config") if compute else None
+        config_class = parameter.annotation if parameter else None
+        if not (isinstance(config_class, type) and issubclass(config_class, pydantic.BaseModel)):
+            continue
+        try:
+            config_class(**op["config"])
+        except pydantic.ValidationError as err:
+            problems += [f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg'].lower()} (got {e.get('input')!r})"
+                         for e in err.errors()]
+    if problems:
+        raise CliError(f"invalid run config: {'; '.join(problems)}")
+
+
 def run_job(job_name: str, partition: str | None = None, run_config: dict | None = None,
             outcomes: tuple[str, ...] = ()) -> bool:
     """Run one of the Definitions' jobs (for one partition, if given), printing what it materialized.
@@ -198,6 +222,7 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
     from animl_assets.definitions import build_definitions
 
     job = build_definitions().resolve_job_def(job_name).with_logger_defs({"animl": _cli_logger_def()})
+    check_config_bounds(job, run_config or {})
     try:
         result = job.execute_in_process(partition_key=partition, instance=dg.DagsterInstance.get(),
                                         run_config={**(run_config or {}), **CLI_LOGGER}, raise_on_error=False)
@@ -304,7 +329,7 @@ def _registry_line(settings: Settings) -> str:
     from animl_assets.core import registry
     from animl_assets.definitions import build_resources
 
-    client = build_resources(settings)["mlflow"].client()
+    client = build_resources(settings)["mlflow"].connect()
     aliases = {alias: registry.by_alias(client, registry.DEFAULT_MODEL, alias)
                for alias in (registry.CHAMPION, registry.CHALLENGER)}
     found = ", ".join(f"{alias} = version {v.version}" for alias, v in aliases.items() if v)
@@ -379,7 +404,27 @@ def run_ui(extra_args: list[str]) -> int:
     target = ["-w", str(workspace)] if workspace.is_file() else ["-m", "animl_assets.definitions"]
     dagster = Path(sys.executable).with_name("dagster")
     command = [str(dagster) if dagster.exists() else "dagster", "dev", *target, *extra_args]
-    return subprocess.call(command, cwd=os.environ["DAGSTER_HOME"])
+    return run_forwarding_signals(command, cwd=os.environ["DAGSTER_HOME"])
+
+
+def run_forwarding_signals(command: list[str], cwd: str) -> int:
+    """Run ``command`` and hand it the SIGTERM or SIGHUP this process gets (a service manager, ``kill``), so
+    stopping ``animl ui`` stops ``dagster dev`` and its webserver and daemon too; Ctrl-C reaches the child
+    from the terminal already, and this process waits for it to finish stopping."""
+    import signal
+
+    process = subprocess.Popen(command, cwd=cwd)
+    forward = lambda signum, _frame: process.send_signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_lineage(args: argparse.Namespace, settings: Settings) -> int:
@@ -406,7 +451,7 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
 
     resources = build_resources(settings)
     store = resources["storage"].store()
-    registered = kept_versions(resources["mlflow"].client())
+    registered = kept_versions(resources["mlflow"].connect())
     with dg.DagsterInstance.get() as instance:
         doomed = collectable(instance, args.keep,
                              lambda asset, version: store.exists(f"{version_folder(asset, version)}/{INDEX}"),
@@ -436,7 +481,7 @@ def run_promote(args: argparse.Namespace, settings: Settings) -> int:
     model, ref = registry.parse_ref(args.model or registry.DEFAULT_MODEL, args.version)
     if args.model and model != args.model:
         raise CliError(f"{args.version} is a version of {model!r}, not of --model {args.model!r}")
-    client = build_resources(settings)["mlflow"].client()
+    client = build_resources(settings)["mlflow"].connect()
     version = registry.resolve(client, model, ref)
     previous = registry.promote(client, version.name, version.version, how="hand", reason=args.reason or "")
     with dg.DagsterInstance.get() as instance:

@@ -17,7 +17,7 @@ import dagster as dg
 
 from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.core.store import Store
-from animl_assets.resources.io_manager import VERSION_METADATA, version_folder
+from animl_assets.resources.io_manager import INPUT_VERSION_TAG, VERSION_METADATA, version_folder
 from animl_assets.resources.storage import LocalStore
 
 CROSS_EXPORT = ("classification_dataset", "splits", "classifier_checkpoint", "classifier_evaluation",
@@ -26,7 +26,6 @@ UPSTREAM = {"splits": ("classification_dataset",), "classifier_checkpoint": ("sp
             "classifier_evaluation": ("classifier_checkpoint",),
             "registered_model": ("classifier_evaluation", "classifier_checkpoint"),
             "mislabeled_candidates": ("classifier_evaluation",)}
-INPUT_VERSION_TAG = "dagster/input_data_version/"
 DATA_VERSION_TAG = "dagster/data_version"
 
 
@@ -54,7 +53,7 @@ class Node:
             yield from node.lines(depth + 1)
 
 
-def _records(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> list[Any]:
+def records(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> list[Any]:
     """Every materialization record of ``asset`` (of one partition), newest first."""
     records, cursor = [], None
     while True:
@@ -83,7 +82,7 @@ def _node(record: Any, asset: str, version: str, partition: str | None = None) -
 def versions(instance: dg.DagsterInstance, asset: str) -> list[tuple[str, Any]]:
     """The distinct versions of a cross-export asset, newest first, each with its newest record."""
     seen: dict[str, Any] = {}
-    for record in _records(instance, asset):
+    for record in records(instance, asset):
         value = record.asset_materialization.metadata.get(VERSION_METADATA)
         if value is not None and value.value not in seen:
             seen[value.value] = record
@@ -114,7 +113,7 @@ def lineage(instance: dg.DagsterInstance, asset: str, version: str | None = None
 
 def _export_node(instance: dg.DagsterInstance, partition: str, sha256: str) -> Node:
     """The cct_export materialization of ``partition`` whose data version is ``sha256`` (the file read)."""
-    for record in _records(instance, "cct_export", partition):
+    for record in records(instance, "cct_export", partition):
         if (record.asset_materialization.tags or {}).get(DATA_VERSION_TAG) == sha256:
             return _node(record, "cct_export", sha256, partition)
     return Node("cct_export", sha256, "(not in this instance's history)", "", partition)

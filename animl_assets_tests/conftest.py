@@ -134,9 +134,11 @@ BIND_FAILED = "address already in use"
 
 
 @contextmanager
-def dagster_ui(home: Path, log: Path, timeout_s: float = 180, attempts: int = 3) -> Iterator[str]:
+def dagster_ui(home: Path, log: Path, timeout_s: float = 180, attempts: int = 3,
+               started: list[subprocess.Popen] | None = None) -> Iterator[str]:
     """``animl ui`` (dagster dev: webserver and daemon) on 127.0.0.1 over ``home``; yields its base URL once
-    it answers, and stops the whole process group at the end. A port taken in the meantime (the webserver
+    it answers (the ``animl`` process is appended to ``started``), and stops the whole process group at the
+    end. A port taken in the meantime (the webserver
     logs the bind error and hangs) is retried on another port."""
     for attempt in range(1, attempts + 1):
         port = free_port()
@@ -145,6 +147,8 @@ def dagster_ui(home: Path, log: Path, timeout_s: float = 180, attempts: int = 3)
                 [str(Path(sys.executable).with_name("animl")), "ui", "--host", "127.0.0.1", "--port", str(port)],
                 cwd=REPO, env={**os.environ, "ANIML_HOME": str(home), "DAGSTER_HOME": ""}, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
+        if started is not None:
+            started.append(process)
         try:
             answered = _wait_for_ui(f"http://127.0.0.1:{port}", process, log, timeout_s)
             if answered:

@@ -10,6 +10,7 @@ from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.automation import AUTOMATION_SENSOR, RETRAIN_SCHEDULE, exports_changed
 from animl_assets.definitions import RETRAIN_JOB, build_definitions
 from animl_assets.lineage import DATA_VERSION_TAG
+from animl_assets.resources.io_manager import INPUT_VERSION_TAG
 from animl_assets.settings import Settings
 from animl_assets_tests.conftest import EXPORT_NAME, add_export, run_ingest
 
@@ -75,9 +76,14 @@ def test_the_automation_sensor_is_on_from_the_start_and_targets_the_review_asset
         "classifications", "classified_detections"}
 
 
-def _dataset(instance: dg.DagsterInstance, crops: dict[str, str]) -> None:
-    instance.report_runless_asset_event(dg.AssetMaterialization("classification_dataset", metadata={
+def _dataset(instance: dg.DagsterInstance, crops: dict[str, str], trained: bool = True) -> None:
+    """A dataset version that read these crops versions; with ``trained``, a classifier trained on it."""
+    version = "d-" + "-".join(f"{p}{v}" for p, v in sorted(crops.items()))
+    instance.report_runless_asset_event(dg.AssetMaterialization("classification_dataset", tags={
+        DATA_VERSION_TAG: version}, metadata={
         READ_METADATA: dg.MetadataValue.json({p: {"crops": v, "cct_export": "sha"} for p, v in crops.items()})}))
+    if trained:
+        _materialized(instance, "classifier_checkpoint", **{f"{INPUT_VERSION_TAG}classification_dataset": version})
 
 
 def _tick(defs, instance):
@@ -91,7 +97,7 @@ def test_weekly_retraining_skips_until_an_export_changes(defs, instance):
     assert exports_changed(instance) == []
     assert "no export changed" in _tick(defs, instance).skip_message
     _exported(instance, "a")
-    assert exports_changed(instance) == ["no dataset version yet; 1 exports have crops"]
+    assert exports_changed(instance) == ["no classifier trained yet; 1 exports have crops"]
     _dataset(instance, {"a": "c1"})
     assert exports_changed(instance) == []
     assert _tick(defs, instance).skip_message
@@ -102,6 +108,11 @@ def test_weekly_retraining_skips_until_an_export_changes(defs, instance):
     assert request.run_config == {}  # no champion: the training's own defaults
     assert request.run_key == "retrain-2026-11-23"
     assert dg.validate_run_config(defs.resolve_job_def(RETRAIN_JOB), request.run_config)
+    # that retraining built its dataset, then its training failed: the next tick tries again
+    _dataset(instance, {"a": "c2", "b": "c1"}, trained=False)
+    assert exports_changed(instance) == ["new export b", "export a re-cropped"]
+    _materialized(instance, "classifier_checkpoint", **{f"{INPUT_VERSION_TAG}classification_dataset": "d-ac2-bc1"})
+    assert exports_changed(instance) == []
 
 
 def test_the_instance_retries_crashed_runs_frees_their_slots_and_gives_the_gpu_pool_one_slot(instance):

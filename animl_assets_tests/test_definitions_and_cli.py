@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -220,11 +221,32 @@ def test_help_is_plain_text_and_names_the_environment(capsys):
     assert "classification_dataset" in text and "splits" in text  # the demo's help names every stage
 
 
+def _group_members(group: int) -> list[int]:
+    """The live (not zombie) processes of process group ``group``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 @pytest.mark.slow
 def test_animl_ui_serves_the_project_without_the_instance_warning(tmp_path):
-    log = tmp_path / "ui.log"
-    with dagster_ui(tmp_path / "home", log):
-        pass
+    log, started = tmp_path / "ui.log", []
+    with dagster_ui(tmp_path / "home", log, started=started):
+        [animl] = started
+        group = _group_members(animl.pid)
+        assert len(group) >= 3  # animl, dagster dev, its webserver and daemon
+        animl.terminate()  # SIGTERM to animl alone, as a service manager sends it: dagster dev stops with it
+        assert animl.wait(timeout=60) is not None
+        deadline = time.monotonic() + 60
+        while _group_members(animl.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _group_members(animl.pid) == [], "dagster dev outlived animl ui"
     text = log.read_text()
     assert "will not be used" not in text, text
     assert (tmp_path / "home" / "dagster" / "dagster.yaml").resolve() == REPO / "dagster.yaml"

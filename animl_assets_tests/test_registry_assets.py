@@ -155,7 +155,12 @@ def test_weekly_retraining_reads_the_real_lineage_and_warm_starts_from_the_champ
             instance.report_runless_asset_event(dg.AssetMaterialization(  # the export re-cropped
                 "crops", partition=partition, tags={DATA_VERSION_TAG: "recropped"}))
             [request] = schedule.evaluate_tick(context).run_requests
-    assert request.run_config["ops"]["classifier_checkpoint"]["config"]["init_from"] == "champion"
+    config = request.run_config["ops"]["classifier_checkpoint"]["config"]
+    assert config["init_from"] == "champion"
+    # the champion's own recipe: a Lite0 at 64 px, not the config's default b0 (which cannot load it)
+    assert {k: config[k] for k in ("model_name", "image_size", "epochs", "batch_size", "finetune")} == {
+        k: SMALL[k] for k in ("model_name", "image_size", "epochs", "batch_size", "finetune")}
+    assert config["lr"] == pytest.approx(SMALL["lr"])
     assert dg.validate_run_config(defs.resolve_job_def(RETRAIN_JOB), request.run_config)
 
 
@@ -386,6 +391,20 @@ def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_m
     assert "skipped" not in fresh and fresh["model"] == f"animl-classifier/{new}"
     graph = build_definitions(settings).resolve_asset_graph()
     assert dg.AssetKey("champion_model") in graph.get(dg.AssetKey("classifications")).parent_keys  # new champion: stale
+
+    # a crop that cannot be read fails alone; once it is back, the next run classifies it (no "already classified")
+    crop = next((settings.home / "artifacts" / "crops").rglob("*___crop*.jpg"))
+    hidden = crop.with_name("hidden.bin")
+    crop.rename(hidden)
+    try:
+        missing = _materialized(_classify(settings, dagster_home), "classifications")
+    finally:
+        hidden.rename(crop)
+    assert missing["num_failed"] == 1 and missing["num_classified"] == fresh["num_classified"] - 1
+    retried = _materialized(_classify(settings, dagster_home), "classifications")
+    assert "skipped" not in retried and retried["num_failed"] == 0
+    assert retried["num_classified"] == fresh["num_classified"]
+    assert _materialized(_classify(settings, dagster_home), "classifications")["skipped"] is True
 
 
 def test_reviewed_corrections_change_the_next_dataset_version(registered_home, tmp_path):

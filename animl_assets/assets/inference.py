@@ -95,7 +95,8 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
                     storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
     """The export's crops classified by the champion (or a chosen version, or an external TorchScript model):
     ``classifier_output.csv.gz`` (``path`` + one probability column per category) streamed batch by batch,
-    and its ``label_index.json``. A re-run with the same model and crops does nothing; a new champion makes
+    and its ``label_index.json``. A re-run with the same model and crops does nothing unless crops failed last
+    time (they are tried again); a new champion makes
     it stale."""
     partition = context.partition_key
     store = storage.store()
@@ -108,9 +109,11 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     folder = artifact_key("classifications", partition, "")
     previous = _previous(store, folder)
     if previous and previous.get("key") == key and store.exists(f"{folder}/{OUTPUT}"):
-        context.log.info(f"{partition}: already classified by {classifier.name} ({key}); nothing to do")
-        yield dg.Output(previous, data_version=dg.DataVersion(key), metadata={"skipped": True, **_meta(previous)})
-        return
+        if not previous.get("num_failed"):
+            context.log.info(f"{partition}: already classified by {classifier.name} ({key}); nothing to do")
+            yield dg.Output(previous, data_version=dg.DataVersion(key), metadata={"skipped": True, **_meta(previous)})
+            return
+        context.log.info(f"{partition}: {previous['num_failed']} crops failed last time; classifying again")
     crops_root = local_folder(store.child(artifact_key("crops", partition, "")),
                               storage.cache("crops", partition_folder(partition)))
     device = resolve_device(config.device)
@@ -137,7 +140,9 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
              "mapping": mapping, "failures": failures.to_dict("records"),
              "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "sequence_output": f"{folder}/{SEQUENCE_OUTPUT}" if config.sequences else ""}
-    yield dg.Output(value, data_version=dg.DataVersion(key), metadata={
+    # crops that failed make another version: the run that classifies them too changes what is downstream
+    data_version = f"{key}-{len(failures)}-failed" if len(failures) else key
+    yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
         **_meta(value), "crops_per_s": round(report.crops_per_s, 1), "device": str(device),
         "failures": table(failures), "classifier_output": location(store.uri(f"{folder}/{OUTPUT}"))})
 

@@ -3,6 +3,7 @@
 a version that passed it."""
 
 
+import json
 from typing import Any, Iterator
 
 import dagster as dg
@@ -11,6 +12,7 @@ from pydantic import Field
 
 from animl_assets.assets.artifacts import NETWORK_RETRY, stop, table
 from animl_assets.assets.evaluation import dataset_crops, registered_scores
+from animl_assets.assets.training import training_recipe
 from animl_assets.core import evaluation as ev
 from animl_assets.core import registry
 from animl_assets.core.artifact_files import torch_bytes, value_version
@@ -38,7 +40,8 @@ def _lineage_tags(checkpoint: TrainedClassifier, evaluation: ev.Evaluation, expo
             "animl.evaluation_version": value_version(evaluation, "classifier_evaluation"),
             "animl.exports": ",".join(exports), "dagster.run_id": dagster_run_id,
             "animl.training_run_id": params.get("mlflow_run_id") or "", "animl.model_name": params["model_name"],
-            "animl.image_size": str(params["image_size"])}
+            "animl.image_size": str(params["image_size"]),
+            registry.TRAINING_CONFIG_TAG: json.dumps(training_recipe(params), sort_keys=True)}
 
 
 @dg.asset(retry_policy=NETWORK_RETRY, group_name="registry", kinds={"mlflow"})

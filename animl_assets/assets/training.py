@@ -28,7 +28,7 @@ from animl_assets.core.store import Store
 from animl_assets.core.training import (BEST, LAST, Checkpoints, FitResult, TrainedClassifier, TrainingParams,
                                         evaluate_checkpoint, split_frame, train_classifier)
 from animl_assets.k8s import GPU_TAGS
-from animl_assets.resources.io_manager import version_folder
+from animl_assets.resources.io_manager import read_from, version_folder
 from animl_assets.resources.storage import ArtifactStore, LocalStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
 
@@ -75,6 +75,15 @@ class TrainingConfig(dg.Config):
             label_weighted=self.label_weighted, weight_by_detection_conf=self.weight_by_detection_conf,
             finetune=self.finetune, patience=self.patience, seed=self.seed, num_workers=self.num_workers,
             device=self.device, amp=self.amp, progress_every=self.progress_every)
+
+
+NOT_RECIPE = (*RUN_ONLY, "init_from", "registry_name", "resume", "processes", "pretrained", "detection_calibration")
+
+
+def training_recipe(params: dict[str, Any]) -> dict[str, Any]:
+    """The TrainingConfig values a checkpoint's ``params.json`` records about what it learns (model, size,
+    hyperparameters): the config that trains such a model again."""
+    return {k: params[k] for k in TrainingConfig.model_fields if k in params and k not in NOT_RECIPE}
 
 
 def crops_folder(storage: ArtifactStore, partitions: list[str]) -> Path:
@@ -197,6 +206,10 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     ds, label_index = dataset.classification_ds, dataset.label_index
     dataset_version = value_version(dataset, "classification_dataset")
     splits_version = value_version(splits, "splits")
+    made_from = read_from(context.instance, "splits", splits_version, "classification_dataset")
+    if made_from and dataset_version not in made_from:
+        raise stop(f"splits {splits_version} were made from classification_dataset {sorted(made_from)[0]}, not from "
+                   f"{dataset_version}, the dataset this training reads: materialize splits first")
     partitions = sorted(ds["dataset"].unique())
     crops_root = crops_folder(storage, partitions)
     present = ds["path"].map(lambda path: (crops_root / path).is_file())

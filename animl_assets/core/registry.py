@@ -22,6 +22,7 @@ from animl_assets.core.training import MEANS, STDS
 
 DEFAULT_MODEL = "animl-classifier"
 CHAMPION, CHALLENGER = "champion", "challenger"
+TRAINING_CONFIG_TAG = "animl.training_config"  # the recipe a version was trained with (JSON), for retraining
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # the lineage tags of a registered version, and the assets whose versions they name
 ASSET_OF_TAG = {"animl.dataset_version": "classification_dataset", "animl.splits_version": "splits",

@@ -5,17 +5,42 @@ run); dataset versions as MLflow dataset inputs; per-epoch metrics; artifacts.""
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from animl_assets.core.files import init_lock
+from animl_assets.core.paths import redact_credentials
 
 DAGSTER_RUN_TAG = "dagster.run_id"
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server does not answer."""
+
+
+def check_reachable(uri: str, tries: int = 3, timeout_s: float = 5.0) -> None:
+    """Raise TrackingUnavailable unless the http(s) server of ``uri`` accepts a connection within ``tries``
+    attempts (``timeout_s`` each, 1 s then 2 s apart): well under a minute in all."""
+    parsed = urlsplit(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    error: OSError | None = None
+    for attempt in range(tries):
+        try:
+            with socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout_s):
+                return
+        except OSError as err:
+            error = err
+            if attempt < tries - 1:
+                time.sleep(2 ** attempt)
+    raise TrackingUnavailable(f"the MLflow tracking server {redact_credentials(uri)} does not answer ({error}; "
+                              f"{tries} tries): start it, or point MLFLOW_TRACKING_URI at one that runs")
 
 
 def embedded_tracking_uri(home: str | Path) -> str:

@@ -10,7 +10,8 @@ Layout: an unpartitioned asset's value goes to ``<asset>/<version>/`` where the 
 hash of its files (``content_version``): a new materialization with other data is a new folder, never
 an overwrite. A partitioned asset's value goes to ``<asset>/<partition folder>/``. Downstream loads the
 version of the upstream's latest materialization (its ``version`` metadata), so what an asset read is
-what Dagster records as its input's data version.
+what Dagster records as its input's data version: the version this run produced, else the newest whose
+blocking checks passed (``input_version``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from animl_assets.core.store import Store
 from animl_assets.resources.storage import ArtifactStore, location
 
 VERSION_METADATA = "version"
+INPUT_VERSION_TAG = "dagster/input_data_version/"  # Dagster's tag: the data version a materialization read
 
 
 def version_folder(asset: str, version: str) -> str:
@@ -81,14 +83,89 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             folders = {p: self._folder(asset, p, None) for p in context.asset_partition_keys}
             return {p: read_artifacts(store, folder) for p, folder in folders.items()
                     if store.exists(f"{folder}/{INDEX}")}
-        return read_artifacts(store, version_folder(asset, self.latest_version(context)))
+        version, how = input_version(context)
+        context.add_input_metadata({VERSION_METADATA: version, "resolved": how})
+        return read_artifacts(store, version_folder(asset, version))
 
-    @staticmethod
-    def latest_version(context: dg.InputContext) -> str:
-        """The version of the upstream asset's latest materialization; a clear error when there is none."""
-        event = context.instance.get_latest_materialization_event(context.asset_key)
-        metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
-        if VERSION_METADATA not in metadata:
-            name = context.asset_key.to_user_string()
-            raise dg.Failure(f"{name} is not materialized yet: materialize {name} first", allow_retries=False)
-        return str(metadata[VERSION_METADATA].value)
+
+PIN_TAG = "animl/version/"  # a run tag animl/version/<asset> = <version> pins the version that run reads
+
+
+def _run_chain(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """``run_id`` and the runs it re-executes, newest first (a retried run reads what its parent produced)."""
+    chain = []
+    while run_id and run_id not in chain:
+        chain.append(run_id)
+        run = instance.get_run_by_id(run_id)
+        run_id = run.parent_run_id if run else None
+    return chain
+
+
+def _version_of(entry: Any) -> str | None:
+    """The artifact version an event log entry's materialization wrote, if it is one."""
+    value = entry.asset_materialization.metadata.get(VERSION_METADATA) if entry.asset_materialization else None
+    return None if value is None else str(value.value)
+
+
+def failed_blocking_checks(instance: dg.DagsterInstance, asset_key: dg.AssetKey, run_id: str) -> list[str]:
+    """The blocking checks on ``asset_key`` that failed in run ``run_id`` (its materialization there is not an
+    input for anything)."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+    evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
+    return [e.check_name for e in evaluations if e.asset_key == asset_key and not e.passed and e.blocking
+            and e.severity == dg.AssetCheckSeverity.ERROR]
+
+
+def input_version(context: dg.InputContext) -> tuple[str, str]:
+    """The version of the upstream asset this step reads, and how it was chosen: pinned by the run's
+    ``animl/version/<asset>`` tag; else the one this run (or the run it re-executes) produced; else the newest
+    materialization none of whose blocking checks failed. Never a version whose blocking check failed."""
+    instance, key = context.instance, context.asset_key
+    name = key.to_user_string()
+    run = context.step_context.dagster_run if context.step_context else None
+    pinned = run.tags.get(f"{PIN_TAG}{key.to_python_identifier()}") if run else None
+    if pinned:
+        return pinned, "pinned by the run's tag"
+    for run_id in _run_chain(instance, run.run_id) if run else []:
+        records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        mine = [v for r in reversed(records) if r.event_log_entry.dagster_event.asset_key == key
+                and (v := _version_of(r.event_log_entry)) is not None]
+        if mine:
+            if failed_blocking_checks(instance, key, run_id):
+                raise dg.Failure(f"{name} failed a blocking check in this run: it is not an input", allow_retries=False)
+            return str(mine[0]), "produced by this run"
+    cursor, rejected = None, 0
+    while True:
+        page = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=50, cursor=cursor)
+        for record in page.records:
+            version = _version_of(record.event_log_entry)
+            if version is None:
+                continue
+            if failed_blocking_checks(instance, key, record.run_id):
+                rejected += 1
+                continue
+            return version, "newest that passed its blocking checks" + (f" ({rejected} newer failed)" if rejected else "")
+        if not page.has_more:
+            break
+        cursor = page.cursor
+    if rejected:
+        raise dg.Failure(f"no version of {name} passed its blocking checks ({rejected} failed): fix its input and "
+                         f"materialize {name} again", allow_retries=False)
+    raise dg.Failure(f"{name} is not materialized yet: materialize {name} first", allow_retries=False)
+
+
+def read_from(instance: dg.DagsterInstance, asset: str, version: str, upstream: str) -> set[str]:
+    """The versions of ``upstream`` that materializations of ``asset`` at ``version`` read (Dagster's
+    ``dagster/input_data_version`` tags): one per materialization that wrote this version."""
+    found, cursor = set(), None
+    while True:
+        page = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset)), limit=200,
+                                               cursor=cursor)
+        for record in page.records:
+            if _version_of(record.event_log_entry) == version:
+                tag = (record.asset_materialization.tags or {}).get(f"{INPUT_VERSION_TAG}{upstream}")
+                if tag:
+                    found.add(tag)
+        if not page.has_more:
+            return found
+        cursor = page.cursor

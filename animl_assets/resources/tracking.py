@@ -1,12 +1,18 @@
 """The MLflow resource: where trainings are tracked and models registered."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
 from mlflow import MlflowClient
 from pydantic import Field
 
-from animl_assets.core.tracking import embedded_tracking_uri, open_client
+from animl_assets.core.tracking import TrackingUnavailable, check_reachable, embedded_tracking_uri, open_client
+
+# MLflow's own HTTP retries (7 tries, doubling from 2 s, 120 s timeouts) leave a user staring at silence for
+# many minutes when the server is gone; these bound one request to about a minute (a user's setting wins).
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -36,5 +42,19 @@ class MlflowTracking(dg.ConfigurableResource):
             return self.artifacts_uri
         return (Path(self.home).expanduser().absolute() / "mlartifacts").as_uri()
 
-    def client(self) -> MlflowClient:
+    def connect(self) -> MlflowClient:
+        """A client on the store; an http(s) server is asked first whether it answers, within a short budget
+        (TrackingUnavailable, one line, instead of MLflow's minutes of silent retries)."""
+        if self.uri.startswith(("http://", "https://")):
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
+            check_reachable(self.uri)
         return open_client(self.uri, self.home)
+
+    def client(self) -> MlflowClient:
+        """``connect`` for a step: a server that does not answer fails it at once, with no step retries on top
+        of the ones ``check_reachable`` made."""
+        try:
+            return self.connect()
+        except TrackingUnavailable as err:
+            raise dg.Failure(str(err), allow_retries=False) from err
