@@ -209,6 +209,17 @@ def check_config_bounds(job, run_config: dict) -> None:
         raise CliError(f"invalid run config: {'; '.join(problems)}")
 
 
+def _wait_for_pools(instance, job) -> None:
+    """End the runs whose process died (they would hold their pool slots for ever), then wait here, where
+    Ctrl-C works, until the pools this job's steps need have a free slot."""
+    from animl_assets.runs import wait_for_pools
+
+    pools = sorted({pool for node in job.graph.nodes if (pool := getattr(node.definition, "pool", None))})
+    waited = wait_for_pools(instance, pools, lambda line: print(f"  {line}", flush=True))
+    if waited >= 1:
+        print(f"  the {', '.join(pools)} pool is free after {waited:.0f} s: starting", flush=True)
+
+
 def run_job(job_name: str, partition: str | None = None, run_config: dict | None = None,
             outcomes: tuple[str, ...] = ()) -> bool:
     """Run one of the Definitions' jobs (for one partition, if given), printing what it materialized.
@@ -220,11 +231,14 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
     import dagster as dg
 
     from animl_assets.definitions import build_definitions
+    from animl_assets.runs import process_tags
 
     job = build_definitions().resolve_job_def(job_name).with_logger_defs({"animl": _cli_logger_def()})
     check_config_bounds(job, run_config or {})
+    instance = dg.DagsterInstance.get()
+    _wait_for_pools(instance, job)
     try:
-        result = job.execute_in_process(partition_key=partition, instance=dg.DagsterInstance.get(),
+        result = job.execute_in_process(partition_key=partition, instance=instance, tags=process_tags(),
                                         run_config={**(run_config or {}), **CLI_LOGGER}, raise_on_error=False)
     except dg.DagsterInvalidConfigError as err:
         raise CliError(f"invalid run config: {'; '.join(e.message for e in err.errors)}") from err
@@ -470,6 +484,34 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def run_orphans(args: argparse.Namespace, settings: Settings) -> int:
+    """List (with --end, end as KILLED) the MLflow runs left RUNNING by Dagster runs that are over: killed,
+    crashed or lost. A resumed training continues its own MLflow run whatever its state."""
+    import dagster as dg
+
+    from animl_assets.core.tracking import DAGSTER_RUN_TAG, unfinished_runs
+    from animl_assets.definitions import build_resources
+    from animl_assets.runs import end_dead_runs, in_progress
+
+    client = build_resources(settings)["mlflow"].connect()
+    with dg.DagsterInstance.get() as instance:
+        for line in end_dead_runs(instance):
+            print(line)
+        orphans = [run for run in unfinished_runs(client)
+                   if not in_progress(instance, run.data.tags.get(DAGSTER_RUN_TAG))]
+    for run in orphans:
+        if args.end:
+            client.set_terminated(run.info.run_id, status="KILLED")
+        dagster_run = (run.data.tags.get(DAGSTER_RUN_TAG) or "none")[:8]
+        print(f"{'ended' if args.end else 'orphan'} MLflow run {run.info.run_id} ({run.info.run_name}; Dagster run "
+              f"{dagster_run} is over)")
+    if not orphans:
+        print("no orphan MLflow runs: every RUNNING run belongs to a Dagster run in progress")
+    elif not args.end:
+        print("run again with --end to mark them KILLED")
+    return 0
+
+
 def run_promote(args: argparse.Namespace, settings: Settings) -> int:
     """Point the registered model's ``champion`` alias at a version by hand, bypassing the gate; recorded as
     version tags and as a ``champion_model`` materialization in the Dagster instance."""
@@ -548,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--reason", help="why, kept as the version's animl.promotion_reason tag")
     gc.add_argument("--keep", type=int, default=3, help="versions to keep per asset (default 3)")
     gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")
+    orphans = commands.add_parser("orphans", help="list the MLflow runs left RUNNING by Dagster runs that are over "
+                                                   "(killed, crashed); --end marks them KILLED")
+    orphans.add_argument("--end", action="store_true", help="end them (default: only list them)")
     ui = commands.add_parser("ui", help="the Dagster UI and daemon (sensors) on http://127.0.0.1:3000; "
                                         "arguments after it go to dagster dev (e.g. --port 3001)")
     ui.set_defaults(dagster_args=[])
@@ -570,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunCrashed:
         return 1
+    except KeyboardInterrupt:
+        print(f"animl {args.command}: stopped", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -590,6 +638,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return run_mlflow_ui(settings, args.dagster_args)
     if args.command == "promote":
         return run_promote(args, settings)
+    if args.command == "orphans":
+        return run_orphans(args, settings)
     if args.command in ("lineage", "gc"):
         return run_lineage(args, settings) if args.command == "lineage" else run_gc(args, settings)
     if args.command == "register":

@@ -28,6 +28,7 @@ from animl_assets.core.store import Store
 from animl_assets.core.training import (BEST, LAST, Checkpoints, FitResult, TrainedClassifier, TrainingParams,
                                         evaluate_checkpoint, split_frame, train_classifier)
 from animl_assets.k8s import GPU_TAGS
+from animl_assets.runs import in_progress
 from animl_assets.resources.io_manager import read_from, version_folder
 from animl_assets.resources.storage import ArtifactStore, LocalStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
@@ -236,11 +237,13 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     experiment = tracking.experiment_id(client, f"animl/{params.model_name}", mlflow.artifact_root)
     lineage_tags = {"dagster.asset": "classifier_checkpoint", "animl.dataset_version": dataset_version,
                     "animl.splits_version": splits_version, "animl.exports": ",".join(partitions),
-                    "animl.training_key": key}
+                    tracking.TRAINING_KEY_TAG: key}
     # a re-execution (e.g. after a lost pod) has a new run id but the same root: it continues the same MLflow run
     root_run = context.run.root_run_id or context.run.run_id
-    run_id, reopened = tracking.find_or_start_run(client, experiment, root_run,
-                                                  f"{params.model_name}-{dataset_version[:8]}", lineage_tags)
+    run_id, reopened = tracking.find_or_start_run(
+        client, experiment, root_run, f"{params.model_name}-{dataset_version[:8]}", lineage_tags,
+        resumes=(lambda run: not in_progress(context.instance, run.data.tags.get(tracking.DAGSTER_RUN_TAG)))
+        if config.resume else None)
     dataset_uri = store.uri(version_folder("classification_dataset", dataset_version))
     splits_uri = store.uri(f"{version_folder('splits', splits_version)}/splits.json")
     params_json = reference_params(params, config.pretrained, dataset_uri, splits_uri, str(crops_root),

@@ -9,16 +9,17 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 
 from animl_assets.core.files import init_lock
 from animl_assets.core.paths import redact_credentials
 
 DAGSTER_RUN_TAG = "dagster.run_id"
+TRAINING_KEY_TAG = "animl.training_key"  # what a training learns from and how: the same key resumes
 
 
 class TrackingUnavailable(ConnectionError):
@@ -68,10 +69,19 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None = N
 
 
 def find_or_start_run(client: MlflowClient, experiment: str, dagster_run_id: str, run_name: str,
-                      tags: Mapping[str, str]) -> tuple[str, bool]:
-    """The MLflow run of this Dagster run (re-opened when it exists), else a new one. Returns (id, resumed)."""
+                      tags: Mapping[str, str], resumes: Callable[[Run], bool] | None = None) -> tuple[str, bool]:
+    """The MLflow run of this Dagster run (re-opened when it exists); else the newest unfinished run of the
+    same training (same ``tags['animl.training_key']``) that ``resumes`` accepts, continued by this one (a
+    training killed with its run, resumed later); else a new one. Returns (id, continued)."""
     found = client.search_runs([experiment], filter_string=f"tags.`{DAGSTER_RUN_TAG}` = '{dagster_run_id}'",
                                max_results=1)
+    if not found and resumes is not None and tags.get(TRAINING_KEY_TAG):
+        unfinished = client.search_runs([experiment], filter_string=f"tags.`{TRAINING_KEY_TAG}` = "
+                                        f"'{tags[TRAINING_KEY_TAG]}' and attributes.status != 'FINISHED'",
+                                        order_by=["attributes.start_time DESC"], max_results=20)
+        found = [run for run in unfinished if resumes(run)][:1]
+        if found:
+            client.set_tag(found[0].info.run_id, DAGSTER_RUN_TAG, dagster_run_id)
     if found:
         run_id = found[0].info.run_id
         if found[0].info.status != "RUNNING":
@@ -79,6 +89,15 @@ def find_or_start_run(client: MlflowClient, experiment: str, dagster_run_id: str
         return run_id, True
     run = client.create_run(experiment, run_name=run_name, tags={DAGSTER_RUN_TAG: dagster_run_id, **tags})
     return run.info.run_id, False
+
+
+def unfinished_runs(client: MlflowClient, experiment_prefix: str = "animl/") -> list[Run]:
+    """The RUNNING runs of the experiments named ``experiment_prefix``…, newest first."""
+    experiments = [e.experiment_id for e in client.search_experiments() if e.name.startswith(experiment_prefix)]
+    if not experiments:
+        return []
+    return client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'",
+                              order_by=["attributes.start_time DESC"], max_results=1000)
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
