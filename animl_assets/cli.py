@@ -460,16 +460,19 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
     from animl_assets.definitions import build_resources
     from animl_assets.core.artifact_files import INDEX
     from animl_assets.core.registry import kept_versions
-    from animl_assets.lineage import collectable, remove_version
+    from animl_assets.lineage import collectable, leased, remove_version
     from animl_assets.resources.io_manager import version_folder
+    from animl_assets.runs import end_dead_runs
 
     resources = build_resources(settings)
     store = resources["storage"].store()
     registered = kept_versions(resources["mlflow"].connect())
     with dg.DagsterInstance.get() as instance:
+        for line in end_dead_runs(instance):
+            print(line)
+        in_use = {asset: set(registered.get(asset, ())) | versions for asset, versions in leased(instance).items()}
         doomed = collectable(instance, args.keep,
-                             lambda asset, version: store.exists(f"{version_folder(asset, version)}/{INDEX}"),
-                             registered)
+                             lambda asset, version: store.exists(f"{version_folder(asset, version)}/{INDEX}"), in_use)
     for asset, versions in doomed.items():
         for version in versions:
             if args.yes:
@@ -477,8 +480,8 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 print(f"would remove {asset} {version}")
     if not any(doomed.values()):
-        print(f"nothing to remove: every version is among the newest {args.keep}, needed by one, or behind a "
-              "registered model")
+        print(f"nothing to remove: every version is among the newest {args.keep}, needed by one, behind a "
+              "registered model, or read by a run in progress")
     elif not args.yes:
         print("dry run: run again with --yes to remove them")
     return 0

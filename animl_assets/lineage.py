@@ -17,7 +17,8 @@ import dagster as dg
 
 from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.core.store import Store
-from animl_assets.resources.io_manager import INPUT_VERSION_TAG, VERSION_METADATA, version_folder
+from animl_assets.resources.io_manager import INPUT_VERSION_TAG, VERSION_METADATA, failed_blocking_checks, version_folder
+from animl_assets.runs import IN_PROGRESS, process_gone
 from animl_assets.resources.storage import LocalStore
 
 CROSS_EXPORT = ("classification_dataset", "splits", "classifier_checkpoint", "classifier_evaluation",
@@ -117,6 +118,33 @@ def _export_node(instance: dg.DagsterInstance, partition: str, sha256: str) -> N
         if (record.asset_materialization.tags or {}).get(DATA_VERSION_TAG) == sha256:
             return _node(record, "cct_export", sha256, partition)
     return Node("cct_export", sha256, "(not in this instance's history)", "", partition)
+
+
+def leased(instance: dg.DagsterInstance) -> dict[str, set[str]]:
+    """The cross-export versions runs in progress read or wrote (their loaded inputs and materializations),
+    and the version each asset's next reader would load (the newest that passed its checks): ``gc`` keeps
+    them, so it never removes what a running training reads."""
+    in_use: dict[str, set[str]] = {asset: set() for asset in CROSS_EXPORT}
+    running = [run for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS + [
+        dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED])) if not process_gone(run)]
+    for run in running:
+        kinds = {dg.DagsterEventType.LOADED_INPUT, dg.DagsterEventType.ASSET_MATERIALIZATION}
+        for record in instance.get_records_for_run(run.run_id, of_type=kinds).records:
+            event = record.event_log_entry.dagster_event
+            if event.event_type == dg.DagsterEventType.LOADED_INPUT:
+                data = event.event_specific_data
+                asset, value = data.input_name, (data.metadata or {}).get(VERSION_METADATA)  # inputs are named as assets
+            else:
+                asset = event.asset_key.to_python_identifier()
+                value = event.event_specific_data.materialization.metadata.get(VERSION_METADATA)
+            if asset in in_use and value is not None:
+                in_use[asset].add(str(value.value))
+    if running:
+        for asset in CROSS_EXPORT:
+            newest = next((v for v, record in versions(instance, asset)
+                           if not failed_blocking_checks(instance, dg.AssetKey(asset), record.run_id)), None)
+            in_use[asset].update([newest] if newest else [])
+    return in_use
 
 
 def collectable(instance: dg.DagsterInstance, keep: int, present: Callable[[str, str], bool],
