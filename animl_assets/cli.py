@@ -526,7 +526,14 @@ def run_promote(args: argparse.Namespace, settings: Settings) -> int:
     model, ref = registry.parse_ref(args.model or registry.DEFAULT_MODEL, args.version)
     if args.model and model != args.model:
         raise CliError(f"{args.version} is a version of {model!r}, not of --model {args.model!r}")
+    from animl_assets.runs import end_dead_runs, in_progress
+
     client = build_resources(settings)["mlflow"].connect()
+    with dg.DagsterInstance.get() as instance:
+        end_dead_runs(instance)
+        for line in registry.repair(client, model, lambda v: not in_progress(instance, v.tags.get(
+                registry.DAGSTER_RUN_TAG))):
+            print(f"{model}: {line}")
     version = registry.resolve(client, model, ref)
     previous = registry.promote(client, version.name, version.version, how="hand", reason=args.reason or "")
     with dg.DagsterInstance.get() as instance:

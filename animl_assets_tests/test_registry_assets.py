@@ -381,29 +381,28 @@ def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_m
 
     again = _classify(settings, dagster_home)
     assert _materialized(again, "classifications")["skipped"] is True  # same model, same crops: nothing to do
-    # a new champion (the newest checkpoint evaluated, registered and promoted past any margin): classified again
+    # a new champion (the newest checkpoint evaluated, registered and promoted past any margin): classified again,
+    # while one crop cannot be read: it fails alone
     promoted = _run(settings, dagster_home, selection=[dg.AssetKey("classifier_evaluation"),
                                                        dg.AssetKey("registered_model"), dg.AssetKey("champion_model")],
                     classifier_evaluation=FAST_EVAL, registered_model={"gate_margin": -1.0})
     new = _materialized(promoted, "champion_model")["champion_version"]
     assert str(new) != str(champion.version)
-    fresh = _materialized(_classify(settings, dagster_home), "classifications")
-    assert "skipped" not in fresh and fresh["model"] == f"animl-classifier/{new}"
-    graph = build_definitions(settings).resolve_asset_graph()
-    assert dg.AssetKey("champion_model") in graph.get(dg.AssetKey("classifications")).parent_keys  # new champion: stale
-
-    # a crop that cannot be read fails alone; once it is back, the next run classifies it (no "already classified")
     crop = next((settings.home / "artifacts" / "crops").rglob("*___crop*.jpg"))
     hidden = crop.with_name("hidden.bin")
     crop.rename(hidden)
     try:
-        missing = _materialized(_classify(settings, dagster_home), "classifications")
+        fresh = _materialized(_classify(settings, dagster_home), "classifications")
     finally:
         hidden.rename(crop)
-    assert missing["num_failed"] == 1 and missing["num_classified"] == fresh["num_classified"] - 1
+    assert "skipped" not in fresh and fresh["model"] == f"animl-classifier/{new}"
+    assert fresh["num_failed"] == 1 and fresh["num_classified"] == meta["num_classified"] - 1
+    graph = build_definitions(settings).resolve_asset_graph()
+    assert dg.AssetKey("champion_model") in graph.get(dg.AssetKey("classifications")).parent_keys  # new champion: stale
+    # the crop is back: the next run classifies again (not "already classified"), then there is nothing to do
     retried = _materialized(_classify(settings, dagster_home), "classifications")
     assert "skipped" not in retried and retried["num_failed"] == 0
-    assert retried["num_classified"] == fresh["num_classified"]
+    assert retried["num_classified"] == meta["num_classified"]
     assert _materialized(_classify(settings, dagster_home), "classifications")["skipped"] is True
 
 
@@ -430,3 +429,52 @@ def test_reviewed_corrections_change_the_next_dataset_version(registered_home, t
     row = after[after["path"] == first["path"]]
     assert row["label"].tolist() == [first["pred"]] and before.loc[before["path"] == first["path"], "label"].tolist() == [
         first["label"]]
+
+
+def _fails_once(monkeypatch, method: str, alias: str):
+    """``MlflowClient.<method>`` raises a 503 the first time it is called for ``alias`` (a crash mid-step)."""
+    real, calls = getattr(MlflowClient, method), []
+
+    def flaky(self, name, this_alias, *args):
+        calls.append(this_alias)
+        if this_alias == alias and calls.count(alias) == 1:
+            raise MlflowException("503 Service Unavailable", error_code=TEMPORARILY_UNAVAILABLE)
+        return real(self, name, this_alias, *args)
+
+    monkeypatch.setattr(MlflowClient, method, flaky)
+
+
+def test_an_interrupted_registration_or_promotion_is_rolled_back_or_finished(registered_home, monkeypatch):
+    settings, dagster_home, _ = registered_home
+    client = _client(settings)
+    register = [dg.AssetKey("registered_model"), dg.AssetKey("champion_model")]
+    before = {str(v.version) for v in client.search_model_versions("name = 'animl-classifier'")}
+    champion = client.get_model_version_by_alias("animl-classifier", "champion").version
+    # the registration breaks after the version exists, before its alias; the retried step rolls it back
+    _fails_once(monkeypatch, "set_registered_model_alias", "challenger")
+    # the promotion breaks after the champion alias moved, before the challenger alias went
+    _fails_once(monkeypatch, "delete_registered_model_alias", "challenger")
+    result = _run(settings, dagster_home, selection=register, registered_model={"gate_margin": -1.0})
+    assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
+    monkeypatch.undo()
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'animl-classifier'")}
+    new = str(_materialized(result, "registered_model")["model_version"])
+    assert set(versions) - before == {new}  # the half-registered version is gone: no version without a gate
+    assert all(v.tags.get("animl.registered_version") for v in versions.values())
+    assert client.get_model_version("animl-classifier", new).aliases == ["champion"]  # and not challenger too
+    assert versions[new].tags["animl.promoted"] == "gate"
+    assert versions[new].tags["animl.replaced_champion"] == str(champion)
+
+
+def test_repair_finishes_a_promotion_a_kill_left_halfway(registered_home):
+    settings, _, _ = registered_home
+    client = _client(settings)
+    champion = str(client.get_model_version_by_alias("animl-classifier", "champion").version)
+    client.set_registered_model_alias("animl-classifier", "challenger", champion)
+    client.delete_model_version_tag("animl-classifier", champion, "animl.promoted")
+    lines = registry.repair(client, "animl-classifier", lambda version: True)
+    assert any("dropped its challenger alias" in line for line in lines)
+    assert any("without promotion tags" in line for line in lines)
+    version = client.get_model_version("animl-classifier", champion)
+    assert version.aliases == ["champion"] and version.tags["animl.promoted"] == "finished after an interruption"
+    assert registry.repair(client, "animl-classifier", lambda version: True) == []

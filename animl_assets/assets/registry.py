@@ -19,6 +19,7 @@ from animl_assets.core.artifact_files import torch_bytes, value_version
 from animl_assets.core.training import TrainedClassifier, resolve_device
 from animl_assets.resources.storage import ArtifactStore
 from animl_assets.resources.tracking import MlflowTracking
+from animl_assets.runs import in_progress
 
 GATE_METRICS = ("acc_top1", "macro_recall")
 
@@ -32,13 +33,24 @@ class RegistryConfig(dg.Config):
                                "(fractions; 0: at least as good, ties go to the newer model).")
 
 
+def _repair(context: dg.AssetExecutionContext, client: Any, name: str) -> None:
+    """Finish or roll back what a killed registration or promotion left (``registry.repair``); an unfinished
+    registration of this very run is an earlier try of this step's."""
+    def abandoned(version: Any) -> bool:
+        run_id = version.tags.get(registry.DAGSTER_RUN_TAG)
+        return run_id == context.run.run_id or not in_progress(context.instance, run_id)
+
+    for line in registry.repair(client, name, abandoned):
+        context.log.warning(f"{name}: {line}")
+
+
 def _lineage_tags(checkpoint: TrainedClassifier, evaluation: ev.Evaluation, exports: list[str],
                   dagster_run_id: str) -> dict[str, str]:
     params = checkpoint.params
     return {"animl.dataset_version": params["dataset_version"], "animl.splits_version": params["splits_version"],
             "animl.checkpoint_version": value_version(checkpoint, "classifier_checkpoint"),
             "animl.evaluation_version": value_version(evaluation, "classifier_evaluation"),
-            "animl.exports": ",".join(exports), "dagster.run_id": dagster_run_id,
+            "animl.exports": ",".join(exports), registry.DAGSTER_RUN_TAG: dagster_run_id,
             "animl.training_run_id": params.get("mlflow_run_id") or "", "animl.model_name": params["model_name"],
             "animl.image_size": str(params["image_size"]),
             registry.TRAINING_CONFIG_TAG: json.dumps(training_recipe(params), sort_keys=True)}
@@ -61,6 +73,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
                                 registry.preprocessing(int(checkpoint.params["image_size"])), evaluation.thresholds,
                                 checkpoint.params, torch_bytes(checkpoint.ckpt))
     client = mlflow.client()
+    _repair(context, client, config.model_name)
     run_id = checkpoint.params.get("mlflow_run_id")
     if not run_id:
         raise stop("the checkpoint names no MLflow run (params.json mlflow_run_id): retrain it")
@@ -77,7 +90,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
              "gate_margin": config.gate_margin, "test": {k: test.get(k) for k in GATE_METRICS},
              "model_uri": f"models:/{config.model_name}/{version.version}", "tags": tags}
     data_version = value_version(value, "registered_model")
-    client.set_model_version_tag(config.model_name, str(version.version), "animl.registered_version", data_version)
+    client.set_model_version_tag(config.model_name, str(version.version), registry.REGISTERED_TAG, data_version)
     context.log.info(f"registered {config.model_name} version {version.version} (alias challenger)")
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
         "model_name": config.model_name, "model_version": int(version.version),
@@ -137,7 +150,9 @@ def champion_model(context: dg.AssetExecutionContext, registered_model: dict[str
     """The registered model's ``champion`` alias, moved to the new version once ``beats_champion`` passed
     (``animl promote`` moves it by hand)."""
     name, version = registered_model["name"], registered_model["version"]
-    previous = registry.promote(mlflow.client(), name, version, how="gate")
+    client = mlflow.client()
+    _repair(context, client, name)
+    previous = registry.promote(client, name, version, how="gate")
     context.log.info(f"{name} version {version} is champion (was: {previous or 'none'})")
     value = {"name": name, "version": version, "replaced": previous, "how": "gate",
              "model_uri": f"models:/{name}@{registry.CHAMPION}"}

@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -18,16 +18,19 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from animl_assets.core.paths import redact_credentials
+from animl_assets.core.tracking import DAGSTER_RUN_TAG
 from animl_assets.core.training import MEANS, STDS
 
 DEFAULT_MODEL = "animl-classifier"
 CHAMPION, CHALLENGER = "champion", "challenger"
+PROMOTED_TAG, REPLACING_TAG = "animl.promoted", "animl.replacing"  # how it became champion; whom it replaces
+REGISTERED_TAG = "animl.registered_version"  # set last: a version without it was never fully registered
 TRAINING_CONFIG_TAG = "animl.training_config"  # the recipe a version was trained with (JSON), for retraining
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # the lineage tags of a registered version, and the assets whose versions they name
 ASSET_OF_TAG = {"animl.dataset_version": "classification_dataset", "animl.splits_version": "splits",
                 "animl.checkpoint_version": "classifier_checkpoint", "animl.evaluation_version": "classifier_evaluation",
-                "animl.registered_version": "registered_model"}
+                REGISTERED_TAG: "registered_model"}
 
 
 @dataclass
@@ -178,20 +181,60 @@ def model_files(tracking_uri: str, version: ModelVersion) -> ModelFiles:
 
 def promote(client: MlflowClient, name: str, version: str, how: str, reason: str = "") -> str | None:
     """Point ``champion`` at ``version`` (dropping its ``challenger`` alias), recording how and when as tags;
-    returns the version that was champion before."""
+    returns the version that was champion before. The champion it replaces is written on the version before
+    the alias moves, so a promotion interrupted after that is finished with the right tags (``repair``)."""
+    version = str(version)
     previous = by_alias(client, name, CHAMPION)
+    if previous is not None and str(previous.version) == version:  # champion already (an earlier try, or again)
+        replaced = previous.tags.get(REPLACING_TAG) or None
+    else:
+        replaced = str(previous.version) if previous else None
+        client.set_model_version_tag(name, version, REPLACING_TAG, replaced or "")
+    client.set_registered_model_alias(name, CHAMPION, version)
     challenger = by_alias(client, name, CHALLENGER)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    if challenger is not None and str(challenger.version) == str(version):
+    if challenger is not None and str(challenger.version) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
+    _promotion_tags(client, name, version, how, replaced, reason)
+    return replaced
+
+
+def _promotion_tags(client: MlflowClient, name: str, version: str, how: str, replaced: str | None,
+                    reason: str) -> None:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    tags = {"animl.promoted": how, "animl.promoted_at": now,
-            "animl.replaced_champion": str(previous.version) if previous else ""}
+    tags = {PROMOTED_TAG: how, "animl.promoted_at": now, "animl.replaced_champion": replaced or ""}
     if reason:
         tags["animl.promotion_reason"] = reason
     for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, value)
-    return str(previous.version) if previous else None
+        client.set_model_version_tag(name, version, key, value)
+
+
+def repair(client: MlflowClient, name: str, abandoned: Callable[[ModelVersion], bool]) -> list[str]:
+    """Finish or roll back what a killed registration or promotion of model ``name`` left: a version that
+    ``abandoned`` says no live run is still registering, and that never got its ``animl.registered_version``
+    tag, is deleted (it was never gated); a champion that is also challenger loses the challenger alias; a
+    champion without promotion tags gets them. Returns one line per repair."""
+    lines = []
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        if is_absent(err):
+            return []
+        raise _unavailable(client, f"the versions of {name!r}", err) from err
+    for version in found:
+        if version.tags.get(DAGSTER_RUN_TAG) and not version.tags.get(REGISTERED_TAG) and abandoned(version):
+            for alias in client.get_model_version(name, str(version.version)).aliases:
+                client.delete_registered_model_alias(name, alias)
+            client.delete_model_version(name, str(version.version))
+            lines.append(f"deleted version {version.version}: its registration was interrupted before the gate")
+    champion, challenger = by_alias(client, name, CHAMPION), by_alias(client, name, CHALLENGER)
+    if champion is not None and challenger is not None and str(champion.version) == str(challenger.version):
+        client.delete_registered_model_alias(name, CHALLENGER)
+        lines.append(f"version {champion.version} is champion: dropped its challenger alias (an interrupted promotion)")
+    if champion is not None and not champion.tags.get(PROMOTED_TAG):
+        _promotion_tags(client, name, str(champion.version), "finished after an interruption",
+                        champion.tags.get(REPLACING_TAG) or None, "")
+        lines.append(f"version {champion.version} is champion without promotion tags: added them")
+    return lines
 
 
 def kept_versions(client: MlflowClient) -> dict[str, set[str]]:
