@@ -59,7 +59,7 @@ def test_label_weights_balance_each_split_and_the_sampler_draws_labels_evenly(cr
         assert rows["weight"].sum() == pytest.approx(len(rows))
     train = frame[frame["split"] == "train"].reset_index(drop=True)
     sampler = EpochSampler(len(train), torch.tensor(train["weight"].to_numpy()), seed=0)
-    drawn = pd.Series([train["label"][i] for epoch in range(20) for i in (sampler.set_epoch(epoch) or sampler)])
+    drawn = pd.Series([train["label"][i] for epoch in range(20) for i, _ in (sampler.set_epoch(epoch) or sampler)])
     shares = drawn.value_counts(normalize=True)
     assert shares.max() - shares.min() < 0.05
     unweighted = split_frame(skewed, label_index, splits, label_weighted=False)
@@ -79,14 +79,15 @@ def test_detection_confidence_weights_training_rows_through_the_calibration(crop
 def test_the_sampler_is_a_function_of_seed_and_epoch_and_shards_by_rank():
     sampler = EpochSampler(10, seed=3)
     sampler.set_epoch(2)
-    first = list(sampler)
-    assert sorted(first) == list(range(10)) and list(sampler) == first
+    first = list(sampler)  # (index, augmentation seed) pairs
+    assert sorted(i for i, _ in first) == list(range(10)) and list(sampler) == first
+    assert len({seed for _, seed in first}) == 10
     sampler.set_epoch(3)
-    assert list(sampler) != first
+    assert [i for i, _ in sampler] != [i for i, _ in first]
     ranks = [EpochSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
     for shard in ranks:
         shard.set_epoch(2)
-    dealt = [list(shard) for shard in ranks]
+    dealt = [[i for i, _ in shard] for shard in ranks]
     assert all(len(shard) == 4 for shard in dealt) and set(sum(dealt, [])) == set(range(10))
 
 
@@ -113,27 +114,45 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(crop_set
     assert checkpoints.load(LAST)["stopped"]
 
 
-def test_resume_after_a_crash_continues_at_the_next_epoch_with_the_same_final_weights(crop_set, tmp_path):
-    uninterrupted, _, _ = _train(crop_set, tmp_path / "a", epochs=3)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_a_crash_continues_at_the_next_epoch_with_the_same_final_weights(crop_set, tmp_path, num_workers):
+    uninterrupted, _, _ = _train(crop_set, tmp_path / "a", epochs=3, num_workers=num_workers)
 
     def crash(metrics):
         if metrics["epoch"] == 1:
             raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        _train(crop_set, tmp_path / "b", epochs=3, on_epoch=crash)
+        _train(crop_set, tmp_path / "b", epochs=3, on_epoch=crash, num_workers=num_workers)
     seen = []
-    resumed, checkpoints, _ = _train(crop_set, tmp_path / "b", epochs=3, on_epoch=seen.append)
+    resumed, checkpoints, _ = _train(crop_set, tmp_path / "b", epochs=3, on_epoch=seen.append, num_workers=num_workers)
     assert resumed.resumed_from_epoch == 1 and [m["epoch"] for m in seen] == [2]
     assert [m["epoch"] for m in resumed.history] == [0, 1, 2]
     last_a = read_checkpoint(tmp_path.joinpath("a", "store", "training", "run", LAST).read_bytes())
     last_b = checkpoints.load(LAST)
-    for key, value in last_a["model"].items():
+    for key, value in last_a["model"].items():  # tensor by tensor, with loader workers too
         assert torch.equal(value, last_b["model"][key]), key
+    for key, value in last_a["optimizer"]["state"].items():
+        assert all(torch.equal(v, last_b["optimizer"]["state"][key][k]) for k, v in value.items() if torch.is_tensor(v))
     for key, value in uninterrupted.best["model"].items():
         assert torch.equal(value, resumed.best["model"][key]), key
     restarted, _, _ = _train(crop_set, tmp_path / "b", epochs=3, resume=False)
     assert restarted.resumed_from_epoch is None and len(restarted.history) == 3
+
+
+def test_a_truncated_last_checkpoint_is_set_aside_and_the_training_starts_over(crop_set, tmp_path):
+    _, checkpoints, _ = _train(crop_set, tmp_path, epochs=1)
+    last = tmp_path / "store" / "training" / "run" / LAST
+    last.write_bytes(last.read_bytes()[:1000])  # the disk filled up mid-write of an older, non-atomic copy
+    said = []
+    sample, ds, label_index, splits = crop_set
+    params = TrainingParams(model_name="efficientnet-lite0", image_size=48, epochs=1, batch_size=16, num_workers=0)
+    loaders = make_loaders(split_frame(ds, label_index, splits, True), sample.crops_dir, params, CPU)
+    result = fit(init_model(params, len(label_index), pretrained="lite0"), loaders, params, checkpoints, CPU,
+                 progress=said.append)
+    assert result.resumed_from_epoch is None and len(result.history) == 1
+    assert any(f"{last} cannot be read" in line and "last.pt.unreadable" in line for line in said)
+    assert last.with_name("last.pt.unreadable").stat().st_size == 1000 and checkpoints.load(LAST) is not None
 
 
 def test_checkpoints_are_in_the_reference_layout_and_load_into_efficientnet_pytorch(crop_set, tmp_path):

@@ -13,7 +13,9 @@ import copy
 import io
 import math
 import os
+import pickle
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -147,20 +149,28 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Item ``key``: an index, or ``(index, seed)`` from an ``EpochSampler``, whose seed alone decides the
+        random augmentation (whichever loader worker draws it, and however often workers were restarted)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path = self.root / self.paths[index]
         try:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
         except (OSError, ValueError) as err:
             raise OSError(f"cannot read crop {path}: {err}") from err
-        return self.transform(rgb), self.labels[index], self.weights[index], index
+        if seed is None:
+            return self.transform(rgb), self.labels[index], self.weights[index], index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(rgb), self.labels[index], self.weights[index], index
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[tuple[int, int]]):
     """Training order for one epoch from ``(seed, epoch)`` alone, so a resumed run draws what the original
     would: weighted draws with replacement (``weights``; the reference's WeightedRandomSampler) or a
-    permutation; under DDP padded to a multiple of ``world_size`` and dealt out by rank."""
+    permutation; under DDP padded to a multiple of ``world_size`` and dealt out by rank. Each draw comes with
+    its own augmentation seed (``CropDataset``), so loader workers hold no state a resume would lose."""
 
     def __init__(self, size: int, weights: torch.Tensor | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
@@ -171,7 +181,7 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         total = self.per_rank * self.world_size
         if self.weights is not None:
@@ -179,7 +189,8 @@ class EpochSampler(Sampler[int]):
         else:
             order = torch.randperm(self.size, generator=generator)
             order = torch.cat([order, order[: total - self.size]])
-        return iter(order[self.rank::self.world_size].tolist())
+        seeds = torch.randint(0, 2**62, (total,), generator=generator)
+        return zip(order[self.rank::self.world_size].tolist(), seeds[self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
         return self.per_rank
@@ -211,9 +222,12 @@ def make_loaders(frame: pd.DataFrame, crops_root: str | Path, params: TrainingPa
         weights = dataset.weights if train and (params.label_weighted or params.weight_by_detection_conf) else None
         sampler = (EpochSampler(len(dataset), weights, params.seed, rank, world) if train
                    else range(rank, len(dataset), world))
+        # its own generator: starting workers draws their base seed from it, not from the global RNG that
+        # dropout uses (a resume starts them at another epoch than the original run did)
         loaders[split] = DataLoader(dataset, batch_size=params.batch_size, sampler=sampler,
                                     num_workers=params.num_workers, pin_memory=cuda,
-                                    persistent_workers=params.num_workers > 0)  # no re-spawn per epoch
+                                    persistent_workers=params.num_workers > 0,  # no re-spawn per epoch
+                                    generator=torch.Generator().manual_seed(params.seed))
     return loaders
 
 
@@ -332,11 +346,23 @@ class Checkpoints:
     def save(self, name: str, state: Mapping[str, Any]) -> None:
         self.store.write_bytes(f"{self.folder}/{name}", torch_bytes(dict(state)))
 
-    def load(self, name: str) -> dict[str, Any] | None:
+    def load(self, name: str, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """The state saved as ``name``, or None when there is none. One that cannot be read (a truncated
+        file, say) is moved aside to ``<name>.unreadable``, ``warn`` is told, and None is returned: the
+        training starts over instead of failing on it for ever."""
         key = f"{self.folder}/{name}"
         if not self.store.exists(key):
             return None
-        return torch.load(io.BytesIO(self.store.read_bytes(key)), map_location="cpu", weights_only=True)
+        data = self.store.read_bytes(key)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            self.store.write_bytes(f"{key}.unreadable", data)
+            self.store.delete(key)
+            if warn is not None:
+                warn(f"{self.uri(name)} cannot be read ({str(err).splitlines()[0][:200]}): moved to "
+                     f"{name}.unreadable; starting over")
+            return None
 
 
 @dataclass
@@ -441,7 +467,7 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {}
     start_epoch, resumed_from = 0, None
-    last = checkpoints.load(LAST) if resume else None
+    last = checkpoints.load(LAST, warn=progress) if resume else None
     if last is not None:
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
@@ -449,7 +475,7 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
         scaler.load_state_dict(last["scaler"])
         _restore_rng(last["rng"], device)
         history, start_epoch, resumed_from = list(last["history"]), last["epoch"] + 1, last["epoch"]
-        best = checkpoints.load(BEST) or {}
+        best = checkpoints.load(BEST, warn=progress) or {}
         if last.get("stopped"):
             start_epoch = params.epochs
     else:
