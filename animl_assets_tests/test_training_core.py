@@ -215,3 +215,26 @@ def test_a_reexecuted_dagster_run_continues_its_mlflow_run(tmp_path):
     assert client.get_run(first).data.params == {"lr": "0.1", "epochs": "3"}
     other, _ = tracking.find_or_start_run(client, experiment, "another-run", "name", {})
     assert other != first
+
+
+def test_crops_that_cannot_be_trained_on_are_found_from_their_first_and_last_bytes(tmp_path):
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from animl_assets.core.training import crop_problem, readable_crops
+
+    jpeg, png = _io.BytesIO(), _io.BytesIO()
+    _Image.new("RGB", (32, 32), (10, 200, 30)).save(jpeg, "JPEG")
+    _Image.new("RGB", (32, 32), (10, 200, 30)).save(png, "PNG")
+    files = {"ok.jpg": jpeg.getvalue(), "ok.png": png.getvalue(), "cut.jpg": jpeg.getvalue()[:-40],
+             "cut.png": png.getvalue()[:-20], "empty.jpg": b"", "text.jpg": b"<html>403 Forbidden</html>"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    found = {name: crop_problem(tmp_path / name) for name in [*files, "gone.jpg"]}
+    assert found == {"ok.jpg": None, "ok.png": None, "cut.jpg": "truncated JPEG (no end marker)",
+                     "cut.png": "truncated PNG (no IEND chunk)", "empty.jpg": "empty file",
+                     "text.jpg": "not a JPEG or PNG", "gone.jpg": "missing"}
+    ds = pd.DataFrame({"path": list(found), "dataset": "d", "label": "fox"})
+    usable, left_out = readable_crops(ds, tmp_path)
+    assert ds.loc[usable, "path"].tolist() == ["ok.jpg", "ok.png"] and len(left_out) == 5

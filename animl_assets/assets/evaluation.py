@@ -24,7 +24,7 @@ from animl_assets.core.exports import partition_folder
 from animl_assets.core.models import build_model
 from animl_assets.core.sequences import crop_image, sequence_ids, sequence_top1
 from animl_assets.core.store import Store
-from animl_assets.core.training import SPLITS, TrainedClassifier, resolve_device, split_frame
+from animl_assets.core.training import SPLITS, TrainedClassifier, readable_crops, resolve_device, split_frame
 from animl_assets.k8s import GPU_TAGS
 from animl_assets.resources.io_manager import read_artifacts, version_folder
 from animl_assets.resources.storage import ArtifactStore, read_uri
@@ -54,14 +54,14 @@ def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[Datas
 
 def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.DataFrame, Path, pd.DataFrame]:
     """The dataset and splits versions a checkpoint was trained on as ``split_frame`` rows over the crops
-    present (weighted as in training; no detection-confidence weights, as the reference), with the local
-    crops folder and the missing crops."""
+    that can be read (weighted as in training; no detection-confidence weights, as the reference), with the
+    local crops folder and the crops left out (missing or unreadable, with why)."""
     dataset, crops_root = dataset_crops(storage, params)
     splits = read_artifacts(storage.store(), version_folder("splits", params["splits_version"]))
     ds = dataset.classification_ds
-    present = ds["path"].map(lambda path: (crops_root / path).is_file())
-    frame = split_frame(ds[present], dataset.label_index, splits, bool(params["label_weighted"]))
-    return frame, crops_root, ds.loc[~present, ["path", "dataset", "label"]]
+    usable, left_out = readable_crops(ds, crops_root)
+    frame = split_frame(ds[usable], dataset.label_index, splits, bool(params["label_weighted"]))
+    return frame, crops_root, left_out
 
 
 def crop_sequences(storage: ArtifactStore, partitions: Iterable[str], crops: Iterable[str],

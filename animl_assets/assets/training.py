@@ -26,7 +26,7 @@ from animl_assets.core.paths import redact_credentials
 from animl_assets.core.plots import learning_curve
 from animl_assets.core.store import Store
 from animl_assets.core.training import (BEST, LAST, Checkpoints, FitResult, TrainedClassifier, TrainingParams,
-                                        evaluate_checkpoint, split_frame, train_classifier)
+                                        evaluate_checkpoint, readable_crops, split_frame, train_classifier)
 from animl_assets.k8s import GPU_TAGS
 from animl_assets.runs import in_progress
 from animl_assets.resources.io_manager import read_from, version_folder
@@ -213,10 +213,10 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
                    f"{dataset_version}, the dataset this training reads: materialize splits first")
     partitions = sorted(ds["dataset"].unique())
     crops_root = crops_folder(storage, partitions)
-    present = ds["path"].map(lambda path: (crops_root / path).is_file())
-    missing = ds.loc[~present, ["path", "dataset", "label"]]
+    present, missing = readable_crops(ds, crops_root)
     if len(missing):
-        context.log.warning(f"{len(missing)} crops of the dataset are missing under {crops_root} and are left out")
+        counts = missing["problem"].value_counts().to_dict()
+        context.log.warning(f"{len(missing)} crops of the dataset under {crops_root} are left out: {counts}")
     try:
         frame = split_frame(ds[present], label_index, splits, params.label_weighted,
                             params.weight_by_detection_conf, _calibration(config, storage))
@@ -311,6 +311,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         "seconds": round(time.perf_counter() - started, 1),
         **{f"num_{split}_crops": int(n) for split, n in counts.items()},
         "num_missing_crops": len(missing), "missing_crops": table(missing),
+        "num_unreadable_crops": int((missing["problem"] != "missing").sum()),
         "history": table(history[[c for c in history.columns if c == "epoch" or c.endswith(("loss", "acc_top1"))]]
                          .round(4)),
         **image_metadata(store, f"{folder}/{LEARNING_CURVE}", curve, "learning_curve", "learning curve"),

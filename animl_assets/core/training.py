@@ -109,6 +109,37 @@ def detection_weights(confidence: np.ndarray, calibration: Mapping[str, np.ndarr
     return np.interp(confidence, calibration["x"], calibration["y"])
 
 
+def crop_problem(path: Path) -> str | None:
+    """Why the crop file at ``path`` cannot be trained on (missing, empty, not a JPEG or PNG, cut short
+    before its end marker), or None. Reads its first and last bytes only, so a whole dataset is checked in
+    moments before a training that would otherwise fail at the first bad crop in a loader worker."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            start = handle.read(8)
+            handle.seek(max(0, size - 12))
+            end = handle.read()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    if size == 0:
+        return "empty file"
+    if start.startswith(b"\xff\xd8"):
+        return None if end.rstrip(b"\x00").endswith(b"\xff\xd9") else "truncated JPEG (no end marker)"
+    if start.startswith(b"\x89PNG"):
+        return None if b"IEND" in end else "truncated PNG (no IEND chunk)"
+    return "not a JPEG or PNG"
+
+
+def readable_crops(ds: pd.DataFrame, crops_root: Path) -> tuple[pd.Series, pd.DataFrame]:
+    """Which rows of ``ds`` have a crop that can be trained on (a boolean Series), and the others as
+    ``path, dataset, label, problem`` rows."""
+    problems = ds["path"].map(lambda path: crop_problem(crops_root / path))
+    usable = problems.isna()
+    return usable, ds.loc[~usable, ["path", "dataset", "label"]].assign(problem=problems[~usable])
+
+
 def split_frame(ds: pd.DataFrame, label_index: Mapping[str, str], splits: Mapping[str, Sequence[Sequence[str]]],
                 label_weighted: bool, weight_by_detection_conf: bool = False,
                 calibration: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
