@@ -270,6 +270,11 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
         error = event.step_failure_data.error
         if error.cls_name == "DagsterAssetCheckFailedError":
             continue  # the failed check itself is reported above
+        user = event.step_failure_data.user_failure_data
+        trace = user.metadata.get("traceback") if user and user.metadata else None
+        if trace is not None:  # a bug stopped without retries (retry_only_transient): still a crash, with its trace
+            unexpected.append(f"step {event.step_key} failed: {user.description}\n{trace.value}")
+            continue
         failure = error if error.cls_name in REPORTED_ERRORS else error.cause
         if failure is not None and failure.cls_name in REPORTED_ERRORS:
             expected.append(f"{event.step_key}: {failure.message.split(': ', 1)[-1].strip()}")

@@ -140,3 +140,40 @@ def test_a_malformed_export_fails_at_once_without_retries(settings, instance, tm
     assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     [failure] = result.get_step_failure_events()
     assert "is malformed" in failure.step_failure_data.error.to_string()
+
+
+def _cct_export_only(settings, instance, partition):
+    from animl_assets.definitions import INGEST_JOB
+
+    return build_definitions(settings).resolve_job_def(INGEST_JOB).execute_in_process(
+        partition_key=partition, instance=instance, raise_on_error=False, asset_selection=[dg.AssetKey("cct_export")])
+
+
+def test_a_bug_stops_at_once_and_a_dropped_connection_is_retried(settings, instance, sample_dir, monkeypatch):
+    from animl_assets.assets import exports
+
+    partition = add_export(settings, instance, sample_dir)
+    real, calls = exports.validate_cct, []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise KeyError("images")  # the same on every try
+
+    monkeypatch.setattr(exports, "validate_cct", broken)
+    result = _cct_export_only(settings, instance, partition)
+    assert not result.success and len(calls) == 1
+    assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+    [failure] = result.get_step_failure_events()
+    assert failure.step_failure_data.user_failure_data.description == "KeyError: 'images'"
+    assert "in broken" in failure.step_failure_data.user_failure_data.metadata["traceback"].value
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ConnectionResetError("connection reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exports, "validate_cct", flaky)
+    result = _cct_export_only(settings, instance, partition)
+    assert result.success and len(calls) == 3
+    assert [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
 import io
 import os
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import dagster as dg
 import pandas as pd
@@ -22,6 +25,37 @@ from animl_assets.resources.storage import LocalStore, location  # noqa: F401 - 
 # S3 and MLflow calls fail now and then (a dropped connection, a 503 while a server restarts): a step that
 # talks to them runs again after about 2, 4 and 8 s. ``stop`` failures (bad input or config) are not retried.
 NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+# What fails the same way on every try (a bug, bad data, bad config): raised through ``retry_only_transient``
+# as a Failure that retry policies let through, so only network-like errors use a step's retries.
+DETERMINISTIC = (LookupError, TypeError, AttributeError, ValueError, AssertionError, ArithmeticError,
+                 NotImplementedError)
+
+
+def retry_only_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an asset's function (below ``@dg.asset``) so that a DETERMINISTIC error stops the step at once,
+    its traceback kept as the failure's ``traceback`` metadata, instead of being retried by NETWORK_RETRY."""
+    def stopped(err: BaseException) -> dg.Failure:
+        return dg.Failure(description=f"{type(err).__name__}: {err}", allow_retries=False,
+                          metadata={"traceback": dg.MetadataValue.text(traceback.format_exc())})
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except DETERMINISTIC as err:
+                raise stopped(err) from err
+        return generator
+
+    @functools.wraps(fn)
+    def function(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DETERMINISTIC as err:
+            raise stopped(err) from err
+    return function
 
 
 def stop(description: str, metadata: dict[str, Any] | None = None) -> dg.Failure:

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, local_folder, location,
-                                          publish, table, thumbnail_markdown)
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, local_folder, location, publish,
+                                           retry_only_transient, table, thumbnail_markdown)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import images_folder
@@ -52,6 +52,7 @@ def size_histogram(rows: pd.DataFrame) -> pd.DataFrame:
 
 @dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="detections", kinds={"jpeg"},
           check_specs=[failure_rate_spec("crops")])
+@retry_only_transient
 def crops(context: dg.AssetExecutionContext, config: CropsConfig, md_detections: Detections, images: ImageManifest,
           storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """Every animal box at or above the threshold cropped to ``<file>___cropNN_<detector>.jpg``; a re-run

@@ -8,8 +8,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, location,
-                                          stop, table, table_schema)
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, location, retry_only_transient,
+                                           stop, table, table_schema)
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.cct import UNKNOWN_LOCATION, ExportArtifacts, image_location
@@ -125,6 +125,7 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections,
 @dg.asset(retry_policy=NETWORK_RETRY, group_name="dataset", kinds={"csv"},
           check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
                                          description="At least two labels have min_crops_per_label crops.")])
+@retry_only_transient
 def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig, crops: dict[str, CropManifest],
                            md_detections: dict[str, Detections], cct_export: dict[str, ExportArtifacts],
                            storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
@@ -227,6 +228,7 @@ class SplitsConfig(dg.Config):
                           description="Each label has crops in train, val and test."),
     ],
 )
+@retry_only_transient
 def splits(config: SplitsConfig, classification_dataset: DatasetVersion) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """``splits.json``: (dataset, location) pairs for train, val and test, from one dataset version."""
     ds, test_locations = classification_dataset.classification_ds, classification_dataset.match_test_locations

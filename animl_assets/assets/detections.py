@@ -7,7 +7,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import NETWORK_RETRY, stop, table
+from animl_assets.assets.artifacts import NETWORK_RETRY, retry_only_transient, stop, table
 from animl_assets.assets.checks import problems_check
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import images_folder
@@ -49,6 +49,7 @@ def _image_sizes(manifest) -> dict[str, tuple[int, int]]:
                                    description="The batch output follows MegaDetector's format rules "
                                                "(validate_batch_results.py).")],
 )
+@retry_only_transient
 def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, cct_export: ExportArtifacts,
                   images: ImageManifest, storage: ArtifactStore,
                   exports: ExportsLocation) -> Iterator[dg.Output | dg.AssetCheckResult]:

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from animl_assets.assets.artifacts import NETWORK_RETRY, artifact_key, image_metadata, location, stop, table
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, location, retry_only_transient,
+                                           stop, table)
 from animl_assets.assets.training import crops_folder
 from animl_assets.core import evaluation as ev
 from animl_assets.core import plots, registry, tracking
@@ -112,6 +113,7 @@ def evaluation_figures(result: ev.Evaluation, crops_root: Path, errors_per_label
 
 @dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"pytorch", "mlflow"}, op_tags=GPU_TAGS,
           tags={"animl/accelerator": "gpu"})
+@retry_only_transient
 def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig,
                           classifier_checkpoint: TrainedClassifier, storage: ArtifactStore,
                           mlflow: MlflowTracking) -> Iterator[dg.Output]:
@@ -239,6 +241,7 @@ def read_json(uri: str, storage: ArtifactStore) -> Any:
 
 
 @dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"pytorch", "mlflow"})
+@retry_only_transient
 def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig,
                      classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
                      mlflow: MlflowTracking) -> dg.Output[pd.DataFrame]:

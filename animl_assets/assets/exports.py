@@ -6,7 +6,7 @@ from typing import Any, Iterator
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import NETWORK_RETRY, location, stop, table
+from animl_assets.assets.artifacts import NETWORK_RETRY, location, retry_only_transient, stop, table
 from animl_assets.assets.checks import problems_check
 from animl_assets.core.cct import (BBOX_OVERHANG_TOLERANCE, CHECKS, CCTFormatError, ExportArtifacts,
                                    category_location_table, load_cct, summarize_cct, validate_cct)
@@ -43,6 +43,7 @@ class ExportConfig(dg.Config):
                                    description="Warns when boxes overhang their image within the tolerance "
                                                "(they are clipped).")],
 )
+@retry_only_transient
 def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
                exports: ExportsLocation) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """The export's COCO Camera Traps JSON and its problems per check; downstream waits on its checks. Its

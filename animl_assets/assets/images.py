@@ -7,8 +7,8 @@ from typing import Iterator
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, local_folder, location,
-                                          read_csv, stop, table, table_schema)
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, local_folder, location, read_csv,
+                                           retry_only_transient, stop, table, table_schema)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import value_version
@@ -77,6 +77,7 @@ def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_
 
 @dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="ingest", kinds={"jpeg"},
           check_specs=[failure_rate_spec("images")])
+@retry_only_transient
 def images(context: dg.AssetExecutionContext, config: ImagesConfig, cct_export: ExportArtifacts,
            storage: ArtifactStore, exports: ExportsLocation,
            image_source: ImageSource) -> Iterator[dg.Output | dg.AssetCheckResult]:

@@ -15,8 +15,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, local_folder,
-                                          location, stop, table)
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, local_folder, location,
+                                           retry_only_transient, stop, table)
 from animl_assets.assets.evaluation import read_json
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core import evaluation as ev
@@ -91,6 +91,7 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
 @dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"},
           deps=["champion_model"], op_tags=GPU_TAGS, tags={"animl/accelerator": "gpu"},
           automation_condition=FOLLOW_UPSTREAM)
+@retry_only_transient
 def classifications(context: dg.AssetExecutionContext, config: ClassificationsConfig, crops: CropManifest,
                     storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
     """The export's crops classified by the champion (or a chosen version, or an external TorchScript model):
@@ -177,6 +178,7 @@ class ReviewConfig(dg.Config):
           automation_condition=FOLLOW_UPSTREAM,
           check_specs=[dg.AssetCheckSpec("md_format", asset="classified_detections", blocking=True,
                                          description="The output passes the MegaDetector batch-output rules.")])
+@retry_only_transient
 def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfig, md_detections: Detections,
                           crops: CropManifest, classifications: dict[str, Any],
                           storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
@@ -216,6 +218,7 @@ class MislabeledConfig(dg.Config):
 
 
 @dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"csv"})
+@retry_only_transient
 def mislabeled_candidates(context: dg.AssetExecutionContext, config: MislabeledConfig,
                           classifier_evaluation: ev.Evaluation, storage: ArtifactStore) -> dg.Output[pd.DataFrame]:
     """Crops whose predicted label beats their label by the margin, per split and dataset, to review (e.g. in

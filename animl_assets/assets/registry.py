@@ -10,7 +10,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import NETWORK_RETRY, stop, table
+from animl_assets.assets.artifacts import NETWORK_RETRY, retry_only_transient, stop, table
 from animl_assets.assets.evaluation import dataset_crops, registered_scores
 from animl_assets.assets.training import training_recipe
 from animl_assets.core import evaluation as ev
@@ -57,6 +57,7 @@ def _lineage_tags(checkpoint: TrainedClassifier, evaluation: ev.Evaluation, expo
 
 
 @dg.asset(retry_policy=NETWORK_RETRY, group_name="registry", kinds={"mlflow"})
+@retry_only_transient
 def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
                      classifier_evaluation: ev.Evaluation, classifier_checkpoint: TrainedClassifier,
                      storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
@@ -116,6 +117,7 @@ def _comparison(new: dict[str, float], champion: dict[str, float], margin: float
                 description="The new version beats the current champion on the same test split (top-1 and macro "
                             "recall, by the configured margin); the first version passes. Blocks promotion. "
                             "Fails closed: a registry that cannot be asked for the champion fails the check.")
+@retry_only_transient
 def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
                    mlflow: MlflowTracking) -> dg.AssetCheckResult:
     value, evaluation = registered_model, classifier_evaluation
@@ -145,6 +147,7 @@ def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.E
 
 
 @dg.asset(retry_policy=NETWORK_RETRY, group_name="registry", kinds={"mlflow"})
+@retry_only_transient
 def champion_model(context: dg.AssetExecutionContext, registered_model: dict[str, Any],
                    mlflow: MlflowTracking) -> dg.Output[dict[str, Any]]:
     """The registered model's ``champion`` alias, moved to the new version once ``beats_champion`` passed

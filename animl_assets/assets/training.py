@@ -14,8 +14,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, local_folder,
-                                          location, stop, table)
+from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, local_folder, location,
+                                           retry_only_transient, stop, table)
 from animl_assets.core import registry, tracking
 from animl_assets.core.artifact_files import TorchFile, torch_bytes, value_version
 from animl_assets.core.crops import CropManifest
@@ -194,6 +194,7 @@ def _run_distributed(context: dg.AssetExecutionContext, config: TrainingConfig, 
     group_name="training", kinds={"pytorch", "mlflow"}, pool="gpu", op_tags=GPU_TAGS,
     tags={"animl/accelerator": "gpu"},
 )
+@retry_only_transient
 def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
                           crops: dict[str, CropManifest], classification_dataset: DatasetVersion,
                           splits: dict[str, list[list[str]]], storage: ArtifactStore,
