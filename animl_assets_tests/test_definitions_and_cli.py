@@ -183,16 +183,17 @@ def test_a_failed_blocking_check_is_one_line(fresh_home, sample_dir, tmp_path, c
     assert one_error_line(capsys, "register").endswith("check bboxes on cct_export failed (1 problems)")
 
 
-def test_an_unexpected_error_keeps_its_trace(fresh_home, sample_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, KeyError])  # retried, or stopped at once: a crash either way
+def test_an_unexpected_error_keeps_its_trace(fresh_home, sample_dir, capsys, monkeypatch, error):
     import animl_assets.assets.exports as exports_assets
 
     def broken(cct, **options):
-        raise RuntimeError("an unexpected bug")
+        raise error("an unexpected bug")
 
     monkeypatch.setattr(exports_assets, "validate_cct", broken)
     assert main(["register", str(sample_dir / "sample_export.json")]) == 1
     err = capsys.readouterr().err
-    assert "RuntimeError: an unexpected bug" in err and 'File "' in err  # the trace, with its frames
+    assert f"{error.__name__}: " in err and "an unexpected bug" in err and 'File "' in err  # the trace, with frames
 
 
 def test_register_brings_the_megadetector_results_beside_the_export(fresh_home, sample_dir, tmp_path, capsys):
