@@ -15,6 +15,7 @@ from animl_assets.core.registry import TRAINING_CONFIG_TAG
 from animl_assets.lineage import DATA_VERSION_TAG, newest_record, records
 from animl_assets.resources.io_manager import INPUT_VERSION_TAG
 from animl_assets.resources.tracking import MlflowTracking
+from animl_assets.runs import end_dead_runs
 
 AUTOMATION_SENSOR = "classify_on_new_champion_or_export"
 RETRAIN_SCHEDULE = "weekly_retraining"
@@ -95,3 +96,17 @@ def make_automation_sensor(selection: dg.AssetSelection) -> dg.AutomationConditi
         AUTOMATION_SENSOR, target=selection, default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
         description="Classifies each new export, and every export again when the champion changes.")
+
+
+DEAD_RUNS_SENSOR = "end_dead_runs"
+
+
+@dg.sensor(name=DEAD_RUNS_SENSOR, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Every 30 s: a run the CLI started whose process is gone (kill -9, out of memory) is marked "
+                       "failed and its pool slots freed; the daemon's run monitoring cannot see such runs.")
+def end_dead_runs_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    """Ends dead CLI runs (``runs.end_dead_runs``); it requests no runs."""
+    lines = end_dead_runs(context.instance)
+    for line in lines:
+        context.log.warning(line)
+    return dg.SkipReason("; ".join(lines) or "no dead runs")

@@ -9,7 +9,7 @@ from dagster_aws.s3 import S3Resource
 
 from animl_assets.assets import (DATASET_ASSETS, PER_EXPORT_ASSETS, REVIEW_ACROSS_EXPORTS, REVIEW_ASSETS,
                                  TRAINING_ASSETS, TRAINING_CHECKS, make_new_exports_sensor, model_comparison)
-from animl_assets.automation import make_automation_sensor, make_retraining_schedule
+from animl_assets.automation import end_dead_runs_sensor, make_automation_sensor, make_retraining_schedule
 from animl_assets.k8s import executor
 from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
@@ -106,7 +106,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         asset_checks=TRAINING_CHECKS,
         jobs=[ingest_job, dataset_job, train_job, compare_job, classify_job, retrain_job],
         sensors=[make_new_exports_sensor(ingest_job),
-                 make_automation_sensor(dg.AssetSelection.assets(*REVIEW_ASSETS))],
+                 make_automation_sensor(dg.AssetSelection.assets(*REVIEW_ASSETS)), end_dead_runs_sensor],
         schedules=[make_retraining_schedule(retrain_job)],
         resources=build_resources(settings),
         executor=executor(os.environ),

@@ -134,7 +134,7 @@ BIND_FAILED = "address already in use"
 
 
 @contextmanager
-def dagster_ui(home: Path, log: Path, timeout_s: float = 180, attempts: int = 3,
+def dagster_ui(home: Path, log: Path, timeout_s: float = 360, attempts: int = 3,
                started: list[subprocess.Popen] | None = None) -> Iterator[str]:
     """``animl ui`` (dagster dev: webserver and daemon) on 127.0.0.1 over ``home``; yields its base URL once
     it answers (the ``animl`` process is appended to ``started``), and stops the whole process group at the
@@ -167,7 +167,7 @@ def _wait_for_ui(base: str, process: subprocess.Popen, log: Path, timeout_s: flo
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            with urllib.request.urlopen(f"{base}/server_info", timeout=2) as response:
+            with urllib.request.urlopen(f"{base}/server_info", timeout=10) as response:
                 if response.status == 200:
                     return True
         except OSError:

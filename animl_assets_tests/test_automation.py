@@ -1,6 +1,8 @@
 """Automation: classifications follow a new champion or export; weekly retraining skips when nothing changed;
 retries and run monitoring in the instance."""
 
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -177,3 +179,34 @@ def test_a_bug_stops_at_once_and_a_dropped_connection_is_retried(settings, insta
     result = _cct_export_only(settings, instance, partition)
     assert result.success and len(calls) == 3
     assert [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+
+
+def test_the_daemon_ends_a_cli_run_whose_process_is_gone(defs, instance):
+    from animl_assets.automation import DEAD_RUNS_SENSOR
+    from animl_assets.runs import HOST_TAG, PID_TAG, process_tags
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    tags = {PID_TAG: str(dead.pid), HOST_TAG: process_tags()[HOST_TAG]}
+    gone = instance.create_run_for_job(_one_op_job, status=dg.DagsterRunStatus.STARTED, tags=tags)
+    alive = instance.create_run_for_job(_one_op_job, status=dg.DagsterRunStatus.STARTED, tags=process_tags())
+    instance.event_log_storage.set_concurrency_slots("gpu", 1)
+    assert instance.event_log_storage.claim_concurrency_slot("gpu", gone.run_id, "train").is_claimed
+    sensor = defs.resolve_sensor_def(DEAD_RUNS_SENSOR)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    with dg.build_sensor_context(instance=instance) as context:
+        skip = sensor.evaluate_tick(context).skip_message
+    assert f"run {gone.run_id[:8]}" in skip and "marked failed, its pool slots freed" in skip
+    assert instance.get_run_by_id(gone.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert instance.get_run_by_id(alive.run_id).status == dg.DagsterRunStatus.STARTED  # this process lives
+    assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
+
+
+@dg.op
+def _one_op() -> None:
+    pass
+
+
+@dg.job
+def _one_op_job() -> None:
+    _one_op()

@@ -181,3 +181,13 @@ def test_corrections_name_their_export_and_never_invent_labels(settings, instanc
                                                       "min_crops_per_label": 1}))
     assert "dear" in pd.read_csv(latest_version(settings, instance, "classification_dataset") /
                                  "classification_ds.csv")["label"].tolist(), _failure(allowed)
+
+
+def test_a_label_with_a_comma_is_refused_when_the_dataset_is_built(settings, instance, ingested, tmp_path):
+    spec = tmp_path / "spec.json"  # classification_ds.csv joins a crop's labels with commas: "a,b" reads as two
+    spec.write_text(json.dumps({"deer,fox": {"dataset_labels": {ingested: ["deer", "fox"]}},
+                                "turkey": {"dataset_labels": {ingested: ["turkey"]}}}))
+    result = run_dataset(settings, instance, config({"label_spec": str(spec)}))
+    assert not result.success and "labels with a comma cannot be written" in _failure(result)
+    assert "'deer,fox'" in _failure(result)
+    assert instance.get_latest_materialization_event(dg.AssetKey("classification_dataset")) is None

@@ -40,16 +40,22 @@ def _animl(env, *args, timeout=600):
     return done, time.monotonic() - started
 
 
+def _training_past_its_first_epoch(env, root, log: Path) -> subprocess.Popen:
+    """``animl train`` in its own process group, once it has logged its first epoch (two more to go)."""
+    with log.open("w") as out:
+        training = subprocess.Popen([ANIML, "train", "--run-config", str(root / "train.yaml")], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while "epoch 1/3" not in log.read_text() and training.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert training.poll() is None, log.read_text()
+    return training
+
+
 def test_a_killed_training_neither_wedges_the_home_nor_loses_its_mlflow_run(home):
     settings, dagster_home, root, env = home
     log = root / "killed.log"
-    with log.open("w") as out:
-        victim = subprocess.Popen([ANIML, "train", "--run-config", str(root / "train.yaml")], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while "epoch 1/3" not in log.read_text() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert victim.poll() is None, log.read_text()
+    victim = _training_past_its_first_epoch(env, root, log)
     os.killpg(victim.pid, signal.SIGKILL)  # the run process and its loader workers, mid-training
     victim.wait()
     [mlflow_run] = re.findall(r"MLflow run (\w+) \(new\)", log.read_text())
@@ -146,13 +152,7 @@ def test_gc_during_a_training_keeps_what_the_training_reads(home):
     assert _animl(env, "build-dataset", "--run-config", str(root / "d2.yaml"))[0].returncode == 0
     read = {asset: _newest_version(dagster_home, asset) for asset in ("classification_dataset", "splits")}
     log = root / "gc-training.log"
-    with log.open("w") as out:
-        training = subprocess.Popen([ANIML, "train", "--run-config", str(root / "train.yaml")], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while "epoch 1/3" not in log.read_text() and training.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert training.poll() is None, log.read_text()
+    training = _training_past_its_first_epoch(env, root, log)
     # meanwhile a newer dataset, then gc keeping only the newest version of each asset
     assert _animl(env, "build-dataset", "--run-config", str(root / "d3.yaml"))[0].returncode == 0
     gc, _ = _animl(env, "gc", "--keep", "1", "--yes")

@@ -175,7 +175,10 @@ def test_gc_keeps_a_dataset_version_a_kept_splits_version_read(two_exports, caps
 def test_gc_removes_old_review_lists_with_their_contact_sheets(two_exports, capsys):
     reviews = two_exports / "artifacts" / "mislabeled_candidates"
     before = {p.name for p in reviews.iterdir()}
-    newest = _review_lists(two_exports, margin=0.01)  # a wider net: another list, another version
+    for margin in (0.01, 1.0, 0.5):  # another net: another list (which one depends on how sure the model is)
+        newest = _review_lists(two_exports, margin=margin)
+        if newest not in before:
+            break
     assert newest not in before and (reviews / newest / "contact_sheet.png").is_file()
     assert main(["lineage", "mislabeled_candidates", "--json"]) == 0
     chain = json.loads(capsys.readouterr().out)

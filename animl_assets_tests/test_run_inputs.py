@@ -66,6 +66,25 @@ def test_two_trainings_at_once_each_register_their_own_checkpoint(home, monkeypa
     assert _meta(first, "classifier_checkpoint")["version"] != _meta(second, "classifier_checkpoint")["version"]
 
 
+def test_a_corrupt_crop_is_left_out_and_counted_like_a_missing_one(home):
+    settings, dagster_home = home
+    crop = next((settings.home / "artifacts" / "crops").rglob("*___crop*.jpg"))
+    original = crop.read_bytes()
+    crop.write_bytes(original[: len(original) // 2])  # cut short: a loader worker would raise on it
+    try:
+        result = _run(settings, dagster_home, TRAIN_JOB, selection=[dg.AssetKey("classifier_checkpoint"),
+                                                                    dg.AssetKey("classifier_evaluation")],
+                      classifier_checkpoint=QUICK | {"num_workers": 2}, classifier_evaluation={"num_workers": 0})
+    finally:
+        crop.write_bytes(original)
+    assert result.success, _errors(result)
+    meta = _meta(result, "classifier_checkpoint")
+    assert meta["num_missing_crops"] == 1 and meta["num_unreadable_crops"] == 1
+    [row] = meta["missing_crops"].records
+    assert row.data["problem"] == "truncated JPEG (no end marker)" and row.data["path"].endswith(crop.name)
+    assert _meta(result, "classifier_evaluation")["num_missing_crops"] == 1
+
+
 def test_a_version_whose_blocking_check_failed_is_never_an_input(home):
     settings, dagster_home = home
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
@@ -95,22 +114,3 @@ def test_a_version_whose_blocking_check_failed_is_never_an_input(home):
                   tags={"animl/version/classification_dataset": good_version}, classifier_checkpoint=QUICK)
     assert pinned.success, _errors(pinned)
     assert _meta(pinned, "classifier_checkpoint")["dataset_version"] == good_version
-
-
-def test_a_corrupt_crop_is_left_out_and_counted_like_a_missing_one(home):
-    settings, dagster_home = home
-    crop = next((settings.home / "artifacts" / "crops").rglob("*___crop*.jpg"))
-    original = crop.read_bytes()
-    crop.write_bytes(original[: len(original) // 2])  # cut short: a loader worker would raise on it
-    try:
-        result = _run(settings, dagster_home, TRAIN_JOB, selection=[dg.AssetKey("classifier_checkpoint"),
-                                                                    dg.AssetKey("classifier_evaluation")],
-                      classifier_checkpoint=QUICK | {"num_workers": 2}, classifier_evaluation={"num_workers": 0})
-    finally:
-        crop.write_bytes(original)
-    assert result.success, _errors(result)
-    meta = _meta(result, "classifier_checkpoint")
-    assert meta["num_missing_crops"] == 1 and meta["num_unreadable_crops"] == 1
-    [row] = meta["missing_crops"].records
-    assert row.data["problem"] == "truncated JPEG (no end marker)" and row.data["path"].endswith(crop.name)
-    assert _meta(result, "classifier_evaluation")["num_missing_crops"] == 1
