@@ -134,7 +134,7 @@ BIND_FAILED = "address already in use"
 
 
 @contextmanager
-def dagster_ui(home: Path, log: Path, timeout_s: float = 360, attempts: int = 3,
+def dagster_ui(home: Path, log: Path, timeout_s: float = 600, attempts: int = 3,
                started: list[subprocess.Popen] | None = None) -> Iterator[str]:
     """``animl ui`` (dagster dev: webserver and daemon) on 127.0.0.1 over ``home``; yields its base URL once
     it answers (the ``animl`` process is appended to ``started``), and stops the whole process group at the

@@ -121,14 +121,16 @@ def _forget_registered_models(home: Path) -> None:
     MlflowClient(uri, uri).delete_registered_model("animl-classifier")
 
 
-def _review_lists(home: Path, margin: float) -> str:
-    """Materialize mislabeled_candidates with ``margin``; returns the new version."""
+def _review_lists(home: Path, margin: float, splits: list[str] | None = None, evaluation: str | None = None) -> str:
+    """Materialize mislabeled_candidates with ``margin`` (over ``splits``, from the ``evaluation`` version if
+    given); returns the new version."""
     ensure_dagster_home(Settings.from_env())
     job = build_definitions().resolve_implicit_global_asset_job_def()
-    config = {"ops": {"mislabeled_candidates": {"config": {"margin": margin}}}}
+    config = {"ops": {"mislabeled_candidates": {"config": {"margin": margin} | ({"splits": splits} if splits else {})}}}
+    tags = {"animl/version/classifier_evaluation": evaluation} if evaluation else None
     with dg.DagsterInstance.get() as instance:
         assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("mislabeled_candidates")],
-                                      run_config=config).success
+                                      run_config=config, tags=tags).success
         event = instance.get_latest_materialization_event(dg.AssetKey("mislabeled_candidates"))
     return event.asset_materialization.metadata["version"].value
 
@@ -175,8 +177,13 @@ def test_gc_keeps_a_dataset_version_a_kept_splits_version_read(two_exports, caps
 def test_gc_removes_old_review_lists_with_their_contact_sheets(two_exports, capsys):
     reviews = two_exports / "artifacts" / "mislabeled_candidates"
     before = {p.name for p in reviews.iterdir()}
-    for margin in (0.01, 1.0, 0.5):  # another net: another list (which one depends on how sure the model is)
-        newest = _review_lists(two_exports, margin=margin)
+    # another net, another list: which net catches another list depends on how sure the models are (a model
+    # right on every crop lists none at any margin), so the older evaluation is tried too, pinned by run tag
+    evaluations = [None] + [p.name for p in (two_exports / "artifacts" / "classifier_evaluation").iterdir()]
+    tries = [(e, m, s) for e in evaluations for s in (["train", "val", "test"], ["test"], ["train"], ["val"])
+             for m in (0.01, 0.5, 0.95)]
+    for evaluation, margin, splits in tries:
+        newest = _review_lists(two_exports, margin=margin, splits=splits, evaluation=evaluation)
         if newest not in before:
             break
     assert newest not in before and (reviews / newest / "contact_sheet.png").is_file()
