@@ -10,8 +10,8 @@ from mlflow.entities.model_registry import ModelVersion
 
 from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.assets.exports import exports_partitions
-from animl_assets.core import registry
-from animl_assets.core.registry import TRAINING_CONFIG_TAG
+from animl_assets.core.registry import registry
+from animl_assets.core.registry.registry import TRAINING_CONFIG_TAG
 from animl_assets.lineage import DATA_VERSION_TAG, newest_record, records
 from animl_assets.resources.io_manager import INPUT_VERSION_TAG
 from animl_assets.resources.tracking import MlflowTracking

@@ -5,6 +5,8 @@ from typing import Any, Mapping
 
 import dagster as dg
 
+from animl_assets.settings import EXECUTOR_VAR
+
 # Training, evaluation and inference: one GPU, on a GPU node (the NVIDIA GPU operator's label), tolerating
 # the taint GPU node pools carry so that CPU work stays off them.
 GPU_K8S_CONFIG: dict[str, Any] = {
@@ -25,7 +27,7 @@ EXECUTOR_CONFIG: dict[str, Any] = {
 
 def executor(env: Mapping[str, str]) -> dg.ExecutorDefinition | None:
     """``k8s_job_executor`` (each step its own Kubernetes Job) when ANIML_EXECUTOR=k8s; else Dagster's default."""
-    choice = env.get("ANIML_EXECUTOR", "")
+    choice = env.get(EXECUTOR_VAR, "")
     if choice in ("", "default"):
         return None
     if choice != "k8s":

@@ -8,6 +8,7 @@ manifest version and the export's SHA-256 it read (``exports_read`` metadata); e
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -15,18 +16,16 @@ from typing import Any, Callable, Iterable, Mapping
 
 import dagster as dg
 
+from animl_assets.assets import ALL_ASSETS
 from animl_assets.assets.dataset import READ_METADATA
+from animl_assets.core.layout import version_folder
 from animl_assets.core.store import Store
-from animl_assets.resources.io_manager import INPUT_VERSION_TAG, VERSION_METADATA, failed_blocking_checks, version_folder
-from animl_assets.runs import IN_PROGRESS, process_gone
+from animl_assets.resources.io_manager import INPUT_VERSION_TAG, VERSION_METADATA, failed_blocking_checks
 from animl_assets.resources.storage import LocalStore
+from animl_assets.runs import IN_PROGRESS, process_gone
 
 CROSS_EXPORT = ("classification_dataset", "splits", "classifier_checkpoint", "classifier_evaluation",
                 "registered_model", "mislabeled_candidates")  # downstream last
-UPSTREAM = {"splits": ("classification_dataset",), "classifier_checkpoint": ("splits", "classification_dataset"),
-            "classifier_evaluation": ("classifier_checkpoint",),
-            "registered_model": ("classifier_evaluation", "classifier_checkpoint"),
-            "mislabeled_candidates": ("classifier_evaluation",)}
 DATA_VERSION_TAG = "dagster/data_version"
 
 
@@ -52,6 +51,20 @@ class Node:
         yield f"{'  ' * depth}{self.asset}{where} {self.version}  run {self.run_id[:8]} at {self.time}"
         for node in self.inputs:
             yield from node.lines(depth + 1)
+
+
+@functools.cache
+def upstream_map() -> dict[str, tuple[str, ...]]:
+    """Each cross-export asset's cross-export inputs (the upstream values it loads, whose versions its
+    materializations record), read off the asset definitions the Definitions hold."""
+    by_key = {key.to_user_string(): definition for definition in ALL_ASSETS for key in definition.keys}
+
+    def loaded(definition: dg.AssetsDefinition) -> Iterable[str]:  # inputs with a value, not bare deps
+        for name, key in definition.keys_by_input_name.items():
+            if not definition.op.ins[name].dagster_type.is_nothing and key.to_user_string() in CROSS_EXPORT:
+                yield key.to_user_string()
+
+    return {asset: tuple(loaded(by_key[asset])) for asset in CROSS_EXPORT}
 
 
 def records(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> list[Any]:
@@ -103,7 +116,7 @@ def lineage(instance: dg.DagsterInstance, asset: str, version: str | None = None
     record = known[version]
     node = _node(record, asset, version)
     tags = record.asset_materialization.tags or {}
-    for upstream in UPSTREAM.get(asset, ()):
+    for upstream in upstream_map()[asset]:
         if f"{INPUT_VERSION_TAG}{upstream}" in tags:
             node.inputs.append(lineage(instance, upstream, tags[f"{INPUT_VERSION_TAG}{upstream}"]))
     read = record.asset_materialization.metadata.get(READ_METADATA)

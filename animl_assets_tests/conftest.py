@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -31,14 +30,38 @@ import dagster as dg
 import pytest
 
 from animl_assets.core.artifact_files import INDEX, content_version
-from animl_assets.core.exports import partition_key_for
-from animl_assets.core.sample import BROKEN, EXPORT_NAME, write_sample_export
+from animl_assets.core.ingest.exports import partition_key_for
+from animl_assets.core.ingest.sample import BROKEN, EXPORT_NAME, write_sample_export
 from animl_assets.definitions import INGEST_JOB, build_definitions
 from animl_assets.lineage import CROSS_EXPORT
 from animl_assets.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+# `animl demo --run-config` for tests of storage, lineage and services rather than accuracy: the demo's model
+# trained one epoch at 32 px, every loader in the step's own process (test_demo_home keeps the full demo).
+QUICK_DEMO = {"ops": {"classifier_checkpoint": {"config": {"image_size": 32, "epochs": 1, "finetune": 1,
+                                                           "num_workers": 0}},
+                      "classifier_evaluation": {"config": {"num_workers": 0}}}}
+
+
+def quick_demo_config(folder: Path) -> str:
+    """The path of a run-config file holding QUICK_DEMO, written into ``folder``."""
+    path = folder / "quick_demo.json"
+    path.write_text(json.dumps(QUICK_DEMO))
+    return str(path)
 ENA24 = REPO.parent / "shared" / "data" / "ena24_small"
+
+
+# The longest files first (xdist's --dist loadfile hands out files in collection order): they start at once
+# and the short ones fill the gaps, instead of a long file running alone at the end of the run.
+LONGEST_FIRST = ("test_faults.py", "test_demo_home.py", "test_training_core.py", "test_definitions_and_cli.py",
+                 "test_lineage.py", "test_production.py", "test_concurrency.py", "test_run_inputs.py",
+                 "test_registry_assets.py", "test_training_assets.py", "test_postgres.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
 def unavailable(message: str) -> NoReturn:
@@ -130,6 +153,19 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {candidates}")
 
 
+def group_members(group: int) -> list[int]:
+    """The live (not zombie) processes of process group ``group``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 BIND_FAILED = "address already in use"
 
 
@@ -158,22 +194,32 @@ def dagster_ui(home: Path, log: Path, timeout_s: float = 600, attempts: int = 3,
             _stop_group(process)
         if BIND_FAILED not in log.read_text() or attempt == attempts:
             not_daemon = [line for line in log.read_text().splitlines() if "dagster.daemon" not in line]
+            not_daemon = [line for i, line in enumerate(not_daemon) if not line.startswith("(test)")
+                          or i == len(not_daemon) - 1 or not not_daemon[i + 1].startswith("(test)")]
             pytest.fail(f"the UI did not answer in {timeout_s:.0f} s (attempt {attempt}); its log without the "
                         "daemon's lines:\n" + "\n".join(not_daemon[-60:]))
 
 
 def _wait_for_ui(base: str, process: subprocess.Popen, log: Path, timeout_s: float) -> bool:
-    """Whether the webserver at ``base`` answered before the timeout, the process's end or a bind error."""
-    deadline = time.monotonic() + timeout_s
+    """Whether the webserver at ``base`` answered before the timeout, the process's end or a bind error. Asked
+    from a local port below the ephemeral range: a test beside it that churns through thousands of S3
+    connections can leave no ephemeral port to ask from. The last error is logged for the failure message."""
+    deadline, host_port = time.monotonic() + timeout_s, urlsplit(base)
     while time.monotonic() < deadline and process.poll() is None:
+        connection = http.client.HTTPConnection(host_port.hostname, host_port.port, timeout=10,
+                                                source_address=("127.0.0.1", free_port()))
         try:
-            with urllib.request.urlopen(f"{base}/server_info", timeout=10) as response:
-                if response.status == 200:
-                    return True
-        except OSError:
+            connection.request("GET", "/server_info")
+            if connection.getresponse().status == 200:
+                return True
+        except OSError as err:
             if BIND_FAILED in log.read_text():
                 return False
+            with log.open("a") as out:
+                out.write(f"(test) /server_info: {err!r}\n")
             time.sleep(1)
+        finally:
+            connection.close()
     return False
 
 
@@ -396,9 +442,9 @@ def latest_version(settings: Settings, instance: dg.DagsterInstance, asset: str)
     return Path(settings.storage_uri) / asset / version
 
 
-def dataset_home(root: Path, sample_dir: Path) -> tuple[Settings, Path]:
-    """A home under ``root`` with the sample export ingested and one dataset version and splits built;
-    returns its settings and its DAGSTER_HOME (the project's dagster.yaml)."""
+def _build_dataset_home(root: Path, sample_dir: Path) -> None:
+    """The sample export ingested under ``root``/animl and one dataset version and splits built, with its
+    Dagster instance in ``root``/dagster (the project's dagster.yaml)."""
     from animl_assets.definitions import DATASET_JOB
 
     settings = Settings.from_env({"ANIML_HOME": str(root / "animl")})
@@ -409,4 +455,29 @@ def dataset_home(root: Path, sample_dir: Path) -> tuple[Settings, Path]:
         partition = add_export(settings, instance, sample_dir)
         assert run_ingest(settings, instance, partition).success
         assert build_definitions(settings).resolve_job_def(DATASET_JOB).execute_in_process(instance=instance).success
-    return settings, dagster_home
+
+
+@pytest.fixture(scope="session")
+def built_dataset_home(tmp_path_factory, sample_dir, worker_id) -> Path:
+    """One dataset home per pytest run (``_build_dataset_home``), built by the first xdist worker that needs
+    it; tests get copies of it (``dataset_home``)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base if worker_id == "master" else base.parent) / "built_dataset_home"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "complete").is_file():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            _build_dataset_home(shared, sample_dir)
+            (shared / "complete").touch()
+    return shared
+
+
+def dataset_home(root: Path, built: Path) -> tuple[Settings, Path]:
+    """A copy under ``root`` of the run's dataset home (``built_dataset_home``): the sample export ingested,
+    one dataset version and splits; returns its settings and its DAGSTER_HOME. Homes are relocatable: their
+    artifacts are found by key under ANIML_HOME and their events hold no path that a run reads back."""
+    for part in ("animl", "dagster"):
+        shutil.copytree(built / part, root / part, symlinks=True)
+    return Settings.from_env({"ANIML_HOME": str(root / "animl")}), root / "dagster"

@@ -3,8 +3,14 @@ import json
 
 import pytest
 
-from animl_assets.core.cct import (UNKNOWN_LOCATION, CCTFormatError, category_location_table, load_cct,
-                                   summarize_cct, validate_cct)
+from animl_assets.core.ingest.cct import (
+    UNKNOWN_LOCATION,
+    CCTFormatError,
+    category_location_table,
+    load_cct,
+    summarize_cct,
+    validate_cct,
+)
 
 GOOD = {
     "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80, "location": 7},

@@ -17,10 +17,9 @@ import pytest
 import yaml
 
 from animl_assets.cli import main
-from animl_assets.core.sample import EXPORT_NAME, write_sample_export
+from animl_assets.core.ingest.sample import EXPORT_NAME, write_sample_export
 from animl_assets.definitions import INGEST_JOB, TRAIN_JOB
 from animl_assets.lineage import CROSS_EXPORT, newest_record
-
 from animl_assets_tests.conftest import assert_artifacts_intact, bucket_objects
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from animl_assets.core.crops import MANIFEST, _draft_factor, crop_box, crop_detections, crop_name, cut, detector_tag, load_rgb
-from animl_assets.core.sample import BROKEN as BROKEN_SAMPLE
+from animl_assets.core.detect.crops import (
+    MANIFEST,
+    _draft_factor,
+    crop_box,
+    crop_detections,
+    crop_name,
+    cut,
+    detector_tag,
+    load_rgb,
+)
+from animl_assets.core.ingest.sample import BROKEN as BROKEN_SAMPLE
 from animl_assets_tests.images_testdata import BROKEN, jpeg
 
 
@@ -240,13 +249,14 @@ def test_max_side_decodes_scaled_and_shrinks_crops(ena24_dir, tmp_path):
 
 
 def test_crop_module_starts_light():
-    code = "import sys, animl_assets.core.crops; print(sorted({'torch', 'dagster'} & set(sys.modules)))"
+    code = "import sys, animl_assets.core.detect.crops; print(sorted({'torch', 'dagster'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_core_api_is_importable_from_the_package(sample_dir, sample_counts, tmp_path):
-    from animl_assets.core import cct_to_md, crop_detections as api_crop, load_cct, validate_batch_output
+    from animl_assets.core import cct_to_md, load_cct, validate_batch_output
+    from animl_assets.core import crop_detections as api_crop
 
     md = cct_to_md(load_cct((sample_dir / "sample_export.json").read_bytes()))
     assert validate_batch_output(md) == []

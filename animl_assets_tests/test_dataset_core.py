@@ -1,6 +1,11 @@
 import pandas as pd
 
-from animl_assets.core.dataset import build_classification_dataset, detection_rows, label_index, match_test
+from animl_assets.core.dataset.classification import (
+    build_classification_dataset,
+    detection_rows,
+    label_index,
+    match_test,
+)
 
 
 def crops(rows):

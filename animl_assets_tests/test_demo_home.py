@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -16,8 +17,7 @@ import pytest
 
 from animl_assets.assets.artifacts import THUMBNAIL_BYTES
 from animl_assets.lineage import DATA_VERSION_TAG
-
-from animl_assets_tests.conftest import REPO, dagster_ui, unavailable
+from animl_assets_tests.conftest import REPO, dagster_ui, group_members, unavailable
 
 pytestmark = pytest.mark.slow
 browser = pytest.mark.browser
@@ -56,6 +56,9 @@ def demo_home(tmp_path_factory) -> Path:
     return home
 
 
+UI_PROCESS: list[subprocess.Popen] = []  # the `animl ui` process of the module's one UI, for the last test
+
+
 @pytest.fixture(scope="module")
 def ui(demo_home):
     """(base URL of `animl ui` over the demo home, the home): dagster dev on 127.0.0.1. Dagster's one-time
@@ -64,7 +67,8 @@ def ui(demo_home):
     nux = demo_home / "dagster" / ".nux" / "nux.yaml"
     nux.parent.mkdir(parents=True, exist_ok=True)
     nux.write_text("seen: 1\n")
-    with dagster_ui(demo_home, demo_home.parent / "dagster-dev.log") as base:
+    UI_PROCESS.clear()
+    with dagster_ui(demo_home, demo_home.parent / "dagster-dev.log", started=UI_PROCESS) as base:
         yield base, demo_home
 
 
@@ -129,14 +133,14 @@ def test_the_demo_event_log_holds_typed_metadata_and_no_large_images(demo_home):
     assert champion.metadata["champion_version"].value == 1
     from mlflow import MlflowClient
 
-    from animl_assets.core.tracking import embedded_tracking_uri
+    from animl_assets.core.registry.tracking import embedded_tracking_uri
 
     uri = embedded_tracking_uri(demo_home)
     version = MlflowClient(uri, uri).get_model_version_by_alias("animl-classifier", "champion")
     logged = {a.path for a in MlflowClient(uri, uri).list_artifacts(version.run_id, "evaluation")}
     assert "evaluation/confusion_test.png" in logged and "evaluation/errors_test.png" in logged
     # ... and classifies the sample export with it into MegaDetector JSON that validates
-    from animl_assets.core.megadetector import validate_batch_output
+    from animl_assets.core.detect.megadetector import validate_batch_output
 
     [merged] = (demo_home / "artifacts" / "classified_detections").rglob("classified_detections.json")
     merged = json.loads(merged.read_text())
@@ -252,3 +256,20 @@ def test_the_models_lineage_reaches_back_to_the_export(ui, page, screenshots):
     page.screenshot(path=screenshots / "4-model-lineage.png")
     assert missing() == [], nodes.all_inner_texts()
     assert not any(_shown(label, "classifications") for label in nodes.all_inner_texts())  # upstream only
+
+
+def test_animl_ui_serves_the_project_without_the_instance_warning_and_stops_on_sigterm(ui):
+    """The last test of the module's one UI: it stops the UI."""
+    _, home = ui
+    [animl] = UI_PROCESS
+    group = group_members(animl.pid)
+    assert len(group) >= 3  # animl, dagster dev, its webserver and daemon
+    animl.terminate()  # SIGTERM to animl alone, as a service manager sends it: dagster dev stops with it
+    assert animl.wait(timeout=60) is not None
+    deadline = time.monotonic() + 60
+    while group_members(animl.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert group_members(animl.pid) == [], "dagster dev outlived animl ui"
+    text = (home.parent / "dagster-dev.log").read_text()
+    assert "will not be used" not in text, text
+    assert (home / "dagster" / "dagster.yaml").resolve() == REPO / "dagster.yaml"

@@ -12,8 +12,12 @@ import yaml
 from dagster._config import validate_config
 from dagster._core.instance.config import dagster_instance_config_schema
 from dagster_k8s import k8s_job_executor
-from dagster_k8s.job import (USER_DEFINED_K8S_JOB_CONFIG_SCHEMA, DagsterK8sJobConfig, construct_dagster_k8s_job,
-                             get_user_defined_k8s_config)
+from dagster_k8s.job import (
+    USER_DEFINED_K8S_JOB_CONFIG_SCHEMA,
+    DagsterK8sJobConfig,
+    construct_dagster_k8s_job,
+    get_user_defined_k8s_config,
+)
 
 from animl_assets.definitions import TRAIN_JOB, build_definitions
 from animl_assets.k8s import EXECUTOR_CONFIG, executor

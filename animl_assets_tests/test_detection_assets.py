@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.megadetector import validate_batch_output
+from animl_assets.core.detect.megadetector import validate_batch_output
+from animl_assets.core.layout import partition_folder
 from animl_assets_tests.conftest import add_export, run_ingest, table_rows
 from animl_assets_tests.test_ingest_assets import materialization
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from animl_assets.core import evaluation as ev
 from animl_assets.core.artifact_files import from_files, to_files
-from animl_assets.core.models import build_model
-from animl_assets.core.sample import write_sample_crops
-from animl_assets.core.training import split_frame
+from animl_assets.core.ingest.sample import write_sample_crops
+from animl_assets.core.ml import evaluation as ev
+from animl_assets.core.ml.data import split_frame
+from animl_assets.core.ml.models import build_model
 
 NAMES = ["cat", "deer", "fox", "owl"]
 

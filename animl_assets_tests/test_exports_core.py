@@ -1,7 +1,13 @@
 import pytest
 
-from animl_assets.core.exports import (ExportCursor, export_key_for, is_export_key, mdcache_key_for,
-                                       partition_key_for, scan_exports)
+from animl_assets.core.ingest.exports import (
+    ExportCursor,
+    export_key_for,
+    is_export_key,
+    mdcache_key_for,
+    partition_key_for,
+    scan_exports,
+)
 from animl_assets.core.store import StoredFile
 
 

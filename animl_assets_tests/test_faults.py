@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 from mlflow import MlflowClient
 
-from animl_assets.core import tracking
+from animl_assets.core.registry import tracking
 from animl_assets_tests.conftest import dataset_home, free_port
 
 ANIML = str(Path(sys.executable).with_name("animl"))
@@ -24,9 +24,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, sample_dir):
+def home(tmp_path_factory, built_dataset_home):
     root = tmp_path_factory.mktemp("faults")
-    settings, dagster_home = dataset_home(root, sample_dir)
+    settings, dagster_home = dataset_home(root, built_dataset_home)
     (root / "train.yaml").write_text(SLOW_ENOUGH)
     env = {**os.environ, "ANIML_HOME": str(settings.home), "DAGSTER_HOME": str(dagster_home),
            "PYTHONUNBUFFERED": "1"}

@@ -5,7 +5,7 @@ import sys
 import pytest
 from PIL import Image
 
-from animl_assets.core.images import GOOD, NONEXISTENT, ImageRequest, collect_images, verify_image
+from animl_assets.core.ingest.images import GOOD, NONEXISTENT, ImageRequest, collect_images, verify_image
 from animl_assets.resources.storage import LocalStore
 from animl_assets_tests.images_testdata import BROKEN, VALID
 
@@ -117,7 +117,7 @@ def test_transient_fetch_errors_are_retried_then_reported(tmp_path):
 BOMB_CHECK = """
 import resource, sys
 from pathlib import Path
-from animl_assets.core.images import ImageRequest, collect_images
+from animl_assets.core.ingest.images import ImageRequest, collect_images
 from animl_assets.resources.storage import LocalStore
 source, dest = LocalStore(sys.argv[1]), LocalStore(sys.argv[2])
 names = sorted(p.name for p in Path(sys.argv[1]).iterdir())

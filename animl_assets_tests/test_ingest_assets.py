@@ -1,16 +1,16 @@
 """cct_export and images materialized through the Definitions with a real DagsterInstance."""
 
 import hashlib
-import logging
 import json
+import logging
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
 
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.sample import BROKEN, EXPORT_NAME
+from animl_assets.core.ingest.sample import BROKEN, EXPORT_NAME
+from animl_assets.core.layout import partition_folder
 from animl_assets.settings import Settings
 from animl_assets_tests.conftest import add_export, run_ingest, table_rows
 

@@ -13,7 +13,7 @@ import torch
 from dagster_aws.s3 import S3Resource
 
 from animl_assets.core.artifact_files import Arrays, TorchFile, artifact_file, content_version, from_files, to_files
-from animl_assets.core.dataset import DatasetVersion
+from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.definitions import DATASET_JOB, build_definitions
 from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore
@@ -200,8 +200,8 @@ def test_splits_is_tested_with_its_input_given_directly():
 
 def test_md_detections_is_tested_with_its_inputs_given_directly(tmp_path):
     from animl_assets.assets.detections import DetectionsConfig, md_detections
-    from animl_assets.core.cct import ExportArtifacts
-    from animl_assets.core.images import ImageManifest
+    from animl_assets.core.ingest.cct import ExportArtifacts
+    from animl_assets.core.ingest.images import ImageManifest
     from animl_assets.resources.storage import ExportsLocation
 
     export = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50},

@@ -8,8 +8,15 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from animl_assets.core._jpegregion import decode_region  # CI builds it: .ci/run installs libjpeg's headers
-from animl_assets.core.crops import crop_box, crop_detections, cut, decode_for_crops, load_rgb, region_decoding_available
+from animl_assets.core.detect._jpegregion import decode_region  # CI builds it: .ci/run installs libjpeg's headers
+from animl_assets.core.detect.crops import (
+    crop_box,
+    crop_detections,
+    cut,
+    decode_for_crops,
+    load_rgb,
+    region_decoding_available,
+)
 from animl_assets.core.failures import failure_category
 from animl_assets_tests.images_testdata import BROKEN, VALID, corrupt_jpeg, jpeg, rgb
 

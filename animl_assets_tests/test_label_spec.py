@@ -1,7 +1,13 @@
 import pytest
 
-from animl_assets.core.label_spec import (LabelSpecError, csv_to_spec, default_label_mapping, parse_label_spec,
-                                          parse_taxonomy, resolve_label_spec)
+from animl_assets.core.dataset.label_spec import (
+    LabelSpecError,
+    csv_to_spec,
+    default_label_mapping,
+    parse_label_spec,
+    parse_taxonomy,
+    resolve_label_spec,
+)
 
 CLASSES = {("idfg", "deer"), ("idfg", "elk"), ("idfg", "turkey"), ("wcs", "white-tailed deer"),
            ("wcs", "wild turkey"), ("wcs", "crow"), ("wcs", "empty")}

@@ -11,7 +11,7 @@ import pytest
 from animl_assets.cli import ensure_dagster_home, main
 from animl_assets.definitions import build_definitions
 from animl_assets.settings import Settings
-
+from animl_assets_tests.conftest import quick_demo_config
 
 # The tests share one built home (a demo takes minutes; --dist loadfile keeps them on one worker), each test
 # on a fresh copy of it.
@@ -26,7 +26,7 @@ def built_home(tmp_path_factory) -> tuple[Path, Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ANIML_HOME", str(home))
         patch.setenv("DAGSTER_HOME", "")
-        assert main(["demo"]) == 0
+        assert main(["demo", "--run-config", quick_demo_config(root)]) == 0
         assert main(["sample-export", str(root / "second"), "--seed", "1"]) == 0
         assert main(["register", str(root / "second" / "sample_export.json"), "--name", "second"]) == 0
         assert main(["build-dataset"]) == 0
@@ -115,7 +115,7 @@ def test_no_artifact_is_a_pickle(two_exports):
 def _forget_registered_models(home: Path) -> None:
     from mlflow import MlflowClient
 
-    from animl_assets.core.tracking import embedded_tracking_uri
+    from animl_assets.core.registry.tracking import embedded_tracking_uri
 
     uri = embedded_tracking_uri(home)
     MlflowClient(uri, uri).delete_registered_model("animl-classifier")

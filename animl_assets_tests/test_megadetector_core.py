@@ -4,9 +4,16 @@ import types
 
 import pytest
 
-from animl_assets.core.detector import DetectorUnavailable, run_megadetector
-from animl_assets.core.megadetector import (animal_category, box_labels, cct_to_md, images_without_boxes,
-                                            merge_detections, upgrade_batch_output, validate_batch_output)
+from animl_assets.core.detect.detector import DetectorUnavailable, run_megadetector
+from animl_assets.core.detect.megadetector import (
+    animal_category,
+    box_labels,
+    cct_to_md,
+    images_without_boxes,
+    merge_detections,
+    upgrade_batch_output,
+    validate_batch_output,
+)
 
 CCT = {
     "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},

@@ -9,6 +9,7 @@ import dagster as dg
 from animl_assets.definitions import DATASET_JOB, build_definitions
 from animl_assets_tests.conftest import add_export, run_ingest, table_rows
 
+
 def test_contact_sheet_keeps_its_type_when_an_export_has_no_crops(settings, instance, sample_dir, tmp_path):
     partition = add_export(settings, instance, sample_dir)
     first = run_ingest(settings, instance, partition)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from animl_assets.assets.artifacts import artifact_key
-from animl_assets.core.crops import crop_name
-from animl_assets.core.exports import partition_folder, partition_key_for
+from animl_assets.core.detect.crops import crop_name
+from animl_assets.core.ingest.exports import partition_key_for
+from animl_assets.core.layout import artifact_key, partition_folder
 from animl_assets.definitions import DATASET_JOB, build_definitions
 from animl_assets_tests.conftest import latest_version, run_ingest
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from animl_assets_tests.conftest import REPO, free_port, unavailable
+from animl_assets_tests.conftest import REPO, free_port, quick_demo_config, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 USER, PASSWORD = "animl", "pg-test-password"
@@ -80,7 +80,7 @@ def test_the_demo_keeps_runs_events_checks_and_the_mlflow_registry_in_postgresql
            "ANIML_PG_PASSWORD": PASSWORD, "ANIML_PG_DB": "dagster",
            "MLFLOW_TRACKING_URI": f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/mlflow"}
     animl = Path(sys.executable).with_name("animl")
-    result = subprocess.run([str(animl), "demo"], env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([str(animl), "demo", "--run-config", quick_demo_config(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert PASSWORD not in result.stdout + result.stderr
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from animl_assets.core.megadetector import validate_batch_output
+from animl_assets.core.detect.megadetector import validate_batch_output
 from animl_assets.lineage import CROSS_EXPORT
-
-from animl_assets_tests.conftest import assert_artifacts_intact, bucket_objects
+from animl_assets_tests.conftest import assert_artifacts_intact, bucket_objects, quick_demo_config
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +36,7 @@ def test_the_demo_on_a_failing_s3_endpoint_completes_intact_and_leaks_no_credent
            "ANIML_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret_key,
            "AWS_SESSION_TOKEN": f"token-{secret_key}", "AWS_MAX_ATTEMPTS": "3"}
     animl = Path(sys.executable).with_name("animl")
-    result = subprocess.run([str(animl), "demo"], env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run([str(animl), "demo", "--run-config", quick_demo_config(tmp_path)], env=env, capture_output=True, text=True, timeout=1200)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert chaos.faults["drop"] > 20 and chaos.faults["503"] > 10 and chaos.faults["delay"] > 10, chaos.faults

@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-from animl_assets.core import registry, tracking
-from animl_assets.core.evaluation import LABEL_STATS_COLUMNS, OVERALL_COLUMNS
 from animl_assets.automation import RETRAIN_SCHEDULE, exports_changed
+from animl_assets.core.ml.evaluation import LABEL_STATS_COLUMNS, OVERALL_COLUMNS
+from animl_assets.core.registry import registry, tracking
 from animl_assets.definitions import COMPARE_JOB, DATASET_JOB, RETRAIN_JOB, TRAIN_JOB, build_definitions
 from animl_assets.lineage import DATA_VERSION_TAG
 from animl_assets_tests.conftest import dataset_home, latest_version
@@ -56,9 +56,9 @@ def _gate(result):
 
 
 @pytest.fixture(scope="module")
-def registered_home(tmp_path_factory, sample_dir):
+def registered_home(tmp_path_factory, built_dataset_home):
     """The sample export ingested, a dataset built, and the train job run once: v1, the champion."""
-    settings, dagster_home = dataset_home(tmp_path_factory.mktemp("registry"), sample_dir)
+    settings, dagster_home = dataset_home(tmp_path_factory.mktemp("registry"), built_dataset_home)
     result = _train_all(settings, dagster_home, SMALL)
     assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
     return settings, dagster_home, result
@@ -356,7 +356,7 @@ def _classify(settings, dagster_home, **ops):
 
 
 def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_model(registered_home):
-    from animl_assets.core.megadetector import validate_batch_output
+    from animl_assets.core.detect.megadetector import validate_batch_output
 
     settings, dagster_home, _ = registered_home
     result = _classify(settings, dagster_home, classified_detections={"config": {"label_pos": "last"}})

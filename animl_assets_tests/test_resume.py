@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from animl_assets.core.crops import JOURNAL, crop_detections
-from animl_assets.core.crops import MANIFEST_COLUMNS as CROP_COLUMNS
+from animl_assets.core.detect.crops import JOURNAL, crop_detections
+from animl_assets.core.detect.crops import MANIFEST_COLUMNS as CROP_COLUMNS
 from animl_assets.core.files import Journal
-from animl_assets.core.images import GOOD, MANIFEST_COLUMNS, ImageRequest, collect_images
+from animl_assets.core.ingest.images import GOOD, MANIFEST_COLUMNS, ImageRequest, collect_images
 from animl_assets.resources.storage import LocalStore
 
 COUNT = 300
 
 CROP_CHILD = """
 import json, sys, time
-from animl_assets.core import crops
+from animl_assets.core.detect import crops
 write = crops.write_jpeg
 def slow_write(*args, **kwargs):
     time.sleep(0.01)  # a slow disk: the run lasts a few seconds
@@ -33,7 +33,7 @@ crops.crop_detections(json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], wo
 IMAGES_CHILD = """
 import sys, time
 from animl_assets.core.files import Journal
-from animl_assets.core.images import MANIFEST_COLUMNS, ImageRequest, collect_images
+from animl_assets.core.ingest.images import MANIFEST_COLUMNS, ImageRequest, collect_images
 from animl_assets.resources.storage import LocalStore
 class SlowSource(LocalStore):
     def read_bytes(self, key):

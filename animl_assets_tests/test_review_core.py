@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from animl_assets.core import review as rv
-from animl_assets.core.inference import Classifier, classify, decode_on, encoded_tensor
-from animl_assets.core.megadetector import validate_batch_output
-from animl_assets.core.training import eval_resize, eval_transform, normalize
+from animl_assets.core.detect.megadetector import validate_batch_output
+from animl_assets.core.ml.data import eval_resize, eval_transform, normalize
+from animl_assets.core.ml.inference import Classifier, classify, decode_on, encoded_tensor
+from animl_assets.core.review import candidates
+from animl_assets.core.review import corrections as cr
+from animl_assets.core.review import merge as rv
 
 
 class ColourModel(torch.nn.Module):
@@ -191,10 +193,10 @@ def test_mislabeled_candidates_are_crops_beaten_by_the_margin():
     outputs = pd.DataFrame({"path": ["d/a.jpg___crop00_m.jpg", "d/b.jpg___crop00_m.jpg", "d/c.jpg___crop01_m.jpg"],
                             "label": ["fox", "fox", "deer"], "weight": 1.0,
                             "deer": [0.97, 0.6, 0.99], "fox": [0.01, 0.4, 0.01], "owl": [0.02, 0.0, 0.0]})
-    found = rv.mislabeled_candidates(outputs, ["deer", "fox", "owl"], margin=0.95)
+    found = candidates.mislabeled_candidates(outputs, ["deer", "fox", "owl"], margin=0.95)
     assert list(found["path"]) == ["d/a.jpg___crop00_m.jpg"]  # b: only 0.2 ahead; c: labelled as predicted
     assert found.iloc[0][["image", "pred"]].tolist() == ["d/a.jpg", "deer"]
-    assert len(rv.mislabeled_candidates(outputs, ["deer", "fox", "owl"], margin=0.1)) == 2
+    assert len(candidates.mislabeled_candidates(outputs, ["deer", "fox", "owl"], margin=0.1)) == 2
 
 
 def test_a_timelapse_corrections_csv_relabels_and_drops():
@@ -202,7 +204,7 @@ def test_a_timelapse_corrections_csv_relabels_and_drops():
                  b"fox_1.jpg,ridge\\cam1,2020-01-01,false,true,deer\n"
                  b"fox_2.jpg,ridge\\cam1,2020-01-01,false,false,deer\n"  # not flagged: ignored
                  b"owl.jpg,,2020-01-01,false,TRUE,\n")  # flagged without a class: dropped
-    corrections = rv.read_corrections(timelapse)
+    corrections = cr.read_corrections(timelapse)
     assert corrections.to_dict("records") == [{"dataset": "", "file": "ridge/cam1/fox_1.jpg", "correct_label": "deer"},
                                               {"dataset": "", "file": "owl.jpg", "correct_label": ""}]
     ds = pd.DataFrame({"path": ["exp/ridge/cam1/fox_1.jpg___crop00_md.jpg", "exp/ridge/cam1/fox_1.jpg___crop01_md.jpg",
@@ -210,16 +212,16 @@ def test_a_timelapse_corrections_csv_relabels_and_drops():
                                 "exp/deer.jpg___crop00_md.jpg"],
                        "dataset": "site/exp", "location": "ridge", "dataset_class": "fox", "confidence": 1.0,
                        "label": ["fox", "fox", "fox", "owl", "deer"]})
-    fixed, report = rv.apply_corrections(ds, corrections, {"site/exp": "exp"})
+    fixed, report = cr.apply_corrections(ds, corrections, {"site/exp": "exp"})
     assert list(fixed["label"]) == ["deer", "deer", "fox", "deer"] and len(fixed) == 4
     assert report["crops_relabeled"] == 2 and report["crops_dropped"] == 1 and report["unmatched"].empty
-    plain = rv.read_corrections(b"file,correct_label\nsite/exp/ridge/cam1/fox_2.jpg,deer\nnowhere.jpg,fox\n")
-    fixed, report = rv.apply_corrections(ds, plain, {"site/exp": "exp"})
+    plain = cr.read_corrections(b"file,correct_label\nsite/exp/ridge/cam1/fox_2.jpg,deer\nnowhere.jpg,fox\n")
+    fixed, report = cr.apply_corrections(ds, plain, {"site/exp": "exp"})
     assert list(fixed["label"]) == ["fox", "fox", "deer", "owl", "deer"]
     assert report["unmatched"]["file"].tolist() == ["nowhere.jpg"]
     with pytest.raises(ValueError, match="corrections file"):
-        rv.read_corrections(b"a,b\n1,2\n")
-    empty, report = rv.apply_corrections(ds.iloc[:0], plain, {"site/exp": "exp"})  # no crops left: no KeyError
+        cr.read_corrections(b"a,b\n1,2\n")
+    empty, report = cr.apply_corrections(ds.iloc[:0], plain, {"site/exp": "exp"})  # no crops left: no KeyError
     assert empty.empty and report["unmatched"]["file"].tolist() == ["site/exp/ridge/cam1/fox_2.jpg", "nowhere.jpg"]
 
 
@@ -232,42 +234,42 @@ def _two_exports_sharing_file_names() -> pd.DataFrame:
 
 def test_a_correction_relabels_only_the_export_it_names():
     ds, folders = _two_exports_sharing_file_names(), {"a": "a", "b": "b"}
-    bare = rv.read_corrections(b"file,correct_label\nridge/deer_000.jpg,fox\n")
-    with pytest.raises(rv.CorrectionsError, match="matches images of 2 exports .a, b.: name its export"):
-        rv.apply_corrections(ds, bare, folders)
-    named = rv.read_corrections(b"dataset,file,correct_label\nb,ridge/deer_000.jpg,fox\n")
-    fixed, report = rv.apply_corrections(ds, named, folders)
+    bare = cr.read_corrections(b"file,correct_label\nridge/deer_000.jpg,fox\n")
+    with pytest.raises(cr.CorrectionsError, match="matches images of 2 exports .a, b.: name its export"):
+        cr.apply_corrections(ds, bare, folders)
+    named = cr.read_corrections(b"dataset,file,correct_label\nb,ridge/deer_000.jpg,fox\n")
+    fixed, report = cr.apply_corrections(ds, named, folders)
     assert fixed["label"].tolist() == ["deer", "fox", "deer", "fox"] and report["crops_relabeled"] == 1
-    prefixed = rv.read_corrections(b"file,correct_label\na/ridge/deer_001.jpg,fox\n")
-    assert rv.apply_corrections(ds, prefixed, folders)[0]["label"].tolist() == ["deer", "deer", "fox", "fox"]
+    prefixed = cr.read_corrections(b"file,correct_label\na/ridge/deer_001.jpg,fox\n")
+    assert cr.apply_corrections(ds, prefixed, folders)[0]["label"].tolist() == ["deer", "deer", "fox", "fox"]
     # a Timelapse file is one export's: read for that export, it touches no other
     timelapse = b"File,RelativePath,mislabeled,correct_class\ndeer_001.jpg,ridge,true,fox\n"
-    fixed, _ = rv.apply_corrections(ds, rv.read_corrections(timelapse, dataset="a"), folders)
+    fixed, _ = cr.apply_corrections(ds, cr.read_corrections(timelapse, dataset="a"), folders)
     assert fixed["label"].tolist() == ["deer", "deer", "fox", "fox"]
 
 
 def test_corrections_never_invent_labels_or_pick_a_winner_silently():
     ds, folders = _two_exports_sharing_file_names(), {"a": "a", "b": "b"}
-    typo = rv.read_corrections(b"dataset,file,correct_label\na,ridge/deer_000.jpg,dear\n")
-    with pytest.raises(rv.CorrectionsError, match="labels not in the dataset .*'dear' .did you mean 'deer'"):
-        rv.apply_corrections(ds, typo, folders)
-    assert rv.apply_corrections(ds, typo, folders, allow_new_labels=True)[0]["label"].iloc[0] == "dear"
-    cased = rv.read_corrections(b"dataset,file,correct_label\na,ridge/deer_000.jpg, Fox\n")
-    fixed, report = rv.apply_corrections(ds, cased, folders)
+    typo = cr.read_corrections(b"dataset,file,correct_label\na,ridge/deer_000.jpg,dear\n")
+    with pytest.raises(cr.CorrectionsError, match="labels not in the dataset .*'dear' .did you mean 'deer'"):
+        cr.apply_corrections(ds, typo, folders)
+    assert cr.apply_corrections(ds, typo, folders, allow_new_labels=True)[0]["label"].iloc[0] == "dear"
+    cased = cr.read_corrections(b"dataset,file,correct_label\na,ridge/deer_000.jpg, Fox\n")
+    fixed, report = cr.apply_corrections(ds, cased, folders)
     assert fixed["label"].iloc[0] == "fox" and report["warnings"] == ["'Fox' read as the dataset's label 'fox'"]
-    clash = rv.read_corrections(b"dataset,file,correct_label\na,ridge/deer_000.jpg,fox\na,ridge/deer_000.jpg,deer\n")
-    with pytest.raises(rv.CorrectionsError, match="correct crop 'a/ridge/deer_000.jpg___crop00_md.jpg' to 'fox' "
+    clash = cr.read_corrections(b"dataset,file,correct_label\na,ridge/deer_000.jpg,fox\na,ridge/deer_000.jpg,deer\n")
+    with pytest.raises(cr.CorrectionsError, match="correct crop 'a/ridge/deer_000.jpg___crop00_md.jpg' to 'fox' "
                                                   "and 'deer'"):
-        rv.apply_corrections(ds, clash, folders)
-    same_twice = rv.read_corrections(b"dataset,file,correct_label\na,ridge/deer_000.jpg,fox\na,ridge/deer_000.jpg,fox\n")
-    assert len(same_twice) == 1 and rv.apply_corrections(ds, same_twice, folders)[1]["crops_relabeled"] == 1
-    comma = rv.read_corrections(b'dataset,file,correct_label\na,ridge/deer_000.jpg,"fox,deer"\n')
-    with pytest.raises(rv.CorrectionsError, match="has a comma"):
-        rv.apply_corrections(ds, comma, folders, allow_new_labels=True)
+        cr.apply_corrections(ds, clash, folders)
+    same_twice = cr.read_corrections(b"dataset,file,correct_label\na,ridge/deer_000.jpg,fox\na,ridge/deer_000.jpg,fox\n")
+    assert len(same_twice) == 1 and cr.apply_corrections(ds, same_twice, folders)[1]["crops_relabeled"] == 1
+    comma = cr.read_corrections(b'dataset,file,correct_label\na,ridge/deer_000.jpg,"fox,deer"\n')
+    with pytest.raises(cr.CorrectionsError, match="has a comma"):
+        cr.apply_corrections(ds, comma, folders, allow_new_labels=True)
 
 
 def test_sequences_come_from_seq_id_or_from_time_gaps_at_one_location(tmp_path):
-    from animl_assets.core.sequences import aggregate, aggregate_csv, sequence_ids, sequence_top1
+    from animl_assets.core.review.sequences import aggregate, aggregate_csv, sequence_ids, sequence_top1
 
     images = [{"file_name": "a1.jpg", "seq_id": "s1", "location": "x", "datetime": "2024-01-01 00:00:00"},
               {"file_name": "a2.jpg", "seq_id": "s1", "location": "x", "datetime": "2024-01-01 05:00:00"},

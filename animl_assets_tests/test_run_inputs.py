@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from animl_assets.assets import evaluation as evaluation_assets
-from animl_assets.core import tracking
+from animl_assets.core.registry import tracking
 from animl_assets.definitions import DATASET_JOB, TRAIN_JOB, build_definitions
 from animl_assets_tests.conftest import dataset_home
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, sample_dir):
-    return dataset_home(tmp_path_factory.mktemp("inputs"), sample_dir)
+def home(tmp_path_factory, built_dataset_home):
+    return dataset_home(tmp_path_factory.mktemp("inputs"), built_dataset_home)
 
 
 def _run(settings, dagster_home, job, selection=None, tags=None, **ops):

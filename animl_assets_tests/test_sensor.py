@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from animl_assets.core.sample import EXPORT_NAME, write_sample_export
+from animl_assets.core.ingest.sample import EXPORT_NAME, write_sample_export
 from animl_assets.definitions import INGEST_JOB, build_definitions
 from animl_assets.resources import storage
 from animl_assets.resources.storage import ExportsLocation

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from animl_assets.core.splits import check_splits, make_splits, split_score, split_table
+from animl_assets.core.dataset.splits import check_splits, make_splits, split_score, split_table
 
 
 def dataset(spec):
@@ -117,7 +117,8 @@ def test_checks_catch_leaks_and_name_labels_that_cannot_be_placed():
 
 
 def test_split_api_is_exposed_by_the_core_package():
-    from animl_assets.core import make_splits as api_make_splits, split_score as api_split_score
+    from animl_assets.core import make_splits as api_make_splits
+    from animl_assets.core import split_score as api_split_score
 
     ds = dataset({("d", f"l{i}"): {"deer": 5, "fox": 5} for i in range(10)})
     splits = api_make_splits(ds, val_frac=0.1, test_frac=0.1, method="random", seed=0, trials=100)

@@ -7,7 +7,6 @@ import tracemalloc
 from pathlib import Path
 
 import dagster as dg
-
 import pytest
 from dagster_aws.s3 import S3Resource
 
@@ -91,7 +90,7 @@ def test_written_files_get_the_umask_mode_like_any_file(tmp_path, umask):
         "import os, sys, numpy as np\n"
         f"os.umask({umask})\n"
         "from animl_assets.core.files import atomic_write\n"
-        "from animl_assets.core.crops import write_jpeg\n"
+        "from animl_assets.core.detect.crops import write_jpeg\n"
         "from animl_assets.resources.storage import LocalStore\n"
         "d = sys.argv[1]\n"
         "open(os.path.join(d, 'plain.txt'), 'w').close()\n"

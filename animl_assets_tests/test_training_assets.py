@@ -13,8 +13,8 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet as LiteEfficientNet
 from mlflow import MlflowClient
 
-from animl_assets.core import tracking
-from animl_assets.core.training import LAST
+from animl_assets.core.ml.training import LAST
+from animl_assets.core.registry import tracking
 from animl_assets.definitions import TRAIN_JOB, build_definitions
 from animl_assets.settings import Settings
 from animl_assets_tests.conftest import dataset_home, latest_version
@@ -27,9 +27,9 @@ REFERENCE_PARAMS = {"dataset_dir", "cropped_images_dir", "multilabel", "model_na
 
 
 @pytest.fixture(scope="module")
-def trained_home(tmp_path_factory, sample_dir):
+def trained_home(tmp_path_factory, built_dataset_home):
     """A home with the sample export ingested and one dataset version and splits built."""
-    return dataset_home(tmp_path_factory.mktemp("train"), sample_dir)
+    return dataset_home(tmp_path_factory.mktemp("train"), built_dataset_home)
 
 
 def _train(settings, dagster_home, **config):
@@ -109,7 +109,8 @@ def test_a_killed_training_resumes_at_the_next_epoch(trained_home, tmp_path):
         f"with dg.DagsterInstance.from_config({str(dagster_home)!r}) as instance:\n"
         "    build_definitions(settings).resolve_job_def(TRAIN_JOB).execute_in_process(instance=instance,\n"
         f"        run_config={{'ops': {{'classifier_checkpoint': {{'config': json.loads({json.dumps(json.dumps(config))})}}}}}})\n")
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    output = (tmp_path / "train.log").open("w")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=output, stderr=subprocess.STDOUT)
     training = Path(settings.storage_uri, "classifier_checkpoint", "training")
     deadline = time.monotonic() + 240
     try:
@@ -122,6 +123,8 @@ def test_a_killed_training_resumes_at_the_next_epoch(trained_home, tmp_path):
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    output.close()
+    assert any(s["params"]["seed"] == 11 for s in states), (tmp_path / "train.log").read_text()[-3000:]
     killed_at = max(s["epoch"] for s in states if s["params"]["seed"] == 11)
     assert killed_at < 5, "the training finished before it could be killed"
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:  # what run monitoring does for a lost run:

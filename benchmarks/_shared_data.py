@@ -47,7 +47,7 @@ def classification_data(crops_dir: str | None, dataset_dir: str | None,
     folder (4 labels, 6 locations, ``crops_per_label_and_location`` crops of 320 px each)."""
     temp = None
     if dataset_dir is None:
-        from animl_assets.core.sample import write_sample_crops
+        from animl_assets.core.ingest.sample import write_sample_crops
 
         temp = tempfile.TemporaryDirectory(prefix="animl-bench-")
         sample = write_sample_crops(temp.name, crops_per_label_and_location=crops_per_label_and_location, size=320)

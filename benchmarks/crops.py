@@ -25,12 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+from _shared_data import ENA24_DIR, require
 from PIL import Image, ImageOps
 
-from _shared_data import ENA24_DIR, require
-
-from animl_assets.core import crops as crops_module
-from animl_assets.core.crops import CropReport, crop_detections, crop_name
+from animl_assets.core.detect import crops as crops_module
+from animl_assets.core.detect.crops import CropReport, crop_detections, crop_name
 
 REFERENCE_CROPS_PER_S = {1: 57.5, 2: 99.8}  # crop_detections.py --square-crops, in-process, this machine class
 

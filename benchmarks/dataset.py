@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from animl_assets.core.dataset import build_classification_dataset, detection_rows
-from animl_assets.core.label_spec import default_label_mapping
-from animl_assets.core.megadetector import cct_to_md, ground_truth_labels
-from animl_assets.core.splits import make_splits, split_score
+from animl_assets.core.dataset.classification import build_classification_dataset, detection_rows
+from animl_assets.core.dataset.label_spec import default_label_mapping
+from animl_assets.core.dataset.splits import make_splits, split_score
+from animl_assets.core.detect.megadetector import cct_to_md, ground_truth_labels
 
 
 def peak_gb() -> float:

@@ -26,11 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _shared_data import classification_data  # noqa: E402
+
 from animl_assets.assets.evaluation import evaluation_figures  # noqa: E402
-from animl_assets.core import evaluation as ev  # noqa: E402
 from animl_assets.core.artifact_files import to_files  # noqa: E402
-from animl_assets.core.models import VALID_MODELS, build_model, default_image_size, read_checkpoint  # noqa: E402
-from animl_assets.core.training import resolve_device, split_frame  # noqa: E402
+from animl_assets.core.ml import evaluation as ev  # noqa: E402
+from animl_assets.core.ml.data import resolve_device, split_frame  # noqa: E402
+from animl_assets.core.ml.models import VALID_MODELS, build_model, default_image_size, read_checkpoint  # noqa: E402
 
 
 def main() -> None:

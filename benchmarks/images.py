@@ -17,9 +17,8 @@ from pathlib import Path
 
 from _shared_data import ENA24_DIR, require
 
-from animl_assets.core.images import ImageRequest, collect_images
+from animl_assets.core.ingest.images import ImageRequest, collect_images
 from animl_assets.resources.storage import LocalStore
-
 
 
 def main() -> None:

@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from animl_assets.core.evaluation import load_script  # noqa: E402
-from animl_assets.core.inference import Classifier, CropFiles, classify  # noqa: E402
-from animl_assets.core.models import VALID_MODELS, build_model, default_image_size, read_checkpoint  # noqa: E402
-from animl_assets.core.sample import write_sample_crops  # noqa: E402
-from animl_assets.core.training import resolve_device  # noqa: E402
+from animl_assets.core.ingest.sample import write_sample_crops  # noqa: E402
+from animl_assets.core.ml.data import resolve_device  # noqa: E402
+from animl_assets.core.ml.evaluation import load_script  # noqa: E402
+from animl_assets.core.ml.inference import Classifier, CropFiles, classify  # noqa: E402
+from animl_assets.core.ml.models import VALID_MODELS, build_model, default_image_size, read_checkpoint  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 

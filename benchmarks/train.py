@@ -23,9 +23,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _shared_data import classification_data  # noqa: E402
-from animl_assets.core.models import VALID_MODELS, default_image_size  # noqa: E402
-from animl_assets.core.training import (TrainingParams, init_model, make_loaders, make_optimizer,  # noqa: E402
-                                        resolve_device, split_frame, train_one_epoch, validate)
+
+from animl_assets.core.ml.data import resolve_device, split_frame  # noqa: E402
+from animl_assets.core.ml.models import VALID_MODELS, default_image_size  # noqa: E402
+from animl_assets.core.ml.training import (  # noqa: E402
+    TrainingParams,
+    init_model,
+    make_loaders,
+    make_optimizer,
+    train_one_epoch,
+    validate,
+)
 
 
 def _gpu_sampler(device: torch.device, samples: list[float], stop: threading.Event) -> None:

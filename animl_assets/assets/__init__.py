@@ -3,8 +3,8 @@
 from animl_assets.assets.crops import crops
 from animl_assets.assets.dataset import classification_dataset, splits
 from animl_assets.assets.detections import md_detections
-from animl_assets.assets.exports import cct_export, exports_partitions, make_new_exports_sensor
 from animl_assets.assets.evaluation import classifier_evaluation, model_comparison
+from animl_assets.assets.exports import cct_export, exports_partitions, make_new_exports_sensor
 from animl_assets.assets.images import images
 from animl_assets.assets.inference import classifications, classified_detections, mislabeled_candidates
 from animl_assets.assets.registry import beats_champion, champion_model, registered_model
@@ -16,8 +16,10 @@ TRAINING_ASSETS = [classifier_checkpoint, classifier_evaluation, registered_mode
 TRAINING_CHECKS = [beats_champion]
 REVIEW_ASSETS = [classifications, classified_detections]
 REVIEW_ACROSS_EXPORTS = [mislabeled_candidates]
+ALL_ASSETS = [*PER_EXPORT_ASSETS, *DATASET_ASSETS, *TRAINING_ASSETS, model_comparison, *REVIEW_ASSETS,
+              *REVIEW_ACROSS_EXPORTS]
 
-__all__ = ["DATASET_ASSETS", "PER_EXPORT_ASSETS", "REVIEW_ASSETS", "TRAINING_ASSETS", "TRAINING_CHECKS",
+__all__ = ["ALL_ASSETS", "DATASET_ASSETS", "PER_EXPORT_ASSETS", "REVIEW_ASSETS", "TRAINING_ASSETS", "TRAINING_CHECKS",
            "REVIEW_ACROSS_EXPORTS", "beats_champion", "classifications", "classified_detections",
            "mislabeled_candidates",
            "cct_export", "champion_model", "classification_dataset", "classifier_checkpoint",

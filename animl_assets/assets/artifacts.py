@@ -15,12 +15,11 @@ import dagster as dg
 import pandas as pd
 from PIL import Image
 
-from animl_assets.core.exports import partition_folder
 from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
 from animl_assets.core.tables import read_csv as read_table
+from animl_assets.k8s import GPU_TAGS
 from animl_assets.resources.storage import LocalStore, location  # noqa: F401 - location: for the assets
-
 
 # S3 and MLflow calls fail now and then (a dropped connection, a 503 while a server restarts): a step that
 # talks to them runs again after about 2, 4 and 8 s. ``stop`` failures (bad input or config) are not retried.
@@ -58,14 +57,28 @@ def retry_only_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+GPU_STEP = {"op_tags": GPU_TAGS, "tags": {"animl/accelerator": "gpu"}}  # Kubernetes: a GPU node, one GPU
+
+
+def stage_asset(*, gpu: bool = False, **asset_args: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
+    """``dg.asset`` with the project's step policy, stated once for every asset: network-like errors retried
+    (NETWORK_RETRY), deterministic ones stopping the step at once (``retry_only_transient``), and with ``gpu``
+    the tags that put the step on a GPU node."""
+    def decorate(fn: Callable[..., Any]) -> dg.AssetsDefinition:
+        return dg.asset(retry_policy=NETWORK_RETRY, **(GPU_STEP if gpu else {}), **asset_args)(retry_only_transient(fn))
+    return decorate
+
+
+def stage_check(**check_args: Any) -> Callable[[Callable[..., Any]], dg.AssetChecksDefinition]:
+    """``dg.asset_check`` with the same step policy as ``stage_asset``."""
+    def decorate(fn: Callable[..., Any]) -> dg.AssetChecksDefinition:
+        return dg.asset_check(retry_policy=NETWORK_RETRY, **check_args)(retry_only_transient(fn))
+    return decorate
+
+
 def stop(description: str, metadata: dict[str, Any] | None = None) -> dg.Failure:
     """A failure another try cannot fix (bad input or config): retry policies let it through at once."""
     return dg.Failure(description=description, metadata=metadata, allow_retries=False)
-
-
-def artifact_key(asset: str, partition: str | None, name: str) -> str:
-    """The key of artifact ``name`` of ``asset`` (below its partition's folder, when it is partitioned)."""
-    return "/".join(part for part in (asset, partition and partition_folder(partition), name) if part)
 
 
 def read_csv(store: Store, key: str) -> pd.DataFrame | None:

@@ -7,18 +7,24 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, local_folder, location, publish,
-                                           retry_only_transient, table, thumbnail_markdown)
+from animl_assets.assets.artifacts import (
+    local_folder,
+    location,
+    publish,
+    stage_asset,
+    table,
+    thumbnail_markdown,
+)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import images_folder
 from animl_assets.core.artifact_files import value_version
-from animl_assets.core.contact_sheet import contact_sheet
-from animl_assets.core.crops import MANIFEST, MANIFEST_COLUMNS, CropManifest, crop_detections
-from animl_assets.core.exports import partition_folder
+from animl_assets.core.detect.contact_sheet import contact_sheet
+from animl_assets.core.detect.crops import MANIFEST, MANIFEST_COLUMNS, CropManifest, crop_detections
+from animl_assets.core.detect.megadetector import Detections, with_box_labels
 from animl_assets.core.failures import MAX_PIXELS
-from animl_assets.core.images import GOOD, ImageManifest
-from animl_assets.core.megadetector import Detections, with_box_labels
+from animl_assets.core.ingest.images import GOOD, ImageManifest
+from animl_assets.core.layout import artifact_key, partition_folder
 from animl_assets.core.tables import read_csv as read_table
 from animl_assets.resources.storage import ArtifactStore
 
@@ -50,9 +56,8 @@ def size_histogram(rows: pd.DataFrame) -> pd.DataFrame:
                          "crops": counts})
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="detections", kinds={"jpeg"},
-          check_specs=[failure_rate_spec("crops")])
-@retry_only_transient
+@stage_asset(partitions_def=exports_partitions, group_name="detections", kinds={"jpeg"},
+             check_specs=[failure_rate_spec("crops")])
 def crops(context: dg.AssetExecutionContext, config: CropsConfig, md_detections: Detections, images: ImageManifest,
           storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """Every animal box at or above the threshold cropped to ``<file>___cropNN_<detector>.jpg``; a re-run

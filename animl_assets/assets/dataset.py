@@ -2,28 +2,46 @@
 
 import hashlib
 import json
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, location, retry_only_transient,
-                                           stop, table, table_schema)
+from animl_assets.assets.artifacts import (
+    image_metadata,
+    location,
+    stage_asset,
+    stop,
+    table,
+    table_schema,
+)
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import value_version
-from animl_assets.core.cct import UNKNOWN_LOCATION, ExportArtifacts, image_location
-from animl_assets.core.contact_sheet import contact_sheet
-from animl_assets.core.crops import CropManifest
-from animl_assets.core.dataset import CROP_COLUMNS, DatasetVersion, build_classification_dataset, label_index, match_test
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.label_spec import (DEFAULT_EXCLUDED, LabelSpecError, check_writable, default_label_mapping,
-                                          parse_label_spec, parse_taxonomy, resolve_label_spec)
-from animl_assets.core.megadetector import Detections, with_box_labels
-from animl_assets.core.review import CorrectionsError, apply_corrections, read_corrections
-from animl_assets.core.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
+from animl_assets.core.dataset.classification import (
+    CROP_COLUMNS,
+    DatasetVersion,
+    build_classification_dataset,
+    label_index,
+    match_test,
+)
+from animl_assets.core.dataset.label_spec import (
+    DEFAULT_EXCLUDED,
+    LabelSpecError,
+    check_writable,
+    default_label_mapping,
+    parse_label_spec,
+    parse_taxonomy,
+    resolve_label_spec,
+)
+from animl_assets.core.dataset.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
+from animl_assets.core.detect.contact_sheet import contact_sheet
+from animl_assets.core.detect.crops import CropManifest
+from animl_assets.core.detect.megadetector import Detections, with_box_labels
+from animl_assets.core.ingest.cct import UNKNOWN_LOCATION, ExportArtifacts, image_location
+from animl_assets.core.layout import artifact_key, partition_folder, version_folder
+from animl_assets.core.review.corrections import CorrectionsError, apply_corrections, read_corrections
 from animl_assets.core.tables import read_csv as read_table
-from animl_assets.resources.io_manager import version_folder
 from animl_assets.resources.storage import ArtifactStore, read_uri
 
 DATASET_CSV = "classification_ds.csv"
@@ -122,10 +140,27 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections,
     return frame, {"crops": value_version(crops, "crops"), "cct_export": export.source["sha256"]}
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, group_name="dataset", kinds={"csv"},
-          check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
-                                         description="At least two labels have min_crops_per_label crops.")])
-@retry_only_transient
+def _label_mapping(config: DatasetConfig, storage: ArtifactStore, classes: set[tuple[str, str]]
+                   ) -> tuple[dict[str, Any] | None, dict[tuple[str, str], str]]:
+    """The label spec (None without one) and each (dataset, class) pair's label."""
+    spec = None
+    try:
+        if config.label_spec:
+            fmt = "csv" if config.label_spec.lower().endswith(".csv") else "json"
+            spec = parse_label_spec(_read_text(config.label_spec, storage), fmt)
+            taxonomy = parse_taxonomy(_read_text(config.taxonomy_csv, storage)) if config.taxonomy_csv else None
+            mapping = resolve_label_spec(spec, classes, taxonomy)
+        else:
+            mapping = default_label_mapping(classes, config.excluded_classes)
+        check_writable(mapping.values())
+    except (LabelSpecError, FileNotFoundError) as err:
+        raise stop(f"label spec: {err}") from err
+    return spec, mapping
+
+
+@stage_asset(group_name="dataset", kinds={"csv"},
+             check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
+                                            description="At least two labels have min_crops_per_label crops.")])
 def classification_dataset(context: dg.AssetExecutionContext, config: DatasetConfig, crops: dict[str, CropManifest],
                            md_detections: dict[str, Detections], cct_export: dict[str, ExportArtifacts],
                            storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
@@ -143,19 +178,8 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     skipped = sorted(set(wanted) - set(ready))
     per_export = {p: _crop_rows(p, crops[p], md_detections[p], cct_export[p]) for p in ready}
     frame = pd.concat([rows for rows, _ in per_export.values()], ignore_index=True)
-    classes = set(zip(frame["dataset"], frame["dataset_class"])) - {(d, "") for d in ready}
-    spec = None
-    try:
-        if config.label_spec:
-            fmt = "csv" if config.label_spec.lower().endswith(".csv") else "json"
-            spec = parse_label_spec(_read_text(config.label_spec, storage), fmt)
-            taxonomy = parse_taxonomy(_read_text(config.taxonomy_csv, storage)) if config.taxonomy_csv else None
-            mapping = resolve_label_spec(spec, classes, taxonomy)
-        else:
-            mapping = default_label_mapping(classes, config.excluded_classes)
-        check_writable(mapping.values())
-    except (LabelSpecError, FileNotFoundError) as err:
-        raise stop(f"label spec: {err}") from err
+    spec, mapping = _label_mapping(config, storage, set(zip(frame["dataset"], frame["dataset_class"]))
+                                   - {(d, "") for d in ready})
     ds, report = build_classification_dataset(frame, mapping, spec=spec, threshold=config.threshold,
                                               min_locs=config.min_locs or None,
                                               one_label_per_image=config.one_label_per_image, seed=config.seed)
@@ -218,17 +242,13 @@ class SplitsConfig(dg.Config):
     trials: int = Field(default=10_000, ge=1, description="Random assignments tried by 'random'.")
 
 
-@dg.asset(
-    retry_policy=NETWORK_RETRY,
-    group_name="dataset", kinds={"json"},
+@stage_asset(group_name="dataset", kinds={"json"},
     check_specs=[
         dg.AssetCheckSpec("no_location_leakage", asset="splits", blocking=True,
                           description="Every (dataset, location) is in exactly one split."),
         dg.AssetCheckSpec("every_label_in_every_split", asset="splits", blocking=True,
                           description="Each label has crops in train, val and test."),
-    ],
-)
-@retry_only_transient
+    ],)
 def splits(config: SplitsConfig, classification_dataset: DatasetVersion) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """``splits.json``: (dataset, location) pairs for train, val and test, from one dataset version."""
     ds, test_locations = classification_dataset.classification_ds, classification_dataset.match_test_locations

@@ -7,19 +7,25 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import NETWORK_RETRY, retry_only_transient, stop, table
+from animl_assets.assets.artifacts import stage_asset, stop, table
 from animl_assets.assets.checks import problems_check
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.images import images_folder
 from animl_assets.core.artifact_files import value_version
-from animl_assets.core.cct import ExportArtifacts
-from animl_assets.core.detector import DetectorUnavailable, run_megadetector
-from animl_assets.core.exports import export_key_for, mdcache_key_for
-from animl_assets.core.images import GOOD, ImageManifest
-from animl_assets.core.megadetector import (Detections, box_labels, cct_to_md, images_without_boxes, merge_detections,
-                                            upgrade_batch_output, validate_batch_output)
+from animl_assets.core.detect.detector import DetectorUnavailable, run_megadetector
+from animl_assets.core.detect.megadetector import (
+    Detections,
+    box_labels,
+    cct_to_md,
+    images_without_boxes,
+    merge_detections,
+    upgrade_batch_output,
+    validate_batch_output,
+)
+from animl_assets.core.ingest.cct import ExportArtifacts
+from animl_assets.core.ingest.exports import export_key_for, mdcache_key_for
+from animl_assets.core.ingest.images import GOOD, ImageManifest
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation
-
 
 
 class DetectionsConfig(dg.Config):
@@ -42,14 +48,10 @@ def _image_sizes(manifest) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-@dg.asset(
-    retry_policy=NETWORK_RETRY,
-    partitions_def=exports_partitions, group_name="detections", kinds={"json"},
+@stage_asset(partitions_def=exports_partitions, group_name="detections", kinds={"json"},
     check_specs=[dg.AssetCheckSpec("md_format", asset="md_detections", blocking=True,
                                    description="The batch output follows MegaDetector's format rules "
-                                               "(validate_batch_results.py).")],
-)
-@retry_only_transient
+                                               "(validate_batch_results.py).")])
 def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, cct_export: ExportArtifacts,
                   images: ImageManifest, storage: ArtifactStore,
                   exports: ExportsLocation) -> Iterator[dg.Output | dg.AssetCheckResult]:

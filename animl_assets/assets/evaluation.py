@@ -14,20 +14,19 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, location, retry_only_transient,
-                                           stop, table)
+from animl_assets.assets.artifacts import image_metadata, location, stage_asset, stop, table
 from animl_assets.assets.training import crops_folder
-from animl_assets.core import evaluation as ev
-from animl_assets.core import plots, registry, tracking
 from animl_assets.core.artifact_files import value_version
-from animl_assets.core.dataset import DatasetVersion
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.models import build_model
-from animl_assets.core.sequences import crop_image, sequence_ids, sequence_top1
+from animl_assets.core.dataset.classification import DatasetVersion
+from animl_assets.core.layout import partition_folder, version_folder
+from animl_assets.core.ml import evaluation as ev
+from animl_assets.core.ml import plots
+from animl_assets.core.ml.data import SPLITS, resolve_device, trainable_frame
+from animl_assets.core.ml.models import build_model
+from animl_assets.core.ml.training import TrainedClassifier
+from animl_assets.core.registry import registry, tracking
+from animl_assets.core.review.sequences import crop_image, sequence_ids, sequence_top1
 from animl_assets.core.store import Store
-from animl_assets.core.training import SPLITS, TrainedClassifier, readable_crops, resolve_device, split_frame
-from animl_assets.k8s import GPU_TAGS
-from animl_assets.resources.io_manager import read_artifacts, version_folder
 from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
 
@@ -49,7 +48,7 @@ class EvaluationConfig(dg.Config):
 def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[DatasetVersion, Path]:
     """The dataset version a checkpoint was trained on (its ``params.json`` names it) and a local folder
     holding its crops."""
-    dataset = read_artifacts(storage.store(), version_folder("classification_dataset", params["dataset_version"]))
+    dataset = storage.load("classification_dataset", version=params["dataset_version"])
     return dataset, crops_folder(storage, sorted(dataset.classification_ds["dataset"].unique()))
 
 
@@ -58,10 +57,9 @@ def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.Da
     that can be read (weighted as in training; no detection-confidence weights, as the reference), with the
     local crops folder and the crops left out (missing or unreadable, with why)."""
     dataset, crops_root = dataset_crops(storage, params)
-    splits = read_artifacts(storage.store(), version_folder("splits", params["splits_version"]))
-    ds = dataset.classification_ds
-    usable, left_out = readable_crops(ds, crops_root)
-    frame = split_frame(ds[usable], dataset.label_index, splits, bool(params["label_weighted"]))
+    splits = storage.load("splits", version=params["splits_version"])
+    frame, left_out = trainable_frame(dataset.classification_ds, dataset.label_index, splits, crops_root,
+                                      bool(params["label_weighted"]))
     return frame, crops_root, left_out
 
 
@@ -69,10 +67,9 @@ def crop_sequences(storage: ArtifactStore, partitions: Iterable[str], crops: Ite
                    gap_s: float = 60.0) -> dict[str, str]:
     """``{crop path: sequence}`` for crop paths ``<partition folder>/<file>___cropNN…`` of ``partitions``,
     from their exports (``seq_id``, or images of one location within ``gap_s``)."""
-    store = storage.store()
     per_folder = {}
     for partition in partitions:
-        export = read_artifacts(store, artifact_key("cct_export", partition, "")).export
+        export = storage.load("cct_export", partition=partition).export
         per_folder[partition_folder(partition)] = {
             file: f"{partition}|{seq}" for file, seq in sequence_ids(export["images"], gap_s).items()}
     found = {}
@@ -111,9 +108,12 @@ def evaluation_figures(result: ev.Evaluation, crops_root: Path, errors_per_label
     return figures
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"pytorch", "mlflow"}, op_tags=GPU_TAGS,
-          tags={"animl/accelerator": "gpu"})
-@retry_only_transient
+# besides the checkpoint it evaluates: the dataset and splits versions that checkpoint names, and the exports'
+# sequences, read through ArtifactStore.load
+READS = ["classification_dataset", "splits", "cct_export"]
+
+
+@stage_asset(gpu=True, group_name="evaluation", kinds={"pytorch", "mlflow"}, deps=READS)
 def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig,
                           classifier_checkpoint: TrainedClassifier, storage: ArtifactStore,
                           mlflow: MlflowTracking) -> Iterator[dg.Output]:
@@ -240,8 +240,7 @@ def read_json(uri: str, storage: ArtifactStore) -> Any:
         raise stop(f"cannot read {uri}: {err}") from err
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"pytorch", "mlflow"})
-@retry_only_transient
+@stage_asset(group_name="evaluation", kinds={"pytorch", "mlflow"})
 def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig,
                      classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
                      mlflow: MlflowTracking) -> dg.Output[pd.DataFrame]:

@@ -6,11 +6,19 @@ from typing import Any, Iterator
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import NETWORK_RETRY, location, retry_only_transient, stop, table
+from animl_assets.assets.artifacts import location, stage_asset, stop, table
 from animl_assets.assets.checks import problems_check
-from animl_assets.core.cct import (BBOX_OVERHANG_TOLERANCE, CHECKS, CCTFormatError, ExportArtifacts,
-                                   category_location_table, load_cct, summarize_cct, validate_cct)
-from animl_assets.core.exports import ExportCursor, export_key_for, scan_exports
+from animl_assets.core.ingest.cct import (
+    BBOX_OVERHANG_TOLERANCE,
+    CHECKS,
+    CCTFormatError,
+    ExportArtifacts,
+    category_location_table,
+    load_cct,
+    summarize_cct,
+    validate_cct,
+)
+from animl_assets.core.ingest.exports import ExportCursor, export_key_for, scan_exports
 from animl_assets.resources.storage import ExportsLocation
 
 exports_partitions = dg.DynamicPartitionsDefinition(name="exports")
@@ -32,18 +40,14 @@ class ExportConfig(dg.Config):
                     "it is clipped and counted in the boxes_clipped warning. A larger overhang blocks the ingest.")
 
 
-@dg.asset(
-    retry_policy=NETWORK_RETRY,
-    partitions_def=exports_partitions,
+@stage_asset(partitions_def=exports_partitions,
     group_name="ingest",
     kinds={"json"},
     check_specs=[*(dg.AssetCheckSpec(name, asset="cct_export", blocking=True, description=CHECK_DESCRIPTIONS[name])
                    for name in CHECKS),
                  dg.AssetCheckSpec("boxes_clipped", asset="cct_export", blocking=False,
                                    description="Warns when boxes overhang their image within the tolerance "
-                                               "(they are clipped).")],
-)
-@retry_only_transient
+                                               "(they are clipped).")],)
 def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
                exports: ExportsLocation) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """The export's COCO Camera Traps JSON and its problems per check; downstream waits on its checks. Its

@@ -7,16 +7,32 @@ from typing import Iterator
 import dagster as dg
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, local_folder, location, read_csv,
-                                           retry_only_transient, stop, table, table_schema)
+from animl_assets.assets.artifacts import (
+    local_folder,
+    location,
+    read_csv,
+    stage_asset,
+    stop,
+    table,
+    table_schema,
+)
 from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, log_failures
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import value_version
-from animl_assets.core.cct import ExportArtifacts
-from animl_assets.core.exports import export_key_for, partition_folder
 from animl_assets.core.files import Journal
-from animl_assets.core.images import (FETCH_FAILED, GOOD, MANIFEST_COLUMNS, MAX_PIXELS, STATUSES, ImageManifest,
-                                        ImageRequest, collect_images)
+from animl_assets.core.ingest.cct import ExportArtifacts
+from animl_assets.core.ingest.exports import export_key_for
+from animl_assets.core.ingest.images import (
+    FETCH_FAILED,
+    GOOD,
+    MANIFEST_COLUMNS,
+    MAX_PIXELS,
+    STATUSES,
+    ImageManifest,
+    ImageRequest,
+    collect_images,
+)
+from animl_assets.core.layout import artifact_key, partition_folder
 from animl_assets.core.paths import is_under, redact_credentials
 from animl_assets.core.store import Store
 from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource, open_store
@@ -75,9 +91,8 @@ def resolve_image_source(config: ImagesConfig, cct: dict, partition: str, image_
     return open_store(root, exports.s3 or image_source.s3) if root else folder_store
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="ingest", kinds={"jpeg"},
-          check_specs=[failure_rate_spec("images")])
-@retry_only_transient
+@stage_asset(partitions_def=exports_partitions, group_name="ingest", kinds={"jpeg"},
+             check_specs=[failure_rate_spec("images")])
 def images(context: dg.AssetExecutionContext, config: ImagesConfig, cct_export: ExportArtifacts,
            storage: ArtifactStore, exports: ExportsLocation,
            image_source: ImageSource) -> Iterator[dg.Output | dg.AssetCheckResult]:

@@ -15,24 +15,29 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, local_folder, location,
-                                           retry_only_transient, stop, table)
+from animl_assets.assets.artifacts import (
+    image_metadata,
+    local_folder,
+    location,
+    stage_asset,
+    stop,
+    table,
+)
 from animl_assets.assets.evaluation import read_json
 from animl_assets.assets.exports import exports_partitions
-from animl_assets.core import evaluation as ev
-from animl_assets.core import registry, review
-from animl_assets.core.contact_sheet import contact_sheet
-from animl_assets.core.artifact_files import INDEX, value_version
-from animl_assets.core.crops import CropManifest
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.inference import Classifier, classify, remapped_label_index
-from animl_assets.core.megadetector import Detections, validate_batch_output
-from animl_assets.core.review import merge_classifications
-from animl_assets.core.sequences import aggregate_csv, crop_image, sequence_ids
+from animl_assets.core.artifact_files import config_key, value_version
+from animl_assets.core.detect.contact_sheet import contact_sheet
+from animl_assets.core.detect.crops import CropManifest
+from animl_assets.core.detect.megadetector import Detections, validate_batch_output
+from animl_assets.core.layout import artifact_key, partition_folder, version_file
+from animl_assets.core.ml import evaluation as ev
+from animl_assets.core.ml.data import resolve_device
+from animl_assets.core.ml.inference import Classifier, classify, remapped_label_index
+from animl_assets.core.registry import registry
+from animl_assets.core.review import candidates
+from animl_assets.core.review.merge import merge_classifications
+from animl_assets.core.review.sequences import aggregate_csv, crop_image, sequence_ids
 from animl_assets.core.tables import read_csv
-from animl_assets.core.training import resolve_device
-from animl_assets.k8s import GPU_TAGS
-from animl_assets.resources.io_manager import read_artifacts
 from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
 
@@ -88,10 +93,9 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
                       f"{version.name} v{version.version}")
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"},
-          deps=["champion_model"], op_tags=GPU_TAGS, tags={"animl/accelerator": "gpu"},
-          automation_condition=FOLLOW_UPSTREAM)
-@retry_only_transient
+@stage_asset(gpu=True, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"},
+             deps=["champion_model"],
+             automation_condition=FOLLOW_UPSTREAM)
 def classifications(context: dg.AssetExecutionContext, config: ClassificationsConfig, crops: CropManifest,
                     storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
     """The export's crops classified by the champion (or a chosen version, or an external TorchScript model):
@@ -104,11 +108,10 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     classifier = load_classifier(config, storage, mlflow)
     mapping = read_json(config.target_mapping, storage) if config.target_mapping else None
     paths = crops.manifest["crop"].astype(str).tolist()
-    key = hashlib.sha256(json.dumps({"model": classifier.version, "crops": value_version(crops, "crops"),
-                                     "mapping": mapping, "sequences": config.sequences and config.sequence_gap_s},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = config_key({"model": classifier.version, "crops": value_version(crops, "crops"), "mapping": mapping,
+                      "sequences": config.sequences and config.sequence_gap_s})
     folder = artifact_key("classifications", partition, "")
-    previous = _previous(store, folder)
+    previous = _previous(storage, partition)
     if previous and previous.get("key") == key and store.exists(f"{folder}/{OUTPUT}"):
         if not previous.get("num_failed"):
             context.log.info(f"{partition}: already classified by {classifier.name} ({key}); nothing to do")
@@ -126,7 +129,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
                           progress_every=config.progress_every)
         store.put_file(f"{folder}/{OUTPUT}", out)
         if config.sequences:
-            export = read_artifacts(store, artifact_key("cct_export", partition, "")).export
+            export = storage.load("cct_export", partition=partition).export
             images = sequence_ids(export["images"], config.sequence_gap_s)
             per_sequence = aggregate_csv(str(out), report.columns,
                                          {p: images[crop_image(p)] for p in paths if crop_image(p) in images})
@@ -148,11 +151,11 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
         "failures": table(failures), "classifier_output": location(store.uri(f"{folder}/{OUTPUT}"))})
 
 
-def _previous(store: Any, folder: str) -> dict[str, Any] | None:
+def _previous(storage: ArtifactStore, partition: str) -> dict[str, Any] | None:
     """The value the last materialization of this partition stored (the IO manager's files), if any."""
-    if not store.exists(f"{folder}/{INDEX}"):
+    if not storage.has("classifications", partition=partition):
         return None
-    previous = read_artifacts(store, folder)
+    previous = storage.load("classifications", partition=partition)
     return previous if isinstance(previous, dict) else None
 
 
@@ -174,11 +177,10 @@ class ReviewConfig(dg.Config):
                                                                "typical_classification_threshold (<0: omitted).")
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, partitions_def=exports_partitions, group_name="inference", kinds={"json"},
-          automation_condition=FOLLOW_UPSTREAM,
-          check_specs=[dg.AssetCheckSpec("md_format", asset="classified_detections", blocking=True,
+@stage_asset(partitions_def=exports_partitions, group_name="inference", kinds={"json"},
+             automation_condition=FOLLOW_UPSTREAM,
+             check_specs=[dg.AssetCheckSpec("md_format", asset="classified_detections", blocking=True,
                                          description="The output passes the MegaDetector batch-output rules.")])
-@retry_only_transient
 def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfig, md_detections: Detections,
                           crops: CropManifest, classifications: dict[str, Any],
                           storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
@@ -217,14 +219,13 @@ class MislabeledConfig(dg.Config):
     splits: list[str] = Field(default=["train", "val", "test"])
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, group_name="evaluation", kinds={"csv"})
-@retry_only_transient
+@stage_asset(group_name="evaluation", kinds={"csv"})
 def mislabeled_candidates(context: dg.AssetExecutionContext, config: MislabeledConfig,
                           classifier_evaluation: ev.Evaluation, storage: ArtifactStore) -> dg.Output[pd.DataFrame]:
     """Crops whose predicted label beats their label by the margin, per split and dataset, to review (e.g. in
     Timelapse) and correct: the corrections file feeds the next ``classification_dataset``."""
     evaluation = classifier_evaluation
-    frames = [review.mislabeled_candidates(evaluation.outputs(split), evaluation.names, config.margin)
+    frames = [candidates.mislabeled_candidates(evaluation.outputs(split), evaluation.names, config.margin)
               .assign(split=split) for split in config.splits]
     found = pd.concat(frames, ignore_index=True)
     folders = {partition_folder(p): p for p in context.instance.get_dynamic_partitions(exports_partitions.name)}
@@ -238,5 +239,5 @@ def mislabeled_candidates(context: dg.AssetExecutionContext, config: MislabeledC
     return dg.Output(found, data_version=dg.DataVersion(version), metadata={
         "num_candidates": len(found), "margin": config.margin, "per_split_and_dataset": table(per),
         "candidates": table(found.round(4)),
-        **image_metadata(store, f"mislabeled_candidates/{version}/contact_sheet.png", sheet, "contact_sheet",
+        **image_metadata(store, version_file("mislabeled_candidates", version, "contact_sheet.png"), sheet, "contact_sheet",
                          "mislabeled candidates: label as prediction")})

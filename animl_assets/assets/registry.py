@@ -10,13 +10,14 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import NETWORK_RETRY, retry_only_transient, stop, table
+from animl_assets.assets.artifacts import stage_asset, stage_check, stop, table
 from animl_assets.assets.evaluation import dataset_crops, registered_scores
 from animl_assets.assets.training import training_recipe
-from animl_assets.core import evaluation as ev
-from animl_assets.core import registry
 from animl_assets.core.artifact_files import torch_bytes, value_version
-from animl_assets.core.training import TrainedClassifier, resolve_device
+from animl_assets.core.ml import evaluation as ev
+from animl_assets.core.ml.data import resolve_device
+from animl_assets.core.ml.training import TrainedClassifier
+from animl_assets.core.registry import registry
 from animl_assets.resources.storage import ArtifactStore
 from animl_assets.resources.tracking import MlflowTracking
 from animl_assets.runs import in_progress
@@ -56,8 +57,7 @@ def _lineage_tags(checkpoint: TrainedClassifier, evaluation: ev.Evaluation, expo
             registry.TRAINING_CONFIG_TAG: json.dumps(training_recipe(params), sort_keys=True)}
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, group_name="registry", kinds={"mlflow"})
-@retry_only_transient
+@stage_asset(group_name="registry", kinds={"mlflow"})
 def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
                      classifier_evaluation: ev.Evaluation, classifier_checkpoint: TrainedClassifier,
                      storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
@@ -112,12 +112,10 @@ def _comparison(new: dict[str, float], champion: dict[str, float], margin: float
     return passed, rows
 
 
-@dg.asset_check(asset=registered_model, blocking=True, additional_ins={"classifier_evaluation": dg.AssetIn()},
-                retry_policy=NETWORK_RETRY,
-                description="The new version beats the current champion on the same test split (top-1 and macro "
-                            "recall, by the configured margin); the first version passes. Blocks promotion. "
-                            "Fails closed: a registry that cannot be asked for the champion fails the check.")
-@retry_only_transient
+@stage_check(asset=registered_model, blocking=True, additional_ins={"classifier_evaluation": dg.AssetIn()},
+             description="The new version beats the current champion on the same test split (top-1 and macro "
+                         "recall, by the configured margin); the first version passes. Blocks promotion. "
+                         "Fails closed: a registry that cannot be asked for the champion fails the check.")
 def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
                    mlflow: MlflowTracking) -> dg.AssetCheckResult:
     value, evaluation = registered_model, classifier_evaluation
@@ -146,8 +144,7 @@ def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.E
     })
 
 
-@dg.asset(retry_policy=NETWORK_RETRY, group_name="registry", kinds={"mlflow"})
-@retry_only_transient
+@stage_asset(group_name="registry", kinds={"mlflow"})
 def champion_model(context: dg.AssetExecutionContext, registered_model: dict[str, Any],
                    mlflow: MlflowTracking) -> dg.Output[dict[str, Any]]:
     """The registered model's ``champion`` alias, moved to the new version once ``beats_champion`` passed

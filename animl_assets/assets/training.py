@@ -6,7 +6,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -14,26 +14,42 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from animl_assets.assets.artifacts import (NETWORK_RETRY, artifact_key, image_metadata, local_folder, location,
-                                           retry_only_transient, stop, table)
-from animl_assets.core import registry, tracking
+from animl_assets.assets.artifacts import (
+    image_metadata,
+    local_folder,
+    location,
+    stage_asset,
+    stop,
+    table,
+)
 from animl_assets.core.artifact_files import TorchFile, torch_bytes, value_version
-from animl_assets.core.crops import CropManifest
-from animl_assets.core.dataset import DatasetVersion
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.models import VALID_MODELS, PretrainedWeightsUnavailable, default_image_size, read_checkpoint
+from animl_assets.core.dataset.classification import DatasetVersion
+from animl_assets.core.detect.crops import CropManifest
+from animl_assets.core.layout import artifact_key, partition_folder, training_folder, version_file, version_folder
+from animl_assets.core.ml.data import trainable_frame
+from animl_assets.core.ml.models import VALID_MODELS, PretrainedWeightsUnavailable, default_image_size, read_checkpoint
+from animl_assets.core.ml.plots import learning_curve
+from animl_assets.core.ml.training import (
+    BEST,
+    LAST,
+    RUN_ONLY,
+    Checkpoints,
+    FitResult,
+    TrainedClassifier,
+    TrainingParams,
+    evaluate_checkpoint,
+    resume_key,
+    train_classifier,
+)
 from animl_assets.core.paths import redact_credentials
-from animl_assets.core.plots import learning_curve
+from animl_assets.core.registry import registry, tracking
 from animl_assets.core.store import Store
-from animl_assets.core.training import (BEST, LAST, Checkpoints, FitResult, TrainedClassifier, TrainingParams,
-                                        evaluate_checkpoint, readable_crops, split_frame, train_classifier)
-from animl_assets.k8s import GPU_TAGS
-from animl_assets.runs import in_progress
-from animl_assets.resources.io_manager import read_from, version_folder
+from animl_assets.resources.io_manager import read_from
 from animl_assets.resources.storage import ArtifactStore, LocalStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
+from animl_assets.runs import in_progress
+from animl_assets.train_worker import WorkerSpec
 
-RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: kept out of the resume key
 LEARNING_CURVE = "learning_curve.png"
 
 
@@ -164,23 +180,22 @@ def _epoch_line(metrics: dict[str, float], epochs: int, seconds_per_epoch: float
             f"{metrics['train/crops_per_s']:.1f} crops/s | ETA {left / 60:.1f} min")
 
 
-def _run_distributed(context: dg.AssetExecutionContext, config: TrainingConfig, spec: dict[str, Any],
-                     checkpoints: Checkpoints) -> FitResult:
+def _run_distributed(context: dg.AssetExecutionContext, config: TrainingConfig, spec: WorkerSpec,
+                     frame: pd.DataFrame, init: Any, checkpoints: Checkpoints) -> FitResult:
     """Train with ``torchrun`` (one process per GPU, DDP) through Dagster Pipes; read the result back from
     the checkpoints rank 0 wrote."""
     with tempfile.TemporaryDirectory(prefix="animl-ddp-") as folder:
-        spec_path = Path(folder) / "spec.json"
-        spec["frame_csv"] = str(Path(folder) / "frame.csv")
-        spec.pop("frame").to_csv(spec["frame_csv"], index=False)
-        init = spec.pop("init")
-        if not isinstance(init, (bool, str)):  # loaded weights: handed over as a file
-            spec["init_path"] = str(Path(folder) / "init.pt")
-            Path(spec["init_path"]).write_bytes(torch_bytes(init))
-        else:
-            spec["init"] = init
-        spec_path.write_text(json.dumps(spec))
+        spec.frame_csv = str(Path(folder) / "frame.csv")
+        frame.to_csv(spec.frame_csv, index=False)
+        if isinstance(init, (bool, str)):
+            spec.init = init
+        else:  # loaded weights: handed over as a file
+            spec.init_path = str(Path(folder) / "init.pt")
+            Path(spec.init_path).write_bytes(torch_bytes(init))
+        spec.write(Path(folder) / "spec.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={config.processes}", "-m", "animl_assets.train_worker", str(spec_path)]
+                   f"--nproc-per-node={config.processes}", "-m", "animl_assets.train_worker",
+                   str(Path(folder) / "spec.json")]
         dg.PipesSubprocessClient().run(command=command, context=context).get_results()
     last, best = checkpoints.load(LAST), checkpoints.load(BEST)
     if last is None or best is None:
@@ -189,79 +204,78 @@ def _run_distributed(context: dg.AssetExecutionContext, config: TrainingConfig, 
                      resumed_from_epoch=None)
 
 
-@dg.asset(
-    retry_policy=NETWORK_RETRY,
-    group_name="training", kinds={"pytorch", "mlflow"}, pool="gpu", op_tags=GPU_TAGS,
-    tags={"animl/accelerator": "gpu"},
-)
-@retry_only_transient
-def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
-                          crops: dict[str, CropManifest], classification_dataset: DatasetVersion,
-                          splits: dict[str, list[list[str]]], storage: ArtifactStore,
-                          mlflow: MlflowTracking) -> Iterator[dg.Output]:
-    """An EfficientNet or ResNet trained on the crops of one dataset version with its splits: the best-on-val
-    checkpoint (reference layout) with ``params.json`` and ``label_index.json``. Every epoch is checkpointed;
-    a re-materialization of the same config and data resumes. One MLflow run per materialization."""
-    params = config.params()
-    store: Store = storage.store()
-    dataset = classification_dataset
-    ds, label_index = dataset.classification_ds, dataset.label_index
-    dataset_version = value_version(dataset, "classification_dataset")
-    splits_version = value_version(splits, "splits")
+@dataclass
+class TrainingInputs:
+    """One training's data, checked: the frame it trains on and what was left out of it."""
+
+    dataset_version: str
+    splits_version: str
+    partitions: list[str]
+    crops_root: Path
+    frame: pd.DataFrame
+    missing: pd.DataFrame  # path, dataset, label, problem
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {split: int(n) for split, n in self.frame.groupby("split").size().items()}
+
+
+def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, dataset: DatasetVersion,
+                     splits: dict[str, list[list[str]]], storage: ArtifactStore) -> TrainingInputs:
+    """The dataset framed by split (readable crops only), or a stop when the splits belong to another dataset
+    or leave train or val empty."""
+    params, ds = config.params(), dataset.classification_ds
+    dataset_version, splits_version = value_version(dataset, "classification_dataset"), value_version(splits, "splits")
     made_from = read_from(context.instance, "splits", splits_version, "classification_dataset")
     if made_from and dataset_version not in made_from:
         raise stop(f"splits {splits_version} were made from classification_dataset {sorted(made_from)[0]}, not from "
                    f"{dataset_version}, the dataset this training reads: materialize splits first")
     partitions = sorted(ds["dataset"].unique())
     crops_root = crops_folder(storage, partitions)
-    present, missing = readable_crops(ds, crops_root)
+    try:
+        frame, missing = trainable_frame(ds, dataset.label_index, splits, crops_root, params.label_weighted,
+                                         params.weight_by_detection_conf, _calibration(config, storage))
+    except ValueError as err:
+        raise stop(f"the dataset cannot be trained on: {err}") from err
     if len(missing):
         counts = missing["problem"].value_counts().to_dict()
         context.log.warning(f"{len(missing)} crops of the dataset under {crops_root} are left out: {counts}")
-    try:
-        frame = split_frame(ds[present], label_index, splits, params.label_weighted,
-                            params.weight_by_detection_conf, _calibration(config, storage))
-    except ValueError as err:
-        raise stop(f"the dataset cannot be trained on: {err}") from err
-    counts = frame.groupby("split").size().to_dict()
-    if not counts.get("train") or not counts.get("val"):
-        raise stop(f"training needs crops in train and val; the splits hold {counts}")
-    init, init_fingerprint = _initial_weights(config, storage, mlflow)
-    crops_versions = {p: value_version(crops[p], "crops") for p in partitions if p in crops}
-    learned = {k: v for k, v in asdict(params).items() if k not in RUN_ONLY}
-    key = hashlib.sha256(json.dumps({"params": learned, "dataset": dataset_version, "splits": splits_version,
-                                     "crops": crops_versions, "init": init_fingerprint},
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    checkpoints = Checkpoints(store, f"classifier_checkpoint/training/{key}")
+    inputs = TrainingInputs(dataset_version, splits_version, partitions, crops_root, frame, missing)
+    if not inputs.counts.get("train") or not inputs.counts.get("val"):
+        raise stop(f"training needs crops in train and val; the splits hold {inputs.counts}")
+    return inputs
 
-    client = mlflow.client()
-    experiment = tracking.experiment_id(client, f"animl/{params.model_name}", mlflow.artifact_root)
-    lineage_tags = {"dagster.asset": "classifier_checkpoint", "animl.dataset_version": dataset_version,
-                    "animl.splits_version": splits_version, "animl.exports": ",".join(partitions),
-                    tracking.TRAINING_KEY_TAG: key}
-    # a re-execution (e.g. after a lost pod) has a new run id but the same root: it continues the same MLflow run
-    root_run = context.run.root_run_id or context.run.run_id
-    run_id, reopened = tracking.find_or_start_run(
-        client, experiment, root_run, f"{params.model_name}-{dataset_version[:8]}", lineage_tags,
-        resumes=(lambda run: not in_progress(context.instance, run.data.tags.get(tracking.DAGSTER_RUN_TAG)))
-        if config.resume else None)
-    dataset_uri = store.uri(version_folder("classification_dataset", dataset_version))
-    splits_uri = store.uri(f"{version_folder('splits', splits_version)}/splits.json")
-    params_json = reference_params(params, config.pretrained, dataset_uri, splits_uri, str(crops_root),
-                                   checkpoints.uri(""), {"dataset_version": dataset_version,
-                                                         "splits_version": splits_version,
-                                                         "init_from": config.init_from, "dagster_run_id": context.run.run_id,
-                                                         "mlflow_run_id": run_id})
+
+def _log_inputs(client: Any, run_id: str, config: TrainingConfig, inputs: TrainingInputs, dataset: DatasetVersion,
+                store: Store, checkpoints: Checkpoints, dagster_run_id: str) -> dict[str, Any]:
+    """``params.json`` of this training, logged to its MLflow run with the dataset and splits as inputs."""
+    dataset_uri = store.uri(version_folder("classification_dataset", inputs.dataset_version))
+    splits_uri = store.uri(version_file("splits", inputs.splits_version, "splits.json"))
+    versions = {"dataset_version": inputs.dataset_version, "splits_version": inputs.splits_version,
+                "init_from": config.init_from, "dagster_run_id": dagster_run_id, "mlflow_run_id": run_id}
+    params_json = reference_params(config.params(), config.pretrained, dataset_uri, splits_uri, str(inputs.crops_root),
+                                   checkpoints.uri(""), versions)
     tracking.log_params(client, run_id, {k: v for k, v in params_json.items()
                                          if k not in ("dagster_run_id", "mlflow_run_id")})
-    tracking.log_dataset(client, run_id, "classification_dataset", dataset_version, dataset_uri,
-                         {"num_rows": len(ds), "num_labels": len(label_index)})
-    tracking.log_dataset(client, run_id, "splits", splits_version, splits_uri, {"crops_per_split": counts})
-    context.log.info(f"MLflow run {run_id} ({'continued' if reopened else 'new'}) in experiment "
-                     f"animl/{params.model_name}; checkpoints at {checkpoints.uri('')}")
+    tracking.log_dataset(client, run_id, "classification_dataset", inputs.dataset_version, dataset_uri,
+                         {"num_rows": len(dataset.classification_ds), "num_labels": len(dataset.label_index)})
+    tracking.log_dataset(client, run_id, "splits", inputs.splits_version, splits_uri,
+                         {"crops_per_split": inputs.counts})
+    return params_json
 
-    started = time.perf_counter()
-    epoch_seconds: list[float] = []
+
+def _fit(context: dg.AssetExecutionContext, config: TrainingConfig, inputs: TrainingInputs, num_classes: int,
+         init: Any, checkpoints: Checkpoints, storage: ArtifactStore, mlflow: MlflowTracking, client: Any,
+         run_id: str) -> FitResult:
+    """Train in this process, or in ``config.processes`` under torchrun; each epoch logged to MLflow."""
+    params = config.params()
+    if config.processes > 1:
+        spec = WorkerSpec("", str(inputs.crops_root), num_classes, params, storage.store().uri(""), checkpoints.folder,
+                          config.resume, s3={name: getattr(storage.s3, name) for name in type(storage.s3).model_fields}
+                          if storage.s3 else None,
+                          mlflow={"tracking_uri": mlflow.uri, "home": mlflow.home, "run_id": run_id})
+        return _run_distributed(context, config, spec, inputs.frame, init, checkpoints)
+    started, epoch_seconds = time.perf_counter(), []
 
     def on_epoch(metrics: dict[str, float]) -> None:
         epoch_seconds.append(time.perf_counter() - started - sum(epoch_seconds))
@@ -269,58 +283,85 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         context.log.info(_epoch_line(metrics, params.epochs, sum(epoch_seconds) / len(epoch_seconds)))
 
     try:
-        if config.processes > 1:
-            spec = {"frame": frame, "crops_root": str(crops_root), "num_classes": len(label_index),
-                    "params": asdict(params), "store_uri": store.uri(""), "folder": checkpoints.folder,
-                    "s3_endpoint_url": storage.s3.endpoint_url if storage.s3 else None,
-                    "init": init,
-                    "resume": config.resume, "tracking_uri": mlflow.uri, "home": mlflow.home, "run_id": run_id}
-            result = _run_distributed(context, config, spec, checkpoints)
-        else:
-            result = train_classifier(frame, crops_root, len(label_index), params, checkpoints, init=init,
-                                      resume=config.resume, on_epoch=on_epoch, progress=context.log.info)
+        return train_classifier(inputs.frame, inputs.crops_root, num_classes, params, checkpoints, init=init,
+                                resume=config.resume, on_epoch=on_epoch, progress=context.log.info)
     except PretrainedWeightsUnavailable as err:
-        client.set_terminated(run_id, status="FAILED")
         raise stop(str(err)) from err
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    test = evaluate_checkpoint(result.best, frame, crops_root, len(label_index), params)
-    history = pd.DataFrame(result.history)
-    best_epoch = int(result.best["epoch"])
-    final = {"best/val_acc_top1": result.best["val/acc"] / 100, "best/epoch": best_epoch,
-             **{f"test/{k}": v for k, v in test.items() if k != "count"}}
-    tracking.log_metrics(client, run_id, final, best_epoch)
-    value = TrainedClassifier(TorchFile(result.best), params_json, label_index, history)
-    version = value_version(value, "classifier_checkpoint")
-    folder = version_folder("classifier_checkpoint", version)
-    curve = learning_curve(result.history, best_epoch)
-    tracking.log_artifacts(client, run_id, "checkpoint", {
-        "ckpt_best.pt": torch_bytes(result.best), "params.json": json.dumps(params_json, indent=1).encode(),
-        "label_index.json": json.dumps(label_index, indent=1).encode(), LEARNING_CURVE: curve})
-    tracking.set_tags(client, run_id, {"animl.checkpoint_version": version})
-    client.set_terminated(run_id, status="FINISHED")
+
+
+@stage_asset(gpu=True, group_name="training", kinds={"pytorch", "mlflow"}, pool="gpu")
+def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
+                          crops: dict[str, CropManifest], classification_dataset: DatasetVersion,
+                          splits: dict[str, list[list[str]]], storage: ArtifactStore,
+                          mlflow: MlflowTracking) -> Iterator[dg.Output]:
+    """An EfficientNet or ResNet trained on the crops of one dataset version with its splits: the best-on-val
+    checkpoint (reference layout) with ``params.json`` and ``label_index.json``. Every epoch is checkpointed;
+    a re-materialization of the same config and data resumes. One MLflow run per materialization."""
+    params, store, started = config.params(), storage.store(), time.perf_counter()
+    inputs = _training_inputs(context, config, classification_dataset, splits, storage)
+    label_index = classification_dataset.label_index
+    init, init_fingerprint = _initial_weights(config, storage, mlflow)
+    key = resume_key(params, inputs.dataset_version, inputs.splits_version,
+                     {p: value_version(crops[p], "crops") for p in inputs.partitions if p in crops}, init_fingerprint)
+    checkpoints = Checkpoints(store, training_folder(key))
+    client = mlflow.client()
+    experiment = tracking.experiment_id(client, f"animl/{params.model_name}", mlflow.artifact_root)
+    lineage_tags = {"dagster.asset": "classifier_checkpoint", "animl.dataset_version": inputs.dataset_version,
+                    "animl.splits_version": inputs.splits_version, "animl.exports": ",".join(inputs.partitions),
+                    tracking.TRAINING_KEY_TAG: key}
+    # a re-execution (e.g. after a lost pod) has a new run id but the same root: it continues the same MLflow run
+    resumes = (lambda run: not in_progress(context.instance, run.data.tags.get(tracking.DAGSTER_RUN_TAG)))
+    with tracking.training_run(client, experiment, context.run.root_run_id or context.run.run_id,
+                               f"{params.model_name}-{inputs.dataset_version[:8]}", lineage_tags,
+                               resumes=resumes if config.resume else None) as (run_id, reopened):
+        params_json = _log_inputs(client, run_id, config, inputs, classification_dataset, store, checkpoints,
+                                  context.run.run_id)
+        context.log.info(f"MLflow run {run_id} ({'continued' if reopened else 'new'}) in experiment "
+                         f"animl/{params.model_name}; checkpoints at {checkpoints.uri('')}")
+        result = _fit(context, config, inputs, len(label_index), init, checkpoints, storage, mlflow, client, run_id)
+        test = evaluate_checkpoint(result.best, inputs.frame, inputs.crops_root, len(label_index), params)
+        best_epoch = int(result.best["epoch"])
+        tracking.log_metrics(client, run_id, {"best/val_acc_top1": result.best["val/acc"] / 100,
+                                              "best/epoch": best_epoch,
+                                              **{f"test/{k}": v for k, v in test.items() if k != "count"}}, best_epoch)
+        value = TrainedClassifier(TorchFile(result.best), params_json, label_index, pd.DataFrame(result.history))
+        version = value_version(value, "classifier_checkpoint")
+        curve = learning_curve(result.history, best_epoch)
+        tracking.log_artifacts(client, run_id, "checkpoint", {
+            "ckpt_best.pt": torch_bytes(result.best), "params.json": json.dumps(params_json, indent=1).encode(),
+            "label_index.json": json.dumps(label_index, indent=1).encode(), LEARNING_CURVE: curve})
+        tracking.set_tags(client, run_id, {"animl.checkpoint_version": version})
     url = tracking.run_url(mlflow.uri, mlflow.ui_url, experiment, run_id)
-    last = result.history[-1]
     yield dg.Output(value, data_version=dg.DataVersion(version), metadata={
+        **_checkpoint_metadata(params, result, test, inputs, store, version, curve),
+        "training_key": key, "seconds": round(time.perf_counter() - started, 1),
+        "mlflow_run_id": run_id, "mlflow_experiment": f"animl/{params.model_name}",
+        "mlflow_tracking_uri": redact_credentials(mlflow.uri),
+        **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
+    })
+
+
+def _checkpoint_metadata(params: TrainingParams, result: FitResult, test: dict[str, float], inputs: TrainingInputs,
+                         store: Store, version: str, curve: bytes) -> dict[str, Any]:
+    """The checkpoint's metadata in the event log: the training's figures, its history and what it left out."""
+    history, missing = pd.DataFrame(result.history), inputs.missing
+    folder = version_folder("classifier_checkpoint", version)
+    return {
         "model_name": params.model_name, "image_size": params.image_size,
-        "best_epoch": best_epoch, "epochs_run": len(result.history), "stopped_early": result.stopped_early,
+        "best_epoch": int(result.best["epoch"]), "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
         "resumed_from_epoch": -1 if result.resumed_from_epoch is None else result.resumed_from_epoch,
         "val_acc_top1": round(result.best["val/acc"] / 100, 4),
         **{f"test_{k}": round(v, 4) for k, v in test.items() if k.startswith(("acc", "loss"))},
         "train_crops_per_s": round(float(history["train/crops_per_s"].mean()), 1),
-        "seconds": round(time.perf_counter() - started, 1),
-        **{f"num_{split}_crops": int(n) for split, n in counts.items()},
+        **{f"num_{split}_crops": n for split, n in inputs.counts.items()},
         "num_missing_crops": len(missing), "missing_crops": table(missing),
         "num_unreadable_crops": int((missing["problem"] != "missing").sum()),
         "history": table(history[[c for c in history.columns if c == "epoch" or c.endswith(("loss", "acc_top1"))]]
                          .round(4)),
         **image_metadata(store, f"{folder}/{LEARNING_CURVE}", curve, "learning_curve", "learning curve"),
-        "dataset_version": dataset_version, "splits_version": splits_version, "training_key": key,
-        "mlflow_run_id": run_id, "mlflow_experiment": f"animl/{params.model_name}",
-        "mlflow_tracking_uri": redact_credentials(mlflow.uri),
-        **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
+        "dataset_version": inputs.dataset_version, "splits_version": inputs.splits_version,
         "checkpoint": location(store.uri(f"{folder}/ckpt_best.pt")),
-        "last_epoch_val_acc_top1": round(last["val/acc_top1"], 4),
-    })
+        "last_epoch_val_acc_top1": round(result.history[-1]["val/acc_top1"], 4),
+    }
 

@@ -135,6 +135,11 @@ def content_version(files: dict[str, bytes]) -> str:
     return digest.hexdigest()[:16]
 
 
+def config_key(settings: Any) -> str:
+    """A short hash of JSON-able ``settings`` (keys sorted): the same settings, the same key."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def value_version(value: Any, name: str) -> str:
     """The version the files of ``value`` would have: what the IO manager names its folder by, and the
     asset's data version."""

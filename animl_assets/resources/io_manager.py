@@ -20,32 +20,11 @@ from typing import Any
 
 import dagster as dg
 
-from animl_assets.core.artifact_files import INDEX, content_version, from_files, to_files
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.store import Store
+from animl_assets.core.artifact_files import content_version, to_files
 from animl_assets.resources.storage import ArtifactStore, location
 
 VERSION_METADATA = "version"
 INPUT_VERSION_TAG = "dagster/input_data_version/"  # Dagster's tag: the data version a materialization read
-
-
-def version_folder(asset: str, version: str) -> str:
-    """The folder of one version of a cross-export asset in the artifact store."""
-    return f"{asset}/{version}"
-
-
-def write_artifacts(store: Store, folder: str, files: dict[str, bytes]) -> None:
-    """Write ``files`` below ``folder``; the index last, so a folder with an index is complete."""
-    for name, data in sorted(files.items(), key=lambda item: item[0] == INDEX):
-        store.write_bytes(f"{folder}/{name}", data)
-
-
-def read_artifacts(store: Store, folder: str) -> Any:
-    """The value stored below ``folder`` (see ``write_artifacts``)."""
-    try:
-        return from_files(lambda name: store.read_bytes(f"{folder}/{name}"))
-    except FileNotFoundError as err:
-        raise dg.Failure(f"no complete artifacts at {store.uri(folder)}: {err}") from err
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
@@ -54,9 +33,6 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
 
     storage: ArtifactStore
 
-    def _folder(self, asset: str, partition: str | None, version: str | None) -> str:
-        return f"{asset}/{partition_folder(partition)}" if partition else version_folder(asset, version or "")
-
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
@@ -64,28 +40,24 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         files = to_files(obj, context.asset_key.path[-1])
         partition = context.asset_partition_key if context.has_asset_partitions else None
         version = content_version(files)
-        folder = self._folder(asset, partition, version)
-        store = self.storage.store()
-        write_artifacts(store, folder, files)
-        context.add_output_metadata({VERSION_METADATA: version, "artifacts": location(store.uri(folder))})
+        uri = self.storage.save(files, asset, partition=partition, version=version)
+        context.add_output_metadata({VERSION_METADATA: version, "artifacts": location(uri)})
 
     def load_input(self, context: dg.InputContext) -> Any:
         asset = context.asset_key.to_python_identifier()
-        store = self.storage.store()
         if context.has_asset_partitions and context.has_partition_key:  # the same export's value
             partition = context.asset_partition_key
-            if not store.exists(f"{self._folder(asset, partition, None)}/{INDEX}"):
+            if not self.storage.has(asset, partition=partition):
                 name = context.asset_key.to_user_string()
                 raise dg.Failure(f"{name} is not materialized for partition {partition!r}: materialize {name} first",
                                  allow_retries=False)
-            return read_artifacts(store, self._folder(asset, partition, None))
+            return self.storage.load(asset, partition=partition)
         if context.has_asset_partitions:  # across exports: {partition: value} of those materialized so far
-            folders = {p: self._folder(asset, p, None) for p in context.asset_partition_keys}
-            return {p: read_artifacts(store, folder) for p, folder in folders.items()
-                    if store.exists(f"{folder}/{INDEX}")}
+            return {p: self.storage.load(asset, partition=p) for p in context.asset_partition_keys
+                    if self.storage.has(asset, partition=p)}
         version, how = input_version(context)
         context.add_input_metadata({VERSION_METADATA: version, "resolved": how})
-        return read_artifacts(store, version_folder(asset, version))
+        return self.storage.load(asset, version=version)
 
 
 PIN_TAG = "animl/version/"  # a run tag animl/version/<asset> = <version> pins the version that run reads

@@ -10,17 +10,26 @@ from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointConnectionError, IncompleteReadError,
-                                 ReadTimeoutError, ResponseStreamingError)
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 from dagster_aws.s3 import S3Resource
 from dagster_aws.s3.utils import construct_s3_client
 from pydantic import Field
 from urllib3.exceptions import ProtocolError
 
-from animl_assets.core.exports import EXPORT_SUFFIX
+from animl_assets.core.artifact_files import INDEX, from_files
 from animl_assets.core.files import TEMP_PREFIX, atomic_open, atomic_write
+from animl_assets.core.ingest.exports import EXPORT_SUFFIX
+from animl_assets.core.layout import asset_folder
 from animl_assets.core.paths import redact_credentials, safe_relative_path
 from animl_assets.core.store import Store, StoredFile
+from animl_assets.settings import describe
 
 COPY_CHUNK = 1 << 20
 MULTIPART_BYTES = 8 << 20
@@ -237,7 +246,7 @@ class StoreResource(dg.ConfigurableResource):
     default_folder: ClassVar[str] = ""
     uri: str = Field(default="", description="Local folder or s3://bucket/prefix. Empty: the resource's default "
                                              "folder under home.")
-    home: str = Field(default=".animl", description="ANIML_HOME: the folder everything lives in by default.")
+    home: str = Field(default=".animl", description=describe("storage", "home"))
     s3: S3Resource | None = None
 
     @property
@@ -257,9 +266,30 @@ class StoreResource(dg.ConfigurableResource):
 
 class ArtifactStore(StoreResource):
     """Where every asset writes its artifacts (ANIML_STORAGE_URI; default $ANIML_HOME/artifacts): plain JSON,
-    CSV and JPEG files under <asset>/<partition>/."""
+    CSV and JPEG files under <asset>/<partition>/ or <asset>/<version>/. An asset's value (what the IO manager
+    stores) is read back through ``load`` only, by the IO manager and by assets that read a named version."""
 
     default_folder: ClassVar[str] = "artifacts"
+
+    def save(self, files: dict[str, bytes], asset: str, *, partition: str | None = None,
+             version: str | None = None) -> str:
+        """Write a value's files; the index last, so a folder with an index is complete. Returns its URI."""
+        store, folder = self.store(), asset_folder(asset, partition=partition, version=version)
+        for name, data in sorted(files.items(), key=lambda item: item[0] == INDEX):
+            store.write_bytes(f"{folder}/{name}", data)
+        return store.uri(folder)
+
+    def has(self, asset: str, *, partition: str | None = None, version: str | None = None) -> bool:
+        """Whether a complete value of ``asset`` (one partition's, or one version's) is stored."""
+        return self.store().exists(f"{asset_folder(asset, partition=partition, version=version)}/{INDEX}")
+
+    def load(self, asset: str, *, partition: str | None = None, version: str | None = None) -> Any:
+        """The value ``asset`` stored for one partition, or one version of a cross-export asset."""
+        store, folder = self.store(), asset_folder(asset, partition=partition, version=version)
+        try:
+            return from_files(lambda name: store.read_bytes(f"{folder}/{name}"))
+        except FileNotFoundError as err:
+            raise dg.Failure(f"no complete artifacts at {store.uri(folder)}: {err}") from err
 
 
 class ExportsLocation(StoreResource):
@@ -267,10 +297,9 @@ class ExportsLocation(StoreResource):
     new_exports sensor watches it, and each export file is a partition."""
 
     default_folder: ClassVar[str] = "exports"
-    max_depth: int = Field(default=1, ge=0, description="How many folders deep the sensor looks for exports "
-                                                         "(ANIML_EXPORTS_MAX_DEPTH; default 1: the top and one "
-                                                         "sub-folder). Deeper folders, such as the image folders "
-                                                         "beside an export, are never listed.")
+    max_depth: int = Field(default=1, ge=0, description=describe("exports", "max_depth") + " 1: the top "
+                           "and one sub-folder. Deeper folders, such as the image folders beside an export, are "
+                           "never listed.")
 
     def list_exports(self) -> Iterator[StoredFile]:
         """The JSON files an export (or its MegaDetector results) may be, page by page."""
@@ -282,10 +311,7 @@ class ImageSource(StoreResource):
     (ANIML_IMAGES_URI, e.g. Animl's serving bucket). Empty: the export's own folder. An images root that
     an export names itself must lie under an allowed root (ANIML_ALLOWED_IMAGE_ROOTS)."""
 
-    allowed_roots: str = Field(default="", description="Comma-separated folders or s3:// prefixes an export may "
-                                                       "name as its images root (ANIML_ALLOWED_IMAGE_ROOTS), "
-                                                       "besides its own folder, this resource's location and "
-                                                       "the roots given to `animl register`.")
+    allowed_roots: str = Field(default="", description=describe("image_source", "allowed_roots"))
 
     def allowed(self, export_folder: str) -> list[str]:
         """Every root an export in ``export_folder`` may read its images from."""

@@ -7,26 +7,20 @@ import dagster as dg
 from mlflow import MlflowClient
 from pydantic import Field
 
-from animl_assets.core.tracking import TrackingUnavailable, check_reachable, embedded_tracking_uri, open_client
-
-# MLflow's own HTTP retries (7 tries, doubling from 2 s, 120 s timeouts) leave a user staring at silence for
-# many minutes when the server is gone; these bound one request to about a minute (a user's setting wins).
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+from animl_assets.core.registry.tracking import TrackingUnavailable, check_reachable, embedded_tracking_uri, open_client
+from animl_assets.settings import MLFLOW_HTTP_LIMITS, describe
 
 
 class MlflowTracking(dg.ConfigurableResource):
     """MLflow tracking and model registry (MLFLOW_TRACKING_URI). Empty: the embedded store,
     sqlite:///$ANIML_HOME/mlflow.db with artifacts under $ANIML_HOME/mlartifacts (``animl mlflow-ui``)."""
 
-    tracking_uri: str = Field(default="", description="MLFLOW_TRACKING_URI: any MLflow tracking URI (http(s) "
-                                                      "server, database). Empty: SQLite under home.")
-    home: str = Field(default=".animl", description="ANIML_HOME: where the embedded store lives.")
-    artifacts_uri: str = Field(default="", description="ANIML_MLFLOW_ARTIFACTS_URI: run artifacts and models "
-                                                       "of a database store (folder or s3:// prefix). Empty: "
-                                                       "$ANIML_HOME/mlartifacts.")
-    ui_url: str = Field(default="", description="ANIML_MLFLOW_UI_URL: the MLflow UI's address, for links in "
-                                                "asset metadata (an http(s) tracking URI is used when empty).")
+    tracking_uri: str = Field(default="", description=describe("mlflow", "tracking_uri") + " Any MLflow tracking URI "
+                              "(http(s) server, database); empty: SQLite under home.")
+    home: str = Field(default=".animl", description=describe("mlflow", "home"))
+    artifacts_uri: str = Field(default="", description=describe("mlflow", "artifacts_uri"))
+    ui_url: str = Field(default="", description=describe("mlflow", "ui_url") + " An http(s) tracking URI is used "
+                        "when empty.")
 
     @property
     def uri(self) -> str:
@@ -46,7 +40,9 @@ class MlflowTracking(dg.ConfigurableResource):
         """A client on the store; an http(s) server is asked first whether it answers, within a short budget
         (TrackingUnavailable, one line, instead of MLflow's minutes of silent retries)."""
         if self.uri.startswith(("http://", "https://")):
-            for name, value in HTTP_LIMITS.items():
+            # MLflow's own HTTP retries (7 tries, doubling from 2 s, 120 s timeouts) leave a user staring at
+            # silence for many minutes when the server is gone; these bound a request to about a minute
+            for name, value in MLFLOW_HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
             check_reachable(self.uri)
         return open_client(self.uri, self.home)

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 
 from animl_assets.core.artifact_files import artifact_file
-from animl_assets.core.cct import UNKNOWN_LOCATION
-from animl_assets.core.crops import crop_names
-from animl_assets.core.exports import partition_folder
-from animl_assets.core.label_spec import Pair
-from animl_assets.core.megadetector import animal_categories, with_box_labels
-from animl_assets.core.splits import pair_keys
+from animl_assets.core.dataset.label_spec import Pair
+from animl_assets.core.dataset.splits import pair_keys
+from animl_assets.core.detect.crops import crop_names
+from animl_assets.core.detect.megadetector import animal_categories, with_box_labels
+from animl_assets.core.ingest.cct import UNKNOWN_LOCATION
+from animl_assets.core.layout import partition_folder
 
 DS_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
 CROP_COLUMNS = DS_COLUMNS[:-1] + ["image"]  # what the builder takes: one row per crop, before labelling

@@ -17,8 +17,18 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from animl_assets.core.artifact_files import artifact_file
-from animl_assets.core.failures import (BAD, FETCH_FAILED, GOOD, MAX_PIXELS, NON_IMAGE, NONEXISTENT, STATUSES,
-                                       TRUNCATED, failure_category, pixel_cap_error)
+from animl_assets.core.failures import (
+    BAD,
+    FETCH_FAILED,
+    GOOD,
+    MAX_PIXELS,
+    NON_IMAGE,
+    NONEXISTENT,
+    STATUSES,
+    TRUNCATED,
+    failure_category,
+    pixel_cap_error,
+)
 from animl_assets.core.files import Journal
 from animl_assets.core.paths import UnsafePathError, redact_credentials, safe_relative_path
 from animl_assets.core.store import Store

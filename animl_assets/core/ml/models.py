@@ -29,9 +29,14 @@ def default_image_size(model_name: str) -> int:
     return IMAGE_SIZES.get(model_name, 224)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP (or DataParallel) wrapper, or ``model`` itself."""
+    return getattr(model, "module", model)
+
+
 def head(model: nn.Module) -> nn.Linear:
     """The final fully-connected layer (``_fc`` of EfficientNets, ``fc`` of ResNets)."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     return model._fc if hasattr(model, "_fc") else model.fc
 
 

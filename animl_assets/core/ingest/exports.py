@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from animl_assets.core.layout import PARTITION_KEY
 from animl_assets.core.paths import safe_relative_path
 from animl_assets.core.store import StoredFile
 
@@ -14,7 +14,6 @@ EXPORT_SUFFIX = ".json"
 # JSON files beside exports that are not exports: MegaDetector results ("mdcache") and sidecars.
 MDCACHE_SUFFIX = ".md.json"
 NOT_EXPORT_SUFFIXES = (MDCACHE_SUFFIX, "_md.json", ".mdcache.json")
-_PARTITION_KEY = re.compile(r"^[A-Za-z0-9._\-/]+$")
 
 
 def is_export_key(key: str) -> bool:
@@ -30,22 +29,9 @@ def partition_key_for(export_key: str) -> str:
     if not is_export_key(key):
         raise ValueError(f"{export_key!r} is not an export (a '.json' file that is not MegaDetector output)")
     partition = key[: -len(EXPORT_SUFFIX)]
-    if not _PARTITION_KEY.match(partition):
+    if not PARTITION_KEY.match(partition):
         raise ValueError(f"export path {export_key!r} may hold only letters, digits, '.', '_', '-' and '/'")
     return partition
-
-
-PARTITION_SEPARATOR = "~"  # not allowed in partition keys, so the folder name maps back to one partition
-
-
-def partition_folder(partition_key: str) -> str:
-    """The one folder name an export's artifacts live under: its partition key with '/' as '~'.
-
-    One path component per partition, so no two partitions share a path (``a`` with image ``b/x.jpg`` and
-    ``a/b`` with image ``x.jpg`` would, if the key's slashes were folders)."""
-    if PARTITION_SEPARATOR in partition_key or not _PARTITION_KEY.match(partition_key):
-        raise ValueError(f"not a partition key: {partition_key!r}")
-    return partition_key.replace("/", PARTITION_SEPARATOR)
 
 
 def export_key_for(partition_key: str) -> str:

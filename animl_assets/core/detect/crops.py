@@ -30,13 +30,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from animl_assets.core.artifact_files import artifact_file
+from animl_assets.core.detect.megadetector import animal_categories
 from animl_assets.core.failures import MAX_PIXELS, failure_category, pixel_cap_error
 from animl_assets.core.files import TEMP_PREFIX, Journal, atomic_open, atomic_write
-from animl_assets.core.megadetector import animal_categories
 from animl_assets.core.paths import UnsafePathError, safe_relative_path
 
 try:
-    from animl_assets.core._jpegregion import decode_region
+    from animl_assets.core.detect._jpegregion import decode_region
 except ImportError:  # built without libjpeg's headers: every image is decoded whole
     decode_region = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from animl_assets.core.megadetector import DETECTION_CATEGORIES, FORMAT_VERSION
+from animl_assets.core.detect.megadetector import DETECTION_CATEGORIES, FORMAT_VERSION
 
 WEIGHTS_HINT = ("download MegaDetector weights (e.g. md_v5a.0.0.pt from the MegaDetector releases page) and "
                 "set the md_detections config detector_weights to the file's path")

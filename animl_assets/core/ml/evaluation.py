@@ -25,18 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from animl_assets.core.artifact_files import Arrays, Blob, artifact_file
-from animl_assets.core.training import SPLITS, CropDataset, eval_transform
+from animl_assets.core.ml.data import SPLITS, CropDataset, eval_transform, top_ks
 
 OVERALL_COLUMNS = ("split", "loss", "acc_top1", "acc_top3", "loss_weighted", "acc_weighted_top1",
                    "acc_weighted_top3")
 LABEL_STATS_COLUMNS = ("split", "label", "precision", "recall")
 OTHER = "other"
 MACRO = "(macro)"
-
-
-def top_ks(num_labels: int) -> tuple[int, int]:
-    """Top-1 and top-3, or top-(number of labels) when there are fewer than three."""
-    return 1, min(3, num_labels)
 
 
 def label_names(label_index: Mapping[str, str]) -> list[str]:

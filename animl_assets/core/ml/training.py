@@ -12,30 +12,24 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
 import pickle
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Sampler
 
-from animl_assets.core.artifact_files import TorchFile, artifact_file, torch_bytes
-from animl_assets.core.models import EFFICIENTNETS, LITE0, build_model, head, set_finetune
+from animl_assets.core.artifact_files import TorchFile, artifact_file, config_key, torch_bytes
+from animl_assets.core.ml.data import SPLITS, CropDataset, eval_transform, resolve_device, top_ks, train_transform
+from animl_assets.core.ml.models import EFFICIENTNETS, LITE0, build_model, head, set_finetune, unwrap
 from animl_assets.core.store import Store
 
-MEANS = (0.485, 0.456, 0.406)
-STDS = (0.229, 0.224, 0.225)
-SPLITS = ("train", "val", "test")
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -66,135 +60,24 @@ class TrainingParams:
         return self.lr if self.lr is not None else 0.016 * self.batch_size / 256
 
 
+RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: not in the resume key
+
+
+def resume_key(params: TrainingParams, dataset_version: str, splits_version: str, crops_versions: Mapping[str, str],
+               init_fingerprint: str) -> str:
+    """What one training learns from (its hyperparameters, data versions and starting weights): a re-run
+    with the same key resumes its checkpoints."""
+    learned = {k: v for k, v in asdict(params).items() if k not in RUN_ONLY}
+    return config_key({"params": learned, "dataset": dataset_version, "splits": splits_version,
+                       "crops": dict(crops_versions), "init": init_fingerprint})
+
+
 def init_model(params: TrainingParams, num_classes: int, pretrained: bool | str | Mapping[str, Any] = False
                ) -> nn.Module:
     """The model to train, its new layers initialised from ``params.seed``."""
     torch.manual_seed(params.seed)
     return build_model(params.model_name, num_classes, pretrained=pretrained, finetune=params.finetune > 0,
                        image_size=params.image_size)
-
-
-def train_transform(size: int) -> v2.Compose:
-    """The reference's training augmentation, ending in a normalized float tensor."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, antialias=True), v2.RandomRotation(degrees=(-90, 90)),
-        v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.1), v2.RandomGrayscale(p=0.1),
-        v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
-        v2.PILToTensor(), normalize(),
-    ])
-
-
-def eval_resize(size: int) -> v2.Compose:
-    """The reference's evaluation geometry: bicubic resize of the short side, centre crop; a uint8 tensor."""
-    return v2.Compose([
-        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
-        v2.PILToTensor(),
-    ])
-
-
-def normalize(mean: Sequence[float] = MEANS, std: Sequence[float] = STDS) -> v2.Compose:
-    """uint8 image tensors (one or a batch) to the model's normalized float input."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
-
-
-def eval_transform(size: int) -> v2.Compose:
-    """The reference's evaluation transform: ``eval_resize`` then ``normalize``."""
-    return v2.Compose([eval_resize(size), normalize()])
-
-
-def detection_weights(confidence: np.ndarray, calibration: Mapping[str, np.ndarray] | None) -> np.ndarray:
-    """Detection confidences as sample weights, optionally through an isotonic calibration (``x``, ``y``)."""
-    if calibration is None:
-        return confidence.astype(float)
-    return np.interp(confidence, calibration["x"], calibration["y"])
-
-
-def crop_problem(path: Path) -> str | None:
-    """Why the crop file at ``path`` cannot be trained on (missing, empty, not a JPEG or PNG, cut short
-    before its end marker), or None. Reads its first and last bytes only, so a whole dataset is checked in
-    moments before a training that would otherwise fail at the first bad crop in a loader worker."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            start = handle.read(8)
-            handle.seek(max(0, size - 12))
-            end = handle.read()
-    except FileNotFoundError:
-        return "missing"
-    except OSError as err:
-        return f"unreadable ({err.strerror or err})"
-    if size == 0:
-        return "empty file"
-    if start.startswith(b"\xff\xd8"):
-        return None if end.rstrip(b"\x00").endswith(b"\xff\xd9") else "truncated JPEG (no end marker)"
-    if start.startswith(b"\x89PNG"):
-        return None if b"IEND" in end else "truncated PNG (no IEND chunk)"
-    return "not a JPEG or PNG"
-
-
-def readable_crops(ds: pd.DataFrame, crops_root: Path) -> tuple[pd.Series, pd.DataFrame]:
-    """Which rows of ``ds`` have a crop that can be trained on (a boolean Series), and the others as
-    ``path, dataset, label, problem`` rows."""
-    problems = ds["path"].map(lambda path: crop_problem(crops_root / path))
-    usable = problems.isna()
-    return usable, ds.loc[~usable, ["path", "dataset", "label"]].assign(problem=problems[~usable])
-
-
-def split_frame(ds: pd.DataFrame, label_index: Mapping[str, str], splits: Mapping[str, Sequence[Sequence[str]]],
-                label_weighted: bool, weight_by_detection_conf: bool = False,
-                calibration: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
-    """The dataset rows with ``split``, ``label_index`` and ``weight``, as the reference's ``load_dataset_csv``:
-    training rows weighted by detection confidence (optionally calibrated) when asked; with ``label_weighted``
-    each split's weight is shared equally among the labels it holds and sums to its (weighted) size. Unlike
-    the reference this does not fail when a split lacks a label."""
-    to_index = {name: int(i) for i, name in label_index.items()}
-    if ds["label"].str.contains(",").any():
-        raise ValueError("multi-label rows (comma-joined labels) are not supported for training")
-    split_of = {(dataset, location): split for split in SPLITS for dataset, location in splits.get(split, [])}
-    frame = ds.assign(split=[split_of.get(pair) for pair in zip(ds["dataset"], ds["location"])],
-                      label_index=ds["label"].map(to_index), weight=1.0)
-    frame = frame[frame["split"].notna()].reset_index(drop=True)
-    if frame["label_index"].isna().any():
-        raise ValueError(f"labels missing from label_index.json: {sorted(frame.loc[frame['label_index'].isna(), 'label'].unique())}")
-    frame["label_index"] = frame["label_index"].astype(int)
-    if weight_by_detection_conf:
-        train = frame["split"] == "train"
-        frame.loc[train, "weight"] = detection_weights(frame.loc[train, "confidence"].to_numpy(), calibration)
-    if label_weighted:
-        per_label = frame.groupby(["split", "label"])["weight"].transform("sum")
-        split_total = frame.groupby("split")["weight"].transform("sum")
-        labels_in_split = frame.groupby("split")["label"].transform("nunique")
-        frame["weight"] = frame["weight"] * (split_total / labels_in_split) / per_label
-    return frame
-
-
-class CropDataset(Dataset):
-    """Crops under ``root`` with their label index and weight: ``(image, label, weight, index)`` items."""
-
-    def __init__(self, root: str | Path, paths: Sequence[str], labels: Sequence[int], weights: Sequence[float],
-                 transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.root, self.paths, self.transform = Path(root), list(paths), transform
-        self.labels = torch.tensor(np.array(labels), dtype=torch.long)
-        self.weights = torch.tensor(np.array(weights), dtype=torch.float32)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Item ``key``: an index, or ``(index, seed)`` from an ``EpochSampler``, whose seed alone decides the
-        random augmentation (whichever loader worker draws it, and however often workers were restarted)."""
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        path = self.root / self.paths[index]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise OSError(f"cannot read crop {path}: {err}") from err
-        if seed is None:
-            return self.transform(rgb), self.labels[index], self.weights[index], index
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(rgb), self.labels[index], self.weights[index], index
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -225,15 +108,6 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return self.per_rank
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this process's CUDA device (its ``LOCAL_RANK`` under torchrun) when there is one, else CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def make_loaders(frame: pd.DataFrame, crops_root: str | Path, params: TrainingParams,
@@ -267,7 +141,7 @@ class Totals:
     is top-min(3, labels): with two labels it is trivially 1 rather than a crash, as in the reference."""
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
-        self.ks = (1, min(3, num_classes))
+        self.ks = top_ks(num_classes)
         # [count, loss, weight, weighted loss, hits@1, hits@3, weighted hits@1, weighted hits@3]
         self.sums = torch.zeros(8, dtype=torch.float64, device=device)
 
@@ -465,10 +339,6 @@ def _better(metrics: Mapping[str, float], best: Mapping[str, float]) -> bool:
     return (metrics["val/acc_top1"], -metrics["val/loss"]) > (best["val/acc_top1"], -best["val/loss"])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP around ``model`` when running under torchrun; the parameters to sync are those that train now."""
     if not dist.is_initialized():
@@ -538,7 +408,7 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
                    **{f"val/{k}": v for k, v in val.items()}}
         history.append(metrics)
         improved = best_epoch < 0 or _better(metrics, history[[m["epoch"] for m in history].index(best_epoch)])
-        state = {"epoch": epoch, "model": _unwrap(model).state_dict(), "val/acc": 100 * metrics["val/acc_top1"],
+        state = {"epoch": epoch, "model": unwrap(model).state_dict(), "val/acc": 100 * metrics["val/acc_top1"],
                  "optimizer": optimizer.state_dict()}
         if improved:  # a copy: state_dict() tensors are the live, still-training weights
             best, best_epoch = copy.deepcopy(state), epoch

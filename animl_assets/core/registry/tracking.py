@@ -8,8 +8,9 @@ import json
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
@@ -89,6 +90,21 @@ def find_or_start_run(client: MlflowClient, experiment: str, dagster_run_id: str
         return run_id, True
     run = client.create_run(experiment, run_name=run_name, tags={DAGSTER_RUN_TAG: dagster_run_id, **tags})
     return run.info.run_id, False
+
+
+@contextmanager
+def training_run(client: MlflowClient, experiment: str, dagster_run_id: str, run_name: str,
+                 tags: Mapping[str, str], resumes: Callable[[Run], bool] | None = None
+                 ) -> Iterator[tuple[str, bool]]:
+    """The life of one training's MLflow run: found or started (``find_or_start_run``), FINISHED when the
+    block ends, FAILED when it raises. Yields (run id, continued)."""
+    run_id, reopened = find_or_start_run(client, experiment, dagster_run_id, run_name, tags, resumes)
+    try:
+        yield run_id, reopened
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
 
 
 def unfinished_runs(client: MlflowClient, experiment_prefix: str = "animl/") -> list[Run]:

@@ -17,9 +17,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from animl_assets.core.ml.data import MEANS, STDS
 from animl_assets.core.paths import redact_credentials
-from animl_assets.core.tracking import DAGSTER_RUN_TAG
-from animl_assets.core.training import MEANS, STDS
+from animl_assets.core.registry.tracking import DAGSTER_RUN_TAG
 
 DEFAULT_MODEL = "animl-classifier"
 CHAMPION, CHALLENGER = "champion", "challenger"

@@ -12,8 +12,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from animl_assets.core.cct import image_location
-from animl_assets.core.review import CROP_MARK
+from animl_assets.core.ingest.cct import image_location
+from animl_assets.core.review.merge import CROP_MARK
 
 
 def sequence_ids(images: Iterable[Mapping[str, Any]], gap_s: float = 60.0) -> dict[str, str]:
