@@ -52,18 +52,6 @@ def quick_demo_config(folder: Path) -> str:
 ENA24 = REPO.parent / "shared" / "data" / "ena24_small"
 
 
-# The longest files first (xdist's --dist loadfile hands out files in collection order): they start at once
-# and the short ones fill the gaps, instead of a long file running alone at the end of the run.
-LONGEST_FIRST = ("test_faults.py", "test_demo_home.py", "test_training_core.py", "test_definitions_and_cli.py",
-                 "test_lineage.py", "test_production.py", "test_concurrency.py", "test_run_inputs.py",
-                 "test_registry_assets.py", "test_training_assets.py", "test_postgres.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
-
-
 def unavailable(message: str) -> NoReturn:
     """Stop a test whose outside requirement (data, a Debian package) is missing: a skip that says so, and
     a failure under CI, which provides everything."""
@@ -138,12 +126,14 @@ def _ephemeral_ports() -> range:
     return range(low, high + 1)
 
 
-def free_port() -> int:
+def free_port(avoid: int | None = None) -> int:
     """A TCP port free on 127.0.0.1 right now, below the ephemeral range: a busy test beside it (thousands of
     HTTP connections) cannot take it as a connection's local port before the server binds it."""
     ephemeral = _ephemeral_ports()
     candidates = range(20000, ephemeral.start) if ephemeral.start > 21000 else range(10000, 20000)
     for port in random.sample(candidates, 200):
+        if port == avoid:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -206,13 +196,14 @@ def _wait_for_ui(base: str, process: subprocess.Popen, log: Path, timeout_s: flo
     connections can leave no ephemeral port to ask from. The last error is logged for the failure message."""
     deadline, host_port = time.monotonic() + timeout_s, urlsplit(base)
     while time.monotonic() < deadline and process.poll() is None:
+        source = free_port(avoid=host_port.port)  # never the server's own port: a socket would connect to itself
         connection = http.client.HTTPConnection(host_port.hostname, host_port.port, timeout=10,
-                                                source_address=("127.0.0.1", free_port()))
+                                                source_address=("127.0.0.1", source))
         try:
             connection.request("GET", "/server_info")
             if connection.getresponse().status == 200:
                 return True
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:
             if BIND_FAILED in log.read_text():
                 return False
             with log.open("a") as out:

@@ -256,7 +256,7 @@ def test_first_commands_started_together_leave_a_working_home(tmp_path, sample_d
         processes = [subprocess.Popen([animl, "register", str(sample_dir / "sample_export.json"), "--no-run",
                                        "--name", f"p{i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True) for i in range(3)]
-        results = [(process.wait(timeout=120), process.stderr.read()) for process in processes]
+        results = [(process.wait(timeout=600), process.stderr.read()) for process in processes]
         assert [code for code, _ in results] == [0, 0, 0], results
         with monkeypatch.context() as patch:  # the next command, in this process: the home it finds
             patch.setenv("ANIML_HOME", env["ANIML_HOME"])
