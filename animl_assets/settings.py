@@ -5,6 +5,7 @@ CLI's help are all made from this table (the core never reads env vars)."""
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -66,7 +67,6 @@ VARIABLES = (
     Variable(EXECUTOR_VAR, "executor", (), "one process",
              "k8s: each step in its own Kubernetes pod (dagster-k8s; deploy/)"),
 )
-BY_NAME = {variable.name: variable for variable in VARIABLES}
 TORCHRUN_LOCAL_RANK = "LOCAL_RANK"  # torchrun's: which of the machine's GPUs a training rank drives
 DAGSTER_HOME_VAR = "DAGSTER_HOME"  # Dagster's own: the instance folder ($ANIML_HOME/dagster when unset)
 # MLflow's own variables, set (when unset) so that an unreachable server fails in seconds and logs stay quiet.
@@ -81,16 +81,11 @@ def env_help() -> str:
     for variable in VARIABLES:
         also = f"; or {', '.join(variable.also)}" if variable.also else ""
         text = variable.help + also + (f" ({variable.default})" if variable.default else "")
-        words, line = text.split(), f"  {variable.name:<24} "
-        if len(line) > 27:
-            lines.append(line.rstrip())
-            line = " " * 27
-        for word in words:
-            if len(line) + len(word) > 108:
-                lines.append(line.rstrip())
-                line = " " * 27
-            line += word + " "
-        lines.append(line.rstrip())
+        name = f"  {variable.name:<24} "
+        if len(name) > 27:  # a long name on its own line
+            lines.append(name.rstrip())
+            name = ""
+        lines.append(textwrap.fill(text, width=108, initial_indent=name.ljust(27), subsequent_indent=" " * 27))
     return "\n".join(lines + ["Any location may be a local folder or an s3://bucket/prefix."])
 
 

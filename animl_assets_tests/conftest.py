@@ -184,8 +184,6 @@ def dagster_ui(home: Path, log: Path, timeout_s: float = 600, attempts: int = 3,
             _stop_group(process)
         if BIND_FAILED not in log.read_text() or attempt == attempts:
             not_daemon = [line for line in log.read_text().splitlines() if "dagster.daemon" not in line]
-            not_daemon = [line for i, line in enumerate(not_daemon) if not line.startswith("(test)")
-                          or i == len(not_daemon) - 1 or not not_daemon[i + 1].startswith("(test)")]
             pytest.fail(f"the UI did not answer in {timeout_s:.0f} s (attempt {attempt}); its log without the "
                         "daemon's lines:\n" + "\n".join(not_daemon[-60:]))
 
@@ -194,7 +192,7 @@ def _wait_for_ui(base: str, process: subprocess.Popen, log: Path, timeout_s: flo
     """Whether the webserver at ``base`` answered before the timeout, the process's end or a bind error. Asked
     from a local port below the ephemeral range: a test beside it that churns through thousands of S3
     connections can leave no ephemeral port to ask from. The last error is logged for the failure message."""
-    deadline, host_port = time.monotonic() + timeout_s, urlsplit(base)
+    deadline, host_port, last_error = time.monotonic() + timeout_s, urlsplit(base), ""
     while time.monotonic() < deadline and process.poll() is None:
         source = free_port(avoid=host_port.port)  # never the server's own port: a socket would connect to itself
         connection = http.client.HTTPConnection(host_port.hostname, host_port.port, timeout=10,
@@ -206,8 +204,10 @@ def _wait_for_ui(base: str, process: subprocess.Popen, log: Path, timeout_s: flo
         except (OSError, http.client.HTTPException) as err:
             if BIND_FAILED in log.read_text():
                 return False
-            with log.open("a") as out:
-                out.write(f"(test) /server_info: {err!r}\n")
+            if repr(err) != last_error:  # each new reason once, not once a second
+                last_error = repr(err)
+                with log.open("a") as out:
+                    out.write(f"(test) /server_info: {last_error}\n")
             time.sleep(1)
         finally:
             connection.close()
