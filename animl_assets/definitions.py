@@ -4,7 +4,6 @@ import os
 import warnings
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from animl_assets.assets import (
     ALL_ASSETS,
@@ -19,10 +18,8 @@ from animl_assets.assets import (
 )
 from animl_assets.automation import end_dead_runs_sensor, make_automation_sensor, make_retraining_schedule
 from animl_assets.k8s import executor
-from animl_assets.resources.io_manager import ArtifactIOManager
-from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
-from animl_assets.resources.tracking import MlflowTracking
-from animl_assets.settings import Settings, referenced_fields
+from animl_assets.resources import build_resources
+from animl_assets.settings import Settings
 
 # Data versions on Output are beta in Dagster 1.13; the project relies on them on purpose.
 warnings.filterwarnings("ignore", message="Parameter `data_version`", category=dg.BetaWarning)
@@ -33,24 +30,6 @@ TRAIN_JOB = "train_classifier"
 COMPARE_JOB = "compare_models"
 CLASSIFY_JOB = "classify_export"
 RETRAIN_JOB = "retrain_classifier"
-
-
-def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
-    """Local folders under ANIML_HOME by default; any location may be an s3:// URI instead.
-
-    Without ``settings`` the resources refer to the environment variables by name (``dg.EnvVar``), read
-    when a run starts; with ``settings`` (tests, embedding) they hold its values.
-    """
-    fields = referenced_fields(os.environ) if settings is None else settings.resource_fields()
-    s3 = S3Resource(**fields["s3"])
-    storage = ArtifactStore(s3=s3, **fields["storage"])
-    return {
-        "storage": storage,
-        "io_manager": ArtifactIOManager(storage=storage),
-        "exports": ExportsLocation(s3=s3, **fields["exports"]),
-        "image_source": ImageSource(s3=s3, **fields["image_source"]),
-        "mlflow": MlflowTracking(**fields["mlflow"]),
-    }
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:

@@ -22,7 +22,7 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
     from animl_assets.assets import exports_partitions
     from animl_assets.core.ingest.cct import load_cct
     from animl_assets.core.ingest.exports import export_key_for, mdcache_key_for, partition_key_for
-    from animl_assets.definitions import build_resources
+    from animl_assets.resources import build_resources
     from animl_assets.resources.storage import read_uri
 
     exports_resource = build_resources(settings)["exports"]

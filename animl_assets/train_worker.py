@@ -13,12 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
-import torch.distributed as dist
-
-from animl_assets.core.ml.models import read_checkpoint
-from animl_assets.core.ml.training import Checkpoints, TrainingParams, train_classifier
+from animl_assets.core.ml.recipe import Checkpoints, TrainingParams
 from animl_assets.core.registry import tracking
 from animl_assets.settings import TORCHRUN_LOCAL_RANK
 
@@ -59,6 +54,14 @@ class WorkerSpec:
 
 
 def main(spec_path: str) -> None:
+    """Train this rank's shard of the spec at ``spec_path``."""
+    import pandas as pd
+    import torch
+    import torch.distributed as dist
+
+    from animl_assets.core.artifact_files import read_checkpoint
+    from animl_assets.core.ml.training import train_classifier
+
     spec = WorkerSpec.read(spec_path)
     params = spec.params
     cuda = torch.cuda.is_available() and params.device != "cpu"

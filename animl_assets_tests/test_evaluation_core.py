@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from animl_assets.core.artifact_files import from_files, to_files
 from animl_assets.core.ingest.sample import write_sample_crops
 from animl_assets.core.ml import evaluation as ev
-from animl_assets.core.ml.data import split_frame
+from animl_assets.core.ml.frames import split_frame
 from animl_assets.core.ml.models import build_model
 
 NAMES = ["cat", "deer", "fox", "owl"]

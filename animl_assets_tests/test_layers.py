@@ -2,6 +2,8 @@
 Read from the source (every import, function-local ones included), so a new upward import fails here."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "animl_assets"
@@ -83,3 +85,13 @@ def test_environment_variables_are_named_in_settings_only():
                     node.slice, ast.Constant):
                 spelled.append(f"{module}: {ast.unparse(node)}")
     assert spelled == []
+
+
+def test_the_definitions_and_the_cli_load_without_pytorch():
+    """Every CLI command, code server, sensor tick and step process loads the Definitions: PyTorch, torchvision
+    and scikit-learn (seconds of imports) come in only when an ML step runs."""
+    probe = ("import sys, animl_assets.definitions, animl_assets.cli, animl_assets.lineage;"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'sklearn', 'timm'}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -13,7 +13,7 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet as LiteEfficientNet
 from mlflow import MlflowClient
 
-from animl_assets.core.ml.training import LAST
+from animl_assets.core.ml.recipe import LAST
 from animl_assets.core.registry import tracking
 from animl_assets.definitions import TRAIN_JOB, build_definitions
 from animl_assets.settings import Settings

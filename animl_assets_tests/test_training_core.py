@@ -8,25 +8,18 @@ import torch
 from efficientnet_pytorch import EfficientNet
 
 from animl_assets.core.ingest.sample import write_sample_crops
-from animl_assets.core.ml.data import split_frame
-from animl_assets.core.ml.models import (
-    PretrainedWeightsUnavailable,
-    build_model,
-    default_image_size,
-    head,
-    read_checkpoint,
-    state_dict_of,
-)
-from animl_assets.core.ml.training import (
+from animl_assets.core.artifact_files import read_checkpoint
+from animl_assets.core.ml.frames import split_frame
+from animl_assets.core.ml.models import build_model, head, state_dict_of
+from animl_assets.core.ml.recipe import (
     BEST,
     LAST,
     Checkpoints,
-    EpochSampler,
+    PretrainedWeightsUnavailable,
     TrainingParams,
-    fit,
-    init_model,
-    make_loaders,
+    default_image_size,
 )
+from animl_assets.core.ml.training import EpochSampler, fit, init_model, make_loaders
 from animl_assets.core.registry import tracking
 from animl_assets.resources.storage import LocalStore
 
@@ -237,7 +230,7 @@ def test_crops_that_cannot_be_trained_on_are_found_from_their_first_and_last_byt
 
     from PIL import Image as _Image
 
-    from animl_assets.core.ml.data import crop_problem, readable_crops
+    from animl_assets.core.ml.frames import crop_problem, readable_crops
 
     jpeg, png = _io.BytesIO(), _io.BytesIO()
     _Image.new("RGB", (32, 32), (10, 200, 30)).save(jpeg, "JPEG")

@@ -30,8 +30,11 @@ from _shared_data import classification_data  # noqa: E402
 from animl_assets.assets.evaluation import evaluation_figures  # noqa: E402
 from animl_assets.core.artifact_files import to_files  # noqa: E402
 from animl_assets.core.ml import evaluation as ev  # noqa: E402
-from animl_assets.core.ml.data import resolve_device, split_frame  # noqa: E402
-from animl_assets.core.ml.models import VALID_MODELS, build_model, default_image_size, read_checkpoint  # noqa: E402
+from animl_assets.core.ml.data import resolve_device  # noqa: E402
+from animl_assets.core.ml.frames import split_frame  # noqa: E402
+from animl_assets.core.artifact_files import read_checkpoint  # noqa: E402
+from animl_assets.core.ml.models import build_model  # noqa: E402
+from animl_assets.core.ml.recipe import VALID_MODELS, default_image_size  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,9 @@ from animl_assets.core.ingest.sample import write_sample_crops  # noqa: E402
 from animl_assets.core.ml.data import resolve_device  # noqa: E402
 from animl_assets.core.ml.evaluation import load_script  # noqa: E402
 from animl_assets.core.ml.inference import Classifier, CropFiles, classify  # noqa: E402
-from animl_assets.core.ml.models import VALID_MODELS, build_model, default_image_size, read_checkpoint  # noqa: E402
+from animl_assets.core.artifact_files import read_checkpoint  # noqa: E402
+from animl_assets.core.ml.models import build_model  # noqa: E402
+from animl_assets.core.ml.recipe import VALID_MODELS, default_image_size  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 

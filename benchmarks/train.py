@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _shared_data import classification_data  # noqa: E402
 
-from animl_assets.core.ml.data import resolve_device, split_frame  # noqa: E402
-from animl_assets.core.ml.models import VALID_MODELS, default_image_size  # noqa: E402
+from animl_assets.core.ml.data import resolve_device  # noqa: E402
+from animl_assets.core.ml.frames import split_frame  # noqa: E402
+from animl_assets.core.ml.recipe import VALID_MODELS, TrainingParams, default_image_size  # noqa: E402
 from animl_assets.core.ml.training import (  # noqa: E402
-    TrainingParams,
     init_model,
     make_loaders,
     make_optimizer,

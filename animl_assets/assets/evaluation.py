@@ -1,16 +1,18 @@
 """``classifier_evaluation``: the best checkpoint on train, val and test in the reference's formats, with
 TorchScript, thresholds and plots; ``model_comparison``: other models (registered versions, external
-TorchScript through a target mapping) on the same test split, in one table."""
+TorchScript through a target mapping) on the same test split, in one table.
+
+PyTorch and scikit-learn (``core.ml.evaluation``) are imported when a step runs, not when the Definitions
+load."""
 
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import dagster as dg
 import pandas as pd
-import torch
 from PIL import Image
 from pydantic import Field
 
@@ -19,16 +21,17 @@ from animl_assets.assets.training import crops_folder
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.layout import partition_folder, version_folder
-from animl_assets.core.ml import evaluation as ev
 from animl_assets.core.ml import plots
-from animl_assets.core.ml.data import SPLITS, resolve_device, trainable_frame
-from animl_assets.core.ml.models import build_model
-from animl_assets.core.ml.training import TrainedClassifier
+from animl_assets.core.ml.frames import SPLITS, trainable_frame
+from animl_assets.core.ml.recipe import Evaluation, TrainedClassifier, label_names
 from animl_assets.core.registry import registry, tracking
 from animl_assets.core.review.sequences import crop_image, sequence_ids, sequence_top1
 from animl_assets.core.store import Store
 from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EvaluationConfig(dg.Config):
@@ -81,6 +84,8 @@ def crop_sequences(storage: ArtifactStore, partitions: Iterable[str], crops: Ite
 
 
 def _error_grid(outputs: pd.DataFrame, names: list[str], crops_root: Path, per_label: int) -> bytes:
+    from animl_assets.core.ml import evaluation as ev
+
     rows = []
     for name, found in ev.confident_errors(outputs, names, per_label).items():
         for kind, short in (("false_positives", "FP"), ("false_negatives", "FN")):
@@ -92,7 +97,7 @@ def _error_grid(outputs: pd.DataFrame, names: list[str], crops_root: Path, per_l
     return plots.error_grid(rows, "most confident errors on test: false positives (FP) and negatives (FN)")
 
 
-def evaluation_figures(result: ev.Evaluation, crops_root: Path, errors_per_label: int) -> dict[str, bytes]:
+def evaluation_figures(result: Evaluation, crops_root: Path, errors_per_label: int) -> dict[str, bytes]:
     """The PNGs of an evaluation: a confusion heatmap per split, reliability curves and the error grid
     (test)."""
     names = result.names
@@ -121,6 +126,10 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     ``overall_metrics.csv``, ``confusion_matrices.npz``, ``label_stats.csv`` (the reference's), the
     TorchScript model (checked against the eager one), per-label F1 and thresholds, and plots, also logged
     to the training's MLflow run."""
+    from animl_assets.core.ml import evaluation as ev
+    from animl_assets.core.ml.data import resolve_device
+    from animl_assets.core.ml.models import build_model
+
     started = time.perf_counter()
     checkpoint = classifier_checkpoint
     params = checkpoint.params
@@ -215,20 +224,24 @@ class ComparisonConfig(dg.Config):
     batch_size: int = Field(default=64, ge=1)
 
 
-def score_model(scripted: torch.jit.ScriptModule, labels: list[str], image_size: int, outputs: pd.DataFrame,
-                crops_root: Path, device: torch.device, mapping: dict | None = None, batch_size: int = 64
+def score_model(scripted: "torch.jit.ScriptModule", labels: list[str], image_size: int, outputs: pd.DataFrame,
+                crops_root: Path, device: "torch.device", mapping: dict | None = None, batch_size: int = 64
                 ) -> dict[str, float]:
     """Another model's comparison figures on the crops (and labels) of our ``outputs`` frame."""
+    from animl_assets.core.ml import evaluation as ev
+
     theirs, names = ev.evaluate_scripted(scripted, labels, outputs, crops_root, image_size, device, mapping,
                                          batch_size)
     return ev.summary_row(theirs, names)
 
 
 def registered_scores(client: Any, tracking_uri: str, version: Any, outputs: pd.DataFrame, crops_root: Path,
-                      device: torch.device, batch_size: int = 64) -> dict[str, float]:
+                      device: "torch.device", batch_size: int = 64) -> dict[str, float]:
     """A registered version's comparison figures on our test crops (labels matched by name)."""
+    from animl_assets.core.ml import evaluation as ev
+
     files = registry.model_files(tracking_uri, version)
-    return score_model(ev.load_script(files.torchscript), ev.label_names(files.label_index),
+    return score_model(ev.load_script(files.torchscript), label_names(files.label_index),
                        int(files.preprocessing["image_size"]), outputs, crops_root, device, batch_size=batch_size)
 
 
@@ -242,10 +255,13 @@ def read_json(uri: str, storage: ArtifactStore) -> Any:
 
 @stage_asset(group_name="evaluation", kinds={"pytorch", "mlflow"})
 def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig,
-                     classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
+                     classifier_evaluation: Evaluation, storage: ArtifactStore,
                      mlflow: MlflowTracking) -> dg.Output[pd.DataFrame]:
     """This evaluation's model beside registered versions and external TorchScript models (through a
     target mapping, as the reference's MegaClassifier comparison) on the same test split: one table."""
+    from animl_assets.core.ml import evaluation as ev
+    from animl_assets.core.ml.data import resolve_device
+
     ours = classifier_evaluation
     test = ours.outputs_test
     if test.empty:
@@ -268,7 +284,7 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
             scripted = ev.load_script(read_uri(external.torchscript, storage.s3))
         except (OSError, RuntimeError) as err:
             raise stop(f"cannot load TorchScript model {external.torchscript}: {err}") from err
-        labels = ev.label_names(read_json(external.label_index, storage))
+        labels = label_names(read_json(external.label_index, storage))
         mapping = read_json(external.target_mapping, storage) if external.target_mapping else None
         try:
             scores = score_model(scripted, labels, external.image_size, test, crops_root, device, mapping,

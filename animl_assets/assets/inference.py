@@ -1,7 +1,10 @@
 """Inference and review. Per export, after a champion exists: ``classifications`` (the reference
 ``run_classifier.py``'s ``classifier_output.csv.gz``, streamed) and ``classified_detections``
 (MegaDetector JSON with classifications, for Timelapse). Across exports: ``mislabeled_candidates`` from
-an evaluation, to review and correct (``classification_dataset``'s ``corrections``)."""
+an evaluation, to review and correct (``classification_dataset``'s ``corrections``).
+
+PyTorch (``core.ml.inference``) is imported when a step runs, not when the Definitions load."""
+
 
 import gzip
 import hashlib
@@ -9,7 +12,7 @@ import json
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import dagster as dg
 import pandas as pd
@@ -30,9 +33,7 @@ from animl_assets.core.detect.contact_sheet import contact_sheet
 from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.detect.megadetector import Detections, validate_batch_output
 from animl_assets.core.layout import artifact_key, partition_folder, version_file
-from animl_assets.core.ml import evaluation as ev
-from animl_assets.core.ml.data import resolve_device
-from animl_assets.core.ml.inference import Classifier, classify, remapped_label_index
+from animl_assets.core.ml.recipe import Evaluation, label_names
 from animl_assets.core.registry import registry
 from animl_assets.core.review import candidates
 from animl_assets.core.review.merge import merge_classifications
@@ -40,6 +41,9 @@ from animl_assets.core.review.sequences import aggregate_csv, crop_image, sequen
 from animl_assets.core.tables import read_csv
 from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
+
+if TYPE_CHECKING:
+    from animl_assets.core.ml.inference import Classifier
 
 OUTPUT = "classifier_output.csv.gz"
 SEQUENCE_OUTPUT = "sequence_output.csv.gz"
@@ -72,15 +76,18 @@ class ClassificationsConfig(dg.Config):
     sequence_gap_s: float = Field(default=60.0, gt=0)
 
 
-def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflow: MlflowTracking) -> Classifier:
+def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflow: MlflowTracking) -> "Classifier":
     """The configured model: a registered version (default: the champion) or an external TorchScript file."""
+    from animl_assets.core.ml.evaluation import load_script
+    from animl_assets.core.ml.inference import Classifier
+
     if config.torchscript:
         if not config.label_index:
             raise stop("an external torchscript model needs its label_index")
         data = read_uri(config.torchscript, storage.s3)
-        labels = ev.label_names(read_json(config.label_index, storage))
+        labels = label_names(read_json(config.label_index, storage))
         fingerprint = hashlib.sha256(data + json.dumps(labels).encode()).hexdigest()[:16]
-        return Classifier(ev.load_script(data), labels, config.image_size, f"external:{fingerprint}",
+        return Classifier(load_script(data), labels, config.image_size, f"external:{fingerprint}",
                           Path(config.torchscript).name)
     client = mlflow.client()
     try:
@@ -88,7 +95,7 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
     except ValueError as err:
         raise stop(f"{err}: train and register a model first (animl train), or set torchscript") from err
     files = registry.model_files(mlflow.uri, version)
-    return Classifier(ev.load_script(files.torchscript), ev.label_names(files.label_index),
+    return Classifier(load_script(files.torchscript), label_names(files.label_index),
                       int(files.preprocessing["image_size"]), f"{version.name}/{version.version}",
                       f"{version.name} v{version.version}")
 
@@ -103,6 +110,9 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     and its ``label_index.json``. A re-run with the same model and crops does nothing unless crops failed last
     time (they are tried again); a new champion makes
     it stale."""
+    from animl_assets.core.ml.data import resolve_device
+    from animl_assets.core.ml.inference import classify, remapped_label_index
+
     partition = context.partition_key
     store = storage.store()
     classifier = load_classifier(config, storage, mlflow)
@@ -188,7 +198,7 @@ def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfi
     threshold, by descending confidence), ``classification_categories`` and ``info.classifier``: what
     Timelapse opens. Detections without a crop keep their place and get none."""
     outputs = read_csv(gzip.decompress(storage.store().read_bytes(classifications["output"])))
-    labels = ev.label_names(classifications["label_index"])
+    labels = label_names(classifications["label_index"])
     truth = None
     if config.label_pos != "none" or config.relative_conf:
         keys = crops.manifest[["crop", "file", "detection_index"]].astype({"detection_index": int})
@@ -221,7 +231,7 @@ class MislabeledConfig(dg.Config):
 
 @stage_asset(group_name="evaluation", kinds={"csv"})
 def mislabeled_candidates(context: dg.AssetExecutionContext, config: MislabeledConfig,
-                          classifier_evaluation: ev.Evaluation, storage: ArtifactStore) -> dg.Output[pd.DataFrame]:
+                          classifier_evaluation: Evaluation, storage: ArtifactStore) -> dg.Output[pd.DataFrame]:
     """Crops whose predicted label beats their label by the margin, per split and dataset, to review (e.g. in
     Timelapse) and correct: the corrections file feeds the next ``classification_dataset``."""
     evaluation = classifier_evaluation

@@ -2,7 +2,6 @@
 ``challenger``); the blocking ``beats_champion`` check; ``champion_model``: the alias ``champion`` moved to
 a version that passed it."""
 
-
 import json
 from typing import Any, Iterator
 
@@ -14,9 +13,7 @@ from animl_assets.assets.artifacts import stage_asset, stage_check, stop, table
 from animl_assets.assets.evaluation import dataset_crops, registered_scores
 from animl_assets.assets.training import training_recipe
 from animl_assets.core.artifact_files import torch_bytes, value_version
-from animl_assets.core.ml import evaluation as ev
-from animl_assets.core.ml.data import resolve_device
-from animl_assets.core.ml.training import TrainedClassifier
+from animl_assets.core.ml.recipe import Evaluation, TrainedClassifier
 from animl_assets.core.registry import registry
 from animl_assets.resources.storage import ArtifactStore
 from animl_assets.resources.tracking import MlflowTracking
@@ -45,7 +42,7 @@ def _repair(context: dg.AssetExecutionContext, client: Any, name: str) -> None:
         context.log.warning(f"{name}: {line}")
 
 
-def _lineage_tags(checkpoint: TrainedClassifier, evaluation: ev.Evaluation, exports: list[str],
+def _lineage_tags(checkpoint: TrainedClassifier, evaluation: Evaluation, exports: list[str],
                   dagster_run_id: str) -> dict[str, str]:
     params = checkpoint.params
     return {"animl.dataset_version": params["dataset_version"], "animl.splits_version": params["splits_version"],
@@ -59,11 +56,13 @@ def _lineage_tags(checkpoint: TrainedClassifier, evaluation: ev.Evaluation, expo
 
 @stage_asset(group_name="registry", kinds={"mlflow"})
 def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
-                     classifier_evaluation: ev.Evaluation, classifier_checkpoint: TrainedClassifier,
+                     classifier_evaluation: Evaluation, classifier_checkpoint: TrainedClassifier,
                      storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
     """The evaluated model as a new version of the registered model (a pyfunc that predicts class
     probabilities for a batch of crops, with its TorchScript file, labels, preprocessing, thresholds and
     params), tagged with its lineage and aliased ``challenger`` until the champion gate promotes it."""
+    from animl_assets.core.ml import evaluation as ev
+
     evaluation, checkpoint = classifier_evaluation, classifier_checkpoint
     if evaluation.params != checkpoint.params:
         raise stop("classifier_evaluation is not of the latest classifier_checkpoint: materialize "
@@ -116,8 +115,10 @@ def _comparison(new: dict[str, float], champion: dict[str, float], margin: float
              description="The new version beats the current champion on the same test split (top-1 and macro "
                          "recall, by the configured margin); the first version passes. Blocks promotion. "
                          "Fails closed: a registry that cannot be asked for the champion fails the check.")
-def beats_champion(registered_model: dict[str, Any], classifier_evaluation: ev.Evaluation, storage: ArtifactStore,
+def beats_champion(registered_model: dict[str, Any], classifier_evaluation: Evaluation, storage: ArtifactStore,
                    mlflow: MlflowTracking) -> dg.AssetCheckResult:
+    from animl_assets.core.ml.data import resolve_device
+
     value, evaluation = registered_model, classifier_evaluation
     name, margin = value["name"], float(value["gate_margin"])
     client = mlflow.client()

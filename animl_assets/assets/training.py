@@ -1,5 +1,7 @@
 """``classifier_checkpoint``: a species classifier trained on one dataset version and its splits, tracked in
-MLflow, resumable after a crash, on a GPU when there is one and on several through torchrun (DDP)."""
+MLflow, resumable after a crash, on a GPU when there is one and on several through torchrun (DDP).
+
+PyTorch is imported when a step runs (``models``, ``training``), not when the Definitions load."""
 
 import hashlib
 import json
@@ -22,24 +24,24 @@ from animl_assets.assets.artifacts import (
     stop,
     table,
 )
-from animl_assets.core.artifact_files import TorchFile, torch_bytes, value_version
+from animl_assets.core.artifact_files import TorchFile, read_checkpoint, torch_bytes, value_version
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.layout import artifact_key, partition_folder, training_folder, version_file, version_folder
-from animl_assets.core.ml.data import trainable_frame
-from animl_assets.core.ml.models import VALID_MODELS, PretrainedWeightsUnavailable, default_image_size, read_checkpoint
+from animl_assets.core.ml.frames import trainable_frame
 from animl_assets.core.ml.plots import learning_curve
-from animl_assets.core.ml.training import (
+from animl_assets.core.ml.recipe import (
     BEST,
     LAST,
     RUN_ONLY,
+    VALID_MODELS,
     Checkpoints,
     FitResult,
+    PretrainedWeightsUnavailable,
     TrainedClassifier,
     TrainingParams,
-    evaluate_checkpoint,
+    default_image_size,
     resume_key,
-    train_classifier,
 )
 from animl_assets.core.paths import redact_credentials
 from animl_assets.core.registry import registry, tracking
@@ -268,6 +270,8 @@ def _fit(context: dg.AssetExecutionContext, config: TrainingConfig, inputs: Trai
          init: Any, checkpoints: Checkpoints, storage: ArtifactStore, mlflow: MlflowTracking, client: Any,
          run_id: str) -> FitResult:
     """Train in this process, or in ``config.processes`` under torchrun; each epoch logged to MLflow."""
+    from animl_assets.core.ml.training import train_classifier
+
     params = config.params()
     if config.processes > 1:
         spec = WorkerSpec("", str(inputs.crops_root), num_classes, params, storage.store().uri(""), checkpoints.folder,
@@ -297,6 +301,8 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     """An EfficientNet or ResNet trained on the crops of one dataset version with its splits: the best-on-val
     checkpoint (reference layout) with ``params.json`` and ``label_index.json``. Every epoch is checkpointed;
     a re-materialization of the same config and data resumes. One MLflow run per materialization."""
+    from animl_assets.core.ml.training import evaluate_checkpoint
+
     params, store, started = config.params(), storage.store(), time.perf_counter()
     inputs = _training_inputs(context, config, classification_dataset, splits, storage)
     label_index = classification_dataset.label_index

@@ -25,7 +25,7 @@ DEMO_CHALLENGER = DEMO_TRAINING | {"pretrained": "false", "epochs": 2, "finetune
 
 def _registry_line(settings: Settings) -> str:
     from animl_assets.core.registry import registry
-    from animl_assets.definitions import build_resources
+    from animl_assets.resources import build_resources
 
     client = build_resources(settings)["mlflow"].connect()
     aliases = {alias: registry.by_alias(client, registry.DEFAULT_MODEL, alias)

@@ -29,7 +29,7 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
     from animl_assets.core.artifact_files import INDEX
     from animl_assets.core.layout import version_folder
     from animl_assets.core.registry.registry import kept_versions
-    from animl_assets.definitions import build_resources
+    from animl_assets.resources import build_resources
     from animl_assets.lineage import collectable, leased, remove_version
     from animl_assets.runs import end_dead_runs
 
@@ -62,7 +62,7 @@ def run_orphans(args: argparse.Namespace, settings: Settings) -> int:
     import dagster as dg
 
     from animl_assets.core.registry.tracking import DAGSTER_RUN_TAG, unfinished_runs
-    from animl_assets.definitions import build_resources
+    from animl_assets.resources import build_resources
     from animl_assets.runs import end_dead_runs, in_progress
 
     client = build_resources(settings)["mlflow"].connect()
@@ -90,7 +90,7 @@ def run_promote(args: argparse.Namespace, settings: Settings) -> int:
     import dagster as dg
 
     from animl_assets.core.registry import registry
-    from animl_assets.definitions import build_resources
+    from animl_assets.resources import build_resources
 
     model, ref = registry.parse_ref(args.model or registry.DEFAULT_MODEL, args.version)
     if args.model and model != args.model:

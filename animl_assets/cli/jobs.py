@@ -93,10 +93,13 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
     import dagster as dg
 
     from animl_assets.definitions import build_definitions
+    from animl_assets.resources import build_resources
     from animl_assets.runs import process_tags
 
     job = build_definitions().resolve_job_def(job_name).with_logger_defs({"animl": _cli_logger_def()})
     check_config_bounds(job, run_config or {})
+    if "mlflow" in job.required_resource_keys:  # a tracking server that is gone: one line now, not in a step
+        build_resources(Settings.from_env())["mlflow"].check_server()
     instance = dg.DagsterInstance.get()
     _wait_for_pools(instance, job)
     try:

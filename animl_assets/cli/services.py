@@ -15,7 +15,7 @@ from animl_assets.settings import DAGSTER_HOME_VAR, Settings
 def run_mlflow_ui(settings: Settings, extra_args: list[str]) -> int:
     """The MLflow UI on the tracking store (MLFLOW_TRACKING_URI, else the embedded SQLite store)."""
     from animl_assets.core.paths import redact_credentials
-    from animl_assets.definitions import build_resources
+    from animl_assets.resources import build_resources
 
     tracking = build_resources(settings)["mlflow"]  # the same store and artifact root the assets use
     uri, artifact_root = tracking.uri, tracking.artifact_root

@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import sys
 from typing import Any
 
@@ -48,6 +49,13 @@ def torch_bytes(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def read_checkpoint(data: bytes | str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``torch.save`` file (a checkpoint) from bytes or a path, loaded without running pickled code."""
+    import torch
+
+    return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu", weights_only=True)
+
+
 def artifact_file(name: str) -> dict[str, str]:
     """Field metadata naming the file a field of an artifact-set dataclass is stored as."""
     return {"file": name}
@@ -74,9 +82,7 @@ def _load(kind: str, data: bytes) -> Any:
     if kind == "bytes":
         return Blob(data)
     if kind == "pt":
-        import torch
-
-        return TorchFile(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+        return TorchFile(read_checkpoint(data))
     if kind == "csv":
         return read_csv(data)
     if kind == "json":

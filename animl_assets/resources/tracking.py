@@ -36,15 +36,19 @@ class MlflowTracking(dg.ConfigurableResource):
             return self.artifacts_uri
         return (Path(self.home).expanduser().absolute() / "mlartifacts").as_uri()
 
-    def connect(self) -> MlflowClient:
-        """A client on the store; an http(s) server is asked first whether it answers, within a short budget
-        (TrackingUnavailable, one line, instead of MLflow's minutes of silent retries)."""
+    def check_server(self) -> None:
+        """An http(s) server is asked whether it answers, within a short budget (TrackingUnavailable, one line,
+        instead of MLflow's minutes of silent retries); a database store needs no asking."""
         if self.uri.startswith(("http://", "https://")):
             # MLflow's own HTTP retries (7 tries, doubling from 2 s, 120 s timeouts) leave a user staring at
             # silence for many minutes when the server is gone; these bound a request to about a minute
             for name, value in MLFLOW_HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
             check_reachable(self.uri)
+
+    def connect(self) -> MlflowClient:
+        """A client on the store, once ``check_server`` passes."""
+        self.check_server()
         return open_client(self.uri, self.home)
 
     def client(self) -> MlflowClient:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,8 +23,10 @@ from sklearn import metrics as skm
 from torch import nn
 from torch.utils.data import DataLoader
 
-from animl_assets.core.artifact_files import Arrays, Blob, artifact_file
-from animl_assets.core.ml.data import SPLITS, CropDataset, eval_transform, top_ks
+from animl_assets.core.artifact_files import Arrays, Blob
+from animl_assets.core.ml.data import CropDataset, eval_transform
+from animl_assets.core.ml.frames import SPLITS, top_ks
+from animl_assets.core.ml.recipe import Evaluation, label_names
 
 OVERALL_COLUMNS = ("split", "loss", "acc_top1", "acc_top3", "loss_weighted", "acc_weighted_top1",
                    "acc_weighted_top3")
@@ -33,10 +34,6 @@ LABEL_STATS_COLUMNS = ("split", "label", "precision", "recall")
 OTHER = "other"
 MACRO = "(macro)"
 
-
-def label_names(label_index: Mapping[str, str]) -> list[str]:
-    """Label names in label-id order, from a ``label_index.json`` mapping."""
-    return [label_index[str(i)] for i in range(len(label_index))]
 
 
 # ---- mapping another model's labels onto ours --------------------------------------------------------------
@@ -246,36 +243,6 @@ def parity(eager: nn.Module, scripted: torch.jit.ScriptModule, batch: torch.Tens
 
 
 # ---- the whole evaluation ---------------------------------------------------------------------------------
-
-@dataclass
-class Evaluation:
-    """An evaluation's files: the reference's four (one outputs file per split), the TorchScript model, the
-    per-label report and thresholds, the label index the probability columns follow, and the evaluated
-    checkpoint's ``params.json`` (model, input size, dataset and splits versions)."""
-
-    outputs_train: pd.DataFrame = field(metadata=artifact_file("outputs_train.csv.gz"))
-    outputs_val: pd.DataFrame = field(metadata=artifact_file("outputs_val.csv.gz"))
-    outputs_test: pd.DataFrame = field(metadata=artifact_file("outputs_test.csv.gz"))
-    overall_metrics: pd.DataFrame = field(metadata=artifact_file("overall_metrics.csv"))
-    confusion_matrices: Arrays = field(metadata=artifact_file("confusion_matrices.npz"))
-    label_stats: pd.DataFrame = field(metadata=artifact_file("label_stats.csv"))
-    label_report: pd.DataFrame = field(metadata=artifact_file("label_report.csv"))
-    thresholds: dict[str, Any] = field(metadata=artifact_file("thresholds.json"))
-    label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
-    compiled: Blob = field(metadata=artifact_file("ckpt_best_compiled.pt"))
-    params: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("params.json"))
-
-    def outputs(self, split: str) -> pd.DataFrame:
-        return getattr(self, f"outputs_{split}")
-
-    @property
-    def names(self) -> list[str]:
-        return label_names(self.label_index)
-
-    def metrics(self, split: str) -> dict[str, float]:
-        row = self.overall_metrics[self.overall_metrics["split"] == split]
-        return {} if row.empty else {k: float(v) for k, v in row.iloc[0].items() if k != "split"}
-
 
 def summarize(outputs: Mapping[str, pd.DataFrame], names: Sequence[str]
               ) -> tuple[pd.DataFrame, Arrays, pd.DataFrame, pd.DataFrame]:

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from animl_assets.core.ml.data import MEANS, STDS, eval_resize, normalize
+from animl_assets.core.ml.data import eval_resize, normalize
 from animl_assets.core.ml.evaluation import map_logits, target_columns
+from animl_assets.core.ml.frames import MEANS, STDS
 
 Decode = Literal["auto", "loader", "device"]
 

@@ -4,7 +4,6 @@ weights; head replacement and fine-tuning."""
 
 from __future__ import annotations
 
-import io
 import os
 import urllib.error
 from pathlib import Path
@@ -13,20 +12,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(8))
-LITE0 = "efficientnet-lite0"
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-VALID_MODELS = (*EFFICIENTNETS, LITE0, *RESNETS)
-IMAGE_SIZES = {name: size for name, size in zip(EFFICIENTNETS, (224, 240, 260, 300, 380, 456, 528, 600))}
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """ImageNet weights could not be downloaded (e.g. offline); the message names the cache file to provide."""
-
-
-def default_image_size(model_name: str) -> int:
-    """The input size the model was designed for: EfficientNet-B0…B7 224…600, everything else 224."""
-    return IMAGE_SIZES.get(model_name, 224)
+from animl_assets.core.ml.recipe import (
+    EFFICIENTNETS,
+    LITE0,
+    RESNETS,
+    VALID_MODELS,
+    PretrainedWeightsUnavailable,
+    default_image_size,
+)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -123,12 +116,6 @@ def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> bool:
         raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(result.unexpected_keys)[:5]}")
     return kept_head
-
-
-def read_checkpoint(data: bytes | str | os.PathLike[str]) -> dict[str, Any]:
-    """A ``torch.save`` checkpoint from bytes or a path, loaded without running pickled code."""
-    source = io.BytesIO(data) if isinstance(data, bytes) else data
-    return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def use_fast_activations(model: nn.Module) -> nn.Module:

@@ -10,12 +10,9 @@ percentage so reference tools read it unchanged.
 from __future__ import annotations
 
 import copy
-import io
 import math
-import pickle
 import time
-import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -25,51 +22,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from animl_assets.core.artifact_files import TorchFile, artifact_file, config_key, torch_bytes
-from animl_assets.core.ml.data import SPLITS, CropDataset, eval_transform, resolve_device, top_ks, train_transform
-from animl_assets.core.ml.models import EFFICIENTNETS, LITE0, build_model, head, set_finetune, unwrap
-from animl_assets.core.store import Store
-
-LAST = "last.pt"
-BEST = "best.pt"
-
-
-@dataclass
-class TrainingParams:
-    """Every knob of one training (the asset's TrainingConfig without the run-only ones)."""
-
-    model_name: str = "efficientnet-b0"
-    image_size: int = 224
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float | None = None  # None: 0.016 * batch_size / 256, as the reference
-    weight_decay: float = 1e-5
-    label_weighted: bool = True
-    weight_by_detection_conf: bool = False
-    finetune: int = 0
-    patience: int = 8
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    progress_every: int = 50
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 0.016 * self.batch_size / 256
-
-
-RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: not in the resume key
-
-
-def resume_key(params: TrainingParams, dataset_version: str, splits_version: str, crops_versions: Mapping[str, str],
-               init_fingerprint: str) -> str:
-    """What one training learns from (its hyperparameters, data versions and starting weights): a re-run
-    with the same key resumes its checkpoints."""
-    learned = {k: v for k, v in asdict(params).items() if k not in RUN_ONLY}
-    return config_key({"params": learned, "dataset": dataset_version, "splits": splits_version,
-                       "crops": dict(crops_versions), "init": init_fingerprint})
+from animl_assets.core.ml.data import CropDataset, eval_transform, resolve_device, train_transform
+from animl_assets.core.ml.frames import SPLITS, top_ks
+from animl_assets.core.ml.models import build_model, head, set_finetune, unwrap
+from animl_assets.core.ml.recipe import BEST, EFFICIENTNETS, LAST, LITE0, Checkpoints, FitResult, TrainingParams
 
 
 def init_model(params: TrainingParams, num_classes: int, pretrained: bool | str | Mapping[str, Any] = False
@@ -236,60 +192,6 @@ def make_optimizer(model: nn.Module, params: TrainingParams, device: torch.devic
     optimizer = torch.optim.SGD(model.parameters(), params.learning_rate, momentum=0.9,
                                 weight_decay=params.weight_decay, **fast)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=8, gamma=0.1)
-
-
-class Checkpoints:
-    """Per-epoch training state in a store folder: ``last.pt`` (everything needed to resume) and ``best.pt``
-    (the best-on-val model in the reference layout). Every write is atomic (the store's contract)."""
-
-    def __init__(self, store: Store, folder: str) -> None:
-        self.store, self.folder = store, folder.rstrip("/")
-
-    def uri(self, name: str) -> str:
-        return self.store.uri(f"{self.folder}/{name}")
-
-    def save(self, name: str, state: Mapping[str, Any]) -> None:
-        self.store.write_bytes(f"{self.folder}/{name}", torch_bytes(dict(state)))
-
-    def load(self, name: str, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
-        """The state saved as ``name``, or None when there is none. One that cannot be read (a truncated
-        file, say) is moved aside to ``<name>.unreadable``, ``warn`` is told, and None is returned: the
-        training starts over instead of failing on it for ever."""
-        key = f"{self.folder}/{name}"
-        if not self.store.exists(key):
-            return None
-        data = self.store.read_bytes(key)
-        try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            self.store.write_bytes(f"{key}.unreadable", data)
-            self.store.delete(key)
-            if warn is not None:
-                warn(f"{self.uri(name)} cannot be read ({str(err).splitlines()[0][:200]}): moved to "
-                     f"{name}.unreadable; starting over")
-            return None
-
-
-@dataclass
-class FitResult:
-    """What ``fit`` leaves: the best checkpoint (reference layout), every epoch's metrics, and how it ran."""
-
-    best: dict[str, Any]
-    history: list[dict[str, float]]
-    stopped_early: bool
-    resumed_from_epoch: int | None
-    seconds: float = 0.0
-
-
-@dataclass
-class TrainedClassifier:
-    """The trained model as the reference leaves it: the best-on-val checkpoint, ``params.json`` and
-    ``label_index.json``; plus every epoch's metrics."""
-
-    ckpt: TorchFile = field(metadata=artifact_file("ckpt_best.pt"))
-    params: dict[str, Any] = field(metadata=artifact_file("params.json"))
-    label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
-    history: pd.DataFrame = field(metadata=artifact_file("history.csv"))
 
 
 def train_classifier(frame: pd.DataFrame, crops_root: str | Path, num_classes: int, params: TrainingParams,

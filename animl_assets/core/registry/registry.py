@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from animl_assets.core.ml.data import MEANS, STDS
+from animl_assets.core.ml.frames import MEANS, STDS
 from animl_assets.core.paths import redact_credentials
 from animl_assets.core.registry.tracking import DAGSTER_RUN_TAG
 

@@ -1,0 +1,161 @@
+"""What a training is and what it and its evaluation leave, with no PyTorch import (the Definitions, the
+CLI and the sensors load without it): the parameters and their resume key, the backbones' names and input
+sizes, the checkpoints a training keeps, and the value types ``TrainedClassifier`` and ``Evaluation``."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+
+from animl_assets.core.artifact_files import Arrays, Blob, TorchFile, artifact_file, config_key, read_checkpoint, torch_bytes
+from animl_assets.core.store import Store
+
+EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(8))
+LITE0 = "efficientnet-lite0"
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+VALID_MODELS = (*EFFICIENTNETS, LITE0, *RESNETS)
+IMAGE_SIZES = {name: size for name, size in zip(EFFICIENTNETS, (224, 240, 260, 300, 380, 456, 528, 600))}
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights could not be downloaded (e.g. offline); the message names the cache file to provide."""
+
+
+def default_image_size(model_name: str) -> int:
+    """The input size the model was designed for: EfficientNet-B0…B7 224…600, everything else 224."""
+    return IMAGE_SIZES.get(model_name, 224)
+
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class TrainingParams:
+    """Every knob of one training (the asset's TrainingConfig without the run-only ones)."""
+
+    model_name: str = "efficientnet-b0"
+    image_size: int = 224
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float | None = None  # None: 0.016 * batch_size / 256, as the reference
+    weight_decay: float = 1e-5
+    label_weighted: bool = True
+    weight_by_detection_conf: bool = False
+    finetune: int = 0
+    patience: int = 8
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    progress_every: int = 50
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 0.016 * self.batch_size / 256
+
+
+RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: not in the resume key
+
+
+def resume_key(params: TrainingParams, dataset_version: str, splits_version: str, crops_versions: Mapping[str, str],
+               init_fingerprint: str) -> str:
+    """What one training learns from (its hyperparameters, data versions and starting weights): a re-run
+    with the same key resumes its checkpoints."""
+    learned = {k: v for k, v in asdict(params).items() if k not in RUN_ONLY}
+    return config_key({"params": learned, "dataset": dataset_version, "splits": splits_version,
+                       "crops": dict(crops_versions), "init": init_fingerprint})
+
+
+class Checkpoints:
+    """Per-epoch training state in a store folder: ``last.pt`` (everything needed to resume) and ``best.pt``
+    (the best-on-val model in the reference layout). Every write is atomic (the store's contract)."""
+
+    def __init__(self, store: Store, folder: str) -> None:
+        self.store, self.folder = store, folder.rstrip("/")
+
+    def uri(self, name: str) -> str:
+        return self.store.uri(f"{self.folder}/{name}")
+
+    def save(self, name: str, state: Mapping[str, Any]) -> None:
+        self.store.write_bytes(f"{self.folder}/{name}", torch_bytes(dict(state)))
+
+    def load(self, name: str, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """The state saved as ``name``, or None when there is none. One that cannot be read (a truncated
+        file, say) is moved aside to ``<name>.unreadable``, ``warn`` is told, and None is returned: the
+        training starts over instead of failing on it for ever."""
+        key = f"{self.folder}/{name}"
+        if not self.store.exists(key):
+            return None
+        data = self.store.read_bytes(key)
+        try:
+            return read_checkpoint(data)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            self.store.write_bytes(f"{key}.unreadable", data)
+            self.store.delete(key)
+            if warn is not None:
+                warn(f"{self.uri(name)} cannot be read ({str(err).splitlines()[0][:200]}): moved to "
+                     f"{name}.unreadable; starting over")
+            return None
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` leaves: the best checkpoint (reference layout), every epoch's metrics, and how it ran."""
+
+    best: dict[str, Any]
+    history: list[dict[str, float]]
+    stopped_early: bool
+    resumed_from_epoch: int | None
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainedClassifier:
+    """The trained model as the reference leaves it: the best-on-val checkpoint, ``params.json`` and
+    ``label_index.json``; plus every epoch's metrics."""
+
+    ckpt: TorchFile = field(metadata=artifact_file("ckpt_best.pt"))
+    params: dict[str, Any] = field(metadata=artifact_file("params.json"))
+    label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
+    history: pd.DataFrame = field(metadata=artifact_file("history.csv"))
+
+
+def label_names(label_index: Mapping[str, str]) -> list[str]:
+    """Label names in label-id order, from a ``label_index.json`` mapping."""
+    return [label_index[str(i)] for i in range(len(label_index))]
+
+
+@dataclass
+class Evaluation:
+    """An evaluation's files: the reference's four (one outputs file per split), the TorchScript model, the
+    per-label report and thresholds, the label index the probability columns follow, and the evaluated
+    checkpoint's ``params.json`` (model, input size, dataset and splits versions)."""
+
+    outputs_train: pd.DataFrame = field(metadata=artifact_file("outputs_train.csv.gz"))
+    outputs_val: pd.DataFrame = field(metadata=artifact_file("outputs_val.csv.gz"))
+    outputs_test: pd.DataFrame = field(metadata=artifact_file("outputs_test.csv.gz"))
+    overall_metrics: pd.DataFrame = field(metadata=artifact_file("overall_metrics.csv"))
+    confusion_matrices: Arrays = field(metadata=artifact_file("confusion_matrices.npz"))
+    label_stats: pd.DataFrame = field(metadata=artifact_file("label_stats.csv"))
+    label_report: pd.DataFrame = field(metadata=artifact_file("label_report.csv"))
+    thresholds: dict[str, Any] = field(metadata=artifact_file("thresholds.json"))
+    label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
+    compiled: Blob = field(metadata=artifact_file("ckpt_best_compiled.pt"))
+    params: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("params.json"))
+
+    def outputs(self, split: str) -> pd.DataFrame:
+        return getattr(self, f"outputs_{split}")
+
+    @property
+    def names(self) -> list[str]:
+        return label_names(self.label_index)
+
+    def metrics(self, split: str) -> dict[str, float]:
+        row = self.overall_metrics[self.overall_metrics["split"] == split]
+        return {} if row.empty else {k: float(v) for k, v in row.iloc[0].items() if k != "split"}
