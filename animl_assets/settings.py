@@ -70,6 +70,9 @@ VARIABLES = (
 TORCHRUN_LOCAL_RANK = "LOCAL_RANK"  # torchrun's: which of the machine's GPUs a training rank drives
 DAGSTER_HOME_VAR = "DAGSTER_HOME"  # Dagster's own: the instance folder ($ANIML_HOME/dagster when unset)
 # MLflow's own variables, set (when unset) so that an unreachable server fails in seconds and logs stay quiet.
+# the resources the variables feed, by their keys in the Definitions
+RESOURCES = ("s3", "storage", "exports", "image_source", "mlflow")
+
 MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 MLFLOW_QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -126,7 +129,7 @@ class Settings:
 
     def resource_fields(self) -> dict[str, dict[str, Any]]:
         """Each resource's fields, holding these settings' values."""
-        fields: dict[str, dict[str, Any]] = {"s3": {}, "storage": {}, "exports": {}, "image_source": {}, "mlflow": {}}
+        fields: dict[str, dict[str, Any]] = {resource: {} for resource in RESOURCES}
         for variable in VARIABLES:
             value = getattr(self, variable.setting)
             for resource, field in variable.feeds:
@@ -137,8 +140,8 @@ class Settings:
 def referenced_fields(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Each resource's fields as ``dg.EnvVar`` references to the variables ``env`` sets, read when a run starts;
     unset ones keep the resources' defaults under ANIML_HOME (S3's region: us-east-1)."""
-    fields: dict[str, dict[str, Any]] = {"s3": {"endpoint_url": None, "region_name": "us-east-1"}, "storage": {},
-                                         "exports": {}, "image_source": {}, "mlflow": {}}
+    fields: dict[str, dict[str, Any]] = {resource: {} for resource in RESOURCES}
+    fields["s3"] |= {"endpoint_url": None, "region_name": "us-east-1"}
     for variable in VARIABLES:
         if variable.read(env):
             for resource, field in variable.feeds:

@@ -13,6 +13,7 @@ from animl_assets.core.artifact_files import from_files, to_files
 from animl_assets.core.ingest.sample import write_sample_crops
 from animl_assets.core.ml import evaluation as ev
 from animl_assets.core.ml.frames import split_frame
+from animl_assets.core.ml.labels import target_columns
 from animl_assets.core.ml.models import build_model
 
 NAMES = ["cat", "deer", "fox", "owl"]
@@ -87,7 +88,7 @@ def test_thresholds_are_the_lowest_confidence_reaching_the_target_precision():
 
 def test_target_mapping_sums_probabilities_and_sends_unmapped_labels_to_other():
     model_labels = ["red_fox", "grey_fox", "white_tailed_deer", "moose", "blank"]
-    names, columns = ev.target_columns(model_labels, ["deer", "fox"],
+    names, columns = target_columns(model_labels, ["deer", "fox"],
                                        {"fox": ["red_fox", "grey_fox"], "deer": ["white_tailed_deer"]})
     assert names == ["deer", "fox", "other"] and columns == [[2], [0, 1], [3, 4]]
     logits = torch.randn(7, 5)
@@ -96,9 +97,9 @@ def test_target_mapping_sums_probabilities_and_sends_unmapped_labels_to_other():
     assert torch.allclose(mapped[:, 1], probs[:, 0] + probs[:, 1], atol=1e-6)
     assert torch.allclose(mapped[:, 2], probs[:, 3] + probs[:, 4], atol=1e-6)
     with pytest.raises(ValueError, match="does not have"):
-        ev.target_columns(model_labels, ["fox"], {"fox": ["arctic_fox"]})
+        target_columns(model_labels, ["fox"], {"fox": ["arctic_fox"]})
     # without a mapping, labels match by name; a target the model lacks gets probability 0
-    names, columns = ev.target_columns(["fox", "cat"], ["deer", "fox"])
+    names, columns = target_columns(["fox", "cat"], ["deer", "fox"])
     assert names == ["deer", "fox", "other"] and columns == [[], [0], [1]]
     assert torch.softmax(ev.map_logits(torch.randn(3, 2), columns), 1)[:, 0].eq(0).all()
 

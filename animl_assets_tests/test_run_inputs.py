@@ -5,7 +5,7 @@ import dagster as dg
 import pytest
 from mlflow import MlflowClient
 
-from animl_assets.assets import evaluation as evaluation_assets
+from animl_assets.core.ml import evaluation
 from animl_assets.core.registry import tracking
 from animl_assets.definitions import DATASET_JOB, TRAIN_JOB, build_definitions
 from animl_assets_tests.conftest import dataset_home
@@ -42,7 +42,7 @@ def _errors(result) -> str:
 
 def test_two_trainings_at_once_each_register_their_own_checkpoint(home, monkeypatch):
     settings, dagster_home = home
-    real, nested = evaluation_assets.ev.evaluate, {}
+    real, nested = evaluation.evaluate, {}
 
     def evaluate_while_another_training_runs(*args, **kwargs):
         if not nested:  # run A's evaluation: run B trains, evaluates and registers meanwhile
@@ -51,7 +51,7 @@ def test_two_trainings_at_once_each_register_their_own_checkpoint(home, monkeypa
                                classifier_evaluation={"num_workers": 0}, registered_model=ANY_MODEL_WINS)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation_assets.ev, "evaluate", evaluate_while_another_training_runs)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate_while_another_training_runs)  # what the asset calls
     first = _run(settings, dagster_home, TRAIN_JOB, classifier_checkpoint=QUICK, classifier_evaluation={"num_workers": 0},
                  registered_model=ANY_MODEL_WINS)
     second = nested["B"]

@@ -23,7 +23,8 @@ from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.layout import partition_folder, version_folder
 from animl_assets.core.ml import plots
 from animl_assets.core.ml.frames import SPLITS, trainable_frame
-from animl_assets.core.ml.recipe import Evaluation, TrainedClassifier, label_names
+from animl_assets.core.ml.labels import label_names
+from animl_assets.core.ml.recipe import Evaluation, TrainedClassifier
 from animl_assets.core.registry import registry, tracking
 from animl_assets.core.review.sequences import crop_image, sequence_ids, sequence_top1
 from animl_assets.core.store import Store

@@ -33,7 +33,8 @@ from animl_assets.core.detect.contact_sheet import contact_sheet
 from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.detect.megadetector import Detections, validate_batch_output
 from animl_assets.core.layout import artifact_key, partition_folder, version_file
-from animl_assets.core.ml.recipe import Evaluation, label_names
+from animl_assets.core.ml.labels import label_names, remapped_label_index
+from animl_assets.core.ml.recipe import Evaluation
 from animl_assets.core.registry import registry
 from animl_assets.core.review import candidates
 from animl_assets.core.review.merge import merge_classifications
@@ -111,7 +112,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     time (they are tried again); a new champion makes
     it stale."""
     from animl_assets.core.ml.data import resolve_device
-    from animl_assets.core.ml.inference import classify, remapped_label_index
+    from animl_assets.core.ml.inference import classify
 
     partition = context.partition_key
     store = storage.store()

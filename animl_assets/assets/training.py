@@ -208,8 +208,9 @@ def _run_distributed(context: dg.AssetExecutionContext, config: TrainingConfig, 
 
 @dataclass
 class TrainingInputs:
-    """One training's data, checked: the frame it trains on and what was left out of it."""
+    """One training, checked: its parameters, the frame it trains on and what was left out of it."""
 
+    params: TrainingParams
     dataset_version: str
     splits_version: str
     partitions: list[str]
@@ -242,7 +243,7 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
     if len(missing):
         counts = missing["problem"].value_counts().to_dict()
         context.log.warning(f"{len(missing)} crops of the dataset under {crops_root} are left out: {counts}")
-    inputs = TrainingInputs(dataset_version, splits_version, partitions, crops_root, frame, missing)
+    inputs = TrainingInputs(params, dataset_version, splits_version, partitions, crops_root, frame, missing)
     if not inputs.counts.get("train") or not inputs.counts.get("val"):
         raise stop(f"training needs crops in train and val; the splits hold {inputs.counts}")
     return inputs
@@ -255,7 +256,7 @@ def _log_inputs(client: Any, run_id: str, config: TrainingConfig, inputs: Traini
     splits_uri = store.uri(version_file("splits", inputs.splits_version, "splits.json"))
     versions = {"dataset_version": inputs.dataset_version, "splits_version": inputs.splits_version,
                 "init_from": config.init_from, "dagster_run_id": dagster_run_id, "mlflow_run_id": run_id}
-    params_json = reference_params(config.params(), config.pretrained, dataset_uri, splits_uri, str(inputs.crops_root),
+    params_json = reference_params(inputs.params, config.pretrained, dataset_uri, splits_uri, str(inputs.crops_root),
                                    checkpoints.uri(""), versions)
     tracking.log_params(client, run_id, {k: v for k, v in params_json.items()
                                          if k not in ("dagster_run_id", "mlflow_run_id")})
@@ -272,7 +273,7 @@ def _fit(context: dg.AssetExecutionContext, config: TrainingConfig, inputs: Trai
     """Train in this process, or in ``config.processes`` under torchrun; each epoch logged to MLflow."""
     from animl_assets.core.ml.training import train_classifier
 
-    params = config.params()
+    params = inputs.params
     if config.processes > 1:
         spec = WorkerSpec("", str(inputs.crops_root), num_classes, params, storage.store().uri(""), checkpoints.folder,
                           config.resume, s3={name: getattr(storage.s3, name) for name in type(storage.s3).model_fields}
@@ -303,8 +304,9 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     a re-materialization of the same config and data resumes. One MLflow run per materialization."""
     from animl_assets.core.ml.training import evaluate_checkpoint
 
-    params, store, started = config.params(), storage.store(), time.perf_counter()
+    store, started = storage.store(), time.perf_counter()
     inputs = _training_inputs(context, config, classification_dataset, splits, storage)
+    params = inputs.params
     label_index = classification_dataset.label_index
     init, init_fingerprint = _initial_weights(config, storage, mlflow)
     key = resume_key(params, inputs.dataset_version, inputs.splits_version,

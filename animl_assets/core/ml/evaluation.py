@@ -26,40 +26,17 @@ from torch.utils.data import DataLoader
 from animl_assets.core.artifact_files import Arrays, Blob
 from animl_assets.core.ml.data import CropDataset, eval_transform
 from animl_assets.core.ml.frames import SPLITS, top_ks
-from animl_assets.core.ml.recipe import Evaluation, label_names
+from animl_assets.core.ml.labels import label_names, target_columns
+from animl_assets.core.ml.recipe import Evaluation
 
 OVERALL_COLUMNS = ("split", "loss", "acc_top1", "acc_top3", "loss_weighted", "acc_weighted_top1",
                    "acc_weighted_top3")
 LABEL_STATS_COLUMNS = ("split", "label", "precision", "recall")
-OTHER = "other"
 MACRO = "(macro)"
 
 
 
 # ---- mapping another model's labels onto ours --------------------------------------------------------------
-
-def target_columns(model_labels: Sequence[str], targets: Sequence[str],
-                   mapping: Mapping[str, Sequence[str]] | None = None) -> tuple[list[str], list[list[int]]]:
-    """The output label names and, for each, the model's columns whose probabilities add up to it.
-
-    Without ``mapping`` a model label counts for the target of the same name. Model labels that map to
-    no target go to ``other`` (appended when ``targets`` lack it), as the reference's MegaClassifier
-    comparison does. Raises ValueError on a mapping naming labels the model does not have."""
-    index = {name: i for i, name in enumerate(model_labels)}
-    mapping = {t: [t] for t in targets if t in index} if mapping is None else dict(mapping)
-    unknown = sorted({name for names in mapping.values() for name in names} - set(index))
-    if unknown:
-        raise ValueError(f"the target mapping names labels the model does not have: {unknown[:10]}")
-    names = list(targets)
-    columns = [[index[n] for n in mapping.get(t, ())] for t in names]
-    unmapped = sorted(set(range(len(model_labels))) - {c for cols in columns for c in cols})
-    if unmapped:
-        if OTHER not in names:
-            names.append(OTHER)
-            columns.append([])
-        columns[names.index(OTHER)] += unmapped
-    return names, columns
-
 
 def map_logits(logits: torch.Tensor, columns: Sequence[Sequence[int]]) -> torch.Tensor:
     """Logits over the targets: log-sum-exp of each target's columns, so that the softmax of the result is

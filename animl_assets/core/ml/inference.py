@@ -25,8 +25,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from animl_assets.core.ml.data import eval_resize, normalize
-from animl_assets.core.ml.evaluation import map_logits, target_columns
+from animl_assets.core.ml.evaluation import map_logits
 from animl_assets.core.ml.frames import MEANS, STDS
+from animl_assets.core.ml.labels import target_columns
 
 Decode = Literal["auto", "loader", "device"]
 
@@ -234,8 +235,3 @@ def _csv_field(value: str) -> str:
 def _write_rows(stream: io.TextIOBase, paths: Sequence[str], probs: np.ndarray) -> None:
     for path, row in zip(paths, probs):
         stream.write(_csv_field(path) + "," + ",".join(f"{p:.6g}" for p in row) + "\n")
-
-
-def remapped_label_index(columns: Sequence[str]) -> dict[str, str]:
-    """The label index of a (mapped) classifier output: ``{"0": name, …}`` in column order."""
-    return {str(i): name for i, name in enumerate(columns)}

@@ -11,7 +11,16 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from animl_assets.core.artifact_files import Arrays, Blob, TorchFile, artifact_file, config_key, read_checkpoint, torch_bytes
+from animl_assets.core.artifact_files import (
+    Arrays,
+    Blob,
+    TorchFile,
+    artifact_file,
+    config_key,
+    read_checkpoint,
+    torch_bytes,
+)
+from animl_assets.core.ml.labels import label_names
 from animl_assets.core.store import Store
 
 EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(8))
@@ -124,11 +133,6 @@ class TrainedClassifier:
     params: dict[str, Any] = field(metadata=artifact_file("params.json"))
     label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
     history: pd.DataFrame = field(metadata=artifact_file("history.csv"))
-
-
-def label_names(label_index: Mapping[str, str]) -> list[str]:
-    """Label names in label-id order, from a ``label_index.json`` mapping."""
-    return [label_index[str(i)] for i in range(len(label_index))]
 
 
 @dataclass
