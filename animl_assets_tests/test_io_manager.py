@@ -1,5 +1,6 @@
 """The artifact IO manager: plain files that round-trip, immutable versions, downstream reads the newest."""
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dagster_aws.s3 import S3Resource
 
 from animl_assets.core.artifact_files import Arrays, TorchFile, artifact_file, content_version, from_files, to_files
 from animl_assets.core.dataset.classification import DatasetVersion
+from animl_assets.core.registry.registry import Champion, RegisteredVersion
 from animl_assets.definitions import DATASET_JOB, build_definitions
 from animl_assets.resources.io_manager import ArtifactIOManager
 from animl_assets.resources.storage import ArtifactStore
@@ -70,6 +72,20 @@ def test_ids_stay_strings_and_other_classes_are_refused():
         from_files(files.__getitem__)
 
 
+def test_a_record_is_one_json_file_with_the_dicts_version_and_an_older_dict_loads_into_it():
+    """registered_model, champion_model and classifications were dicts: their records keep the file and the
+    version, and what an older home stored as a dict is read back as the record."""
+    record = RegisteredVersion("animl-classifier", "3", "runs:/r/model", "r", 0.0, {"acc_top1": 0.9, "macro_recall": None},
+                               "models:/animl-classifier/3", {"animl.exports": "a,b"})
+    files, older = to_files(record, "registered_model"), to_files(dataclasses.asdict(record), "registered_model")
+    assert files["registered_model.json"] == older["registered_model.json"]
+    assert content_version(files) == content_version(older)
+    assert from_files(files.__getitem__) == record
+    assert from_files(older.__getitem__) == dataclasses.asdict(record)  # no class asked for: the plain dict
+    assert from_files(older.__getitem__, expected=RegisteredVersion) == record
+    assert from_files(to_files({"rows": 1}, "x").__getitem__, expected=Pair) == {"rows": 1}  # records only
+
+
 def _round_trip_through_dagster(storage: ArtifactStore, instance) -> None:
     @dg.asset
     def upstream() -> Pair:
@@ -89,6 +105,23 @@ def _round_trip_through_dagster(storage: ArtifactStore, instance) -> None:
 
 def test_io_manager_on_a_local_folder(tmp_path, instance):
     _round_trip_through_dagster(ArtifactStore(uri=str(tmp_path / "artifacts")), instance)
+
+
+def test_a_dict_an_older_home_stored_reaches_a_record_input_as_the_record(tmp_path, instance):
+    stored = {"name": "m", "version": "2", "replaced": None, "how": "gate", "model_uri": "models:/m@champion"}
+
+    @dg.asset(name="champion_model")
+    def older() -> dict:  # what champion_model returned before it had a class
+        return stored
+
+    @dg.asset(deps=[], ins={"champion_model": dg.AssetIn()})
+    def reader(champion_model: Champion) -> None:
+        assert champion_model == Champion(**stored)
+
+    resources = {"io_manager": ArtifactIOManager(storage=ArtifactStore(uri=str(tmp_path / "artifacts")))}
+    assert dg.materialize([older], instance=instance, resources=resources).success
+    assert dg.materialize([older.to_source_asset(), reader], instance=instance, resources=resources,
+                          selection=[reader]).success
 
 
 def test_io_manager_on_s3(moto_endpoint, bucket, instance):

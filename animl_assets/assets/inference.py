@@ -34,7 +34,7 @@ from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.detect.megadetector import Detections, validate_batch_output
 from animl_assets.core.layout import artifact_key, partition_folder, version_file
 from animl_assets.core.ml.labels import label_names, remapped_label_index
-from animl_assets.core.ml.recipe import Evaluation
+from animl_assets.core.ml.recipe import Classifications, Evaluation
 from animl_assets.core.registry import registry
 from animl_assets.core.review import candidates
 from animl_assets.core.review.merge import merge_classifications
@@ -123,12 +123,12 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
                       "sequences": config.sequences and config.sequence_gap_s})
     folder = artifact_key("classifications", partition, "")
     previous = _previous(storage, partition)
-    if previous and previous.get("key") == key and store.exists(f"{folder}/{OUTPUT}"):
-        if not previous.get("num_failed"):
+    if previous and previous.key == key and store.exists(f"{folder}/{OUTPUT}"):
+        if not previous.num_failed:
             context.log.info(f"{partition}: already classified by {classifier.name} ({key}); nothing to do")
             yield dg.Output(previous, data_version=dg.DataVersion(key), metadata={"skipped": True, **_meta(previous)})
             return
-        context.log.info(f"{partition}: {previous['num_failed']} crops failed last time; classifying again")
+        context.log.info(f"{partition}: {previous.num_failed} crops failed last time; classifying again")
     crops_root = local_folder(store.child(artifact_key("crops", partition, "")),
                               storage.cache("crops", partition_folder(partition)))
     device = resolve_device(config.device)
@@ -150,11 +150,10 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     label_index = remapped_label_index(report.columns)
     store.write_bytes(f"{folder}/label_index.json", json.dumps(label_index, indent=1).encode())
     failures = pd.DataFrame(report.failures, columns=["path", "error"])
-    value = {"key": key, "model": classifier.version, "classifier": classifier.name, "label_index": label_index,
-             "output": f"{folder}/{OUTPUT}", "num_classified": report.classified, "num_failed": len(failures),
-             "mapping": mapping, "failures": failures.to_dict("records"),
-             "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "sequence_output": f"{folder}/{SEQUENCE_OUTPUT}" if config.sequences else ""}
+    value = Classifications(key, classifier.version, classifier.name, label_index, f"{folder}/{OUTPUT}",
+                            report.classified, len(failures), mapping, failures.to_dict("records"),
+                            datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            f"{folder}/{SEQUENCE_OUTPUT}" if config.sequences else "")
     # crops that failed make another version: the run that classifies them too changes what is downstream
     data_version = f"{key}-{len(failures)}-failed" if len(failures) else key
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
@@ -162,18 +161,17 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
         "failures": table(failures), "classifier_output": location(store.uri(f"{folder}/{OUTPUT}"))})
 
 
-def _previous(storage: ArtifactStore, partition: str) -> dict[str, Any] | None:
+def _previous(storage: ArtifactStore, partition: str) -> Classifications | None:
     """The value the last materialization of this partition stored (the IO manager's files), if any."""
     if not storage.has("classifications", partition=partition):
         return None
-    previous = storage.load("classifications", partition=partition)
-    return previous if isinstance(previous, dict) else None
+    previous = storage.load("classifications", partition=partition, expected=Classifications)
+    return previous if isinstance(previous, Classifications) else None
 
 
-def _meta(value: dict[str, Any]) -> dict[str, Any]:
-    return {"model": value["model"], "classifier": value["classifier"], "num_classified": value["num_classified"],
-            "num_failed": value["num_failed"], "labels": len(value["label_index"]),
-            "dagster/row_count": value["num_classified"]}
+def _meta(value: Classifications) -> dict[str, Any]:
+    return {"model": value.model, "classifier": value.classifier, "num_classified": value.num_classified,
+            "num_failed": value.num_failed, "labels": len(value.label_index), "dagster/row_count": value.num_classified}
 
 
 class ReviewConfig(dg.Config):
@@ -193,13 +191,13 @@ class ReviewConfig(dg.Config):
              check_specs=[dg.AssetCheckSpec("md_format", asset="classified_detections", blocking=True,
                                          description="The output passes the MegaDetector batch-output rules.")])
 def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfig, md_detections: Detections,
-                          crops: CropManifest, classifications: dict[str, Any],
+                          crops: CropManifest, classifications: Classifications,
                           storage: ArtifactStore) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """The export's MegaDetector JSON with each cropped detection's ``classifications`` (at or above the
     threshold, by descending confidence), ``classification_categories`` and ``info.classifier``: what
     Timelapse opens. Detections without a crop keep their place and get none."""
-    outputs = read_csv(gzip.decompress(storage.store().read_bytes(classifications["output"])))
-    labels = label_names(classifications["label_index"])
+    outputs = read_csv(gzip.decompress(storage.store().read_bytes(classifications.output)))
+    labels = label_names(classifications.label_index)
     truth = None
     if config.label_pos != "none" or config.relative_conf:
         keys = crops.manifest[["crop", "file", "detection_index"]].astype({"detection_index": int})
@@ -207,16 +205,16 @@ def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfi
                               .astype({"detection_index": int}), on=["file", "detection_index"], how="left")
         truth = {c: lab for c, lab in zip(labelled["crop"], labelled["label"].fillna("")) if lab}
     merged, unmatched = merge_classifications(
-        md_detections.md, outputs, labels, classifications["classifier"], threshold=config.threshold,
+        md_detections.md, outputs, labels, classifications.classifier, threshold=config.threshold,
         ground_truth=truth, label_pos=None if config.label_pos == "none" else config.label_pos,
         relative_conf=config.relative_conf,
         typical_threshold=config.typical_threshold if config.typical_threshold >= 0 else None,
-        completed=datetime.fromisoformat(classifications["completed"]))
+        completed=datetime.fromisoformat(classifications.completed))
     problems = validate_batch_output(merged)
     classified = sum(1 for image in merged["images"] for d in image.get("detections") or []
                      if d.get("classifications"))
     yield dg.Output(merged, metadata={
-        "classifier": classifications["classifier"], "num_images": len(merged["images"]),
+        "classifier": classifications.classifier, "num_images": len(merged["images"]),
         "num_classified_detections": classified, "num_unmatched_crops": len(unmatched),
         "threshold": config.threshold})
     yield dg.AssetCheckResult(check_name="md_format", passed=not problems, metadata={

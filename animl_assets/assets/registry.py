@@ -86,15 +86,15 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
                                 description=f"{checkpoint.params['model_name']} on dataset "
                                             f"{checkpoint.params['dataset_version']}")
     client.set_registered_model_alias(config.model_name, registry.CHALLENGER, str(version.version))
-    value = {"name": config.model_name, "version": str(version.version), "source": source, "mlflow_run_id": run_id,
-             "gate_margin": config.gate_margin, "test": {k: test.get(k) for k in GATE_METRICS},
-             "model_uri": f"models:/{config.model_name}/{version.version}", "tags": tags}
+    value = registry.RegisteredVersion(config.model_name, str(version.version), source, run_id, config.gate_margin,
+                                       {k: test.get(k) for k in GATE_METRICS},
+                                       f"models:/{config.model_name}/{version.version}", tags)
     data_version = value_version(value, "registered_model")
     client.set_model_version_tag(config.model_name, str(version.version), registry.REGISTERED_TAG, data_version)
     context.log.info(f"registered {config.model_name} version {version.version} (alias challenger)")
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
         "model_name": config.model_name, "model_version": int(version.version),
-        "model_uri": value["model_uri"], "alias": registry.CHALLENGER,
+        "model_uri": value.model_uri, "alias": registry.CHALLENGER,
         **{f"test_{k}": round(v, 4) for k, v in test.items() if k in ("acc_top1", "macro_recall", "macro_f1")},
         "lineage": dg.MetadataValue.json(tags),
     })
@@ -115,48 +115,47 @@ def _comparison(new: dict[str, float], champion: dict[str, float], margin: float
              description="The new version beats the current champion on the same test split (top-1 and macro "
                          "recall, by the configured margin); the first version passes. Blocks promotion. "
                          "Fails closed: a registry that cannot be asked for the champion fails the check.")
-def beats_champion(registered_model: dict[str, Any], classifier_evaluation: Evaluation, storage: ArtifactStore,
+def beats_champion(registered_model: registry.RegisteredVersion, classifier_evaluation: Evaluation, storage: ArtifactStore,
                    mlflow: MlflowTracking) -> dg.AssetCheckResult:
     from animl_assets.core.ml.data import resolve_device
 
     value, evaluation = registered_model, classifier_evaluation
-    name, margin = value["name"], float(value["gate_margin"])
+    name, margin = value.name, float(value.gate_margin)
     client = mlflow.client()
     champion = registry.by_alias(client, name, registry.CHAMPION)  # raises (and is retried) when it cannot ask
-    if champion is None or str(champion.version) == str(value["version"]):
+    if champion is None or str(champion.version) == str(value.version):
         return dg.AssetCheckResult(passed=True, metadata={
             "reason": "no champion yet: the first version becomes champion" if champion is None
-            else "this version is the champion already", "new_version": int(value["version"])})
+            else "this version is the champion already", "new_version": int(value.version)})
     if evaluation.outputs_test.empty:
         return dg.AssetCheckResult(passed=False, metadata={"reason": "no test crops to compare on"})
     _, crops_root = dataset_crops(storage, evaluation.params)
     # both versions run the same way on the same crops, so a tie is a tie (the stored outputs are rounded)
     device = resolve_device("auto")
-    new_version = registry.resolve(client, name, str(value["version"]))
+    new_version = registry.resolve(client, name, str(value.version))
     new = registered_scores(client, mlflow.uri, new_version, evaluation.outputs_test, crops_root, device)
     theirs = registered_scores(client, mlflow.uri, champion, evaluation.outputs_test, crops_root, device)
     passed, rows = _comparison(new, theirs, margin)
     return dg.AssetCheckResult(passed=passed, metadata={
         "comparison": table(pd.DataFrame(rows)), "champion_version": int(champion.version),
-        "new_version": int(value["version"]), "margin": margin, "test_crops": len(evaluation.outputs_test),
-        "reason": (f"version {value['version']} beats champion version {champion.version}" if passed else
-                   f"version {value['version']} does not beat champion version {champion.version}: it stays "
+        "new_version": int(value.version), "margin": margin, "test_crops": len(evaluation.outputs_test),
+        "reason": (f"version {value.version} beats champion version {champion.version}" if passed else
+                   f"version {value.version} does not beat champion version {champion.version}: it stays "
                    f"challenger"),
     })
 
 
 @stage_asset(group_name="registry", kinds={"mlflow"})
-def champion_model(context: dg.AssetExecutionContext, registered_model: dict[str, Any],
-                   mlflow: MlflowTracking) -> dg.Output[dict[str, Any]]:
+def champion_model(context: dg.AssetExecutionContext, registered_model: registry.RegisteredVersion,
+                   mlflow: MlflowTracking) -> dg.Output[registry.Champion]:
     """The registered model's ``champion`` alias, moved to the new version once ``beats_champion`` passed
     (``animl promote`` moves it by hand)."""
-    name, version = registered_model["name"], registered_model["version"]
+    name, version = registered_model.name, registered_model.version
     client = mlflow.client()
     _repair(context, client, name)
     previous = registry.promote(client, name, version, how="gate")
     context.log.info(f"{name} version {version} is champion (was: {previous or 'none'})")
-    value = {"name": name, "version": version, "replaced": previous, "how": "gate",
-             "model_uri": f"models:/{name}@{registry.CHAMPION}"}
+    value = registry.Champion(name, version, previous, "gate", f"models:/{name}@{registry.CHAMPION}")
     return dg.Output(value, data_version=dg.DataVersion(value_version(value, "champion_model")), metadata={
         "model_name": name, "champion_version": int(version), "replaced_version": previous or "",
-        "model_uri": value["model_uri"]})
+        "model_uri": value.model_uri})

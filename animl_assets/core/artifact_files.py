@@ -30,6 +30,13 @@ class Arrays(dict):
     """Named numpy arrays, stored together as one ``.npz`` (e.g. a confusion matrix per split)."""
 
 
+class JsonRecord:
+    """Base of a dataclass stored as one JSON file (a small asset value: a registered version, a champion, an
+    export's classifications): typed in code, the same file and version as the plain dict it replaced, and
+    read back as its class; such a dict stored before the class existed loads into it (``from_files``'s
+    ``expected``)."""
+
+
 class Blob(bytes):
     """A file's bytes stored as they are (e.g. a TorchScript model)."""
 
@@ -94,10 +101,26 @@ def _load(kind: str, data: bytes) -> Any:
     raise ValueError(f"unknown artifact kind {kind!r}")
 
 
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _loaded_class(name: str) -> type:
+    module, _, qualname = name.partition(":")
+    cls = getattr(sys.modules.get(module), qualname, None)  # never imports: only classes already loaded
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"refusing to load an artifact set of class {name!r}: not a loaded dataclass")
+    return cls
+
+
 def to_files(value: Any, name: str) -> dict[str, bytes]:
     """The files that hold ``value`` (``name`` names a single value's file), with ``artifacts.json``."""
+    if isinstance(value, JsonRecord):
+        file = f"{name}.json"
+        index = {"class": _class_name(type(value)), "record": True, "files": {"": {"file": file, "kind": "json"}}}
+        return {file: _dump(dataclasses.asdict(value))[1], INDEX: json.dumps(index, indent=1).encode()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        files, index = {}, {"class": f"{type(value).__module__}:{type(value).__qualname__}", "files": {}}
+        files, index = {}, {"class": _class_name(type(value)), "files": {}}
         for field in dataclasses.fields(value):
             kind, data = _dump(getattr(value, field.name))
             file = field.metadata.get("file", f"{field.name}.{kind}")
@@ -114,16 +137,18 @@ def _kind(value: Any, kind: str) -> str:
     return "ndarray" if isinstance(value, np.ndarray) else kind
 
 
-def from_files(read: Any) -> Any:
-    """The value ``to_files`` stored; ``read(file_name) -> bytes`` reads a file of its folder."""
+def from_files(read: Any, expected: type | None = None) -> Any:
+    """The value ``to_files`` stored; ``read(file_name) -> bytes`` reads a file of its folder. A JSON mapping
+    stored without a class loads as ``expected`` when that is a ``JsonRecord`` class."""
     index = json.loads(read(INDEX))
-    if "class" not in index:
+    if "class" not in index or index.get("record"):
         entry = index["files"][""]
-        return _load(entry["kind"], read(entry["file"]))
-    module, _, qualname = index["class"].partition(":")
-    cls = getattr(sys.modules.get(module), qualname, None)  # never imports: only classes already loaded
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise ValueError(f"refusing to load an artifact set of class {index['class']!r}: not a loaded dataclass")
+        value = _load(entry["kind"], read(entry["file"]))
+        record = _loaded_class(index["class"]) if "class" in index else expected
+        if isinstance(record, type) and issubclass(record, JsonRecord) and isinstance(value, dict):
+            return record(**value)
+        return value
+    cls = _loaded_class(index["class"])
     return cls(**{field: _load(entry["kind"], _unzipped(entry["file"], read(entry["file"])))
                   for field, entry in index["files"].items()})
 

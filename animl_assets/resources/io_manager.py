@@ -45,19 +45,20 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext) -> Any:
         asset = context.asset_key.to_python_identifier()
+        expected = context.dagster_type.typing_type  # a record stored as a plain dict (older homes) loads into it
         if context.has_asset_partitions and context.has_partition_key:  # the same export's value
             partition = context.asset_partition_key
             if not self.storage.has(asset, partition=partition):
                 name = context.asset_key.to_user_string()
                 raise dg.Failure(f"{name} is not materialized for partition {partition!r}: materialize {name} first",
                                  allow_retries=False)
-            return self.storage.load(asset, partition=partition)
+            return self.storage.load(asset, partition=partition, expected=expected)
         if context.has_asset_partitions:  # across exports: {partition: value} of those materialized so far
             return {p: self.storage.load(asset, partition=p) for p in context.asset_partition_keys
                     if self.storage.has(asset, partition=p)}
         version, how = input_version(context)
         context.add_input_metadata({VERSION_METADATA: version, "resolved": how})
-        return self.storage.load(asset, version=version)
+        return self.storage.load(asset, version=version, expected=expected)
 
 
 PIN_TAG = "animl/version/"  # a run tag animl/version/<asset> = <version> pins the version that run reads

@@ -283,11 +283,13 @@ class ArtifactStore(StoreResource):
         """Whether a complete value of ``asset`` (one partition's, or one version's) is stored."""
         return self.store().exists(f"{asset_folder(asset, partition=partition, version=version)}/{INDEX}")
 
-    def load(self, asset: str, *, partition: str | None = None, version: str | None = None) -> Any:
-        """The value ``asset`` stored for one partition, or one version of a cross-export asset."""
+    def load(self, asset: str, *, partition: str | None = None, version: str | None = None,
+             expected: type | None = None) -> Any:
+        """The value ``asset`` stored for one partition, or one version of a cross-export asset (a record stored
+        as a plain dict loads as ``expected``, see ``JsonRecord``)."""
         store, folder = self.store(), asset_folder(asset, partition=partition, version=version)
         try:
-            return from_files(lambda name: store.read_bytes(f"{folder}/{name}"))
+            return from_files(lambda name: store.read_bytes(f"{folder}/{name}"), expected)
         except FileNotFoundError as err:
             raise dg.Failure(f"no complete artifacts at {store.uri(folder)}: {err}") from err
 

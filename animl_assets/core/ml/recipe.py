@@ -14,6 +14,7 @@ import pandas as pd
 from animl_assets.core.artifact_files import (
     Arrays,
     Blob,
+    JsonRecord,
     TorchFile,
     artifact_file,
     config_key,
@@ -163,3 +164,21 @@ class Evaluation:
     def metrics(self, split: str) -> dict[str, float]:
         row = self.overall_metrics[self.overall_metrics["split"] == split]
         return {} if row.empty else {k: float(v) for k, v in row.iloc[0].items() if k != "split"}
+
+
+@dataclass
+class Classifications(JsonRecord):
+    """``classifications``' value for one export: which model classified its crops (``key``: model, crops and
+    mapping), the label index of the output's columns, where the outputs are, and the crops that failed."""
+
+    key: str
+    model: str
+    classifier: str
+    label_index: dict[str, str]
+    output: str  # classifier_output.csv.gz's key in the store
+    num_classified: int
+    num_failed: int
+    mapping: dict[str, list[str]] | None
+    failures: list[dict[str, str]]
+    completed: str  # ISO 8601, UTC
+    sequence_output: str  # "" without per-sequence outputs

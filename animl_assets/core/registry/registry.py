@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from animl_assets.core.artifact_files import JsonRecord
 from animl_assets.core.ml.frames import MEANS, STDS
 from animl_assets.core.paths import redact_credentials
 from animl_assets.core.registry.tracking import DAGSTER_RUN_TAG
@@ -31,6 +32,32 @@ MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 ASSET_OF_TAG = {"animl.dataset_version": "classification_dataset", "animl.splits_version": "splits",
                 "animl.checkpoint_version": "classifier_checkpoint", "animl.evaluation_version": "classifier_evaluation",
                 REGISTERED_TAG: "registered_model"}
+
+
+@dataclass
+class RegisteredVersion(JsonRecord):
+    """``registered_model``'s value: a new version of the registered model (alias challenger until the gate
+    promotes it), its test figures the gate compares, the margin it must beat the champion by, and its tags."""
+
+    name: str
+    version: str
+    source: str
+    mlflow_run_id: str
+    gate_margin: float
+    test: dict[str, float | None]
+    model_uri: str
+    tags: dict[str, str]
+
+
+@dataclass
+class Champion(JsonRecord):
+    """``champion_model``'s value: the version the ``champion`` alias was moved to, and the one it replaced."""
+
+    name: str
+    version: str
+    replaced: str | None
+    how: str
+    model_uri: str
 
 
 @dataclass
