@@ -75,7 +75,8 @@ def test_ids_stay_strings_and_other_classes_are_refused():
 def test_a_record_is_one_json_file_with_the_dicts_version_and_an_older_dict_loads_into_it():
     """registered_model, champion_model and classifications were dicts: their records keep the file and the
     version, and what an older home stored as a dict is read back as the record."""
-    record = RegisteredVersion("animl-classifier", "3", "runs:/r/model", "r", 0.0, {"acc_top1": 0.9, "macro_recall": None},
+    record = RegisteredVersion("animl-classifier", "3", "runs:/r/model", "r", 0.0,
+                               {"acc_top1": 0.9, "macro_recall": None},
                                "models:/animl-classifier/3", {"animl.exports": "a,b"})
     files, older = to_files(record, "registered_model"), to_files(dataclasses.asdict(record), "registered_model")
     assert files["registered_model.json"] == older["registered_model.json"]
@@ -84,6 +85,10 @@ def test_a_record_is_one_json_file_with_the_dicts_version_and_an_older_dict_load
     assert from_files(older.__getitem__) == dataclasses.asdict(record)  # no class asked for: the plain dict
     assert from_files(older.__getitem__, expected=RegisteredVersion) == record
     assert from_files(to_files({"rows": 1}, "x").__getitem__, expected=Pair) == {"rows": 1}  # records only
+    index = files["artifacts.json"]
+    for elsewhere in (b"not_loaded_here:RegisteredVersion", b"os:system"):  # a reader without the class: JSON
+        files["artifacts.json"] = index.replace(b"animl_assets.core.registry.registry:RegisteredVersion", elsewhere)
+        assert from_files(files.__getitem__) == dataclasses.asdict(record)
 
 
 def _round_trip_through_dagster(storage: ArtifactStore, instance) -> None:

@@ -5,7 +5,6 @@ TorchScript through a target mapping) on the same test split, in one table.
 PyTorch and scikit-learn (``core.ml.evaluation``) are imported when a step runs, not when the Definitions
 load."""
 
-
 import json
 import time
 from pathlib import Path

@@ -5,7 +5,6 @@ an evaluation, to review and correct (``classification_dataset``'s ``corrections
 
 PyTorch (``core.ml.inference``) is imported when a step runs, not when the Definitions load."""
 
-
 import gzip
 import hashlib
 import json

@@ -115,8 +115,8 @@ def _comparison(new: dict[str, float], champion: dict[str, float], margin: float
              description="The new version beats the current champion on the same test split (top-1 and macro "
                          "recall, by the configured margin); the first version passes. Blocks promotion. "
                          "Fails closed: a registry that cannot be asked for the champion fails the check.")
-def beats_champion(registered_model: registry.RegisteredVersion, classifier_evaluation: Evaluation, storage: ArtifactStore,
-                   mlflow: MlflowTracking) -> dg.AssetCheckResult:
+def beats_champion(registered_model: registry.RegisteredVersion, classifier_evaluation: Evaluation,
+                   storage: ArtifactStore, mlflow: MlflowTracking) -> dg.AssetCheckResult:
     from animl_assets.core.ml.data import resolve_device
 
     value, evaluation = registered_model, classifier_evaluation

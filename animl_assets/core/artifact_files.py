@@ -105,12 +105,18 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _loaded_class(name: str) -> type:
+def _loaded(name: str) -> Any:
     module, _, qualname = name.partition(":")
-    cls = getattr(sys.modules.get(module), qualname, None)  # never imports: only classes already loaded
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise ValueError(f"refusing to load an artifact set of class {name!r}: not a loaded dataclass")
-    return cls
+    return getattr(sys.modules.get(module), qualname, None)  # never imports: only classes already loaded
+
+
+def _record_class(name: str | None, expected: type | None) -> type | None:
+    """The JsonRecord class a JSON value loads as: the one its index names when that is loaded, else
+    ``expected``; None (a plain mapping) when neither is a record class."""
+    for cls in (_loaded(name) if name else None, expected):
+        if isinstance(cls, type) and issubclass(cls, JsonRecord) and dataclasses.is_dataclass(cls):
+            return cls
+    return None
 
 
 def to_files(value: Any, name: str) -> dict[str, bytes]:
@@ -138,17 +144,18 @@ def _kind(value: Any, kind: str) -> str:
 
 
 def from_files(read: Any, expected: type | None = None) -> Any:
-    """The value ``to_files`` stored; ``read(file_name) -> bytes`` reads a file of its folder. A JSON mapping
-    stored without a class loads as ``expected`` when that is a ``JsonRecord`` class."""
+    """The value ``to_files`` stored; ``read(file_name) -> bytes`` reads a file of its folder. A record loads
+    as its class (plain JSON when that class is not loaded here); a JSON mapping stored without a class loads
+    as ``expected`` when that is a ``JsonRecord`` class."""
     index = json.loads(read(INDEX))
     if "class" not in index or index.get("record"):
         entry = index["files"][""]
         value = _load(entry["kind"], read(entry["file"]))
-        record = _loaded_class(index["class"]) if "class" in index else expected
-        if isinstance(record, type) and issubclass(record, JsonRecord) and isinstance(value, dict):
-            return record(**value)
-        return value
-    cls = _loaded_class(index["class"])
+        record = _record_class(index.get("class"), expected)
+        return record(**value) if record and isinstance(value, dict) else value
+    cls = _loaded(index["class"])
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"refusing to load an artifact set of class {index['class']!r}: not a loaded dataclass")
     return cls(**{field: _load(entry["kind"], _unzipped(entry["file"], read(entry["file"])))
                   for field, entry in index["files"].items()})
 

@@ -35,7 +35,6 @@ LABEL_STATS_COLUMNS = ("split", "label", "precision", "recall")
 MACRO = "(macro)"
 
 
-
 # ---- mapping another model's labels onto ours --------------------------------------------------------------
 
 def map_logits(logits: torch.Tensor, columns: Sequence[Sequence[int]]) -> torch.Tensor:
