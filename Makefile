@@ -12,7 +12,7 @@ export ANIML_HOME
 $(BIN)/animl: pyproject.toml animl_assets/core/detect/_jpegregion.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip uv || true
-	UV_CACHE_DIR=$(VENV)/.uv-cache $(BIN)/uv pip install --quiet --python $(BIN)/python $$($(PYTHON) .ci/uv_args.py) -e '.[dev]' \
+	UV_CACHE_DIR=$(VENV)/.uv-cache $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $$($(PYTHON) .ci/uv_args.py) -e '.[dev]' \
 		|| $(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
