@@ -51,6 +51,26 @@ def quick_demo_config(folder: Path) -> str:
     return str(path)
 ENA24 = REPO.parent / "shared" / "data" / "ena24_small"
 
+# The files that take longest, longest first: --dist loadfile hands files to the workers in collection order, so
+# these start at once and the suite ends on short files on both workers, not on one long file alone.
+LONGEST_FILES = ("test_demo_home.py", "test_concurrency.py", "test_production.py", "test_faults.py",
+                 "test_registry_assets.py", "test_definitions_and_cli.py", "test_lineage.py", "test_storage.py",
+                 "test_training_assets.py", "test_training_core.py", "test_faults_gc.py", "test_ingest_assets.py",
+                 "test_postgres.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run LONGEST_FILES first, in that order; the other files keep theirs."""
+    rank = {name: place for place, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture()
+def quick_retries(monkeypatch) -> None:
+    """Steps run in this process retry as their RetryPolicy says, without the waits between attempts."""
+    monkeypatch.setattr(dg.RetryPolicy, "calculate_delay", lambda policy, attempt_num: 0)
+
+
 
 def unavailable(message: str) -> NoReturn:
     """Stop a test whose outside requirement (data, a Debian package) is missing: a skip that says so, and

@@ -182,6 +182,7 @@ def test_a_failed_blocking_check_is_one_line(fresh_home, sample_dir, tmp_path, c
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyError])  # retried, or stopped at once: a crash either way
+@pytest.mark.usefixtures("quick_retries")
 def test_an_unexpected_error_keeps_its_trace(fresh_home, sample_dir, capsys, monkeypatch, error):
     import animl_assets.assets.exports as exports_assets
 

@@ -201,6 +201,7 @@ def _flaky_alias_lookups(monkeypatch, failures: int | None):
     return calls
 
 
+@pytest.mark.usefixtures("quick_retries")
 def test_the_gate_fails_closed_when_the_registry_cannot_be_asked(registered_home, monkeypatch):
     settings, dagster_home, _ = registered_home
     client = _client(settings)
@@ -444,6 +445,7 @@ def _fails_once(monkeypatch, method: str, alias: str):
     monkeypatch.setattr(MlflowClient, method, flaky)
 
 
+@pytest.mark.usefixtures("quick_retries")
 def test_an_interrupted_registration_or_promotion_is_rolled_back_or_finished(registered_home, monkeypatch):
     settings, dagster_home, _ = registered_home
     client = _client(settings)

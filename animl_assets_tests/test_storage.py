@@ -139,6 +139,7 @@ def test_redact_credentials_hides_userinfo_in_any_text():
                                         "(and s3://***@c/d)")
 
 
+@pytest.mark.usefixtures("quick_retries")
 def test_credentials_in_the_endpoint_url_reach_neither_output_nor_event_log(tmp_path, monkeypatch, capsys,
                                                                             moto_endpoint, bucket, sample_dir):
     from animl_assets.cli import main
