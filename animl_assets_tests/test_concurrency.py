@@ -24,8 +24,8 @@ from animl_assets_tests.conftest import assert_artifacts_intact, bucket_objects
 
 pytestmark = pytest.mark.slow
 ANIML = str(Path(sys.executable).with_name("animl"))
-TRAINING = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 64, "epochs": 2,
-            "finetune": 2, "batch_size": 16, "num_workers": 0, "progress_every": 0}
+TRAINING = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 32, "epochs": 1,
+            "finetune": 1, "batch_size": 16, "num_workers": 0, "progress_every": 0}
 CLEAR_FAILURE = re.compile(r"animl \S+: error: |step \S+ failed")
 
 
