@@ -10,6 +10,7 @@ from animl_assets.core.ingest.cct import (
     load_cct,
     summarize_cct,
     validate_cct,
+    without_set_aside,
 )
 
 GOOD = {
@@ -41,6 +42,22 @@ def test_unreadable_exports_raise_a_clear_error(data, message):
         load_cct(data)
 
 
+def test_an_export_that_ends_early_says_it_was_cut_off_and_how_to_get_a_whole_one():
+    # the images, then the annotations up to one's closing "}, ": where a streaming writer stopped
+    cut = (f'{{"images": {json.dumps(GOOD["images"])},\n "annotations": [\n'
+           + "".join(json.dumps(annotation) + ", " for annotation in GOOD["annotations"]))
+    last_line = cut.count("\n") + 1
+    with pytest.raises(CCTFormatError, match="ends early.*cut off.*export it again") as raised:
+        load_cct(cut.encode())
+    assert f"line {last_line}," in str(raised.value)  # where the file stops
+    for broken_inside in ("{not json", '{"images": []} trailing'):  # a fault before the end is not "ends early"
+        with pytest.raises(CCTFormatError, match="not valid JSON") as raised:
+            load_cct(broken_inside)
+        assert "ends early" not in str(raised.value)
+    with pytest.raises(CCTFormatError, match="the file is empty"):
+        load_cct(b"  \n")
+
+
 def test_missing_and_mistyped_keys_fail_schema():
     cct = {"images": {"not": "a list"}, "categories": [{"id": 1}],
            "annotations": [{"id": 1, "image_id": None, "category_id": 1, "bbox": [1, 2]}]}
@@ -48,7 +65,6 @@ def test_missing_and_mistyped_keys_fail_schema():
     assert "'images' must be a list, not dict" in found
     assert any("categories[0]: 'name'" in p for p in found)
     assert any("annotations[0]: 'image_id'" in p for p in found)
-    assert any("'bbox' must be [x, y, width, height]" in p for p in found)
     assert "missing top-level key 'annotations'" in problems({"images": [], "categories": []})["schema"]
 
 
@@ -85,13 +101,30 @@ def test_dangling_references_are_reported():
     ([0, 0, 100, 80], True, False), ([0.5, 0.5, 100, 80], True, True),  # overhangs by rounding: clipped
     ([10, 10, 95, 10], True, True), ([-3, 0, 10, 10], True, True),  # 5 px and 3 px of a 100 px side: clipped
     ([10, 10, 96, 10], False, False), ([10, 75, 10, 10], False, False),  # 6 px and 5 px: over 5% of the side
-    ([0, 0, -1, 5], False, False), ([0, 0, 0, 5], False, False), ([100, 0, 4, 4], False, False),  # no area; outside
+    ([100, 0, 4, 4], False, False),  # starts outside
 ])
 def test_boxes_must_lie_inside_their_image_or_overhang_within_the_tolerance(bbox, ok, clipped):
     cct = copy.deepcopy(GOOD)
     cct["annotations"][0]["bbox"] = bbox
     report = validate_cct(cct)
     assert (not report.problems["bboxes"]) is ok and bool(report.clipped) is clipped
+    assert report.set_aside == {}
+
+
+@pytest.mark.parametrize("bbox, reason", [
+    ([None, None, None, None], "null box"), ([1, 2], "malformed box"), (["1", 2, 3, 4], "malformed box"),
+    ("0 0 5 5", "malformed box"), ([0, 0, -1, 5], "box without area"), ([0, 0, 0, 5], "box without area"),
+])
+def test_an_unusable_box_sets_its_annotation_aside_without_failing_the_export(bbox, reason):
+    cct = copy.deepcopy(GOOD)
+    cct["annotations"].append({"id": "bad", "image_id": 1, "category_id": 1, "bbox": bbox})
+    report = validate_cct(cct)
+    assert report.ok and report.set_aside.keys() == {"bad"} and report.set_aside["bad"].startswith(reason)
+    assert report.set_aside_by_reason() == {report.set_aside["bad"]: 1}
+    assert report.record()["annotations_set_aside"] == [f"annotation bad: {report.set_aside['bad']}"]
+    kept = without_set_aside(cct, report)
+    assert [ann["id"] for ann in kept["annotations"]] == [1, 2] and len(cct["annotations"]) == 3  # a copy
+    assert without_set_aside(GOOD, validate_cct(GOOD)) is GOOD
 
 
 def test_the_overhang_tolerance_is_configurable():

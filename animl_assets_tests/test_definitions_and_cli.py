@@ -29,7 +29,7 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
     assert repo.has_job(INGEST_JOB) and repo.has_job(TRAIN_JOB) and repo.has_sensor_def("new_exports")
     assert {key.to_user_string() for key in defs.resolve_asset_graph().asset_check_keys} == {
         "cct_export:schema", "cct_export:unique_ids", "cct_export:references", "cct_export:bboxes",
-        "cct_export:boxes_clipped",
+        "cct_export:boxes_clipped", "cct_export:annotations_set_aside",
         "images:failure_rate", "md_detections:md_format", "crops:failure_rate",
         "classification_dataset:enough_labels_to_train", "splits:no_location_leakage",
         "splits:every_label_in_every_split", "registered_model:beats_champion", "classified_detections:md_format"}
@@ -103,6 +103,23 @@ def test_cli_rejects_a_malformed_or_missing_export(tmp_path, monkeypatch, capsys
     assert main(["register", str(tmp_path / "nope.json")]) == 2
     assert f"no file at {tmp_path / 'nope.json'}" in capsys.readouterr().err
     assert not (tmp_path / "home" / "exports" / "bad.json").exists()
+
+
+def test_an_export_cut_off_by_animls_streaming_writer_is_one_line_and_registers_nothing(tmp_path, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.setenv("ANIML_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    image = {"id": "proj:0a1b", "file_name": "proj/cam1/dep/proj-0a1b.jpg", "datetime": None,
+             "serving_bucket_key": "original/proj:0a1b-original.jpg", "location": "cam1-default"}
+    annotation = {"id": "65f0c0ffee0123456789abcd", "image_id": image["id"], "category_id": 1,
+                  "sequence_level_annotation": False, "bbox": [1, 2, 30, 40], "confidence": 1, "validated": True}
+    # the streaming writer's early end: the annotations list stops after an annotation's "}, "
+    text = f'{{"images": [{json.dumps(image)}], "annotations": [{json.dumps(annotation)}, '
+    (tmp_path / "big.json").write_text(text)
+    assert main(["register", str(tmp_path / "big.json")]) == 2
+    line = one_error_line(capsys, "register")
+    assert "ends early" in line and "export it again" in line and "18,000 images" in line
+    assert not (tmp_path / "home" / "exports" / "big.json").exists()
 
 
 def test_sample_export_command_is_deterministic(tmp_path):

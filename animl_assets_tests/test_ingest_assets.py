@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -35,8 +36,9 @@ def test_sample_export_is_validated_and_every_image_accounted_for(settings, inst
     assert "deer" in {row["category"] for row in table_rows(export_meta["category_by_location"])}
     checks = {e.asset_check_key.to_user_string(): e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"cct_export:schema": True, "cct_export:unique_ids": True, "cct_export:references": True,
-                      "cct_export:bboxes": True, "cct_export:boxes_clipped": True, "images:failure_rate": True, "md_detections:md_format": True,
-                      "crops:failure_rate": True}
+                      "cct_export:bboxes": True, "cct_export:boxes_clipped": True,
+                      "cct_export:annotations_set_aside": True, "images:failure_rate": True,
+                      "md_detections:md_format": True, "crops:failure_rate": True}
 
     images_meta = materialization(result, "images")
     assert images_meta["num_good"] == sample_counts["good"]
@@ -185,3 +187,26 @@ def test_thousands_of_failed_images_log_a_bounded_number_of_lines(settings, inst
     assert len(warnings) == 1 and f"{count} images failed ({count} nonexistent)" in warnings[0].user_message
     assert len(logs) < 100
     assert (manifest(settings, partition)["status"] == "nonexistent").sum() == count
+
+
+def test_annotations_with_unusable_boxes_are_set_aside_and_the_export_still_ingests(settings, instance, sample_dir,
+                                                                                   sample_counts, tmp_path):
+    source = tmp_path / "with_bad_boxes"
+    shutil.copytree(sample_dir, source)
+    cct = json.loads((source / EXPORT_NAME).read_text())
+    boxed = next(a for a in cct["annotations"] if a.get("bbox"))
+    cct["annotations"] += [{**boxed, "id": "null-box", "bbox": [None, None, None, None]},  # Animl: no image size
+                           {**boxed, "id": "flat-box", "bbox": [5, 5, 0, 12]}]
+    (source / EXPORT_NAME).write_text(json.dumps(cct))
+    result = run_ingest(settings, instance, add_export(settings, instance, source))
+    assert result.success
+    meta = materialization(result, "cct_export")
+    assert meta["num_annotations_set_aside"] == 2 and meta["annotations_set_aside"] == {
+        "null box (the image had no size when it was exported)": 1, "box without area": 1}
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "annotations_set_aside")
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN and check.metadata["problems"].value == 2
+    [validation] = Path(settings.storage_uri, "cct_export").rglob("validation.json")
+    assert [line.split(":")[0] for line in json.loads(validation.read_text())["annotations_set_aside"]] == [
+        "annotation null-box", "annotation flat-box"]
+    # neither became a detection or a crop
+    assert materialization(result, "crops")["num_crops"] == sample_counts["crops"]

@@ -11,12 +11,14 @@ from animl_assets.assets.checks import problems_check
 from animl_assets.core.ingest.cct import (
     BBOX_OVERHANG_TOLERANCE,
     CHECKS,
+    SET_ASIDE,
     CCTFormatError,
     ExportArtifacts,
     category_location_table,
     load_cct,
     summarize_cct,
     validate_cct,
+    without_set_aside,
 )
 from animl_assets.core.ingest.exports import ExportCursor, export_key_for, scan_exports
 from animl_assets.resources.storage import ExportsLocation
@@ -47,7 +49,10 @@ class ExportConfig(dg.Config):
                    for name in CHECKS),
                  dg.AssetCheckSpec("boxes_clipped", asset="cct_export", blocking=False,
                                    description="Warns when boxes overhang their image within the tolerance "
-                                               "(they are clipped).")],)
+                                               "(they are clipped)."),
+                 dg.AssetCheckSpec(SET_ASIDE, asset="cct_export", blocking=False,
+                                   description="Warns when annotations are left out because their box is null, "
+                                               "malformed or has no area (validation.json lists each).")],)
 def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
                exports: ExportsLocation) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """The export's COCO Camera Traps JSON and its problems per check; downstream waits on its checks. Its
@@ -67,9 +72,13 @@ def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
     if report.clipped:
         context.log.warning(f"{len(report.clipped)} boxes overhang their image within the tolerance and are "
                             f"clipped, e.g. {report.clipped[0]}")
+    set_aside = report.set_aside_by_reason()
+    if set_aside:
+        context.log.warning(f"{len(report.set_aside)} annotations left out: {set_aside}")
     counts, sha256 = summarize_cct(cct), hashlib.sha256(raw).hexdigest()
     yield dg.Output(
-        ExportArtifacts(cct, report.problems, {"uri": source.uri(export_key_for(partition)), "sha256": sha256}),
+        ExportArtifacts(without_set_aside(cct, report), report.record(),
+                        {"uri": source.uri(export_key_for(partition)), "sha256": sha256}),
         data_version=dg.DataVersion(sha256),
         metadata={
             **{f"num_{name}": count for name, count in counts.items()},
@@ -77,11 +86,14 @@ def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
             "sha256": sha256,
             "source": location(source.uri(export_key_for(partition))),
             "problems": sum(map(len, report.problems.values())),
+            "num_annotations_set_aside": len(report.set_aside),
+            "annotations_set_aside": dg.MetadataValue.json(set_aside),
             "category_by_location": table(by_location.reset_index() if len(by_location) else by_location),
         },
     )
     yield from (problems_check(name, problems) for name, problems in report.problems.items())
     yield problems_check("boxes_clipped", report.clipped, severity=dg.AssetCheckSeverity.WARN)
+    yield problems_check(SET_ASIDE, report.record()[SET_ASIDE], severity=dg.AssetCheckSeverity.WARN)
 
 
 def make_new_exports_sensor(target: dg.JobDefinition | Any) -> dg.SensorDefinition:

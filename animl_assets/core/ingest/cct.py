@@ -16,6 +16,7 @@ from animl_assets.core.paths import normalized_path
 UNKNOWN_LOCATION = "unknown_location"
 BBOX_OVERHANG_TOLERANCE = 0.05  # share of the image's side a box may reach past its edge; it is clipped
 CHECKS = ("schema", "unique_ids", "references", "bboxes")
+SET_ASIDE = "annotations_set_aside"  # the non-blocking check, and its list in validation.json
 
 
 @dataclass
@@ -32,13 +33,23 @@ class CCTFormatError(ValueError):
     """The export cannot be read as a COCO Camera Traps JSON object at all."""
 
 
+ENDS_EARLY = ("the file was cut off. It cannot be repaired safely: export it again (Animl's exporter can end an "
+              "export of more than 18,000 images early; an export filtered by camera or date range stays smaller)")
+
+
 def load_cct(data: bytes | str) -> dict[str, Any]:
-    """Parse an export; raise CCTFormatError with the position of the fault when it is not a JSON object."""
+    """Parse an export; raise CCTFormatError with the position of the fault when it is not a JSON object, saying
+    so when the file ends before its JSON does (a truncated export)."""
     try:
         cct = json.loads(data)
     except UnicodeDecodeError as err:
         raise CCTFormatError(f"export is not UTF-8 text: {err}") from err
     except json.JSONDecodeError as err:
+        if not err.doc.strip():
+            raise CCTFormatError("export is not valid JSON: the file is empty") from err
+        if err.pos >= len(err.doc.rstrip()):
+            raise CCTFormatError(f"export is not valid JSON: it ends early, at line {err.lineno}, column "
+                                 f"{err.colno} ({err.msg}): {ENDS_EARLY}") from err
         raise CCTFormatError(
             f"export is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
         ) from err
@@ -49,10 +60,13 @@ def load_cct(data: bytes | str) -> dict[str, Any]:
 
 @dataclass
 class CCTValidation:
-    """Problems found per check (see CHECKS); a check passes when its list is empty."""
+    """Problems found per check (see CHECKS); a check passes when its list is empty. Annotations whose box
+    cannot be used (null, malformed or without area) are not problems of the export: they are set aside
+    (``set_aside``: annotation id -> reason) and left out of what is ingested."""
 
     problems: dict[str, list[str]] = field(default_factory=lambda: {name: [] for name in CHECKS})
     clipped: list[str] = field(default_factory=list)  # boxes that overhang within the tolerance
+    set_aside: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -60,6 +74,14 @@ class CCTValidation:
 
     def add(self, check: str, message: str) -> None:
         self.problems[check].append(message)
+
+    def set_aside_by_reason(self) -> dict[str, int]:
+        """How many annotations were set aside, per reason."""
+        return dict(Counter(self.set_aside.values()))
+
+    def record(self) -> dict[str, list[str]]:
+        """What ``validation.json`` holds: the problems per check, and each annotation set aside with why."""
+        return {**self.problems, SET_ASIDE: [f"annotation {key}: {reason}" for key, reason in self.set_aside.items()]}
 
 
 def _records(cct: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -109,10 +131,23 @@ def _check_schema(cct: dict[str, Any], report: CCTValidation) -> None:
         for dim in ("width", "height"):
             if dim in image and not (isinstance(image[dim], int) and image[dim] > 0):
                 report.add("schema", f"images[{index}]: '{dim}' must be a positive integer")
+
+
+def _unusable_box(bbox: Any) -> str | None:
+    """Why a present ``bbox`` cannot be used, or None when it is four numbers with an area."""
+    if isinstance(bbox, list) and len(bbox) == 4 and all(value is None for value in bbox):
+        return "null box (the image had no size when it was exported)"
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+        return "malformed box (not [x, y, width, height] numbers)"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return "box without area"
+    return None
+
+
+def _set_aside_boxes(cct: dict[str, Any], report: CCTValidation) -> None:
     for index, ann in enumerate(_records(cct, "annotations")):
-        bbox = ann.get("bbox")
-        if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
-            report.add("schema", f"annotations[{index}]: 'bbox' must be [x, y, width, height] numbers")
+        if ann.get("bbox") is not None and (reason := _unusable_box(ann["bbox"])):
+            report.set_aside[str(ann.get("id", f"#{index}"))] = reason
 
 
 def _check_unique(cct: dict[str, Any], report: CCTValidation) -> None:
@@ -146,13 +181,10 @@ def _check_bboxes(cct: dict[str, Any], report: CCTValidation, tolerance: float) 
     images = {str(image.get("id")): image for image in _records(cct, "images")}
     for ann in _records(cct, "annotations"):
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
-            continue  # absent boxes are fine (empty images); malformed ones are schema problems
+        if bbox is None or _unusable_box(bbox):
+            continue  # absent boxes are fine (image-level labels); unusable ones are set aside
         x, y, w, h = bbox
         where = f"annotation {ann.get('id')!r} bbox {bbox}"
-        if w <= 0 or h <= 0:
-            report.add("bboxes", f"{where} has no area")
-            continue
         image = images.get(str(ann.get("image_id")))
         if image is None or not all(isinstance(image.get(d), int) for d in ("width", "height")):
             if x < 0 or y < 0:
@@ -174,14 +206,24 @@ def validate_cct(cct: dict[str, Any], *, bbox_tolerance: float = BBOX_OVERHANG_T
     """Run every check in CHECKS over a parsed export; never raises on malformed content.
 
     A box that reaches past its image's edge by at most ``bbox_tolerance`` of the image's side is listed
-    in ``clipped`` (``cct_to_md`` clips it, as MegaDetector's tools do); a larger overhang, a box with no
-    area or one that starts outside its image is a ``bboxes`` problem.
+    in ``clipped`` (``cct_to_md`` clips it, as MegaDetector's tools do); a larger overhang or one that
+    starts outside its image is a ``bboxes`` problem. An annotation with a null, malformed or zero-area box
+    is set aside (``set_aside``), not a problem.
     """
     report = CCTValidation()
-    for check in (_check_schema, _check_unique, _check_references):
+    for check in (_check_schema, _check_unique, _check_references, _set_aside_boxes):
         check(cct, report)
     _check_bboxes(cct, report, bbox_tolerance)
     return report
+
+
+def without_set_aside(cct: dict[str, Any], report: CCTValidation) -> dict[str, Any]:
+    """``cct`` without the annotations ``report`` set aside (the same object when there are none)."""
+    if not report.set_aside:
+        return cct
+    kept = [ann for index, ann in enumerate(cct["annotations"])
+            if not (isinstance(ann, dict) and str(ann.get("id", f"#{index}")) in report.set_aside)]
+    return {**cct, "annotations": kept}
 
 
 def image_location(image: dict[str, Any]) -> str:
