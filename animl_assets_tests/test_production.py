@@ -39,6 +39,7 @@ def test_the_demo_on_a_failing_s3_endpoint_completes_intact_and_leaks_no_credent
     result = subprocess.run([str(animl), "demo", "--run-config", quick_demo_config(tmp_path)], env=env, capture_output=True, text=True, timeout=1200)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
+    print(f"endpoint faults {dict(chaos.faults)}")
     assert chaos.faults["drop"] > 20 and chaos.faults["503"] > 10 and chaos.faults["delay"] > 10, chaos.faults
 
     stored = bucket_objects(s3, bucket)
