@@ -20,7 +20,7 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
     import dagster as dg
 
     from animl_assets.assets import exports_partitions
-    from animl_assets.core.ingest.cct import load_cct
+    from animl_assets.core.ingest.cct import IMAGE_KEY_FIELDS, export_profile, load_cct
     from animl_assets.core.ingest.exports import export_key_for, mdcache_key_for, partition_key_for
     from animl_assets.resources import build_resources
     from animl_assets.resources.storage import read_uri
@@ -41,6 +41,8 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
         partition = partition_key_for(f"{name}.json" if name else file_name)
         export_key = export_key_for(partition)
         cct = load_cct(read_uri(source_uri, exports_resource.s3))
+        profile = export_profile(cct)
+        print(f"export profile: {profile} (images are read by their {IMAGE_KEY_FIELDS[profile]})")
         if not isinstance(cct.get("info"), dict):
             cct["info"] = {}
         root = images_root or folder

@@ -6,11 +6,11 @@ import pytest
 from animl_assets.core.ingest.cct import (
     UNKNOWN_LOCATION,
     CCTFormatError,
+    as_ingested,
     category_location_table,
     load_cct,
     summarize_cct,
     validate_cct,
-    without_set_aside,
 )
 
 GOOD = {
@@ -122,9 +122,17 @@ def test_an_unusable_box_sets_its_annotation_aside_without_failing_the_export(bb
     assert report.ok and report.set_aside.keys() == {"bad"} and report.set_aside["bad"].startswith(reason)
     assert report.set_aside_by_reason() == {report.set_aside["bad"]: 1}
     assert report.record()["annotations_set_aside"] == [f"annotation bad: {report.set_aside['bad']}"]
-    kept = without_set_aside(cct, report)
+    kept = as_ingested(cct, report)
     assert [ann["id"] for ann in kept["annotations"]] == [1, 2] and len(cct["annotations"]) == 3  # a copy
-    assert without_set_aside(GOOD, validate_cct(GOOD)) is GOOD
+    assert as_ingested(GOOD, validate_cct(GOOD)) is GOOD
+
+
+def test_reviewers_names_are_not_ingested():
+    cct = copy.deepcopy(GOOD)
+    cct["annotations"][0] |= {"validated": True, "validated_by": "ranger@example.org"}
+    ingested = as_ingested(cct, validate_cct(cct))
+    assert "ranger@example.org" not in json.dumps(ingested) and ingested["annotations"][0]["validated"] is True
+    assert cct["annotations"][0]["validated_by"] == "ranger@example.org"  # the export itself is left as it is
 
 
 def test_the_overhang_tolerance_is_configurable():

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -191,3 +192,70 @@ def test_a_label_with_a_comma_is_refused_when_the_dataset_is_built(settings, ins
     assert not result.success and "labels with a comma cannot be written" in _failure(result)
     assert "'deer,fox'" in _failure(result)
     assert instance.get_latest_materialization_event(dg.AssetKey("classification_dataset")) is None
+
+
+def test_only_reviewed_boxes_are_ground_truth_unless_asked_and_no_reviewer_is_kept(settings, instance, sample_dir,
+                                                                                  tmp_path):
+    """Animl's "include non-reviewed objects": a model's guesses (validated: false) beside reviewed labels, each
+    reviewed one naming its reviewer (validated_by, often an e-mail address)."""
+    source = tmp_path / "with_guesses"
+    shutil.copytree(sample_dir, source)
+    cct = json.loads((source / "sample_export.json").read_text())
+    files = {image["id"]: image["file_name"] for image in cct["images"]}
+    fox = next(c["id"] for c in cct["categories"] if c["name"] == "fox")
+    guesses = [a for a in cct["annotations"] if a["category_id"] == fox and not files[a["image_id"]].startswith(
+        "broken/")][:3]
+    for ann in cct["annotations"]:
+        ann |= {"validated": True, "validated_by": "ranger@example.org"}
+    for ann in guesses:
+        ann |= {"validated": False, "validated_by": "Not Reviewed"}
+    (source / "sample_export.json").write_text(json.dumps(cct))
+    partition = add_export(settings, instance, source)
+    assert run_ingest(settings, instance, partition).success
+
+    everything = run_dataset(settings, instance, config({"ground_truth": "all"}))
+    assert everything.success and materialization(everything, "classification_dataset")["num_unreviewed_left_out"] == 0
+    all_rows = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv")
+    reviewed = run_dataset(settings, instance)  # the default
+    meta = materialization(reviewed, "classification_dataset")
+    assert meta["num_unreviewed_left_out"] == 3 and meta["unreviewed_left_out"] == {partition: {"fox": 3}}
+    rows = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv")
+    guessed = {files[a["image_id"]] for a in guesses}
+    left_out = set(all_rows["path"]) - set(rows["path"])
+    assert len(all_rows) - len(rows) == len(left_out) == 3
+    assert all(path.split("/", 1)[1].startswith(tuple(guessed)) for path in left_out)
+    # the reviewer's address reached no artifact and no event
+    stored = [p.read_bytes() for p in Path(settings.storage_uri).rglob("*") if p.is_file()]
+    assert not any(b"ranger@example.org" in data for data in stored)
+    events = "\n".join(str(e) for run in instance.get_runs() for e in instance.all_logs(run.run_id))
+    assert "ranger@example.org" not in events
+
+
+def test_categories_match_by_name_across_exports_and_case_variants_merge_with_a_warning(settings, instance,
+                                                                                       ingested, sample_dir, tmp_path):
+    """Animl numbers categories by their place in today's label list: ids shift between exports of a project,
+    and users type names freely (``Fox``, `` raccoon``)."""
+    alone = run_dataset(settings, instance, config({"exports": [ingested]}))
+    assert alone.success and materialization(alone, "classification_dataset")["merged_class_names"] == {}
+    one_index = json.loads((latest_version(settings, instance, "classification_dataset") / "label_index.json")
+                           .read_text())
+    source = tmp_path / "later"
+    shutil.copytree(sample_dir, source)
+    cct = json.loads((source / "sample_export.json").read_text())
+    shifted = {c["id"]: (c["id"] + 3) % len(cct["categories"]) for c in cct["categories"]}  # every id moves
+    renamed = {"fox": "Fox", "raccoon": " raccoon"}
+    cct["categories"] = [{"id": shifted[c["id"]], "name": renamed.get(c["name"], c["name"])} for c in cct["categories"]]
+    for ann in cct["annotations"]:
+        ann["category_id"] = shifted[ann["category_id"]]
+    (source / "sample_export.json").write_text(json.dumps(cct))
+    assert run_ingest(settings, instance, add_export(settings, instance, source, folder="later")).success
+
+    both = run_dataset(settings, instance)
+    assert both.success
+    meta = materialization(both, "classification_dataset")
+    assert meta["num_datasets"] == 2
+    assert meta["merged_class_names"] == {"fox": ["Fox", "fox"], "raccoon": [" raccoon", "raccoon"]}
+    index = json.loads((latest_version(settings, instance, "classification_dataset") / "label_index.json").read_text())
+    assert index == one_index  # one label per species, whatever its id or spelling in each export
+    warnings = [e.message for e in instance.all_logs(both.run_id) if e.level == logging.WARNING]
+    assert any("differ only in case or spacing" in message and "'Fox'" in message for message in warnings)

@@ -122,6 +122,19 @@ def test_an_export_cut_off_by_animls_streaming_writer_is_one_line_and_registers_
     assert not (tmp_path / "home" / "exports" / "big.json").exists()
 
 
+def test_register_says_which_export_profile_it_recognised(tmp_path, sample_dir, monkeypatch, capsys):
+    monkeypatch.setenv("ANIML_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    assert main(["register", str(sample_dir / "sample_export.json"), "--no-run"]) == 0
+    assert "export profile: coco (images are read by their file_name)" in capsys.readouterr().out
+    cct = json.loads((sample_dir / "sample_export.json").read_text())
+    for image in cct["images"]:
+        image["serving_bucket_key"] = f"original/{image['id']}-original.jpg"
+    (tmp_path / "animl.json").write_text(json.dumps(cct))
+    assert main(["register", str(tmp_path / "animl.json"), "--no-run"]) == 0
+    assert "export profile: animl (images are read by their serving_bucket_key)" in capsys.readouterr().out
+
+
 def test_sample_export_command_is_deterministic(tmp_path):
     assert main(["sample-export", str(tmp_path / "a")]) == 0
     assert main(["sample-export", str(tmp_path / "b")]) == 0

@@ -1,11 +1,13 @@
 """md_detections and crops materialized through the Definitions on the sample export."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from animl_assets.core.detect.megadetector import validate_batch_output
+from animl_assets.core.ingest.sample import EXPORT_NAME
 from animl_assets.core.layout import partition_folder
 from animl_assets_tests.conftest import add_export, run_ingest, table_rows
 from animl_assets_tests.test_ingest_assets import materialization
@@ -129,3 +131,29 @@ def test_out_of_order_materialization_names_the_missing_upstream(settings, insta
     assert failure.event_specific_data.error.cls_name == "Failure"
     assert ("images is not materialized for partition 'sample/sample_export': materialize images first"
             in failure.event_specific_data.error.message)
+
+
+def test_full_frame_empty_boxes_are_empty_images_never_crops(settings, instance, sample_dir, sample_counts, tmp_path):
+    """Animl's "empty": category 0 with a box over the whole frame. No detection, no crop, no detector run."""
+    source = tmp_path / "animl_empties"
+    shutil.copytree(sample_dir, source)
+    cct = json.loads((source / EXPORT_NAME).read_text())
+    sizes = {image["id"]: (image["width"], image["height"]) for image in cct["images"] if "width" in image}
+    empties = [ann for ann in cct["annotations"] if ann["category_id"] == 0 and ann["image_id"] in sizes]
+    assert empties
+    for ann in empties:
+        ann["bbox"] = [0, 0, *sizes[ann["image_id"]]]
+    (source / EXPORT_NAME).write_text(json.dumps(cct))
+    partition = add_export(settings, instance, source)
+    result = run_ingest(settings, instance, partition)
+    assert result.success
+    meta = materialization(result, "md_detections")
+    assert meta["num_empty_images"] == len(empties) and meta["num_detections"] == sample_counts["boxes"]
+    assert meta["num_images_without_boxes"] == sample_counts["unboxed_images"] - len(empties)
+    crops = materialization(result, "crops")
+    assert crops["num_crops"] == sample_counts["crops"]
+    assert "empty" not in {row["label"] for row in table_rows(crops["crops_per_class"])}
+    md = json.loads((artifacts(settings, "md_detections", partition) / "md_detections.json").read_text())
+    files = {image["id"]: image["file_name"] for image in cct["images"]}
+    listed = {image["file"]: image for image in md["images"]}
+    assert all(listed[files[ann["image_id"]]]["detections"] == [] for ann in empties)

@@ -150,10 +150,11 @@ def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, buck
         "ANIML_S3_ENDPOINT_URL": moto_endpoint,
     })
     instance.add_dynamic_partitions("exports", ["animl/project1"])
-    result = run_ingest(settings, instance, "animl/project1",
-                        {"ops": {"images": {"config": {"source_key_field": "serving_bucket_key", "workers": 4}}}})
+    result = run_ingest(settings, instance, "animl/project1", {"ops": {"images": {"config": {"workers": 4}}}})
     assert result.success
+    assert materialization(result, "cct_export")["profile"] == "animl"
     meta = materialization(result, "images")
+    assert meta["source_key_field"] == "serving_bucket_key"  # recognised as an Animl export: no config needed
     assert meta["num_good"] == sample_counts["good"] and meta["num_nonexistent"] == 1
     assert meta["source"] == f"s3://{bucket}/images" and isinstance(meta["source"], str)
     listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/images/animl~project1/files/")

@@ -169,3 +169,32 @@ def test_cct_to_md_clips_boxes_that_overhang_their_image():
     md = cct_to_md(cct)
     assert md["images"][0]["detections"][0]["bbox"] == [0.0, 0.8, 0.2, 0.2]
     assert validate_batch_output(md) == []
+
+
+def test_an_empty_box_is_no_detection_and_its_image_is_empty_not_one_to_detect_on():
+    """Animl writes "empty" as category 0 with a full-frame box; an image can also hold an animal box beside it."""
+    cct = {"images": [{"id": "p:1", "file_name": "p/cam1/d/p-1.jpg", "width": 64, "height": 48},
+                      {"id": "p:2", "file_name": "p/cam1/d/p-2.jpg", "width": 64, "height": 48},
+                      {"id": "p:3", "file_name": "p/cam2/d/p-3.jpg", "width": 64, "height": 48}],
+           "annotations": [{"id": "a1", "image_id": "p:1", "category_id": 0, "bbox": [0, 0, 64, 48]},
+                           {"id": "a2", "image_id": "p:2", "category_id": 0, "bbox": [0, 0, 64, 48]},
+                           {"id": "a3", "image_id": "p:2", "category_id": 3, "bbox": [8, 8, 16, 16]}],
+           "categories": [{"id": 0, "name": "empty"}, {"id": 3, "name": "Mule Deer"}]}
+    md = cct_to_md(cct)
+    by_file = {image["file"]: image for image in md["images"]}
+    assert by_file["p/cam1/d/p-1.jpg"]["detections"] == []  # MegaDetector's way of saying: nothing here
+    assert [d["bbox"] for d in by_file["p/cam1/d/p-2.jpg"]["detections"]] == [[0.125, 8 / 48, 0.25, 16 / 48]]
+    assert images_without_boxes(cct) == ["p/cam2/d/p-3.jpg"]  # the empty one is not sent to a detector
+    assert validate_batch_output(md) == []
+    # the export's "empty" wins over a detector's boxes for the same image
+    detector = {"info": {"format_version": "1.4"}, "detection_categories": {"1": "animal"},
+                "images": [{"file": "p/cam1/d/p-1.jpg", "detections": [{"category": "1", "conf": 0.8,
+                                                                       "bbox": [0.1, 0.1, 0.2, 0.2]}]}]}
+    merged = {image["file"]: image for image in merge_detections(md, detector)["images"]}
+    assert merged["p/cam1/d/p-1.jpg"]["detections"] == []
+    assert list(box_labels(cct, md)["label"]) == ["Mule Deer"]
+
+
+def test_image_level_empty_labels_keep_their_meaning():
+    """LILA-style: an ``empty`` annotation without a box leaves its image to the detector, as before."""
+    assert "b.jpg" in images_without_boxes(CCT) and "b.jpg" not in {i["file"] for i in cct_to_md(CCT)["images"]}

@@ -30,6 +30,7 @@ from animl_assets.core.dataset.label_spec import (
     LabelSpecError,
     check_writable,
     default_label_mapping,
+    merged_spellings,
     parse_label_spec,
     parse_taxonomy,
     resolve_label_spec,
@@ -37,7 +38,7 @@ from animl_assets.core.dataset.label_spec import (
 from animl_assets.core.dataset.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
 from animl_assets.core.detect.contact_sheet import contact_sheet
 from animl_assets.core.detect.crops import CropManifest
-from animl_assets.core.detect.megadetector import Detections, with_box_labels
+from animl_assets.core.detect.megadetector import Detections, unreviewed_boxes, with_box_labels
 from animl_assets.core.ingest.cct import UNKNOWN_LOCATION, ExportArtifacts, image_location
 from animl_assets.core.layout import artifact_key, partition_folder, version_folder
 from animl_assets.core.review.corrections import CorrectionsError, apply_corrections, read_corrections
@@ -62,6 +63,9 @@ class DatasetConfig(dg.Config):
     threshold: float = Field(default=0.0, ge=0, le=1, description="Minimum detection confidence of a crop.")
     min_locs: int = Field(default=0, ge=0, description="Drop labels seen at fewer (dataset, location) pairs.")
     one_label_per_image: bool = True
+    ground_truth: Literal["reviewed", "all"] = Field(
+        default="reviewed", description="reviewed: an export's boxes marked validated: false (a model's guess no "
+                                        "person reviewed) are left out, counted per label; all: they are labels too.")
     seed: int = 0
     match_test_csv: str = Field(default="", description="An earlier classification_ds.csv whose test-split "
                                                         "crops are appended (with match_test_splits).")
@@ -125,19 +129,27 @@ def _correction_files(store, folder: str, tables: dict[str, pd.DataFrame]) -> di
     return {f"{name.removesuffix('.csv')}_path": location(store.uri(f"{folder}/{name}")) for name in tables}
 
 
-def _crop_rows(partition: str, crops: CropManifest, detections: Detections,
-               export: ExportArtifacts) -> tuple[pd.DataFrame, dict[str, str]]:
-    """CROP_COLUMNS rows for one export's crops, with its class and location per crop; and the versions read
-    (the crops' data version, the export file's SHA-256), for the dataset's lineage."""
+def _crop_rows(partition: str, crops: CropManifest, detections: Detections, export: ExportArtifacts,
+               reviewed_only: bool) -> tuple[pd.DataFrame, dict[str, str], dict[str, int]]:
+    """CROP_COLUMNS rows for one export's crops, with its class and location per crop; the versions read
+    (the crops' data version, the export file's SHA-256), for the dataset's lineage; and with
+    ``reviewed_only``, the crops of unreviewed boxes left out, counted per label."""
     locations = {image["file_name"]: image_location(image) for image in export.export["images"]}
     rows = with_box_labels(crops.manifest, detections.labels)
+    unreviewed: dict[str, int] = {}
+    if reviewed_only:
+        keys = ["file", "detection_index"]
+        guessed = pd.MultiIndex.from_frame(unreviewed_boxes(export.export)[keys].astype({"detection_index": int}))
+        left_out = pd.MultiIndex.from_frame(rows[keys]).isin(guessed)
+        unreviewed = {str(k): int(v) for k, v in rows.loc[left_out, "label"].value_counts().items()}
+        rows = rows[~left_out]
     frame = pd.DataFrame({
         "path": partition_folder(partition) + "/" + rows["crop"].astype(str), "dataset": partition,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION),
         "dataset_class": rows["label"].astype(str), "confidence": rows["conf"].astype(float),
         "image": rows["file"],
     }, columns=CROP_COLUMNS)
-    return frame, {"crops": value_version(crops, "crops"), "cct_export": export.source["sha256"]}
+    return frame, {"crops": value_version(crops, "crops"), "cct_export": export.source["sha256"]}, unreviewed
 
 
 def _label_mapping(config: DatasetConfig, storage: ArtifactStore, classes: set[tuple[str, str]]
@@ -158,6 +170,17 @@ def _label_mapping(config: DatasetConfig, storage: ArtifactStore, classes: set[t
     return spec, mapping
 
 
+def _report_label_merges(context: dg.AssetExecutionContext, unreviewed: dict[str, dict[str, int]],
+                         merged: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Log the crops of unreviewed boxes left out and the class names merged into one label; returns ``merged``
+    (a label spec's merges are the user's own and are not reported)."""
+    if unreviewed:
+        context.log.info(f"crops of boxes no person reviewed, left out (ground_truth: reviewed): {unreviewed}")
+    if merged:
+        context.log.warning(f"class names that differ only in case or spacing are one label: {merged}")
+    return merged
+
+
 @stage_asset(group_name="dataset", kinds={"csv"},
              check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
                                             description="At least two labels have min_crops_per_label crops.")])
@@ -176,10 +199,13 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     if not ready:
         raise stop(f"no crops materialized yet for {wanted or 'any export'}: materialize crops first")
     skipped = sorted(set(wanted) - set(ready))
-    per_export = {p: _crop_rows(p, crops[p], md_detections[p], cct_export[p]) for p in ready}
-    frame = pd.concat([rows for rows, _ in per_export.values()], ignore_index=True)
+    per_export = {p: _crop_rows(p, crops[p], md_detections[p], cct_export[p], config.ground_truth == "reviewed")
+                  for p in ready}
+    frame = pd.concat([rows for rows, _, _ in per_export.values()], ignore_index=True)
+    unreviewed = {p: left_out for p, (_, _, left_out) in per_export.items() if left_out}
     spec, mapping = _label_mapping(config, storage, set(zip(frame["dataset"], frame["dataset_class"]))
                                    - {(d, "") for d in ready})
+    merged = _report_label_merges(context, unreviewed, {} if spec else merged_spellings(mapping))
     ds, report = build_classification_dataset(frame, mapping, spec=spec, threshold=config.threshold,
                                               min_locs=config.min_locs or None,
                                               one_label_per_image=config.one_label_per_image, seed=config.seed)
@@ -212,7 +238,10 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
             "dagster/row_count": len(ds),
             "dagster/column_schema": table_schema(ds),
             "exports": dg.MetadataValue.json(ready), "exports_without_crops": dg.MetadataValue.json(skipped),
-            READ_METADATA: dg.MetadataValue.json({p: read for p, (_, read) in per_export.items()}),
+            READ_METADATA: dg.MetadataValue.json({p: read for p, (_, read, _) in per_export.items()}),
+            "merged_class_names": dg.MetadataValue.json(merged),
+            "num_unreviewed_left_out": sum(sum(counts.values()) for counts in unreviewed.values()),
+            "unreviewed_left_out": dg.MetadataValue.json(unreviewed),
             "crops_per_label": table(per_label),
             "left_out": dg.MetadataValue.json(report.dropped),
             "conflicting_images": table(report.conflicts),

@@ -102,6 +102,7 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, c
             "num_detections": detections,
             "num_failures": sum(image.get("failure") is not None for image in md["images"]),
             "num_images_without_boxes": len(no_boxes),
+            "num_empty_images": sum(image.get("detections") == [] for image in md["images"]),
             "sources": dg.MetadataValue.json(sources),
             "detector": md["info"]["detector"],
             "dagster/row_count": len(labels),

@@ -14,11 +14,12 @@ from animl_assets.core.ingest.cct import (
     SET_ASIDE,
     CCTFormatError,
     ExportArtifacts,
+    as_ingested,
     category_location_table,
+    export_profile,
     load_cct,
     summarize_cct,
     validate_cct,
-    without_set_aside,
 )
 from animl_assets.core.ingest.exports import ExportCursor, export_key_for, scan_exports
 from animl_assets.resources.storage import ExportsLocation
@@ -77,13 +78,14 @@ def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
         context.log.warning(f"{len(report.set_aside)} annotations left out: {set_aside}")
     counts, sha256 = summarize_cct(cct), hashlib.sha256(raw).hexdigest()
     yield dg.Output(
-        ExportArtifacts(without_set_aside(cct, report), report.record(),
+        ExportArtifacts(as_ingested(cct, report), report.record(),
                         {"uri": source.uri(export_key_for(partition)), "sha256": sha256}),
         data_version=dg.DataVersion(sha256),
         metadata={
             **{f"num_{name}": count for name, count in counts.items()},
             "dagster/row_count": counts["images"],
             "sha256": sha256,
+            "profile": export_profile(cct),
             "source": location(source.uri(export_key_for(partition))),
             "problems": sum(map(len, report.problems.values())),
             "num_annotations_set_aside": len(report.set_aside),

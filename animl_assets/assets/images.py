@@ -20,7 +20,7 @@ from animl_assets.assets.checks import failure_rate_check, failure_rate_spec, lo
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.files import Journal
-from animl_assets.core.ingest.cct import ExportArtifacts
+from animl_assets.core.ingest.cct import IMAGE_KEY_FIELDS, ExportArtifacts, export_profile
 from animl_assets.core.ingest.exports import export_key_for
 from animl_assets.core.ingest.images import (
     FETCH_FAILED,
@@ -50,9 +50,9 @@ class ImagesConfig(dg.Config):
                     "export's info.animl_images_root, else the image_source resource, else the export's folder.",
     )
     source_key_field: str = Field(
-        default="file_name",
-        description="Image field holding the key in the images root (Animl exports: serving_bucket_key); "
-                    "images without it fall back to file_name.",
+        default="",
+        description="Image field holding the key in the images root; images without it fall back to file_name. "
+                    "Empty: by the export's profile (Animl exports: serving_bucket_key; others: file_name).",
     )
     workers: int = Field(default=8, ge=1, le=64, description="Parallel fetches.")
     attempts: int = Field(default=3, ge=1, le=10, description="Tries per image before it is reported bad.")
@@ -107,11 +107,9 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, cct_export: 
     previous = read_csv(store, manifest_key)
     already_good = ({} if previous is None else
                     {row["file_name"]: row for row in previous.to_dict("records") if row["status"] == GOOD})
-    requests = [
-        ImageRequest(str(image["id"]), str(image["file_name"]),
-                     str(image.get(config.source_key_field) or image["file_name"]))
-        for image in cct["images"]
-    ]
+    key_field = config.source_key_field or IMAGE_KEY_FIELDS[export_profile(cct)]
+    requests = [ImageRequest(str(image["id"]), str(image["file_name"]), str(image.get(key_field) or image["file_name"]))
+                for image in cct["images"]]
     logged = [0]
 
     def progress(done: int, total: int) -> None:  # about ten lines, however large the export
@@ -119,7 +117,7 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, cct_export: 
             logged[0] = done * 10 // total
             context.log.info(f"{done}/{total} checked")
 
-    context.log.info(f"{len(requests)} referenced, source {source.uri()}")
+    context.log.info(f"{len(requests)} referenced, source {source.uri()}, keys from {key_field}")
     journal = Journal(storage.cache("images", partition_folder(partition)) / "manifest.journal.csv", MANIFEST_COLUMNS)
     manifest = collect_images(requests, source, store.child(artifact_key("images", partition, "files")),
                               already_good=already_good, workers=config.workers, attempts=config.attempts,
@@ -139,6 +137,7 @@ def images(context: dg.AssetExecutionContext, config: ImagesConfig, cct_export: 
         metadata={
             **{f"num_{status}": int(counts.get(status, 0)) for status in STATUSES},
             "num_fetched": int(manifest["fetched"].sum()),
+            "source_key_field": key_field,
             "num_reused": int(((manifest["status"] == GOOD) & ~manifest["fetched"].astype(bool)).sum()),
             "dagster/row_count": len(manifest),
             "dagster/column_schema": table_schema(manifest),

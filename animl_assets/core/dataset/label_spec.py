@@ -182,10 +182,20 @@ def resolve_label_spec(spec: dict[str, dict[str, Any]], classes: Iterable[Pair],
 
 
 def default_label_mapping(classes: Iterable[Pair], excluded: Iterable[str] = DEFAULT_EXCLUDED) -> dict[Pair, str]:
-    """No spec: every class is its own label (lower-cased, spaces as '_'), empty/human/vehicle-like left out."""
-    skip = {name.lower() for name in excluded}
-    return {(dataset, name): name.strip().lower().replace(" ", "_")
-            for dataset, name in classes if name.strip().lower() not in skip}
+    """No spec: every class is its own label (lower-cased, each run of spaces as one '_': ``Mule Deer`` and
+    ``mule  deer`` are one label), empty/human/vehicle-like left out."""
+    skip = {" ".join(name.split()).lower() for name in excluded}
+    return {(dataset, name): "_".join(name.split()).lower()
+            for dataset, name in classes if " ".join(name.split()).lower() not in skip}
+
+
+def merged_spellings(mapping: dict[Pair, str]) -> dict[str, list[str]]:
+    """The labels that several differently written class names map to (within or across exports), with those
+    names: what a user should know was merged."""
+    names: dict[str, set[str]] = {}
+    for (_, name), label in mapping.items():
+        names.setdefault(label, set()).add(name)
+    return {label: sorted(spellings) for label, spellings in sorted(names.items()) if len(spellings) > 1}
 
 
 def check_writable(labels: Iterable[str]) -> None:

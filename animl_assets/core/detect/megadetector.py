@@ -24,6 +24,7 @@ DETECTION_CATEGORIES = {"1": "animal", "2": "person", "3": "vehicle"}
 CCT_TO_MD_DETECTOR = "cct_to_md"
 PERSON_NAMES = {"human", "person", "people"}
 VEHICLE_NAMES = {"vehicle", "car", "truck"}
+EMPTY_NAMES = {"empty"}
 BOX_TOLERANCE = 1e-4  # detectors round; a box may overhang [0, 1] by this much
 _INT_STRING = re.compile(r"^\d+$")
 
@@ -46,15 +47,33 @@ def _md_category(name: str) -> str:
     return "1"
 
 
+def is_empty_category(name: str) -> bool:
+    """Whether a category name is the export's "nothing here" label (Animl: category 0, ``empty``)."""
+    return name.strip().lower() in EMPTY_NAMES
+
+
 def _ground_truth_boxes(cct: dict[str, Any]) -> Iterator[tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]]:
-    """Each image with its boxed annotations (annotation, category name), in export order."""
+    """Each image with its boxed annotations (annotation, category name), in export order. A box of the empty
+    category (Animl's full-frame sentinel) is not an object and is left out; ``boxed_empty_images`` lists
+    the images it marks."""
     names = {str(cat["id"]): str(cat["name"]) for cat in cct.get("categories", [])}
     boxes: dict[str, list[tuple[dict, str]]] = {}
     for ann in cct.get("annotations", []):
-        if ann.get("bbox") is not None:
-            boxes.setdefault(str(ann["image_id"]), []).append((ann, names.get(str(ann["category_id"]), "")))
+        name = names.get(str(ann["category_id"]), "")
+        if ann.get("bbox") is not None and not is_empty_category(name):
+            boxes.setdefault(str(ann["image_id"]), []).append((ann, name))
     for image in cct.get("images", []):
         yield image, boxes.get(str(image["id"]), [])
+
+
+def boxed_empty_images(cct: dict[str, Any]) -> list[str]:
+    """File names of the images whose only boxes are of the empty category: a person or a model said nothing is
+    there (Animl writes that as a full-frame ``empty`` box). They are empty, not images to detect on."""
+    names = {str(cat["id"]): str(cat["name"]) for cat in cct.get("categories", [])}
+    marked = {str(ann["image_id"]) for ann in cct.get("annotations", [])
+              if ann.get("bbox") is not None and is_empty_category(names.get(str(ann["category_id"]), ""))}
+    return [image["file_name"] for image, boxes in _ground_truth_boxes(cct)
+            if not boxes and str(image["id"]) in marked]
 
 
 def _image_size(image: dict[str, Any], sizes: dict[str, tuple[int, int]] | None) -> tuple[int, int] | None:
@@ -73,13 +92,17 @@ def _normalized_box(bbox: list[float], width: int, height: int) -> list[float]:
 def cct_to_md(cct: dict[str, Any], *, image_sizes: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """MegaDetector batch output (format 1.4) from an export's own boxes, every box with conf 1.0.
 
-    Only images with at least one box are listed (see ``images_without_boxes``). Absolute boxes are
+    Only images with at least one box are listed (see ``images_without_boxes``), and the images the export
+    marks empty with an ``empty`` box, with no detection. Absolute boxes are
     clipped to the image (a box may overhang its edge a little) and normalized by the image's width and
     height, taken from ``image_sizes`` (file name -> (w, h)) where the export lacks them; an image whose
     size is unknown gets a ``failure`` entry instead.
     """
-    images = []
+    images, empty = [], set(boxed_empty_images(cct))
     for image, boxes in _ground_truth_boxes(cct):
+        if image["file_name"] in empty:
+            images.append({"file": image["file_name"], "detections": []})  # MegaDetector's "nothing here"
+            continue
         if not boxes:
             continue
         size = _image_size(image, image_sizes)
@@ -105,9 +128,19 @@ def ground_truth_labels(cct: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["file", "detection_index", "label"])
 
 
+def unreviewed_boxes(cct: dict[str, Any]) -> pd.DataFrame:
+    """The export's boxes that no person reviewed (Animl: ``validated: false``, a model's guess) as cct_to_md
+    numbers them: ``file, detection_index, label``. An export without the field has none."""
+    rows = [(image["file_name"], index, name) for image, boxes in _ground_truth_boxes(cct)
+            for index, (ann, name) in enumerate(boxes) if ann.get("validated") is False]
+    return pd.DataFrame(rows, columns=["file", "detection_index", "label"])
+
+
 def images_without_boxes(cct: dict[str, Any]) -> list[str]:
-    """File names of images with no box in the export: the ones a detector could be run on."""
-    return [image["file_name"] for image, boxes in _ground_truth_boxes(cct) if not boxes]
+    """File names of images with no box in the export (nor an ``empty`` one): the ones a detector could be run on."""
+    empty = set(boxed_empty_images(cct))
+    return [image["file_name"] for image, boxes in _ground_truth_boxes(cct)
+            if not boxes and image["file_name"] not in empty]
 
 
 def _version(value: Any) -> tuple[int, ...] | None:

@@ -217,13 +217,29 @@ def validate_cct(cct: dict[str, Any], *, bbox_tolerance: float = BBOX_OVERHANG_T
     return report
 
 
-def without_set_aside(cct: dict[str, Any], report: CCTValidation) -> dict[str, Any]:
-    """``cct`` without the annotations ``report`` set aside (the same object when there are none)."""
-    if not report.set_aside:
+PERSONAL_FIELDS = ("validated_by",)  # Animl: the reviewer's user name, often an e-mail address
+
+
+def as_ingested(cct: dict[str, Any], report: CCTValidation) -> dict[str, Any]:
+    """The export as the stages after ``cct_export`` read it: without the annotations ``report`` set aside and
+    without personal data (PERSONAL_FIELDS). The same object when neither is there."""
+    annotations = cct.get("annotations")
+    if not isinstance(annotations, list) or not (report.set_aside or any(
+            isinstance(ann, dict) and any(name in ann for name in PERSONAL_FIELDS) for ann in annotations)):
         return cct
-    kept = [ann for index, ann in enumerate(cct["annotations"])
+    kept = [{k: v for k, v in ann.items() if k not in PERSONAL_FIELDS} if isinstance(ann, dict) else ann
+            for index, ann in enumerate(annotations)
             if not (isinstance(ann, dict) and str(ann.get("id", f"#{index}")) in report.set_aside)]
     return {**cct, "annotations": kept}
+
+
+IMAGE_KEY_FIELDS = {"animl": "serving_bucket_key", "coco": "file_name"}  # profile -> image field with its key
+
+
+def export_profile(cct: dict[str, Any]) -> str:
+    """``animl`` for an export the Animl web app wrote (its images carry ``serving_bucket_key``: where each
+    file is, ``file_name`` being only a suggested local path), else ``coco`` (LILA, MegaDetector's tools)."""
+    return "animl" if any("serving_bucket_key" in image for image in _records(cct, "images")) else "coco"
 
 
 def image_location(image: dict[str, Any]) -> str:
