@@ -10,6 +10,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from animl_assets.core.layout import partition_folder
 from animl_assets.definitions import DATASET_JOB, build_definitions
 from animl_assets_tests.conftest import add_export, latest_version, run_ingest, table_rows
 from animl_assets_tests.test_ingest_assets import materialization
@@ -259,3 +260,26 @@ def test_categories_match_by_name_across_exports_and_case_variants_merge_with_a_
     assert index == one_index  # one label per species, whatever its id or spelling in each export
     warnings = [e.message for e in instance.all_logs(both.run_id) if e.level == logging.WARNING]
     assert any("differ only in case or spacing" in message and "'Fox'" in message for message in warnings)
+
+
+def test_an_image_with_a_box_of_each_of_two_species_gives_a_crop_of_each(settings, instance, sample_dir, tmp_path):
+    source = tmp_path / "two_species"
+    shutil.copytree(sample_dir, source)
+    cct = json.loads((source / "sample_export.json").read_text())
+    names = {c["name"]: c["id"] for c in cct["categories"]}
+    images = {image["id"]: image for image in cct["images"]}
+    deer = next(a for a in cct["annotations"] if a["category_id"] == names["deer"] and a.get("bbox")
+                and not images[a["image_id"]]["file_name"].startswith("broken/")
+                and sum(b["image_id"] == a["image_id"] for b in cct["annotations"]) == 1)
+    image = images[deer["image_id"]]
+    cct["annotations"].append({"id": "fox-beside", "image_id": image["id"], "category_id": names["fox"],
+                               "bbox": [image["width"] - 120, image["height"] - 100, 100, 80]})
+    (source / "sample_export.json").write_text(json.dumps(cct))
+    partition = add_export(settings, instance, source)
+    assert run_ingest(settings, instance, partition).success
+    result = run_dataset(settings, instance)
+    assert result.success
+    assert table_rows(materialization(result, "classification_dataset")["conflicting_images"]) == []
+    rows = pd.read_csv(latest_version(settings, instance, "classification_dataset") / "classification_ds.csv")
+    mine = rows[rows["path"].str.startswith(f"{partition_folder(partition)}/{image['file_name']}___")]
+    assert sorted(mine["label"]) == ["deer", "fox"]

@@ -42,6 +42,19 @@ def test_images_with_conflicting_labels_are_reported_not_guessed():
     assert len(build_classification_dataset(rows, MAPPING, one_label_per_image=False)[0]) == 3
 
 
+def test_a_box_labelled_by_its_own_annotation_keeps_its_label_beside_another_species():
+    """Animl labels each box: a fox box and a deer box in one image are two labelled crops, not a conflict. An
+    image-level label given to detector boxes still is one."""
+    rows = crops([("a", "1", "both.jpg", "deer", 1.0), ("a", "1", "both.jpg", "fox", 1.0),
+                  ("a", "1", "guess.jpg", "deer", 0.8), ("a", "1", "guess.jpg", "fox", 0.7)])
+    rows["own_box"] = [True, True, False, False]
+    ds, report = build_classification_dataset(rows, MAPPING)
+    kept = sorted(zip(ds["path"].str.split("___").str[0], ds["label"]))
+    assert kept == [("a/both.jpg", "deer"), ("a/both.jpg", "fox")]
+    assert report.conflicts.to_dict("records") == [{"dataset": "a", "image": "guess.jpg", "labels": "deer,fox"}]
+    assert "own_box" not in ds.columns
+
+
 def test_min_locs_drops_labels_seen_at_too_few_locations():
     rows = crops([("a", "1", "1.jpg", "deer", 1), ("a", "2", "2.jpg", "deer", 1), ("b", "1", "3.jpg", "deer", 1),
                   ("a", "1", "4.jpg", "fox", 1), ("a", "1", "5.jpg", "fox", 1)])

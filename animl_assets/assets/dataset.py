@@ -20,6 +20,7 @@ from animl_assets.assets.exports import exports_partitions
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.dataset.classification import (
     CROP_COLUMNS,
+    OWN_BOX,
     DatasetVersion,
     build_classification_dataset,
     label_index,
@@ -143,12 +144,17 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections, expo
         left_out = pd.MultiIndex.from_frame(rows[keys]).isin(guessed)
         unreviewed = {str(k): int(v) for k, v in rows.loc[left_out, "label"].value_counts().items()}
         rows = rows[~left_out]
+    labels = detections.labels
+    own = labels.loc[labels["source"] == "ground_truth" if "source" in labels else [False] * len(labels),
+                     ["file", "detection_index"]]
+    own_box = pd.MultiIndex.from_frame(rows[["file", "detection_index"]]).isin(
+        pd.MultiIndex.from_frame(own.astype({"detection_index": int})))
     frame = pd.DataFrame({
         "path": partition_folder(partition) + "/" + rows["crop"].astype(str), "dataset": partition,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION),
         "dataset_class": rows["label"].astype(str), "confidence": rows["conf"].astype(float),
-        "image": rows["file"],
-    }, columns=CROP_COLUMNS)
+        "image": rows["file"], OWN_BOX: own_box,
+    }, columns=[*CROP_COLUMNS, OWN_BOX])
     return frame, {"crops": value_version(crops, "crops"), "cct_export": export.source["sha256"]}, unreviewed
 
 

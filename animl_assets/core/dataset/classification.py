@@ -18,6 +18,7 @@ from animl_assets.core.layout import partition_folder
 
 DS_COLUMNS = ["path", "dataset", "location", "dataset_class", "confidence", "label"]
 CROP_COLUMNS = DS_COLUMNS[:-1] + ["image"]  # what the builder takes: one row per crop, before labelling
+OWN_BOX = "own_box"  # optional builder column: the crop's class is its own box's annotation, not its image's
 
 
 @dataclass
@@ -94,12 +95,13 @@ def build_classification_dataset(
 
     ``mapping`` takes (dataset, dataset_class) to an output label (see label_spec); crops below
     ``threshold``, without a dataset class or outside the mapping are left out, as are images whose
-    crops would get different labels (reported, not guessed), labels seen at fewer than ``min_locs``
+    crops would get different labels (reported, not guessed; crops whose class is their own box's, the
+    ``own_box`` column, are never such a clash), labels seen at fewer than ``min_locs``
     distinct (dataset, location) pairs, and crops beyond a label's ``max_count`` (sampled with its
     ``prioritize`` order, seeded). Every row left out is counted in the report by reason.
     """
     report = DatasetReport()
-    rows = crops.copy()
+    rows = crops.reset_index(drop=True)  # a copy, with one index label per row
     rows["location"] = rows["location"].fillna("").astype(str).replace({"": UNKNOWN_LOCATION})
     below = rows["confidence"] < threshold
     report.drop(f"detection confidence below {threshold}", below.sum())
@@ -114,8 +116,10 @@ def build_classification_dataset(
     report.drop("class not in any output label (excluded)", unmapped.sum())
     rows = rows[~unmapped]
 
-    if one_label_per_image and len(rows):
-        clash = rows.groupby(["dataset", "image"], sort=False)["label"].transform("nunique").to_numpy() > 1
+    if one_label_per_image and len(rows):  # only image-level labels can clash: a box's own label is its own
+        image_level = rows[~rows[OWN_BOX].astype(bool)] if OWN_BOX in rows else rows
+        clashing = image_level.groupby(["dataset", "image"], sort=False)["label"].transform("nunique") > 1
+        clash = rows.index.isin(clashing.index[clashing.to_numpy()])
         report.conflicts = (rows[clash].groupby(["dataset", "image"])["label"]
                             .agg(lambda s: ",".join(sorted(set(s)))).rename("labels").reset_index())
         report.drop("image with crops of different labels", clash.sum())
