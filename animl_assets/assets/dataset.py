@@ -5,6 +5,7 @@ import json
 from typing import Any, Iterator, Literal
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -130,6 +131,13 @@ def _correction_files(store, folder: str, tables: dict[str, pd.DataFrame]) -> di
     return {f"{name.removesuffix('.csv')}_path": location(store.uri(f"{folder}/{name}")) for name in tables}
 
 
+def _among(rows: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:
+    """Which of ``rows`` are one of ``boxes`` (both with ``file`` and ``detection_index``)."""
+    keys = ["file", "detection_index"]
+    return pd.MultiIndex.from_frame(rows[keys].astype({"detection_index": int})).isin(
+        pd.MultiIndex.from_frame(boxes[keys].astype({"detection_index": int})))
+
+
 def _crop_rows(partition: str, crops: CropManifest, detections: Detections, export: ExportArtifacts,
                reviewed_only: bool) -> tuple[pd.DataFrame, dict[str, str], dict[str, int]]:
     """CROP_COLUMNS rows for one export's crops, with its class and location per crop; the versions read
@@ -139,16 +147,10 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections, expo
     rows = with_box_labels(crops.manifest, detections.labels)
     unreviewed: dict[str, int] = {}
     if reviewed_only:
-        keys = ["file", "detection_index"]
-        guessed = pd.MultiIndex.from_frame(unreviewed_boxes(export.export)[keys].astype({"detection_index": int}))
-        left_out = pd.MultiIndex.from_frame(rows[keys]).isin(guessed)
+        left_out = _among(rows, unreviewed_boxes(export.export))
         unreviewed = {str(k): int(v) for k, v in rows.loc[left_out, "label"].value_counts().items()}
         rows = rows[~left_out]
-    labels = detections.labels
-    own = labels.loc[labels["source"] == "ground_truth" if "source" in labels else [False] * len(labels),
-                     ["file", "detection_index"]]
-    own_box = pd.MultiIndex.from_frame(rows[["file", "detection_index"]]).isin(
-        pd.MultiIndex.from_frame(own.astype({"detection_index": int})))
+    own_box = _among(rows, detections.labels[detections.labels["source"] == "ground_truth"])
     frame = pd.DataFrame({
         "path": partition_folder(partition) + "/" + rows["crop"].astype(str), "dataset": partition,
         "location": rows["file"].map(locations).fillna(UNKNOWN_LOCATION),

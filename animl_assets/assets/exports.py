@@ -76,9 +76,9 @@ def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
     set_aside = report.set_aside_by_reason()
     if set_aside:
         context.log.warning(f"{len(report.set_aside)} annotations left out: {set_aside}")
-    counts, sha256 = summarize_cct(cct), hashlib.sha256(raw).hexdigest()
+    counts, sha256, validation = summarize_cct(cct), hashlib.sha256(raw).hexdigest(), report.record()
     yield dg.Output(
-        ExportArtifacts(as_ingested(cct, report), report.record(),
+        ExportArtifacts(as_ingested(cct, report), validation,
                         {"uri": source.uri(export_key_for(partition)), "sha256": sha256}),
         data_version=dg.DataVersion(sha256),
         metadata={
@@ -95,7 +95,7 @@ def cct_export(context: dg.AssetExecutionContext, config: ExportConfig,
     )
     yield from (problems_check(name, problems) for name, problems in report.problems.items())
     yield problems_check("boxes_clipped", report.clipped, severity=dg.AssetCheckSeverity.WARN)
-    yield problems_check(SET_ASIDE, report.record()[SET_ASIDE], severity=dg.AssetCheckSeverity.WARN)
+    yield problems_check(SET_ASIDE, validation[SET_ASIDE], severity=dg.AssetCheckSeverity.WARN)
 
 
 def make_new_exports_sensor(target: dg.JobDefinition | Any) -> dg.SensorDefinition:

@@ -52,28 +52,25 @@ def is_empty_category(name: str) -> bool:
     return name.strip().lower() in EMPTY_NAMES
 
 
-def _ground_truth_boxes(cct: dict[str, Any]) -> Iterator[tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]]:
-    """Each image with its boxed annotations (annotation, category name), in export order. A box of the empty
-    category (Animl's full-frame sentinel) is not an object and is left out; ``boxed_empty_images`` lists
-    the images it marks."""
+def _ground_truth_boxes(cct: dict[str, Any]
+                        ) -> Iterator[tuple[dict[str, Any], list[tuple[dict[str, Any], str]], bool]]:
+    """Each image with its boxed annotations (annotation, category name), in export order, and whether it is
+    marked empty. A box of the empty category (Animl's full-frame sentinel) is not an object: it is left out
+    of the boxes, and an image with no other box is empty."""
     names = {str(cat["id"]): str(cat["name"]) for cat in cct.get("categories", [])}
     boxes: dict[str, list[tuple[dict, str]]] = {}
+    marked_empty: set[str] = set()
     for ann in cct.get("annotations", []):
+        if ann.get("bbox") is None:
+            continue
         name = names.get(str(ann["category_id"]), "")
-        if ann.get("bbox") is not None and not is_empty_category(name):
+        if is_empty_category(name):
+            marked_empty.add(str(ann["image_id"]))
+        else:
             boxes.setdefault(str(ann["image_id"]), []).append((ann, name))
     for image in cct.get("images", []):
-        yield image, boxes.get(str(image["id"]), [])
-
-
-def boxed_empty_images(cct: dict[str, Any]) -> list[str]:
-    """File names of the images whose only boxes are of the empty category: a person or a model said nothing is
-    there (Animl writes that as a full-frame ``empty`` box). They are empty, not images to detect on."""
-    names = {str(cat["id"]): str(cat["name"]) for cat in cct.get("categories", [])}
-    marked = {str(ann["image_id"]) for ann in cct.get("annotations", [])
-              if ann.get("bbox") is not None and is_empty_category(names.get(str(ann["category_id"]), ""))}
-    return [image["file_name"] for image, boxes in _ground_truth_boxes(cct)
-            if not boxes and str(image["id"]) in marked]
+        found = boxes.get(str(image["id"]), [])
+        yield image, found, not found and str(image["id"]) in marked_empty
 
 
 def _image_size(image: dict[str, Any], sizes: dict[str, tuple[int, int]] | None) -> tuple[int, int] | None:
@@ -98,9 +95,9 @@ def cct_to_md(cct: dict[str, Any], *, image_sizes: dict[str, tuple[int, int]] | 
     height, taken from ``image_sizes`` (file name -> (w, h)) where the export lacks them; an image whose
     size is unknown gets a ``failure`` entry instead.
     """
-    images, empty = [], set(boxed_empty_images(cct))
-    for image, boxes in _ground_truth_boxes(cct):
-        if image["file_name"] in empty:
+    images = []
+    for image, boxes, empty in _ground_truth_boxes(cct):
+        if empty:
             images.append({"file": image["file_name"], "detections": []})  # MegaDetector's "nothing here"
             continue
         if not boxes:
@@ -124,23 +121,21 @@ def cct_to_md(cct: dict[str, Any], *, image_sizes: dict[str, tuple[int, int]] | 
 def ground_truth_labels(cct: dict[str, Any]) -> pd.DataFrame:
     """The export's category name for each box cct_to_md writes: ``file, detection_index, label``."""
     rows = [(image["file_name"], index, name)
-            for image, boxes in _ground_truth_boxes(cct) for index, (_, name) in enumerate(boxes)]
+            for image, boxes, _ in _ground_truth_boxes(cct) for index, (_, name) in enumerate(boxes)]
     return pd.DataFrame(rows, columns=["file", "detection_index", "label"])
 
 
 def unreviewed_boxes(cct: dict[str, Any]) -> pd.DataFrame:
     """The export's boxes that no person reviewed (Animl: ``validated: false``, a model's guess) as cct_to_md
     numbers them: ``file, detection_index, label``. An export without the field has none."""
-    rows = [(image["file_name"], index, name) for image, boxes in _ground_truth_boxes(cct)
+    rows = [(image["file_name"], index, name) for image, boxes, _ in _ground_truth_boxes(cct)
             for index, (ann, name) in enumerate(boxes) if ann.get("validated") is False]
     return pd.DataFrame(rows, columns=["file", "detection_index", "label"])
 
 
 def images_without_boxes(cct: dict[str, Any]) -> list[str]:
     """File names of images with no box in the export (nor an ``empty`` one): the ones a detector could be run on."""
-    empty = set(boxed_empty_images(cct))
-    return [image["file_name"] for image, boxes in _ground_truth_boxes(cct)
-            if not boxes and image["file_name"] not in empty]
+    return [image["file_name"] for image, boxes, empty in _ground_truth_boxes(cct) if not boxes and not empty]
 
 
 def _version(value: Any) -> tuple[int, ...] | None:

@@ -144,10 +144,16 @@ def _unusable_box(bbox: Any) -> str | None:
     return None
 
 
+def _annotation_key(index: int, ann: dict[str, Any]) -> str:
+    """How ``set_aside`` names an annotation: its id, or its place in the list where it has none."""
+    return str(ann.get("id", f"#{index}"))
+
+
 def _set_aside_boxes(cct: dict[str, Any], report: CCTValidation) -> None:
-    for index, ann in enumerate(_records(cct, "annotations")):
-        if ann.get("bbox") is not None and (reason := _unusable_box(ann["bbox"])):
-            report.set_aside[str(ann.get("id", f"#{index}"))] = reason
+    annotations = cct.get("annotations") if isinstance(cct.get("annotations"), list) else []
+    for index, ann in enumerate(annotations):
+        if isinstance(ann, dict) and ann.get("bbox") is not None and (reason := _unusable_box(ann["bbox"])):
+            report.set_aside[_annotation_key(index, ann)] = reason
 
 
 def _check_unique(cct: dict[str, Any], report: CCTValidation) -> None:
@@ -229,7 +235,7 @@ def as_ingested(cct: dict[str, Any], report: CCTValidation) -> dict[str, Any]:
         return cct
     kept = [{k: v for k, v in ann.items() if k not in PERSONAL_FIELDS} if isinstance(ann, dict) else ann
             for index, ann in enumerate(annotations)
-            if not (isinstance(ann, dict) and str(ann.get("id", f"#{index}")) in report.set_aside)]
+            if not (isinstance(ann, dict) and _annotation_key(index, ann) in report.set_aside)]
     return {**cct, "annotations": kept}
 
 
