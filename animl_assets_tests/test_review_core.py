@@ -296,3 +296,26 @@ def test_sequences_come_from_seq_id_or_from_time_gaps_at_one_location(tmp_path):
     outputs.drop(columns="label").to_csv(tmp_path / "out.csv", index=False)
     streamed = aggregate_csv(str(tmp_path / "out.csv"), ["deer", "fox"], of, chunksize=2).set_index("sequence")
     assert np.allclose(streamed.loc[per.index, ["deer", "fox"]].to_numpy(), per[["deer", "fox"]].to_numpy())
+
+
+def test_animl_bursts_come_from_the_camera_and_the_instant_whatever_the_offset():
+    """Animl writes no seq_id: the camera is file_name's second segment and times mix offsets, Z, ms and null."""
+    from animl_assets.core.review.sequences import image_times, sequence_ids
+
+    def image(camera: str, name: str, when: str | None, location: str = "Fraser's Point") -> dict:
+        return {"file_name": f"proj/{camera}/frasers_point/{name}.jpg", "location": location, "datetime": when,
+                "serving_bucket_key": f"original/{name}-original.jpg"}
+
+    images = [image("camA", "a1", "2025-11-02T01:59:59.000-07:00"),  # daylight saving ends between a1 and a2
+              image("camA", "a2", "2025-11-02T01:00:00.500-08:00"),  # 1.5 s later, an hour "earlier" on the clock
+              image("camA", "a3", "2025-11-02T09:00:02.250Z"),  # the same burst written in UTC
+              image("camA", "a4", "2025-11-02T01:30:00.000-08:00"),  # half an hour later: a new burst
+              image("camB", "b1", "2025-11-02T01:59:59.000-07:00"),  # another camera at the same site and time
+              image("camA", "n1", None)]
+    assert image_times([i["datetime"] for i in images]).dt.tz is not None
+    ids = sequence_ids(images, gap_s=60)
+    assert ids["proj/camA/frasers_point/a1.jpg"] == ids["proj/camA/frasers_point/a2.jpg"] \
+        == ids["proj/camA/frasers_point/a3.jpg"] == "gap:camA:1"
+    assert ids["proj/camA/frasers_point/a4.jpg"] == "gap:camA:2"
+    assert ids["proj/camB/frasers_point/b1.jpg"] == "gap:camB:1"
+    assert ids["proj/camA/frasers_point/n1.jpg"] == "image:proj/camA/frasers_point/n1.jpg"

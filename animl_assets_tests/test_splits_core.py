@@ -123,3 +123,29 @@ def test_split_api_is_exposed_by_the_core_package():
     ds = dataset({("d", f"l{i}"): {"deer": 5, "fox": 5} for i in range(10)})
     splits = api_make_splits(ds, val_frac=0.1, test_frac=0.1, method="random", seed=0, trials=100)
     assert api_split_score(ds, splits, val_frac=0.1, test_frac=0.1) == pytest.approx(0, abs=1e-9)
+
+
+def test_locations_that_share_a_burst_go_to_one_split():
+    """A burst written under two locations (a deployment that starts mid-burst) must not straddle splits."""
+    from animl_assets.core.dataset.splits import linked_locations
+
+    rows = [{"path": f"e/{loc}/{label}{i}.jpg___crop00_m.jpg", "dataset": "e", "location": loc, "label": label}
+            for loc in ("cam1-default", "Dry Lake", "Fraser's Point", "Bob's Knoll", "Lower Creek", "Pelican Bay")
+            for label in ("fox", "deer") for i in range(4)]
+    ds = pd.DataFrame(rows)
+    sequence_of = {f"e/cam1-default/fox0.jpg___crop00_m.jpg": "e|gap:cam1:1",
+                   f"e/Dry Lake/fox0.jpg___crop00_m.jpg": "e|gap:cam1:1",  # the same burst, two locations
+                   f"e/Pelican Bay/fox0.jpg___crop00_m.jpg": "e|gap:cam6:1"}
+    linked = linked_locations(ds, sequence_of)
+    assert linked == [[("e", "Dry Lake"), ("e", "cam1-default")]]
+    for seed in range(12):
+        result = make_splits(ds, val_frac=0.2, test_frac=0.2, seed=seed, trials=50, linked=linked)
+        where = {tuple(loc): name for name, locs in result.items() for loc in locs}
+        assert where[("e", "Dry Lake")] == where[("e", "cam1-default")]
+        assert sorted(where) == sorted(set(zip(ds["dataset"], ds["location"])))  # every location, once
+    seeds_apart = [seed for seed in range(12) if len({name for name, locs in make_splits(
+        ds, val_frac=0.2, test_frac=0.2, seed=seed, trials=50).items()
+        for loc in locs if loc[1] in ("Dry Lake", "cam1-default")}) > 1]
+    assert seeds_apart  # without the link, some seeds do split the burst
+    fixed = make_splits(ds, val_frac=0.25, test_frac=0, test_locations=[["e", "Dry Lake"]], linked=linked)
+    assert ["e", "cam1-default"] in fixed["test"] and ["e", "Dry Lake"] in fixed["test"]

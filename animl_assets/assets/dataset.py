@@ -17,7 +17,7 @@ from animl_assets.assets.artifacts import (
     table,
     table_schema,
 )
-from animl_assets.assets.exports import exports_partitions
+from animl_assets.assets.exports import export_sequences, exports_partitions
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.dataset.classification import (
     CROP_COLUMNS,
@@ -37,7 +37,14 @@ from animl_assets.core.dataset.label_spec import (
     parse_taxonomy,
     resolve_label_spec,
 )
-from animl_assets.core.dataset.splits import check_splits, make_splits, prioritize_by_label, split_score, split_table
+from animl_assets.core.dataset.splits import (
+    check_splits,
+    linked_locations,
+    make_splits,
+    prioritize_by_label,
+    split_score,
+    split_table,
+)
 from animl_assets.core.detect.contact_sheet import contact_sheet
 from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.detect.megadetector import Detections, unreviewed_boxes, with_box_labels
@@ -277,6 +284,9 @@ class SplitsConfig(dg.Config):
     method: Literal["random", "smallest_first"] = "random"
     seed: int = 0
     trials: int = Field(default=10_000, ge=1, description="Random assignments tried by 'random'.")
+    sequence_gap_s: float = Field(default=60.0, gt=0, description="Sequences (bursts): images of one camera this "
+                                  "close in time, where the export has no seq_id. Locations that share one are "
+                                  "put in one split.")
 
 
 @stage_asset(group_name="dataset", kinds={"json"},
@@ -286,14 +296,18 @@ class SplitsConfig(dg.Config):
         dg.AssetCheckSpec("every_label_in_every_split", asset="splits", blocking=True,
                           description="Each label has crops in train, val and test."),
     ],)
-def splits(config: SplitsConfig, classification_dataset: DatasetVersion) -> Iterator[dg.Output | dg.AssetCheckResult]:
-    """``splits.json``: (dataset, location) pairs for train, val and test, from one dataset version."""
+def splits(config: SplitsConfig, classification_dataset: DatasetVersion, storage: ArtifactStore
+           ) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    """``splits.json``: (dataset, location) pairs for train, val and test, from one dataset version; locations
+    that share a sequence (from the exports) go to one split."""
     ds, test_locations = classification_dataset.classification_ds, classification_dataset.match_test_locations
     test_frac = 0.0 if test_locations else config.test_frac
+    linked = linked_locations(ds, export_sequences(storage, sorted(ds["dataset"].unique()), ds["path"],
+                                                   config.sequence_gap_s))
     result = make_splits(ds, val_frac=config.val_frac, test_frac=test_frac, method=config.method,
                          seed=config.seed, trials=config.trials,
                          prioritize=prioritize_by_label(classification_dataset.label_spec),
-                         test_locations=test_locations)
+                         test_locations=test_locations, linked=linked)
     expected = tuple(name for name, wanted in (("train", True), ("val", config.val_frac > 0),
                                                ("test", test_frac > 0 or bool(test_locations))) if wanted)
     leaks, missing = check_splits(ds, result, expected)
@@ -302,6 +316,7 @@ def splits(config: SplitsConfig, classification_dataset: DatasetVersion) -> Iter
         result, data_version=dg.DataVersion(value_version(result, "splits")),
         metadata={
             "score": round(score, 4), "method": config.method,
+            "linked_locations": dg.MetadataValue.json([[list(pair) for pair in group] for group in linked]),
             **{f"num_{name}_locations": len(result[name]) for name in result},
             "crops_per_label_and_split": table(split_table(ds, result).reset_index(names="label")),
         },

@@ -16,16 +16,17 @@ from PIL import Image
 from pydantic import Field
 
 from animl_assets.assets.artifacts import image_metadata, location, stage_asset, stop, table
+from animl_assets.assets.exports import export_sequences
 from animl_assets.assets.training import crops_folder
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.dataset.classification import DatasetVersion
-from animl_assets.core.layout import partition_folder, version_folder
+from animl_assets.core.layout import version_folder
 from animl_assets.core.ml import plots
 from animl_assets.core.ml.frames import SPLITS, trainable_frame
 from animl_assets.core.ml.labels import label_names
 from animl_assets.core.ml.recipe import Evaluation, TrainedClassifier
 from animl_assets.core.registry import registry, tracking
-from animl_assets.core.review.sequences import crop_image, sequence_ids, sequence_top1
+from animl_assets.core.review.sequences import sequence_top1
 from animl_assets.core.store import Store
 from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
@@ -64,23 +65,6 @@ def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.Da
     frame, left_out = trainable_frame(dataset.classification_ds, dataset.label_index, splits, crops_root,
                                       bool(params["label_weighted"]))
     return frame, crops_root, left_out
-
-
-def crop_sequences(storage: ArtifactStore, partitions: Iterable[str], crops: Iterable[str],
-                   gap_s: float = 60.0) -> dict[str, str]:
-    """``{crop path: sequence}`` for crop paths ``<partition folder>/<file>___cropNN…`` of ``partitions``,
-    from their exports (``seq_id``, or images of one location within ``gap_s``)."""
-    per_folder = {}
-    for partition in partitions:
-        export = storage.load("cct_export", partition=partition).export
-        per_folder[partition_folder(partition)] = {
-            file: f"{partition}|{seq}" for file, seq in sequence_ids(export["images"], gap_s).items()}
-    found = {}
-    for path in crops:
-        folder, _, file = crop_image(path).partition("/")
-        if file in per_folder.get(folder, {}):
-            found[path] = per_folder[folder][file]
-    return found
 
 
 def _error_grid(outputs: pd.DataFrame, names: list[str], crops_root: Path, per_label: int) -> bytes:
@@ -148,7 +132,7 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     except ValueError as err:
         raise stop(str(err)) from err
     test = result.outputs_test
-    sequences = crop_sequences(storage, sorted(frame["dataset"].unique()), test["path"], config.sequence_gap_s)
+    sequences = export_sequences(storage, sorted(frame["dataset"].unique()), test["path"], config.sequence_gap_s)
     known = test[test["path"].isin(sequences.keys())]
     sequence_acc = sequence_top1(known, result.names, sequences)
     version = value_version(result, "classifier_evaluation")

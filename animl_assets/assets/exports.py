@@ -1,7 +1,7 @@
 """The per-export entry point: the exports partitions, the sensor that fills them, and ``cct_export``."""
 
 import hashlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import dagster as dg
 from pydantic import Field
@@ -22,7 +22,8 @@ from animl_assets.core.ingest.cct import (
     validate_cct,
 )
 from animl_assets.core.ingest.exports import ExportCursor, export_key_for, scan_exports
-from animl_assets.resources.storage import ExportsLocation
+from animl_assets.core.review.sequences import crop_sequences
+from animl_assets.resources.storage import ArtifactStore, ExportsLocation
 
 exports_partitions = dg.DynamicPartitionsDefinition(name="exports")
 
@@ -124,3 +125,10 @@ def make_new_exports_sensor(target: dg.JobDefinition | Any) -> dg.SensorDefiniti
         )
 
     return new_exports
+
+
+def export_sequences(storage: ArtifactStore, partitions: Iterable[str], crops: Iterable[str],
+                     gap_s: float = 60.0) -> dict[str, str]:
+    """``{crop path: sequence}`` for ``crops`` of ``partitions``, from their stored exports (``crop_sequences``)."""
+    return crop_sequences({p: storage.load("cct_export", partition=p).export["images"] for p in partitions},
+                          crops, gap_s)

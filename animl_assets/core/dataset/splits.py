@@ -2,7 +2,9 @@
 
 ``random`` minimizes MegaDetector's objective over many random location assignments, all scored at
 once with matrix products (the reference scores one trial at a time in pandas); ``smallest_first``
-is the greedy method of the reference README, with its location-order bug fixed.
+is the greedy method of the reference README, with its location-order bug fixed. Locations that share a
+sequence (a burst written under two locations, e.g. across a deployment's start) are one unit, so no burst
+straddles two splits.
 """
 
 from __future__ import annotations
@@ -104,23 +106,60 @@ def _as_splits(locs: list, assign: np.ndarray) -> dict[str, list[list[str]]]:
     return {name: [list(locs[i]) for i in np.flatnonzero(assign == code)] for code, name in enumerate(SPLITS)}
 
 
+def linked_locations(ds: pd.DataFrame, sequence_of: dict[str, str]) -> list[list[tuple[str, str]]]:
+    """Groups of (dataset, location) pairs that share a sequence, each sorted, for rows of ``ds`` whose ``path``
+    ``sequence_of`` maps to a sequence; locations linked to no other are left out."""
+    rows = pd.DataFrame({"sequence": ds["path"].map(sequence_of), "pair": pair_keys(ds)}).dropna()
+    spans = rows.drop_duplicates().groupby("sequence")["pair"].agg(list)
+    parent: dict[str, str] = {}
+
+    def root(pair: str) -> str:
+        while parent.setdefault(pair, pair) != pair:
+            pair = parent[pair]
+        return pair
+
+    for pairs in spans[spans.map(len) > 1]:
+        for other in pairs[1:]:
+            a, b = sorted((root(pairs[0]), root(other)))
+            parent[b] = a
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for pair in parent:
+        dataset, _, location = pair.partition("\x1f")
+        groups.setdefault(root(pair), []).append((dataset, location))
+    return sorted(sorted(group) for group in groups.values())
+
+
+def _as_units(ds: pd.DataFrame, linked: list[list[tuple[str, str]]]) -> tuple[pd.DataFrame, dict]:
+    """``ds`` with each linked group's locations renamed to its first one, and {first: the group}."""
+    if not linked:
+        return ds, {}
+    rename = {_key(*pair): group[0][1] for group in linked for pair in group[1:]}
+    renamed = pair_keys(ds).map(rename)
+    return (ds.assign(location=renamed.fillna(ds["location"].astype(str))),
+            {tuple(group[0]): group for group in linked})
+
+
 def make_splits(ds: pd.DataFrame, *, val_frac: float, test_frac: float, method: str = "random", seed: int = 0,
                 trials: int = 10_000, prioritize: dict[str, list[str]] | None = None,
-                test_locations: list | None = None) -> dict[str, list[list[str]]]:
+                test_locations: list | None = None, linked: list[list[tuple[str, str]]] | None = None
+                ) -> dict[str, list[list[str]]]:
     """``splits.json``: {"train"|"val"|"test": [[dataset, location], …]} for classification_ds rows.
 
     ``random``: the best of ``trials`` seeded random assignments under ``split_score``.
     ``smallest_first``: labels from fewest crops up, each label's unassigned locations from smallest up
     (datasets in ``prioritize[label]`` first), filling test, then val, then train.
     ``test_locations`` (from match_test) are put in test; the rest is split into train and val.
+    Each group of ``linked`` locations (``linked_locations``) goes to one split as a whole.
     """
     if method not in ("random", "smallest_first"):
         raise ValueError(f"method must be 'random' or 'smallest_first', not {method!r}")
     fixed = {(str(d), str(loc)) for d, loc in (test_locations or [])}
     if fixed and test_frac:
         raise ValueError("test_frac must be 0 when the test split comes from match_test")
+    fixed |= {pair for group in linked or [] if fixed & set(group) for pair in group}
     if fixed:
         ds = ds[~pair_keys(ds).isin({_key(*loc) for loc in fixed}).to_numpy()]
+    ds, groups = _as_units(ds, [group for group in linked or [] if not fixed & set(group)])
     locs, labels, counts = location_label_counts(ds)
     _targets(val_frac, test_frac)
     if not locs:
@@ -129,7 +168,8 @@ def make_splits(ds: pd.DataFrame, *, val_frac: float, test_frac: float, method: 
         assign, _ = _random_assignment(counts, val_frac, test_frac, seed, trials)
     else:
         assign = _smallest_first(locs, labels, counts, val_frac, test_frac, prioritize or {})
-    splits = _as_splits(locs, assign)
+    splits = {name: sorted(list(pair) for loc in chosen for pair in groups.get(tuple(loc), [tuple(loc)]))
+              for name, chosen in _as_splits(locs, assign).items()}
     splits["test"] = sorted(splits["test"] + [list(loc) for loc in fixed])
     return splits
 

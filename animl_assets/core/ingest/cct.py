@@ -256,6 +256,13 @@ def image_location(image: dict[str, Any]) -> str:
     return str(location)
 
 
+def image_camera(image: dict[str, Any]) -> str:
+    """The camera of an Animl export's image: the second segment of its ``file_name``
+    (``<project>/<camera>/<deployment>/<file>``); its location where the name has fewer segments."""
+    parts = str(image.get("file_name", "")).split("/")
+    return parts[1] if len(parts) >= 4 and parts[1] else image_location(image)
+
+
 def category_location_table(cct: dict[str, Any]) -> pd.DataFrame:
     """Annotation counts with one row per category name and one column per location."""
     categories = {str(cat.get("id")): str(cat.get("name")) for cat in _records(cct, "categories")}

@@ -1,8 +1,10 @@
 """Camera-trap sequences (bursts): which images belong together, and crop probabilities averaged per sequence.
 
-An export's ``seq_id`` is used where an image has one; otherwise images of one location whose times are
-at most ``gap_s`` apart (each from the previous) form a sequence; an image without a usable time is its
-own sequence.
+An export's ``seq_id`` is used where an image has one; otherwise images of one camera whose times are at
+most ``gap_s`` apart (each from the previous) form a sequence. The camera is the second segment of an Animl
+export's ``file_name`` (Animl writes no sequence fields), else the image's location. Times are compared as
+instants: offsets may differ within one file (daylight saving), ``Z``, milliseconds and naive times (read
+as UTC) all mix. An image without a usable time is its own sequence.
 """
 
 from __future__ import annotations
@@ -12,22 +14,37 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from animl_assets.core.ingest.cct import image_location
+from animl_assets.core.layout import partition_folder
+from animl_assets.core.ingest.cct import export_profile, image_camera, image_location
 from animl_assets.core.review.merge import CROP_MARK
+
+
+def image_times(values: Sequence[Any]) -> pd.Series:
+    """ISO 8601 times (any offset, ``Z``, fractions of a second; other common forms too) as UTC instants;
+    missing or unreadable times are NaT."""
+    raw = pd.Series(list(values), dtype=object)
+    times = pd.to_datetime(raw, utc=True, errors="coerce", format="ISO8601")
+    retry = times.isna() & raw.notna()
+    if retry.any():
+        times[retry] = pd.to_datetime(raw[retry].astype(str), utc=True, errors="coerce", format="mixed")
+    return times
 
 
 def sequence_ids(images: Iterable[Mapping[str, Any]], gap_s: float = 60.0) -> dict[str, str]:
     """``{file_name: sequence id}`` for a COCO Camera Traps ``images`` list."""
-    rows = [{"file": image["file_name"], "seq_id": image.get("seq_id"), "location": image_location(image),
-             "time": pd.to_datetime(image.get("datetime"), errors="coerce")} for image in images]
-    frame = pd.DataFrame(rows, columns=["file", "seq_id", "location", "time"])
+    images = list(images)
+    by_camera = export_profile({"images": images}) == "animl"
+    frame = pd.DataFrame({
+        "file": [image["file_name"] for image in images], "seq_id": [image.get("seq_id") for image in images],
+        "camera": [image_camera(image) if by_camera else image_location(image) for image in images],
+        "time": image_times([image.get("datetime") for image in images])})
     given = frame["seq_id"].notna() & (frame["seq_id"].astype(str).str.strip() != "")
     ids = {f: f"seq:{s}" for f, s in zip(frame.loc[given, "file"], frame.loc[given, "seq_id"].astype(str))}
-    rest = frame[~given & frame["time"].notna()].sort_values(["location", "time"])
-    for location, group in rest.groupby("location", sort=False):
+    rest = frame[~given & frame["time"].notna()].sort_values(["camera", "time"], kind="stable")
+    for camera, group in rest.groupby("camera", sort=False):
         new = group["time"].diff().dt.total_seconds().fillna(np.inf) > gap_s
         for file, number in zip(group["file"], new.cumsum()):
-            ids[file] = f"gap:{location}:{number}"
+            ids[file] = f"gap:{camera}:{number}"
     for file in frame.loc[~given & frame["time"].isna(), "file"]:
         ids[file] = f"image:{file}"
     return ids
@@ -36,6 +53,21 @@ def sequence_ids(images: Iterable[Mapping[str, Any]], gap_s: float = 60.0) -> di
 def crop_image(path: str) -> str:
     """The image a crop path (``…/<file>___cropNN_<detector>.jpg``) was cut from."""
     return path.rpartition(CROP_MARK)[0]
+
+
+def crop_sequences(images_by_partition: Mapping[str, Iterable[Mapping[str, Any]]], crops: Iterable[str],
+                   gap_s: float = 60.0) -> dict[str, str]:
+    """``{crop path: "<partition>|<sequence>"}`` for crop paths ``<partition folder>/<file>___cropNN…``, from
+    each partition's export ``images``; crops of images the exports do not list are left out."""
+    per_folder = {partition_folder(partition): {file: f"{partition}|{seq}"
+                                                for file, seq in sequence_ids(images, gap_s).items()}
+                  for partition, images in images_by_partition.items()}
+    found = {}
+    for path in crops:
+        folder, _, file = crop_image(path).partition("/")
+        if file in per_folder.get(folder, {}):
+            found[path] = per_folder[folder][file]
+    return found
 
 
 def aggregate(outputs: pd.DataFrame, labels: Sequence[str], sequence_of: Mapping[str, str]) -> pd.DataFrame:
