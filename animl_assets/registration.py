@@ -45,8 +45,13 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
         print(f"export profile: {profile} (images are read by their {IMAGE_KEY_FIELDS[profile]})")
         if not isinstance(cct.get("info"), dict):
             cct["info"] = {}
-        root = images_root or folder
-        cct["info"]["animl_images_root"] = root
+        root = images_root or ("" if settings.images_uri else folder)
+        if root:
+            cct["info"]["animl_images_root"] = root
+        print(f"images under: {root}" if root else f"images under: {settings.images_uri} (ANIML_IMAGES_URI)")
+        if profile == "animl" and not images_root and not settings.images_uri:
+            print("  Animl keeps the images in its serving bucket: give --images-root, or set ANIML_IMAGES_URI "
+                  "(e.g. s3://animl-images-serving-prod)")
         copies = {export_key: json.dumps(cct).encode()}
         try:
             copies[mdcache_key_for(export_key)] = read_uri(mdcache_key_for(source_uri), exports_resource.s3)
@@ -58,7 +63,8 @@ def register_export(settings: Settings, path_or_uri: str, images_root: str | Non
                                "choose another partition key with --name NAME")
         for key, data in copies.items():
             exports.write_bytes(key, data)
-        trust_images_root(settings, root)
+        if root:
+            trust_images_root(settings, root)
         if len(copies) > 1:
             print(f"with the MegaDetector results beside it: {mdcache_key_for(source_uri)}")
     instance = dg.DagsterInstance.get()

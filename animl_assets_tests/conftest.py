@@ -54,7 +54,8 @@ ENA24 = REPO.parent / "shared" / "data" / "ena24_small"
 # The files that take longest, longest first: --dist loadfile hands files to the workers in collection order, so
 # these start at once and the suite ends on short files on both workers, not on one long file alone.
 LONGEST_FILES = ("test_demo_home.py", "test_concurrency.py", "test_production.py", "test_faults.py",
-                 "test_registry_assets.py", "test_definitions_and_cli.py", "test_lineage.py", "test_storage.py",
+                 "test_registry_assets.py", "test_definitions_and_cli.py", "test_lineage.py", "test_animl_export.py",
+                 "test_storage.py",
                  "test_training_assets.py", "test_training_core.py", "test_faults_gc.py", "test_ingest_assets.py",
                  "test_postgres.py")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from animl_assets.core.detect.megadetector import validate_batch_output
+from animl_assets.core.detect.megadetector import cct_to_md, validate_batch_output
 from animl_assets.core.ingest.sample import EXPORT_NAME
 from animl_assets.core.layout import partition_folder
 from animl_assets_tests.conftest import add_export, run_ingest, table_rows
@@ -157,3 +157,26 @@ def test_full_frame_empty_boxes_are_empty_images_never_crops(settings, instance,
     files = {image["id"]: image["file_name"] for image in cct["images"]}
     listed = {image["file"]: image for image in md["images"]}
     assert all(listed[files[ann["image_id"]]]["detections"] == [] for ann in empties)
+
+
+def test_images_without_width_and_height_get_their_size_from_the_file(settings, instance, sample_dir, sample_counts,
+                                                                     tmp_path):
+    """Older Animl images carry no width/height: a box on one is normalized by the size in the file's header
+    (read by the images step), not dropped, and gives the same detection as with the size in the export."""
+    source = tmp_path / "sizeless"
+    shutil.copytree(sample_dir, source)
+    cct = json.loads((source / EXPORT_NAME).read_text())
+    sized = cct_to_md(cct)
+    for image in cct["images"]:
+        image.pop("width"), image.pop("height")
+    (source / EXPORT_NAME).write_text(json.dumps(cct))
+    partition = add_export(settings, instance, source, folder="sizeless")
+    result = run_ingest(settings, instance, partition)
+    assert result.success
+    md = json.loads((artifacts(settings, "md_detections", partition) / "md_detections.json").read_text())
+    readable = {image["file"]: image for image in md["images"] if "failure" not in image}
+    expected = {image["file"]: image for image in sized["images"] if image["file"] in readable}
+    assert len(readable) == sample_counts["boxed_images"] - sample_counts["broken"]  # broken files: no header
+    for file, image in expected.items():
+        assert image["detections"] == readable[file]["detections"], file
+    assert materialization(result, "crops")["num_crops"] == sample_counts["crops"]

@@ -222,17 +222,26 @@ def test_partitioned_values_load_one_at_a_time_or_as_a_dict_across_partitions(tm
     assert json.loads((version / "across.json").read_text()) == {"site/a": ["001"], "site/b": ["1"]}
 
 
-def test_splits_is_tested_with_its_input_given_directly():
-    """No ingest needed: the asset takes a dataset version and returns splits plus its checks."""
+def test_splits_is_tested_with_its_input_given_directly(tmp_path):
+    """No ingest needed: the asset takes a dataset version (and reads its export's sequences from the store)
+    and returns splits plus its checks."""
     from animl_assets.assets.dataset import SplitsConfig, splits
+    from animl_assets.core.ingest.cct import ExportArtifacts
+    from animl_assets.core.layout import asset_folder
 
-    ds = pd.DataFrame({"path": [f"e/{i}.jpg" for i in range(60)], "dataset": "e",
+    ds = pd.DataFrame({"path": [f"e/{i}.jpg___crop00_md.jpg" for i in range(60)], "dataset": "e",
                        "location": [f"{i % 20:03d}" for i in range(60)], "dataset_class": "x", "confidence": 1.0,
                        "label": ["deer", "fox"] * 30})
+    storage = ArtifactStore(uri=str(tmp_path / "artifacts"))
+    images = [{"id": i, "file_name": f"{i}.jpg", "location": f"{i % 20:03d}", "seq_id": "burst" if i < 2 else ""}
+              for i in range(60)]  # images 0 and 1, at locations 000 and 001, are one burst
+    for name, data in to_files(ExportArtifacts({"images": images}, {}, {}), "cct_export").items():
+        storage.store().write_bytes(f"{asset_folder('cct_export', partition='e')}/{name}", data)
     version = DatasetVersion(ds, {"0": "deer", "1": "fox"}, {}, [])
-    output, *checks = list(splits(config=SplitsConfig(trials=200), classification_dataset=version))
-    placed = [location for split in output.value.values() for _, location in split]
+    output, *checks = list(splits(config=SplitsConfig(trials=200), classification_dataset=version, storage=storage))
+    placed = {location: name for name, split in output.value.items() for _, location in split}
     assert sorted(placed) == sorted(f"{i:03d}" for i in range(20)) and all(check.passed for check in checks)
+    assert placed["000"] == placed["001"] and output.metadata["linked_locations"].value == [[["e", "000"], ["e", "001"]]]
     assert output.data_version.value == content_version(to_files(output.value, "splits"))
 
 

@@ -198,3 +198,26 @@ def test_an_empty_box_is_no_detection_and_its_image_is_empty_not_one_to_detect_o
 def test_image_level_empty_labels_keep_their_meaning():
     """LILA-style: an ``empty`` annotation without a box leaves its image to the detector, as before."""
     assert "b.jpg" in images_without_boxes(CCT) and "b.jpg" not in {i["file"] for i in cct_to_md(CCT)["images"]}
+
+
+def test_image_level_labels_of_detector_boxes_follow_what_a_person_reviewed():
+    """A detector box labelled by its image: a reviewed label wins over a model's guess, and an image whose
+    labels are all unreviewed gives unreviewed boxes (left out of the dataset by default)."""
+    from animl_assets.core.detect.megadetector import unreviewed_boxes
+
+    cct = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in ("guess", "both", "person", "boxed")],
+           "annotations": [{"id": 1, "image_id": "guess", "category_id": 1, "validated": False},
+                           {"id": 2, "image_id": "both", "category_id": 1, "validated": False},
+                           {"id": 3, "image_id": "both", "category_id": 2, "validated": True},
+                           {"id": 4, "image_id": "person", "category_id": 2},  # an older export: no field
+                           {"id": 5, "image_id": "boxed", "category_id": 2, "bbox": [1, 1, 5, 5], "validated": False}],
+           "categories": [{"id": 1, "name": "fox"}, {"id": 2, "name": "skunk"}]}
+    detection = {"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.2, 0.2]}
+    md = {"info": {}, "detection_categories": {"1": "animal"},
+          "images": [{"file": f"{i}.jpg", "detections": [detection, detection]} for i in ("guess", "both", "person")]}
+    labels = box_labels(cct, md).set_index(["file", "detection_index"])["label"]
+    assert labels[("guess.jpg", 0)] == "fox" and labels[("both.jpg", 1)] == "skunk" and labels[("person.jpg", 0)] == "skunk"
+    unreviewed = unreviewed_boxes(cct, md)
+    assert sorted(zip(unreviewed["file"], unreviewed["detection_index"])) == [
+        ("boxed.jpg", 0), ("guess.jpg", 0), ("guess.jpg", 1)]
+    assert unreviewed_boxes(cct)["file"].tolist() == ["boxed.jpg"]  # without detector output: the export's boxes

@@ -154,7 +154,7 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections, expo
     rows = with_box_labels(crops.manifest, detections.labels)
     unreviewed: dict[str, int] = {}
     if reviewed_only:
-        left_out = _among(rows, unreviewed_boxes(export.export))
+        left_out = _among(rows, unreviewed_boxes(export.export, detections.md))
         unreviewed = {str(k): int(v) for k, v in rows.loc[left_out, "label"].value_counts().items()}
         rows = rows[~left_out]
     own_box = _among(rows, detections.labels[detections.labels["source"] == "ground_truth"])

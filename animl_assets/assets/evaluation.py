@@ -8,7 +8,7 @@ load."""
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import dagster as dg
 import pandas as pd
@@ -45,8 +45,8 @@ class EvaluationConfig(dg.Config):
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=2, ge=0)
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, ...")
-    sequence_gap_s: float = Field(default=60.0, gt=0, description="Sequences: images of one location this close "
-                                  "in time, where the export has no seq_id.")
+    sequence_gap_s: float = Field(default=60.0, gt=0, description="Sequences: images of one camera (Animl's, "
+                                  "else the location) this close in time, where the export has no seq_id.")
 
 
 def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[DatasetVersion, Path]:

@@ -72,7 +72,8 @@ class ClassificationsConfig(dg.Config):
                                                         "or auto (the device on CUDA).")
     progress_every: int = Field(default=50, ge=0, description="A progress line every N batches (0: none).")
     sequences: bool = Field(default=False, description="Also write sequence_output.csv.gz: the mean of the crops' "
-                            "probabilities per sequence (export seq_id, else one location within the gap).")
+                            "probabilities per sequence (export seq_id, else one camera's images within the gap: Animl's "
+                            "camera, else the location).")
     sequence_gap_s: float = Field(default=60.0, gt=0)
 
 

@@ -103,6 +103,14 @@ def run_demo(settings: Settings, challenger: bool = False, user: dict[str, Any] 
 
 
 def run_sample_export(args: argparse.Namespace, _settings: Settings) -> int:
+    if args.format == "animl":
+        from animl_assets.core.ingest.sample_animl import ARCHIVE, write_animl_export
+
+        result = write_animl_export(args.dir, seed=args.seed)
+        print(f"wrote {result.path}: {result.images} images, {result.annotations} annotations, the images under "
+              f"their serving_bucket_key in {Path(args.dir) / ARCHIVE}")
+        print(f"next: animl register {result.path} --images-root {Path(args.dir) / ARCHIVE}")
+        return 0
     from animl_assets.core.ingest.sample import write_sample_export
 
     result = write_sample_export(args.dir, seed=args.seed)
@@ -115,6 +123,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sample = commands.add_parser("sample-export", help="write the deterministic sample export into DIR")
     sample.add_argument("dir")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--format", choices=("coco", "animl"), default="coco",
+                        help="coco: the LILA-style sample (image-level labels, seq_id); animl: written the way the "
+                             "Animl web app writes an export (per-box labels, reviewed and unreviewed, empties)")
     sample.set_defaults(func=run_sample_export, needs_home=False)
     demo = commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
                                             "-> classification_dataset, splits -> classifier_checkpoint -> "

@@ -125,11 +125,33 @@ def ground_truth_labels(cct: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["file", "detection_index", "label"])
 
 
-def unreviewed_boxes(cct: dict[str, Any]) -> pd.DataFrame:
-    """The export's boxes that no person reviewed (Animl: ``validated: false``, a model's guess) as cct_to_md
-    numbers them: ``file, detection_index, label``. An export without the field has none."""
+def _image_labels(cct: dict[str, Any]) -> dict[str, tuple[set[str], set[str]]]:
+    """Per file: the category names of its annotations that a person reviewed, and of those no person did
+    (Animl's ``validated: false``; an export without the field has reviewed labels only)."""
+    names = {str(cat["id"]): str(cat["name"]) for cat in cct.get("categories", [])}
+    files = {str(image["id"]): image["file_name"] for image in cct.get("images", [])}
+    per_image: dict[str, tuple[set[str], set[str]]] = {}
+    for ann in cct.get("annotations", []):
+        name = names.get(str(ann.get("category_id")), "")
+        if name:
+            reviewed, unreviewed = per_image.setdefault(files.get(str(ann.get("image_id")), ""), (set(), set()))
+            (unreviewed if ann.get("validated") is False else reviewed).add(name)
+    return per_image
+
+
+def unreviewed_boxes(cct: dict[str, Any], md: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The boxes whose label no person reviewed (Animl: ``validated: false``, a model's guess):
+    ``file, detection_index, label``. The export's own boxes as cct_to_md numbers them and, with ``md``, the
+    detector boxes of images whose image-level labels are all unreviewed. An export without the field has none."""
     rows = [(image["file_name"], index, name) for image, boxes, _ in _ground_truth_boxes(cct)
             for index, (ann, name) in enumerate(boxes) if ann.get("validated") is False]
+    boxed = set(ground_truth_labels(cct)["file"])
+    labels = _image_labels(cct)
+    for image in (md or {}).get("images", []):
+        reviewed, unreviewed = labels.get(image["file"], (set(), set()))
+        if image["file"] not in boxed and unreviewed and not reviewed:
+            label = next(iter(unreviewed)) if len(unreviewed) == 1 else ""
+            rows += [(image["file"], index, label) for index in range(len(image.get("detections") or []))]
     return pd.DataFrame(rows, columns=["file", "detection_index", "label"])
 
 
@@ -313,20 +335,18 @@ def box_labels(cct: dict[str, Any], md: dict[str, Any]) -> pd.DataFrame:
     """The label of every box in ``md``: ``file, detection_index, label, source``.
 
     Boxes from the export carry their annotation's category; detector boxes carry the image's
-    category when the export gives that image exactly one, and an empty label otherwise.
+    category when the export gives that image exactly one, and an empty label otherwise. A label a person
+    reviewed wins over a model's unreviewed guesses for the same image.
     """
     truth = ground_truth_labels(cct).assign(source="ground_truth")
-    names = {str(cat["id"]): str(cat["name"]) for cat in cct.get("categories", [])}
-    files = {str(image["id"]): image["file_name"] for image in cct.get("images", [])}
-    per_image: dict[str, set[str]] = {}
-    for ann in cct.get("annotations", []):
-        per_image.setdefault(files.get(str(ann.get("image_id")), ""), set()).add(names.get(str(ann.get("category_id")), ""))
+    per_image = _image_labels(cct)
     boxed = set(truth["file"])
     rows = []
     for image in md.get("images", []):
         if image["file"] in boxed:
             continue
-        found = per_image.get(image["file"], set()) - {""}
+        reviewed, unreviewed = per_image.get(image["file"], (set(), set()))
+        found = reviewed or unreviewed
         label = next(iter(found)) if len(found) == 1 else ""
         rows += [(image["file"], index, label, "detector") for index in range(len(image.get("detections") or []))]
     detector = pd.DataFrame(rows, columns=["file", "detection_index", "label", "source"])

@@ -38,7 +38,7 @@ class SampleExport:
     broken_files: tuple[str, ...]
 
 
-def _backdrop(rng: np.random.Generator, size: tuple[int, int], location: str) -> Image.Image:
+def backdrop(rng: np.random.Generator, size: tuple[int, int], location: str) -> Image.Image:
     width, height = size
     base = np.array(BACKDROPS[location], dtype=np.float32)
     noise = rng.normal(0, 18, (height, width, 1)).astype(np.float32)
@@ -47,7 +47,7 @@ def _backdrop(rng: np.random.Generator, size: tuple[int, int], location: str) ->
     return Image.fromarray(pixels, "RGB")
 
 
-def _draw_animal(draw: ImageDraw.ImageDraw, species: str, box: tuple[int, int, int, int]) -> None:
+def draw_animal(draw: ImageDraw.ImageDraw, species: str, box: tuple[int, int, int, int]) -> None:
     x, y, w, h = box
     x1, y1 = x + w - 1, y + h - 1
     if species == "deer":  # brown body with white spots
@@ -72,7 +72,7 @@ def _draw_animal(draw: ImageDraw.ImageDraw, species: str, box: tuple[int, int, i
         draw.ellipse((x + w // 2 - r, y, x + w // 2 + r, y + 2 * r), fill=(210, 30, 30))
 
 
-def _random_box(rng: np.random.Generator, width: int, height: int, border: str | None) -> list[int]:
+def random_box(rng: np.random.Generator, width: int, height: int, border: str | None) -> list[int]:
     w = int(rng.uniform(0.12, 0.55) * width)
     aspect = rng.uniform(0.5, 2.0)
     h = int(min(max(8, w / aspect), height * 0.8))
@@ -83,7 +83,7 @@ def _random_box(rng: np.random.Generator, width: int, height: int, border: str |
     return [x, y, w, h]
 
 
-def _jpeg(image: Image.Image, **options) -> bytes:
+def jpeg(image: Image.Image, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90, **options)
     return buffer.getvalue()
@@ -106,41 +106,41 @@ def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_
         for category_id, bbox in boxes:
             annotations.append({"id": f"ann{len(annotations):04d}", "image_id": image_id,
                                 "category_id": category_id, "bbox": bbox})
-        files[file_name] = _jpeg(pixels) if data is None else data
+        files[file_name] = jpeg(pixels) if data is None else data
 
     for location_index, location in enumerate(LOCATIONS):
         for category_id, species in enumerate(SPECIES, start=1):
             for index in range(images_per_class_and_location):
                 portrait = (location_index + category_id + index) % 3 == 0
                 width, height = size[::-1] if portrait else size
-                pixels = _backdrop(rng, (width, height), location)
+                pixels = backdrop(rng, (width, height), location)
                 draw = ImageDraw.Draw(pixels)
                 count = 2 if rng.random() < 0.25 else 1
                 boxes = []
                 for _ in range(count):
-                    bbox = _random_box(rng, width, height, borders[int(rng.integers(len(borders)))])
-                    _draw_animal(draw, species, tuple(bbox))
+                    bbox = random_box(rng, width, height, borders[int(rng.integers(len(borders)))])
+                    draw_animal(draw, species, tuple(bbox))
                     boxes.append((category_id, bbox))
                 add_image(f"{location}/{species}_{index:03d}.jpg", location, pixels, boxes)
-        add_image(f"{location}/empty_000.jpg", location, _backdrop(rng, size, location), [(0, None)])
+        add_image(f"{location}/empty_000.jpg", location, backdrop(rng, size, location), [(0, None)])
 
     # Valid but awkward encodings: each has one deer at a known box in display coordinates.
     for odd in ODD_BUT_VALID:
-        pixels = _backdrop(rng, size, "meadow")
+        pixels = backdrop(rng, size, "meadow")
         bbox = [200, 150, 180, 120]
-        _draw_animal(ImageDraw.Draw(pixels), "deer", tuple(bbox))
+        draw_animal(ImageDraw.Draw(pixels), "deer", tuple(bbox))
         if odd == "cmyk":
-            data = _jpeg(pixels.convert("CMYK"))
+            data = jpeg(pixels.convert("CMYK"))
         elif odd == "grayscale":
-            data = _jpeg(pixels.convert("L"))
+            data = jpeg(pixels.convert("L"))
         else:  # stored rotated; EXIF orientation 6 asks viewers to rotate 90° clockwise back
             exif = Image.Exif()
             exif[0x0112] = 6
-            data = _jpeg(pixels.transpose(Image.Transpose.ROTATE_90), exif=exif)
+            data = jpeg(pixels.transpose(Image.Transpose.ROTATE_90), exif=exif)
         add_image(f"odd/{odd}.jpg", "meadow", pixels, [(1, bbox)], data)
 
     # Broken files, each annotated so that its loss is reported downstream.
-    good = _jpeg(_backdrop(rng, size, "quarry"))
+    good = jpeg(backdrop(rng, size, "quarry"))
     broken_data = {"zero_byte": b"", "truncated": good[: len(good) // 2],
                    "not_an_image": b"this is a text file, not a JPEG\n"}
     for name in BROKEN:
@@ -185,13 +185,13 @@ def write_sample_crops(out_dir: str | Path, *, labels: int = 4, crops_per_label_
     for location in LOCATIONS[:locations]:
         for species in SPECIES[:labels]:
             for index in range(crops_per_label_and_location):
-                pixels = _backdrop(rng, (size, size), location)
+                pixels = backdrop(rng, (size, size), location)
                 side = int(rng.uniform(0.55, 0.9) * size)
                 x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
-                _draw_animal(ImageDraw.Draw(pixels), species, (x, y, side, int(side * rng.uniform(0.7, 1.0))))
+                draw_animal(ImageDraw.Draw(pixels), species, (x, y, side, int(side * rng.uniform(0.7, 1.0))))
                 path = f"sample/{location}/{species}_{index:03d}___crop00_sample.jpg"
                 (crops_dir / path).parent.mkdir(parents=True, exist_ok=True)
-                (crops_dir / path).write_bytes(_jpeg(pixels))
+                (crops_dir / path).write_bytes(jpeg(pixels))
                 rows.append({"path": path, "dataset": "sample", "location": location, "dataset_class": species,
                              "confidence": 1.0, "label": species})
     dataset_dir.mkdir(parents=True, exist_ok=True)
