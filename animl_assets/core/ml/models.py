@@ -118,11 +118,15 @@ def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> bool:
     return kept_head
 
 
+SWISH_CLASSES = ("Swish", "MemoryEfficientSwish")  # efficientnet-pytorch's (and -lite's) Python swish
+
+
 def use_fast_activations(model: nn.Module) -> nn.Module:
     """Swap efficientnet-pytorch's Python swish (a custom autograd function) for ``nn.SiLU``, the same
-    function as one fused kernel; weights and outputs are unchanged."""
+    function as one fused kernel; weights and outputs are unchanged. Only a swish is swapped: EfficientNet-Lite
+    keeps the ReLU6 its weights were trained with (it sits in the same ``_swish`` attribute)."""
     for module in model.modules():
-        if hasattr(module, "_swish"):
+        if type(getattr(module, "_swish", None)).__name__ in SWISH_CLASSES:
             module._swish = nn.SiLU()
     return model
 
