@@ -409,8 +409,11 @@ def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_m
 
 def test_reviewed_corrections_change_the_next_dataset_version(registered_home, tmp_path):
     settings, dagster_home, _ = registered_home
-    # the first config again: its training resumes complete, then evaluation and the candidates
-    result = _train_all(settings, dagster_home, SMALL, mislabeled_candidates={"margin": 0.01})
+    # the champion (modern recipe) is right on every crop: the reference recipe's model, which is not, then
+    # its evaluation and the candidates it disagrees with the labels on
+    result = _run(settings, dagster_home, selection=[dg.AssetKey(k) for k in (
+        "classifier_checkpoint", "classifier_evaluation", "mislabeled_candidates")],
+        classifier_checkpoint=SMALL | {"recipe": "reference"}, classifier_evaluation=FAST_EVAL, mislabeled_candidates={"margin": 0.01})
     meta = _materialized(result, "mislabeled_candidates")
     assert meta["num_candidates"] > 0 and meta["contact_sheet"].startswith("![")
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:

@@ -60,7 +60,7 @@ def test_training_leaves_a_reference_checkpoint_and_an_mlflow_run_with_params_me
     label_index = json.loads((folder / "label_index.json").read_text())
     assert sorted(label_index.values()) == ["deer", "fox", "raccoon", "turkey"]
     ckpt = torch.load(folder / "ckpt_best.pt", weights_only=True)
-    assert set(ckpt) == {"epoch", "model", "val/acc", "optimizer"}
+    assert set(ckpt) == {"epoch", "model", "val/acc", "optimizer", "weights"}  # weights: raw or ema
     model = LiteEfficientNet.from_name("efficientnet-lite0", num_classes=len(label_index))
     model.load_state_dict(ckpt["model"])
     assert Path(params["dataset_dir"], "classification_ds.csv").is_file()
@@ -179,7 +179,7 @@ def test_two_gloo_processes_train_through_torchrun_into_the_same_checkpoint_form
     meta = _metadata(result)
     assert meta["epochs_run"] == 2
     ckpt = torch.load(folder / "ckpt_best.pt", weights_only=True)
-    assert set(ckpt) == {"epoch", "model", "val/acc", "optimizer"}
+    assert set(ckpt) == {"epoch", "model", "val/acc", "optimizer", "weights"}  # weights: raw or ema
     training = Path(settings.storage_uri, "classifier_checkpoint", "training", meta["training_key"])
     last = torch.load(training / LAST, weights_only=True)
     assert {"scheduler", "scaler", "rng", "history"} <= set(last)

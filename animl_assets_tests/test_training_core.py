@@ -1,6 +1,7 @@
 """core.training and core.models: learning, weighting, fine-tuning, early stopping, resume, formats."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -19,7 +20,15 @@ from animl_assets.core.ml.recipe import (
     TrainingParams,
     default_image_size,
 )
-from animl_assets.core.ml.training import EpochSampler, fit, init_model, make_loaders
+from animl_assets.core.ml.training import (
+    EpochSampler,
+    evaluate_checkpoint,
+    fit,
+    init_model,
+    make_loaders,
+    make_optimizer,
+    warmup_cosine,
+)
 from animl_assets.core.registry import tracking
 from animl_assets.resources.storage import LocalStore
 
@@ -47,12 +56,13 @@ def _train(crop_set, tmp_path, labels=None, on_epoch=None, resume=True, **overri
     loaders = make_loaders(frame, sample.crops_dir, params, CPU)
     model = init_model(params, len(label_index), pretrained="lite0" if params.model_name.endswith("lite0") else False)
     checkpoints = Checkpoints(LocalStore(tmp_path / "store"), "training/run")
-    result = fit(model, loaders, params, checkpoints, CPU, resume=resume, on_epoch=on_epoch)
+    result = fit(model, loaders, params, checkpoints, CPU, resume=resume, on_epoch=on_epoch,
+                 pretrained_body=params.model_name.endswith("lite0"))
     return result, checkpoints, model
 
 
 def test_a_short_run_learns_far_above_chance(crop_set, tmp_path):
-    result, _, _ = _train(crop_set, tmp_path, epochs=5, image_size=64)
+    result, _, _ = _train(crop_set, tmp_path, epochs=5, image_size=64, lr=None)
     assert max(epoch["val/acc_top1"] for epoch in result.history) >= 0.75  # chance: 0.25
     assert result.best["val/acc"] == 100 * max(epoch["val/acc_top1"] for epoch in result.history)
 
@@ -122,18 +132,20 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(crop_set
     assert checkpoints.load(LAST)["stopped"]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_after_a_crash_continues_at_the_next_epoch_with_the_same_final_weights(crop_set, tmp_path, num_workers):
-    uninterrupted, _, _ = _train(crop_set, tmp_path / "a", epochs=3, num_workers=num_workers)
+@pytest.mark.parametrize(("num_workers", "recipe"), [(0, "modern"), (2, "modern"), (0, "reference")])
+def test_resume_after_a_crash_continues_at_the_next_epoch_with_the_same_final_weights(crop_set, tmp_path, num_workers,
+                                                                                     recipe):
+    uninterrupted, _, _ = _train(crop_set, tmp_path / "a", epochs=3, num_workers=num_workers, recipe=recipe)
 
     def crash(metrics):
         if metrics["epoch"] == 1:
             raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        _train(crop_set, tmp_path / "b", epochs=3, on_epoch=crash, num_workers=num_workers)
+        _train(crop_set, tmp_path / "b", epochs=3, on_epoch=crash, num_workers=num_workers, recipe=recipe)
     seen = []
-    resumed, checkpoints, _ = _train(crop_set, tmp_path / "b", epochs=3, on_epoch=seen.append, num_workers=num_workers)
+    resumed, checkpoints, _ = _train(crop_set, tmp_path / "b", epochs=3, on_epoch=seen.append,
+                                         num_workers=num_workers, recipe=recipe)
     assert resumed.resumed_from_epoch == 1 and [m["epoch"] for m in seen] == [2]
     assert [m["epoch"] for m in resumed.history] == [0, 1, 2]
     last_a = read_checkpoint(tmp_path.joinpath("a", "store", "training", "run", LAST).read_bytes())
@@ -144,7 +156,11 @@ def test_resume_after_a_crash_continues_at_the_next_epoch_with_the_same_final_we
         assert all(torch.equal(v, last_b["optimizer"]["state"][key][k]) for k, v in value.items() if torch.is_tensor(v))
     for key, value in uninterrupted.best["model"].items():
         assert torch.equal(value, resumed.best["model"][key]), key
-    restarted, _, _ = _train(crop_set, tmp_path / "b", epochs=3, resume=False)
+    if recipe == "modern":  # the EMA and the per-batch schedule resume where they were too
+        for key, value in last_a["ema"].items():
+            assert torch.equal(value, last_b["ema"][key]), key
+        assert last_a["scheduler"]["last_epoch"] == last_b["scheduler"]["last_epoch"] > 3
+    restarted, _, _ = _train(crop_set, tmp_path / "b", epochs=3, resume=False, recipe=recipe)
     assert restarted.resumed_from_epoch is None and len(restarted.history) == 3
 
 
@@ -163,16 +179,74 @@ def test_a_truncated_last_checkpoint_is_set_aside_and_the_training_starts_over(c
     assert last.with_name("last.pt.unreadable").stat().st_size == 1000 and checkpoints.load(LAST) is not None
 
 
-def test_checkpoints_are_in_the_reference_layout_and_load_into_efficientnet_pytorch(crop_set, tmp_path):
-    result, checkpoints, _ = _train(crop_set, tmp_path, epochs=1, model_name="efficientnet-b0", image_size=32)
+@pytest.mark.parametrize("recipe", ["reference", "modern"])
+def test_checkpoints_are_in_the_reference_layout_and_load_into_efficientnet_pytorch(crop_set, tmp_path, recipe):
+    result, checkpoints, _ = _train(crop_set, tmp_path, epochs=1, model_name="efficientnet-b0", image_size=32,
+                                    recipe=recipe)
     best = read_checkpoint((tmp_path / "store" / "training" / "run" / BEST).read_bytes())
-    assert set(best) == {"epoch", "model", "val/acc", "optimizer"}
+    reference_keys = {"epoch", "model", "val/acc", "optimizer"}
+    if recipe == "reference":
+        assert set(best) == reference_keys
+    else:  # the better of the raw weights and their EMA is the model, and says which it is
+        assert set(best) == reference_keys | {"weights"} and best["weights"] in ("raw", "ema")
+        metrics = result.history[0]
+        chosen = "val_ema" if best["weights"] == "ema" else "val"
+        assert best["val/acc"] == 100 * max(metrics["val/acc_top1"], metrics["val_ema/acc_top1"]) \
+            == 100 * metrics[f"{chosen}/acc_top1"]
     assert isinstance(best["epoch"], int) and 0 <= best["val/acc"] <= 100
     # what the reference's evaluate_model.py does: build the named model, load_state_dict(ckpt["model"])
     reference = EfficientNet.from_name("efficientnet-b0", num_classes=4)
     reference.load_state_dict(best["model"])  # strict
     last = checkpoints.load(LAST)
     assert {"epoch", "model", "val/acc", "optimizer", "scheduler", "scaler", "rng"} <= set(last)
+    assert ("ema" in last) == (recipe == "modern")
+
+
+def test_full_fine_tuning_with_the_modern_recipe_stays_finite_and_matches_head_only(crop_set, tmp_path):
+    """Every layer trained from the first epoch: the reference's RMSprop at its rate blows the loss up on the
+    sample (val loss 20 to 55 here); the modern recipe's rates for body and head keep it finite."""
+    sample, ds, label_index, splits = crop_set
+    frame = split_frame(ds, label_index, splits, True)
+    settings = dict(image_size=64, epochs=4, lr=None)
+    full, _, _ = _train(crop_set, tmp_path / "full", **settings)
+    head_only, _, _ = _train(crop_set, tmp_path / "head", finetune=4, **settings)
+    assert all(math.isfinite(m[key]) for m in full.history for key in ("train/loss", "val/loss", "val_ema/loss"))
+    params = TrainingParams(model_name="efficientnet-lite0", image_size=64, num_workers=0)
+    test = {name: evaluate_checkpoint(result.best, frame, sample.crops_dir, len(label_index), params)["acc_top1"]
+            for name, result in (("full", full), ("head", head_only))}
+    assert test["full"] >= test["head"] - 1e-9 and test["full"] >= 0.75, test
+    assert full.history[-1]["val/loss"] < full.history[0]["val/loss"]
+
+
+def test_modern_optimizer_warms_each_group_up_from_its_start_then_decays_by_cosine():
+    model = build_model("efficientnet-lite0", 4, pretrained="lite0")
+    params = TrainingParams(model_name="efficientnet-lite0", epochs=10, finetune=2, warmup_epochs=1, lr=1e-3,
+                            body_lr_scale=0.1)
+    optimizer, scheduler, per_batch = make_optimizer(model, params, CPU, steps_per_epoch=5, pretrained_body=True)
+    assert per_batch and isinstance(optimizer, torch.optim.AdamW)
+    groups = optimizer.param_groups
+    head_ids = {id(p) for p in head(model).parameters()}
+    is_head = [all(id(p) in head_ids for p in g["params"]) for g in groups]
+    assert [g["initial_lr"] for g in groups] == [1e-3 if h else 1e-4 for h in is_head]
+    assert all(g["weight_decay"] == (0.05 if g["params"][0].ndim > 1 else 0.0) for g in groups)  # no decay on norms
+    lrs = []
+    for _ in range(50):
+        lrs.append([g["lr"] for g in groups])
+        optimizer.step()  # no gradients: nothing moves
+        scheduler.step()
+    head_lr = [step[is_head.index(True)] for step in lrs]
+    body_lr = [step[is_head.index(False)] for step in lrs]
+    assert head_lr[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])  # one epoch of warm-up
+    assert body_lr[:10] == [0.0] * 10 and body_lr[10:15] == pytest.approx([2e-5, 4e-5, 6e-5, 8e-5, 1e-4])
+    assert all(a >= b for a, b in zip(head_lr[4:], head_lr[5:])) and 1e-5 < head_lr[-1] < 1.2e-5
+    assert warmup_cosine(0, 1, 11)(11) == pytest.approx(0.01)
+
+
+def test_mixup_and_cutmix_train_on_soft_targets(crop_set, tmp_path):
+    result, _, _ = _train(crop_set, tmp_path, epochs=1, mixup_alpha=0.2, cutmix_alpha=1.0, augment="randaugment")
+    assert math.isfinite(result.history[0]["train/loss"]) and result.history[0]["train/count"] > 0
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        TrainingParams(recipe="fancy")
 
 
 def test_a_megaclassifier_state_dict_loads_with_a_new_head_when_labels_differ():

@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Optional
 
 import dagster as dg
 import pandas as pd
@@ -33,6 +33,8 @@ from animl_assets.core.ml.plots import learning_curve
 from animl_assets.core.ml.recipe import (
     BEST,
     LAST,
+    AUGMENTS,
+    RECIPES,
     RUN_ONLY,
     VALID_MODELS,
     Checkpoints,
@@ -72,8 +74,27 @@ class TrainingConfig(dg.Config):
     image_size: int = Field(default=0, ge=0, description="Input size; 0: the model's (b0 224 ... b7 600, others 224).")
     epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=0.0, ge=0, description="Learning rate; 0: 0.016 * batch_size / 256 (the reference's).")
-    weight_decay: float = Field(default=1e-5, ge=0)
+    recipe: Literal[RECIPES] = Field(default="modern", description="modern: AdamW, warm-up and cosine decay, "
+                                     "label smoothing, a lower body rate, gradient clipping, an EMA of the weights, "
+                                     "TrivialAugmentWide/RandAugment, optional MixUp/CutMix. reference: "
+                                     "train_classifier.py's RMSprop/SGD, step decay and augmentation (parity runs; "
+                                     "it ignores the modern-only fields).")
+    lr: float = Field(default=0.0, ge=0, le=1, description="Learning rate (the head's under modern); 0: the recipe's "
+                      "(modern 1e-3, reference 0.016 * batch_size / 256).")
+    weight_decay: Optional[float] = Field(default=None, ge=0, le=1, description="None: the recipe's (modern "
+                                                                                "0.05, reference 1e-5).")
+    warmup_epochs: float = Field(default=1.0, ge=0, le=100, description="modern: linear warm-up, in epochs, of "
+                                                                          "each group from when it starts training.")
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="modern: cross-entropy label smoothing.")
+    body_lr_scale: float = Field(default=0.1, gt=0, le=1, description="modern: a pretrained body's rate as a "
+                                                                          "fraction of the head's (1: one rate).")
+    grad_clip: float = Field(default=1.0, ge=0, description="modern: max gradient norm (0: no clipping).")
+    ema_decay: float = Field(default=0.998, ge=0, lt=1, description="modern: EMA of the weights, validated and "
+                                                                      "kept beside the raw ones (0: none).")
+    augment: Literal[AUGMENTS] = Field(default="trivialaugment", description="modern: trivialaugment, "
+                                       "randaugment or reference (after a random resized crop and flip).")
+    mixup_alpha: float = Field(default=0.0, ge=0, le=10, description="modern: MixUp's Beta alpha (0: off).")
+    cutmix_alpha: float = Field(default=0.0, ge=0, le=10, description="modern: CutMix's Beta alpha (0: off).")
     label_weighted: bool = Field(default=True, description="Sample training crops with weights 1/label count.")
     weight_by_detection_conf: bool = Field(default=False, description="Weight training crops by detection conf.")
     detection_calibration: str = Field(default="", description="Isotonic calibration .npz (x, y) for the conf.")
@@ -93,9 +114,12 @@ class TrainingConfig(dg.Config):
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr or None, weight_decay=self.weight_decay,
             label_weighted=self.label_weighted, weight_by_detection_conf=self.weight_by_detection_conf,
             finetune=self.finetune, patience=self.patience, seed=self.seed, num_workers=self.num_workers,
-            device=self.device, amp=self.amp, progress_every=self.progress_every)
+            device=self.device, amp=self.amp, progress_every=self.progress_every,
+            **{name: getattr(self, name) for name in MODERN_FIELDS})
 
 
+MODERN_FIELDS = ("recipe", "warmup_epochs", "label_smoothing", "body_lr_scale", "grad_clip", "ema_decay", "augment",
+                 "mixup_alpha", "cutmix_alpha")
 NOT_RECIPE = (*RUN_ONLY, "init_from", "registry_name", "resume", "processes", "pretrained", "detection_calibration")
 
 
@@ -168,10 +192,10 @@ def reference_params(params: TrainingParams, pretrained: str, dataset_dir: str, 
             "model_name": params.model_name, "pretrained": pretrained, "finetune": params.finetune,
             "label_weighted": params.label_weighted, "weight_by_detection_conf": params.weight_by_detection_conf,
             "epochs": params.epochs, "batch_size": params.batch_size, "lr": params.learning_rate,
-            "weight_decay": params.weight_decay, "num_workers": params.num_workers, "logdir": logdir,
+            "weight_decay": params.decay, "num_workers": params.num_workers, "logdir": logdir,
             "log_extreme_examples": 0, "seed": params.seed,
             "image_size": params.image_size, "patience": params.patience, "amp": params.amp,
-            "splits_json": splits_uri, **extra}
+            "splits_json": splits_uri, **{name: getattr(params, name) for name in MODERN_FIELDS}, **extra}
 
 
 def _epoch_line(metrics: dict[str, float], epochs: int, seconds_per_epoch: float) -> str:

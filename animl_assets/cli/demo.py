@@ -17,7 +17,7 @@ DEMO_IMAGES_PER_CLASS_AND_LOCATION = 4  # about 200 crops: enough for train, val
 # Small enough for a 2-core laptop in well under a minute: Lite0's packaged ImageNet weights (offline), the head
 # fine-tuned at 128 px.
 DEMO_TRAINING = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 128, "epochs": 10,
-                 "finetune": 10, "batch_size": 16, "lr": 0.001, "num_workers": 2, "progress_every": 0}
+                 "finetune": 10, "batch_size": 16, "num_workers": 2, "progress_every": 0}
 # `animl demo --challenger`: a deliberately worse config (no pretrained weights, two epochs, no label
 # weighting), to watch the champion gate keep the champion.
 DEMO_CHALLENGER = DEMO_TRAINING | {"pretrained": "false", "epochs": 2, "finetune": 0, "label_weighted": False}

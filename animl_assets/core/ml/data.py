@@ -15,14 +15,26 @@ from torchvision.transforms import v2
 from animl_assets.core.ml.frames import MEANS, STDS
 
 
-def train_transform(size: int) -> v2.Compose:
-    """The reference's training augmentation, ending in a normalized float tensor."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, antialias=True), v2.RandomRotation(degrees=(-90, 90)),
-        v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.1), v2.RandomGrayscale(p=0.1),
-        v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
-        v2.PILToTensor(), normalize(),
-    ])
+def train_transform(size: int, augment: str = "reference") -> v2.Compose:
+    """The training augmentation, ending in a normalized float tensor: the reference's (random resized crop,
+    rotation ±90°, flips, grayscale, colour jitter), or a random resized crop and horizontal flip followed
+    by torchvision's TrivialAugmentWide or RandAugment (``augment``)."""
+    if augment == "reference":
+        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomRotation(degrees=(-90, 90)),
+                 v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.1), v2.RandomGrayscale(p=0.1),
+                 v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25)]
+    else:
+        policy = v2.TrivialAugmentWide() if augment == "trivialaugment" else v2.RandAugment()
+        steps = [v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip(p=0.5),
+                 policy]
+    return v2.Compose([*steps, v2.PILToTensor(), normalize()])
+
+
+def batch_mix(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> v2.Transform | None:
+    """MixUp and/or CutMix on a batch (one of them at random when both are on), or None when both are off."""
+    mixes = [mix(alpha=alpha, num_classes=num_classes)
+             for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def eval_resize(size: int) -> v2.Compose:

@@ -44,20 +44,39 @@ LAST = "last.pt"
 BEST = "best.pt"
 
 
+RECIPES = ("modern", "reference")
+AUGMENTS = ("trivialaugment", "randaugment", "reference")
+
+
 @dataclass
 class TrainingParams:
-    """Every knob of one training (the asset's TrainingConfig without the run-only ones)."""
+    """Every knob of one training (the asset's TrainingConfig without the run-only ones).
+
+    ``recipe``: ``reference`` is ``train_classifier.py``'s (RMSprop or SGD with step decay, its augmentation,
+    plain cross-entropy) for parity runs; ``modern`` is AdamW with warm-up and cosine decay, label
+    smoothing, a lower rate for a pretrained body than for the new head, gradient clipping, an EMA of the
+    weights and TrivialAugmentWide/RandAugment with optional MixUp/CutMix. The knobs below ``patience``
+    belong to ``modern``; ``reference`` ignores them."""
 
     model_name: str = "efficientnet-b0"
     image_size: int = 224
     epochs: int = 30
     batch_size: int = 64
-    lr: float | None = None  # None: 0.016 * batch_size / 256, as the reference
-    weight_decay: float = 1e-5
+    lr: float | None = None  # None: the recipe's (reference 0.016 * batch_size / 256, modern 1e-3)
+    weight_decay: float | None = None  # None: the recipe's (reference 1e-5, modern 0.05)
     label_weighted: bool = True
     weight_by_detection_conf: bool = False
     finetune: int = 0
     patience: int = 8
+    recipe: str = "modern"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    body_lr_scale: float = 0.1  # a pretrained body's rate relative to the head's (1: one rate)
+    grad_clip: float = 1.0  # max gradient norm; 0: no clipping
+    ema_decay: float = 0.998  # 0: no EMA
+    augment: str = "trivialaugment"
+    mixup_alpha: float = 0.0  # 0: no MixUp
+    cutmix_alpha: float = 0.0  # 0: no CutMix
     seed: int = 0
     num_workers: int = 2
     device: str = "auto"
@@ -65,9 +84,32 @@ class TrainingParams:
     channels_last: bool = True
     progress_every: int = 50
 
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, not {self.augment!r}")
+
+    @property
+    def modern(self) -> bool:
+        return self.recipe == "modern"
+
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 0.016 * self.batch_size / 256
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.modern else 0.016 * self.batch_size / 256
+
+    @property
+    def decay(self) -> float:
+        """The weight decay in effect."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.modern else 1e-5
+
+    @property
+    def ema(self) -> bool:
+        return self.modern and self.ema_decay > 0
 
 
 RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: not in the resume key

@@ -10,9 +10,10 @@ percentage so reference tools read it unchanged.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -20,9 +21,11 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler
 
-from animl_assets.core.ml.data import CropDataset, eval_transform, resolve_device, train_transform
+from animl_assets.core.ml.data import CropDataset, batch_mix, eval_transform, resolve_device, train_transform
 from animl_assets.core.ml.frames import SPLITS, top_ks
 from animl_assets.core.ml.models import build_model, head, set_finetune, unwrap
 from animl_assets.core.ml.recipe import BEST, EFFICIENTNETS, LAST, LITE0, Checkpoints, FitResult, TrainingParams
@@ -79,7 +82,8 @@ def make_loaders(frame: pd.DataFrame, crops_root: str | Path, params: TrainingPa
             continue
         train = split == "train"
         dataset = CropDataset(crops_root, rows["path"], rows["label_index"], rows["weight"],
-                              train_transform(params.image_size) if train else eval_transform(params.image_size))
+                              train_transform(params.image_size, params.augment if params.modern else "reference")
+                              if train else eval_transform(params.image_size))
         weights = dataset.weights if train and (params.label_weighted or params.weight_by_detection_conf) else None
         sampler = (EpochSampler(len(dataset), weights, params.seed, rank, world) if train
                    else range(rank, len(dataset), world))
@@ -133,31 +137,48 @@ def _batches(loader: DataLoader, device: torch.device, channels_last: bool) -> I
                labels.to(device, non_blocking=True), weights.to(device, non_blocking=True))
 
 
+@dataclass
+class StepRecipe:
+    """What each training step does besides forward, backward and the optimizer step: label smoothing, batch
+    MixUp/CutMix, gradient clipping, and ``after_step`` (a per-batch LR schedule, the EMA update)."""
+
+    label_smoothing: float = 0.0
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    grad_clip: float = 0.0
+    after_step: Callable[[], None] | None = None
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, *, amp: bool = True,
-                    channels_last: bool = False, head_only: bool = False,
+                    channels_last: bool = False, head_only: bool = False, step: StepRecipe = StepRecipe(),
                     progress: Callable[[int, int, dict[str, float]], None] | None = None,
                     progress_every: int = 50) -> dict[str, float]:
     """One pass over ``loader`` updating ``model``; loss is unweighted (the sampler balances labels, as the
-    reference). ``head_only``: BN and dropout stay in eval mode (the reference's fine-tune). Returns the
-    epoch's metrics and ``crops_per_s``."""
+    reference). ``head_only``: BN and dropout stay in eval mode (the reference's fine-tune). Accuracy counts
+    the unmixed labels. Returns the epoch's metrics and ``crops_per_s``."""
     model.train(not head_only)
-    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=step.label_smoothing)
     totals = Totals(head(model).out_features, device)
     started, batches = time.perf_counter(), len(loader)
-    for step, (images, labels, weights) in enumerate(_batches(loader, device, channels_last), start=1):
+    for number, (images, labels, weights) in enumerate(_batches(loader, device, channels_last), start=1):
+        images, targets = step.mix(images, labels) if step.mix is not None else (images, labels)
         with _autocast(device, amp):
             logits = model(images)
-            losses = loss_fn(logits.float(), labels)
+            losses = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses.mean()).backward()
+        if step.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if step.after_step is not None:
+            step.after_step()
         totals.add(logits.detach(), labels, weights, losses.detach())
-        if progress is not None and progress_every and step % progress_every == 0 and step < batches:
+        if progress is not None and progress_every and number % progress_every == 0 and number < batches:
             done = totals.sums[0].item()
-            progress(step, batches, {"loss": totals.sums[1].item() / done,
-                                     "crops_per_s": done / (time.perf_counter() - started)})
+            progress(number, batches, {"loss": totals.sums[1].item() / done,
+                                       "crops_per_s": done / (time.perf_counter() - started)})
     metrics = totals.metrics()
     metrics["crops_per_s"] = metrics["count"] / (time.perf_counter() - started)
     return metrics
@@ -180,18 +201,58 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp:
     return metrics
 
 
-def make_optimizer(model: nn.Module, params: TrainingParams, device: torch.device
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The reference's choices: EfficientNets RMSprop (alpha 0.9, momentum 0.9) with the LR decaying 0.97
-    every 2.4 epochs; ResNets SGD (momentum 0.9), LR ÷10 every 8 epochs. Fused kernels where the device has them."""
-    if params.model_name in EFFICIENTNETS or params.model_name == LITE0:
-        optimizer = torch.optim.RMSprop(model.parameters(), params.learning_rate, alpha=0.9, momentum=0.9,
-                                        weight_decay=params.weight_decay, foreach=True)
-        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.97 ** (1 / 2.4))
+def make_optimizer(model: nn.Module, params: TrainingParams, device: torch.device, steps_per_epoch: int = 1,
+                   pretrained_body: bool = False) -> tuple[torch.optim.Optimizer, LRScheduler, bool]:
+    """The optimizer, its LR schedule and whether that schedule steps per batch (else per epoch).
+
+    ``reference``: EfficientNets RMSprop (alpha 0.9, momentum 0.9) with the LR decaying 0.97 every 2.4 epochs;
+    ResNets SGD (momentum 0.9), LR ÷10 every 8 epochs. ``modern``: AdamW (no decay on norms and biases), the
+    head at ``lr`` and a pretrained body at ``lr * body_lr_scale``, each warmed up linearly over
+    ``warmup_epochs`` from when it starts training (the body after the ``finetune`` head-only epochs), then
+    cosine decay to 1% by the last epoch. Fused kernels where the device has them."""
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.SGD(model.parameters(), params.learning_rate, momentum=0.9,
-                                weight_decay=params.weight_decay, **fast)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=8, gamma=0.1)
+    lr = params.learning_rate
+    if params.modern:
+        head_ids = {id(p) for p in head(model).parameters()}
+        body_lr = lr * (params.body_lr_scale if pretrained_body else 1.0)
+        groups = [{"params": [p for p in model.parameters()
+                              if (id(p) in head_ids) == is_head and (p.ndim > 1) == decays],
+                   "lr": lr if is_head else body_lr, "weight_decay": params.decay if decays else 0.0,
+                   "start": 0 if is_head else params.finetune * steps_per_epoch}
+                  for is_head in (False, True) for decays in (True, False)]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr, **fast)
+        total, warmup = params.epochs * steps_per_epoch, max(1, round(params.warmup_epochs * steps_per_epoch))
+        factors = [warmup_cosine(g["start"], warmup, total) for g in optimizer.param_groups]
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors), True
+    if params.model_name in EFFICIENTNETS or params.model_name == LITE0:
+        optimizer = torch.optim.RMSprop(model.parameters(), lr, alpha=0.9, momentum=0.9,
+                                        weight_decay=params.decay, foreach=True)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.97 ** (1 / 2.4)), False
+    optimizer = torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=params.decay, **fast)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=8, gamma=0.1), False
+
+
+def warmup_cosine(start: int, warmup: int, total: int, floor: float = 0.01) -> Callable[[int], float]:
+    """The LR factor at each step for a group that starts training at step ``start``: 0 before it, linear
+    warm-up over ``warmup`` steps, then cosine decay to ``floor`` at step ``total``."""
+    def factor(step: int) -> float:
+        if step < start:
+            return 0.0
+        if step - start < warmup:
+            return (step - start + 1) / warmup
+        progress = min(1.0, (step - start - warmup) / max(1, total - start - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def weights_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (torch's ``AveragedModel``), whose
+    decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates so that short trainings (a few
+    hundred steps) average their recent weights rather than their initial ones."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        n = float(updates)
+        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, updates)
+    return AveragedModel(unwrap(model), multi_avg_fn=update, use_buffers=True)
 
 
 def train_classifier(frame: pd.DataFrame, crops_root: str | Path, num_classes: int, params: TrainingParams,
@@ -205,7 +266,8 @@ def train_classifier(frame: pd.DataFrame, crops_root: str | Path, num_classes: i
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     loaders = make_loaders(frame, crops_root, params, device)
     model = init_model(params, num_classes, init)
-    return fit(model, loaders, params, checkpoints, device, resume=resume, on_epoch=on_epoch, progress=progress)
+    return fit(model, loaders, params, checkpoints, device, resume=resume, pretrained_body=init is not False,
+               on_epoch=on_epoch, progress=progress)
 
 
 def evaluate_checkpoint(checkpoint: Mapping[str, Any], frame: pd.DataFrame, crops_root: str | Path,
@@ -235,10 +297,15 @@ def _restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _better(metrics: Mapping[str, float], best: Mapping[str, float]) -> bool:
+def _score(metrics: Mapping[str, float], prefix: str = "val") -> tuple[float, float]:
     """A higher val top-1, or the same with a lower val loss: on a small val set top-1 saturates early, and
     the reference's strict ``>`` would keep the first epoch that reached it."""
-    return (metrics["val/acc_top1"], -metrics["val/loss"]) > (best["val/acc_top1"], -best["val/loss"])
+    return metrics[f"{prefix}/acc_top1"], -metrics[f"{prefix}/loss"]
+
+
+def _epoch_score(metrics: Mapping[str, float]) -> tuple[float, float]:
+    """An epoch's score: that of its raw weights or of their EMA, whichever is better."""
+    return max(_score(metrics), _score(metrics, "val_ema")) if "val_ema/loss" in metrics else _score(metrics)
 
 
 def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
@@ -251,66 +318,58 @@ def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingParams, checkpoints: Checkpoints,
-        device: torch.device, *, resume: bool = True,
+        device: torch.device, *, resume: bool = True, pretrained_body: bool = False,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         progress: Callable[[str], None] | None = None) -> FitResult:
-    """Train for up to ``params.epochs`` epochs, validating after each and keeping the best on val top-1 (ties: lower val loss);
-    stop when it has not improved for ``params.patience`` epochs. After every epoch the whole state (model,
-    optimizer, scheduler, scaler, RNG, history) is saved atomically to ``last.pt``, and ``best.pt`` when it
-    improved; with ``resume`` an existing ``last.pt`` is continued from the next epoch, so a killed run ends
-    with the weights an uninterrupted one would have (same seed, same device). Under DDP only rank 0 writes
-    and reports; metrics are summed over ranks."""
+    """Train for up to ``params.epochs`` epochs, validating after each and keeping the best on val top-1 (ties:
+    lower val loss); stop when it has not improved for ``params.patience`` epochs. With an EMA (``modern``)
+    both the raw weights and their average are validated (``val/`` and ``val_ema/``) and the better is the
+    epoch's model: ``best.pt`` keeps it as ``model`` (``weights``: raw or ema). After every epoch the whole
+    state (model, EMA, optimizer, scheduler, scaler, RNG, history) is saved atomically to ``last.pt``, and
+    ``best.pt`` when it improved; with ``resume`` an existing ``last.pt`` is continued from the next epoch, so
+    a killed run ends with the weights an uninterrupted one would have (same seed, same device). Under DDP
+    only rank 0 writes and reports; metrics are summed over ranks. ``pretrained_body``: the body starts from
+    trained weights (it learns at ``body_lr_scale`` of the head's rate)."""
     started = time.perf_counter()
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-    optimizer, scheduler = make_optimizer(model, params, device)
+    model.to(device, memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
+    optimizer, scheduler, per_batch = make_optimizer(model, params, device, len(loaders["train"]), pretrained_body)
     scaler = torch.amp.GradScaler(device.type, enabled=params.amp and device.type == "cuda"
                                   and not torch.cuda.is_bf16_supported())
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {}
-    start_epoch, resumed_from = 0, None
+    ema = weights_ema(model, params.ema_decay) if params.ema else None
     last = checkpoints.load(LAST, warn=progress) if resume else None
-    if last is not None:
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
-        scheduler.load_state_dict(last["scheduler"])
-        scaler.load_state_dict(last["scaler"])
-        _restore_rng(last["rng"], device)
-        history, start_epoch, resumed_from = list(last["history"]), last["epoch"] + 1, last["epoch"]
-        best = checkpoints.load(BEST, warn=progress) or {}
-        if last.get("stopped"):
-            start_epoch = params.epochs
-    else:
-        torch.manual_seed(params.seed)  # augmentation draws: the same seed, the same run
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
+    history, best, start_epoch = _restore(last, parts, checkpoints, device, params, progress)
+    resumed_from = None if last is None else last["epoch"]
     best_epoch = best.get("epoch", -1)
     stopped = bool(last and last.get("stopped"))
     set_finetune(model, start_epoch < params.finetune)
     trained = _wrap(model, device)
+    step = _step_recipe(params, head(model).out_features, scheduler if per_batch else None, ema, model)
     for epoch in range(start_epoch, params.epochs):
         if epoch == params.finetune and epoch > 0:
             set_finetune(model, False)
             trained = _wrap(model, device)
         loader = loaders["train"]
         loader.sampler.set_epoch(epoch)
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[-1]["lr"]
 
-        def report(step: int, batches: int, so_far: dict[str, float]) -> None:
+        def report(number: int, batches: int, so_far: dict[str, float]) -> None:
             if rank0 and progress is not None:
-                progress(f"epoch {epoch + 1}/{params.epochs} batch {step}/{batches}: loss {so_far['loss']:.4f}, "
+                progress(f"epoch {epoch + 1}/{params.epochs} batch {number}/{batches}: loss {so_far['loss']:.4f}, "
                          f"{so_far['crops_per_s']:.1f} crops/s")
 
         train = train_one_epoch(trained, loader, optimizer, scaler, device, amp=params.amp,
-                                channels_last=params.channels_last, head_only=epoch < params.finetune,
+                                channels_last=params.channels_last, head_only=epoch < params.finetune, step=step,
                                 progress=report, progress_every=params.progress_every)
-        val = validate(model, loaders["val"], device, amp=params.amp, channels_last=params.channels_last) \
-            if "val" in loaders else train
-        scheduler.step()
         metrics = {"epoch": epoch, "lr": lr, **{f"train/{k}": v for k, v in train.items()},
-                   **{f"val/{k}": v for k, v in val.items()}}
+                   **_validation(model, ema, loaders, device, params, train)}
+        if not per_batch:
+            scheduler.step()
         history.append(metrics)
-        improved = best_epoch < 0 or _better(metrics, history[[m["epoch"] for m in history].index(best_epoch)])
-        state = {"epoch": epoch, "model": unwrap(model).state_dict(), "val/acc": 100 * metrics["val/acc_top1"],
+        best_metrics = next((m for m in history if m["epoch"] == best_epoch), None)
+        improved = best_metrics is None or _epoch_score(metrics) > _epoch_score(best_metrics)
+        state = {"epoch": epoch, "val/acc": 100 * _epoch_score(metrics)[0], **_weights(model, ema, metrics),
                  "optimizer": optimizer.state_dict()}
         if improved:  # a copy: state_dict() tensors are the live, still-training weights
             best, best_epoch = copy.deepcopy(state), epoch
@@ -318,9 +377,10 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
         if rank0:
             if improved:
                 checkpoints.save(BEST, state)
-            checkpoints.save(LAST, {**state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                    "rng": _rng_state(device), "history": history, "stopped": stopped,
-                                    "best_epoch": best_epoch, "params": asdict(params)})
+            checkpoints.save(LAST, {**state, "model": unwrap(model).state_dict(), "scheduler": scheduler.state_dict(),
+                                    "scaler": scaler.state_dict(), "rng": _rng_state(device), "history": history,
+                                    "stopped": stopped, "best_epoch": best_epoch, "params": asdict(params),
+                                    **({"ema": ema.state_dict()} if ema is not None else {})})
             if on_epoch is not None:
                 on_epoch({**metrics, "best_epoch": best_epoch})
         if stopped:
@@ -329,3 +389,58 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
         raise RuntimeError("training ran no epoch: epochs must be at least 1")
     return FitResult(best=best, history=history, stopped_early=stopped, resumed_from_epoch=resumed_from,
                      seconds=time.perf_counter() - started)
+
+
+def _restore(last: Mapping[str, Any] | None, parts: Mapping[str, Any], checkpoints: Checkpoints,
+             device: torch.device, params: TrainingParams, progress: Callable[[str], None] | None
+             ) -> tuple[list[dict[str, float]], dict[str, Any], int]:
+    """Load ``last.pt`` into the training's parts (model, optimizer, scheduler, scaler, EMA) and the RNG, or
+    seed a new run; returns the history so far, the best checkpoint and the epoch to start at."""
+    if last is None:
+        torch.manual_seed(params.seed)  # augmentation draws: the same seed, the same run
+        return [], {}, 0
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(last[name])
+    _restore_rng(last["rng"], device)
+    best = checkpoints.load(BEST, warn=progress) or {}
+    return list(last["history"]), best, params.epochs if last.get("stopped") else last["epoch"] + 1
+
+
+def _step_recipe(params: TrainingParams, num_classes: int, scheduler: LRScheduler | None,
+                 ema: AveragedModel | None, model: nn.Module) -> StepRecipe:
+    """What each step does under ``params.recipe``: the reference's plain steps, or the modern recipe's."""
+    if not params.modern:
+        return StepRecipe()
+
+    def after_step() -> None:
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
+
+    return StepRecipe(label_smoothing=params.label_smoothing, grad_clip=params.grad_clip, after_step=after_step,
+                      mix=batch_mix(num_classes, params.mixup_alpha, params.cutmix_alpha))
+
+
+def _validation(model: nn.Module, ema: AveragedModel | None, loaders: Mapping[str, DataLoader],
+                device: torch.device, params: TrainingParams, train: Mapping[str, float]) -> dict[str, float]:
+    """``val/`` metrics of the raw weights and ``val_ema/`` of their EMA (the train metrics without val)."""
+    if "val" not in loaders:
+        return {f"val/{k}": v for k, v in train.items()}
+    run = functools.partial(validate, loader=loaders["val"], device=device, amp=params.amp,
+                            channels_last=params.channels_last)
+    metrics = {f"val/{k}": v for k, v in run(model).items()}
+    if ema is not None:
+        metrics |= {f"val_ema/{k}": v for k, v in run(ema.module).items()}
+    return metrics
+
+
+def _weights(model: nn.Module, ema: AveragedModel | None, metrics: Mapping[str, float]) -> dict[str, Any]:
+    """An epoch's model for ``best.pt``: the raw weights, or their EMA when it validated better (``weights``
+    says which; one copy, so ``best.pt`` stays the reference's size)."""
+    if ema is None:
+        return {"model": unwrap(model).state_dict()}
+    if _score(metrics, "val_ema") > _score(metrics):
+        return {"model": ema.module.state_dict(), "weights": "ema"}
+    return {"model": unwrap(model).state_dict(), "weights": "raw"}
