@@ -320,3 +320,12 @@ def test_crops_that_cannot_be_trained_on_are_found_from_their_first_and_last_byt
     ds = pd.DataFrame({"path": list(found), "dataset": "d", "label": "fox"})
     usable, left_out = readable_crops(ds, tmp_path)
     assert ds.loc[usable, "path"].tolist() == ["ok.jpg", "ok.png"] and len(left_out) == 5
+
+
+def test_a_modern_training_without_a_val_split_keeps_the_raw_weights(crop_set, tmp_path):
+    """No val crops: the train metrics stand in for val, there is no EMA score, and best.pt keeps the raw
+    weights (choosing between raw and EMA must not need val_ema metrics)."""
+    sample, ds, label_index, splits = crop_set
+    no_val = {"train": splits["train"] + splits["val"], "val": [], "test": splits["test"]}
+    result, _, _ = _train((sample, ds, label_index, no_val), tmp_path, epochs=1)
+    assert "val_ema/loss" not in result.history[0] and result.best["weights"] == "raw"

@@ -303,9 +303,14 @@ def _score(metrics: Mapping[str, float], prefix: str = "val") -> tuple[float, fl
     return metrics[f"{prefix}/acc_top1"], -metrics[f"{prefix}/loss"]
 
 
+def _ema_better(metrics: Mapping[str, float]) -> bool:
+    """Whether an epoch's EMA validated better than its raw weights (False when it was not validated)."""
+    return "val_ema/loss" in metrics and _score(metrics, "val_ema") > _score(metrics)
+
+
 def _epoch_score(metrics: Mapping[str, float]) -> tuple[float, float]:
     """An epoch's score: that of its raw weights or of their EMA, whichever is better."""
-    return max(_score(metrics), _score(metrics, "val_ema")) if "val_ema/loss" in metrics else _score(metrics)
+    return _score(metrics, "val_ema" if _ema_better(metrics) else "val")
 
 
 def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
@@ -441,6 +446,6 @@ def _weights(model: nn.Module, ema: AveragedModel | None, metrics: Mapping[str, 
     says which; one copy, so ``best.pt`` stays the reference's size)."""
     if ema is None:
         return {"model": unwrap(model).state_dict()}
-    if _score(metrics, "val_ema") > _score(metrics):
+    if _ema_better(metrics):
         return {"model": ema.module.state_dict(), "weights": "ema"}
     return {"model": unwrap(model).state_dict(), "weights": "raw"}
