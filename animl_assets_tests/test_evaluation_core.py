@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from animl_assets.core.artifact_files import from_files, to_files
 from animl_assets.core.ingest.sample import write_sample_crops
 from animl_assets.core.ml import evaluation as ev
-from animl_assets.core.ml.frames import split_frame
+from animl_assets.core.ml.frames import Preprocessing, split_frame
 from animl_assets.core.ml.labels import target_columns
 from animl_assets.core.ml.models import build_model
 
@@ -119,7 +119,7 @@ def test_evaluate_writes_every_split_and_a_torchscript_model_that_agrees(sample_
     frame = split_frame(ds, label_index, splits, label_weighted)
     torch.manual_seed(0)
     model = build_model("resnet18", len(label_index), image_size=64)
-    result, gap = ev.evaluate(model, frame, sample.crops_dir, label_index, 64, torch.device("cpu"))
+    result, gap = ev.evaluate(model, frame, sample.crops_dir, label_index, Preprocessing(64), torch.device("cpu"))
     assert gap < 1e-4
     for split in ("train", "val", "test"):
         assert len(result.outputs(split)) == (frame["split"] == split).sum()
@@ -127,7 +127,7 @@ def test_evaluate_writes_every_split_and_a_torchscript_model_that_agrees(sample_
         assert (result.outputs_val["weight"] == 1).all()
         assert np.allclose(result.overall_metrics["acc_top1"], result.overall_metrics["acc_weighted_top1"])
     scripted = ev.load_script(bytes(result.compiled))
-    again, names = ev.evaluate_scripted(scripted, result.names, result.outputs_test, sample.crops_dir, 64,
+    again, names = ev.evaluate_scripted(scripted, result.names, result.outputs_test, sample.crops_dir, Preprocessing(64),
                                         torch.device("cpu"))
     assert names == result.names
     assert np.allclose(again[names].to_numpy(), result.outputs_test[names].to_numpy(), atol=1e-5)

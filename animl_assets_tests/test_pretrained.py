@@ -10,6 +10,7 @@ from PIL import Image
 
 from animl_assets.core.detect.crops import crop_box, cut
 from animl_assets.core.ml.data import eval_transform
+from animl_assets.core.ml.frames import Preprocessing
 from animl_assets.core.ml.models import build_model, lite0_state_dict
 
 # ENA24 species with an ImageNet-1k class (indices of torchvision's / the TF models' label order)
@@ -46,9 +47,9 @@ def test_efficientnet_pytorch_swish_becomes_the_fused_silu_with_the_same_outputs
         assert (ours(batch) - reference(batch)).abs().max().item() <= 1e-5
 
 
-def real_crops(ena24_dir) -> tuple[torch.Tensor, list[str]]:
+def real_crops(ena24_dir, prep: Preprocessing = Preprocessing(224)) -> tuple[torch.Tensor, list[str]]:
     """The hand-drawn boxes of ``coco_boxes_by_eye.json`` whose species ImageNet knows, cropped square as the
-    crops asset does and resized as evaluation does (224 px)."""
+    crops asset does and resized and normalized as evaluation does (``prep``; 224 px)."""
     coco = json.loads((ena24_dir / "coco_boxes_by_eye.json").read_text())
     names = {c["id"]: c["name"] for c in coco["categories"]}
     images = {i["id"]: i for i in coco["images"]}
@@ -62,7 +63,7 @@ def real_crops(ena24_dir) -> tuple[torch.Tensor, list[str]]:
         height, width = pixels.shape[:2]
         x, y, w, h = annotation["bbox"]
         box = crop_box(width, height, [x / width, y / height, w / width, h / height], square=True)
-        crops.append(eval_transform(224)(Image.fromarray(cut(pixels, box))))
+        crops.append(eval_transform(prep)(Image.fromarray(cut(pixels, box))))
         labels.append(label)
     return torch.stack(crops), labels
 

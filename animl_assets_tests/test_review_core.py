@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 
 from animl_assets.core.detect.megadetector import validate_batch_output
 from animl_assets.core.ml.data import eval_resize, eval_transform, normalize
+from animl_assets.core.ml.frames import Preprocessing
 from animl_assets.core.ml.inference import Classifier, classify, decode_on, encoded_tensor
 from animl_assets.core.review import candidates
 from animl_assets.core.review import corrections as cr
@@ -70,7 +71,7 @@ def test_classify_feeds_the_model_what_evaluation_feeds_it(tmp_path, mean, std):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
     stats = {} if mean is None else {"mean": mean, "std": std}
-    transform = eval_transform(24) if mean is None else v2.Compose([eval_resize(24), normalize(mean, std)])
+    transform = eval_transform(Preprocessing(24)) if mean is None else v2.Compose([eval_resize(24), normalize(mean, std)])
     with torch.no_grad():
         inputs = torch.stack([transform(Image.open(tmp_path / p).convert("RGB")) for p in paths])
         expected = torch.softmax(net(inputs), dim=1).numpy()

@@ -34,7 +34,7 @@ from animl_assets.core.ml.data import resolve_device  # noqa: E402
 from animl_assets.core.ml.frames import split_frame  # noqa: E402
 from animl_assets.core.artifact_files import read_checkpoint  # noqa: E402
 from animl_assets.core.ml.models import build_model  # noqa: E402
-from animl_assets.core.ml.recipe import VALID_MODELS, default_image_size  # noqa: E402
+from animl_assets.core.ml.recipe import VALID_MODELS, default_image_size, model_preprocessing  # noqa: E402
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    result, gap = ev.evaluate(model, frame, crops_dir, label_index, size, device,
+    result, gap = ev.evaluate(model, frame, crops_dir, label_index, model_preprocessing(args.model, size), device,
                               batch_size=args.batch_size, num_workers=args.workers,
                               progress=lambda line: timings.setdefault(line, time.perf_counter() - started))
     total = time.perf_counter() - started

@@ -22,7 +22,7 @@ from animl_assets.core.artifact_files import value_version
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.layout import version_folder
 from animl_assets.core.ml import plots
-from animl_assets.core.ml.frames import SPLITS, trainable_frame
+from animl_assets.core.ml.frames import SPLITS, Preprocessing, trainable_frame
 from animl_assets.core.ml.labels import label_names
 from animl_assets.core.ml.recipe import Evaluation, TrainedClassifier
 from animl_assets.core.registry import registry, tracking
@@ -125,7 +125,7 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     model = build_model(params["model_name"], len(label_index), image_size=params["image_size"])
     model.load_state_dict(checkpoint.ckpt["model"])
     try:
-        result, gap = ev.evaluate(model, frame, crops_root, label_index, params["image_size"],
+        result, gap = ev.evaluate(model, frame, crops_root, label_index, Preprocessing.of(params),
                                   resolve_device(config.device), target_precision=config.target_precision,
                                   batch_size=config.batch_size, num_workers=config.num_workers,
                                   params=params, progress=context.log.info)
@@ -208,13 +208,13 @@ class ComparisonConfig(dg.Config):
     batch_size: int = Field(default=64, ge=1)
 
 
-def score_model(scripted: "torch.jit.ScriptModule", labels: list[str], image_size: int, outputs: pd.DataFrame,
+def score_model(scripted: "torch.jit.ScriptModule", labels: list[str], prep: Preprocessing, outputs: pd.DataFrame,
                 crops_root: Path, device: "torch.device", mapping: dict | None = None, batch_size: int = 64
                 ) -> dict[str, float]:
     """Another model's comparison figures on the crops (and labels) of our ``outputs`` frame."""
     from animl_assets.core.ml import evaluation as ev
 
-    theirs, names = ev.evaluate_scripted(scripted, labels, outputs, crops_root, image_size, device, mapping,
+    theirs, names = ev.evaluate_scripted(scripted, labels, outputs, crops_root, prep, device, mapping,
                                          batch_size)
     return ev.summary_row(theirs, names)
 
@@ -226,7 +226,7 @@ def registered_scores(client: Any, tracking_uri: str, version: Any, outputs: pd.
 
     files = registry.model_files(tracking_uri, version)
     return score_model(ev.load_script(files.torchscript), label_names(files.label_index),
-                       int(files.preprocessing["image_size"]), outputs, crops_root, device, batch_size=batch_size)
+                       Preprocessing.of(files.preprocessing), outputs, crops_root, device, batch_size=batch_size)
 
 
 def read_json(uri: str, storage: ArtifactStore) -> Any:
@@ -271,7 +271,7 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
         labels = label_names(read_json(external.label_index, storage))
         mapping = read_json(external.target_mapping, storage) if external.target_mapping else None
         try:
-            scores = score_model(scripted, labels, external.image_size, test, crops_root, device, mapping,
+            scores = score_model(scripted, labels, Preprocessing(external.image_size), test, crops_root, device, mapping,
                                  config.batch_size)
         except ValueError as err:
             raise stop(f"{external.name}: {err}") from err

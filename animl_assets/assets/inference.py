@@ -32,6 +32,7 @@ from animl_assets.core.detect.contact_sheet import contact_sheet
 from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.detect.megadetector import Detections, validate_batch_output
 from animl_assets.core.layout import artifact_key, partition_folder, version_file
+from animl_assets.core.ml.frames import Preprocessing
 from animl_assets.core.ml.labels import label_names, remapped_label_index
 from animl_assets.core.ml.recipe import Classifications, Evaluation
 from animl_assets.core.registry import registry
@@ -96,9 +97,10 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
     except ValueError as err:
         raise stop(f"{err}: train and register a model first (animl train), or set torchscript") from err
     files = registry.model_files(mlflow.uri, version)
-    return Classifier(load_script(files.torchscript), label_names(files.label_index),
-                      int(files.preprocessing["image_size"]), f"{version.name}/{version.version}",
-                      f"{version.name} v{version.version}")
+    prep = Preprocessing.of(files.preprocessing)
+    return Classifier(load_script(files.torchscript), label_names(files.label_index), prep.image_size,
+                      f"{version.name}/{version.version}", f"{version.name} v{version.version}", prep.mean, prep.std,
+                      prep.interpolation)
 
 
 @stage_asset(gpu=True, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"},

@@ -13,6 +13,7 @@ from animl_assets.assets.artifacts import stage_asset, stage_check, stop, table
 from animl_assets.assets.evaluation import dataset_crops, registered_scores
 from animl_assets.assets.training import training_recipe
 from animl_assets.core.artifact_files import torch_bytes, value_version
+from animl_assets.core.ml.frames import Preprocessing
 from animl_assets.core.ml.recipe import Evaluation, TrainedClassifier
 from animl_assets.core.registry import registry
 from animl_assets.resources.storage import ArtifactStore
@@ -70,7 +71,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     dataset, crops_root = dataset_crops(storage, checkpoint.params)
     example_path = next(iter(evaluation.outputs_test["path"]), None) or dataset.classification_ds["path"].iloc[0]
     files = registry.ModelFiles(bytes(evaluation.compiled), evaluation.label_index,
-                                registry.preprocessing(int(checkpoint.params["image_size"])), evaluation.thresholds,
+                                registry.preprocessing(Preprocessing.of(checkpoint.params)), evaluation.thresholds,
                                 checkpoint.params, torch_bytes(checkpoint.ckpt))
     client = mlflow.client()
     _repair(context, client, config.model_name)

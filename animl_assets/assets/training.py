@@ -14,7 +14,7 @@ from typing import Any, Iterator, Literal, Optional
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from animl_assets.assets.artifacts import (
     image_metadata,
@@ -36,13 +36,16 @@ from animl_assets.core.ml.recipe import (
     AUGMENTS,
     RECIPES,
     RUN_ONLY,
+    TIMM,
     VALID_MODELS,
     Checkpoints,
     FitResult,
     PretrainedWeightsUnavailable,
     TrainedClassifier,
     TrainingParams,
+    check_model_name,
     default_image_size,
+    is_timm,
     resume_key,
 )
 from animl_assets.core.paths import redact_credentials
@@ -60,12 +63,15 @@ LEARNING_CURVE = "learning_curve.png"
 class TrainingConfig(dg.Config):
     """Hyperparameters of one training (the reference ``train_classifier.py``'s, plus resume and DDP)."""
 
-    model_name: Literal[VALID_MODELS] = Field(default="efficientnet-b0", description="EfficientNet B0-B7 "
-                                              "(efficientnet-pytorch), efficientnet-lite0, or a torchvision ResNet.")
+    model_name: str = Field(default="efficientnet-b0", description="EfficientNet B0-B7 (efficientnet-pytorch), "
+                            f"efficientnet-lite0, a torchvision ResNet ({', '.join(VALID_MODELS)}), or timm/<name> "
+                            "(any timm model, e.g. timm/convnext_tiny, timm/tf_efficientnetv2_s).")
     pretrained: str = Field(default="false", description="false; true (ImageNet weights: downloads, or torch's hub "
-                                                         "cache offline); lite0 (packaged Lite0 weights, offline); or "
-                                                         "a checkpoint path or s3:// URI (reference ckpt_N.pt or a "
-                                                         "bare state dict; the head is replaced when labels differ).")
+                                                         "cache offline; timm models from the Hugging Face hub); lite0 "
+                                                         "(packaged Lite0 weights, offline); or a path or s3:// URI: a "
+                                                         "checkpoint (reference ckpt_N.pt or a bare state dict) or, for "
+                                                         "timm, a weights file (.safetensors or .pth, loaded by timm); "
+                                                         "the head is replaced when labels differ.")
     init_from: Literal["", "champion"] = Field(default="", description="champion: start from the registry's "
                                                                        "current champion model (its checkpoint; "
                                                                        "the head is replaced when labels differ).")
@@ -107,6 +113,13 @@ class TrainingConfig(dg.Config):
     resume: bool = Field(default=True, description="Continue from the last complete epoch of the same config and data.")
     processes: int = Field(default=1, ge=1, description="Training processes (torchrun, DDP): one per GPU.")
     progress_every: int = Field(default=50, ge=0, description="A progress line every N batches (0: none).")
+
+    @field_validator("model_name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in VALID_MODELS and not (name.startswith(TIMM) and len(name) > len(TIMM)):
+            raise ValueError(f"unknown model {name!r}: one of {', '.join(VALID_MODELS)}, or timm/<name>")
+        return name
 
     def params(self) -> TrainingParams:
         return TrainingParams(
@@ -168,9 +181,28 @@ def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: Mlf
         return (True if choice.lower() == "true" else "lite0"), choice.lower()
     try:
         data = read_uri(choice, storage.s3)
-        return read_checkpoint(data), hashlib.sha256(data).hexdigest()
+        fingerprint = hashlib.sha256(data).hexdigest()
+        weights = None if choice.endswith(".safetensors") else read_checkpoint(data)
     except (FileNotFoundError, OSError, RuntimeError) as err:
         raise stop(f"pretrained checkpoint {choice!r} cannot be read: {err}") from err
+    if is_timm(config.model_name) and not (isinstance(weights, dict) and "model" in weights):
+        return _weights_file(choice, data, fingerprint, storage), fingerprint  # timm's own loading code
+    if weights is None:
+        raise stop(f"{choice} is a .safetensors weights file: timm loads those (model_name timm/<name>)")
+    return weights, fingerprint
+
+
+def _weights_file(uri: str, data: bytes, fingerprint: str, storage: ArtifactStore) -> str:
+    """A local path to a weights file timm loads: the file itself, or a copy of one in S3."""
+    if not uri.startswith("s3://"):
+        return str(Path(uri).expanduser().absolute())
+    path = storage.cache("weights") / f"{fingerprint}{Path(uri).suffix}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        partial.replace(path)
+    return str(path)
 
 
 def _calibration(config: TrainingConfig, storage: ArtifactStore) -> dict | None:
@@ -195,7 +227,8 @@ def reference_params(params: TrainingParams, pretrained: str, dataset_dir: str, 
             "weight_decay": params.decay, "num_workers": params.num_workers, "logdir": logdir,
             "log_extreme_examples": 0, "seed": params.seed,
             "image_size": params.image_size, "patience": params.patience, "amp": params.amp,
-            "splits_json": splits_uri, **{name: getattr(params, name) for name in MODERN_FIELDS}, **extra}
+            "splits_json": splits_uri, **{name: getattr(params, name) for name in MODERN_FIELDS},
+            **params.preprocessing.record(), **extra}
 
 
 def _epoch_line(metrics: dict[str, float], epochs: int, seconds_per_epoch: float) -> str:
@@ -251,6 +284,10 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
                      splits: dict[str, list[list[str]]], storage: ArtifactStore) -> TrainingInputs:
     """The dataset framed by split (readable crops only), or a stop when the splits belong to another dataset
     or leave train or val empty."""
+    try:
+        check_model_name(config.model_name)
+    except ValueError as err:
+        raise stop(str(err)) from err
     params, ds = config.params(), dataset.classification_ds
     dataset_version, splits_version = value_version(dataset, "classification_dataset"), value_version(splits, "splits")
     made_from = read_from(context.instance, "splits", splits_version, "classification_dataset")

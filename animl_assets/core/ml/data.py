@@ -12,13 +12,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from animl_assets.core.ml.frames import MEANS, STDS
+from animl_assets.core.ml.frames import MEANS, STDS, Preprocessing
 
 
-def train_transform(size: int, augment: str = "reference") -> v2.Compose:
-    """The training augmentation, ending in a normalized float tensor: the reference's (random resized crop,
-    rotation ±90°, flips, grayscale, colour jitter), or a random resized crop and horizontal flip followed
-    by torchvision's TrivialAugmentWide or RandAugment (``augment``)."""
+def train_transform(prep: Preprocessing, augment: str = "reference") -> v2.Compose:
+    """The training augmentation at ``prep``'s size, ending in a tensor normalized with its mean and std:
+    the reference's (random resized crop, rotation ±90°, flips, grayscale, colour jitter), or a random
+    resized crop and horizontal flip followed by torchvision's TrivialAugmentWide or RandAugment
+    (``augment``)."""
+    size = prep.image_size
     if augment == "reference":
         steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomRotation(degrees=(-90, 90)),
                  v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.1), v2.RandomGrayscale(p=0.1),
@@ -27,7 +29,7 @@ def train_transform(size: int, augment: str = "reference") -> v2.Compose:
         policy = v2.TrivialAugmentWide() if augment == "trivialaugment" else v2.RandAugment()
         steps = [v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip(p=0.5),
                  policy]
-    return v2.Compose([*steps, v2.PILToTensor(), normalize()])
+    return v2.Compose([*steps, v2.PILToTensor(), normalize(prep.mean, prep.std)])
 
 
 def batch_mix(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> v2.Transform | None:
@@ -37,10 +39,11 @@ def batch_mix(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> v2.T
     return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
-def eval_resize(size: int) -> v2.Compose:
-    """The reference's evaluation geometry: bicubic resize of the short side, centre crop; a uint8 tensor."""
+def eval_resize(size: int, interpolation: str = "bicubic") -> v2.Compose:
+    """The reference's evaluation geometry: resize of the short side (bicubic unless the model's config
+    says otherwise), centre crop; a uint8 tensor."""
     return v2.Compose([
-        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
+        v2.Resize(size, interpolation=v2.InterpolationMode(interpolation), antialias=True), v2.CenterCrop(size),
         v2.PILToTensor(),
     ])
 
@@ -50,9 +53,9 @@ def normalize(mean: Sequence[float] = MEANS, std: Sequence[float] = STDS) -> v2.
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
-def eval_transform(size: int) -> v2.Compose:
-    """The reference's evaluation transform: ``eval_resize`` then ``normalize``."""
-    return v2.Compose([eval_resize(size), normalize()])
+def eval_transform(prep: Preprocessing) -> v2.Compose:
+    """The reference's evaluation transform with ``prep``'s values: ``eval_resize`` then ``normalize``."""
+    return v2.Compose([eval_resize(prep.image_size, prep.interpolation), normalize(prep.mean, prep.std)])
 
 
 class CropDataset(Dataset):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from animl_assets.core.artifact_files import Arrays, Blob
 from animl_assets.core.ml.data import CropDataset, eval_transform
-from animl_assets.core.ml.frames import SPLITS, top_ks
+from animl_assets.core.ml.frames import SPLITS, Preprocessing, top_ks
 from animl_assets.core.ml.labels import label_names, target_columns
 from animl_assets.core.ml.recipe import Evaluation
 
@@ -50,9 +50,9 @@ def map_logits(logits: torch.Tensor, columns: Sequence[Sequence[int]]) -> torch.
 # ---- running a model --------------------------------------------------------------------------------------
 
 def eval_loader(paths: Sequence[str], labels: Sequence[int], weights: Sequence[float], crops_root: str | Path,
-                image_size: int, batch_size: int = 64, num_workers: int = 0) -> DataLoader:
-    """The crops in order, through the evaluation transform (resize, centre crop, ImageNet normalization)."""
-    dataset = CropDataset(crops_root, paths, labels, weights, eval_transform(image_size))
+                prep: Preprocessing, batch_size: int = 64, num_workers: int = 0) -> DataLoader:
+    """The crops in order, through the evaluation transform (resize, centre crop, the model's normalization)."""
+    dataset = CropDataset(crops_root, paths, labels, weights, eval_transform(prep))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       persistent_workers=False)
 
@@ -232,7 +232,7 @@ def summarize(outputs: Mapping[str, pd.DataFrame], names: Sequence[str]
 
 
 def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, label_index: Mapping[str, str],
-             image_size: int, device: torch.device, *, target_precision: float = 0.95, batch_size: int = 64,
+             prep: Preprocessing, device: torch.device, *, target_precision: float = 0.95, batch_size: int = 64,
              num_workers: int = 0, parity_tolerance: float = 1e-4, params: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None) -> tuple[Evaluation, float]:
     """Evaluate ``model`` (its best checkpoint loaded) on every split of ``frame`` (``split_frame``'s rows:
@@ -243,7 +243,7 @@ def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, labe
     outputs = {}
     for split in SPLITS:
         rows = frame[frame["split"] == split]
-        loader = eval_loader(rows["path"], rows["label_index"], rows["weight"], crops_root, image_size,
+        loader = eval_loader(rows["path"], rows["label_index"], rows["weight"], crops_root, prep,
                              batch_size, num_workers)
         probs = softmax(predict_logits(model, loader, device)) if len(rows) else np.zeros((0, len(names)))
         outputs[split] = outputs_frame(rows["path"], rows["label"], rows["weight"], probs, names)
@@ -254,9 +254,9 @@ def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, labe
     at_threshold = thresholds_table(found).rename(columns={"precision": "precision_at_threshold",
                                                            "recall": "recall_at_threshold"})
     report = report.merge(at_threshold, on="label", how="left")
-    scripted = compile_model(model, image_size)
+    scripted = compile_model(model, prep.image_size)
     sample = frame.head(min(len(frame), 8))
-    batch = next(iter(eval_loader(sample["path"], sample["label_index"], sample["weight"], crops_root, image_size,
+    batch = next(iter(eval_loader(sample["path"], sample["label_index"], sample["weight"], crops_root, prep,
                                   len(sample))))[0]
     gap = parity(model, scripted, batch)
     if gap > parity_tolerance:
@@ -267,7 +267,7 @@ def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, labe
 
 
 def evaluate_scripted(scripted: torch.jit.ScriptModule, model_labels: Sequence[str], outputs: pd.DataFrame,
-                      crops_root: str | Path, image_size: int, device: torch.device,
+                      crops_root: str | Path, prep: Preprocessing, device: torch.device,
                       mapping: Mapping[str, Sequence[str]] | None = None, batch_size: int = 64,
                       num_workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
     """Another model (TorchScript, its own labels) on the crops of an ``outputs`` frame (path, label,
@@ -277,7 +277,7 @@ def evaluate_scripted(scripted: torch.jit.ScriptModule, model_labels: Sequence[s
     names, columns = target_columns(model_labels, targets, mapping)
     index = {name: i for i, name in enumerate(names)}
     loader = eval_loader(outputs["path"], outputs["label"].map(index).fillna(-1).astype(int), outputs["weight"],
-                         crops_root, image_size, batch_size, num_workers)
+                         crops_root, prep, batch_size, num_workers)
     probs = softmax(predict_logits(scripted, loader, device, columns))
     return outputs_frame(outputs["path"], outputs["label"], outputs["weight"], probs, names), names
 

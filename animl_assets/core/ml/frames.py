@@ -4,8 +4,9 @@ accuracies reported."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,37 @@ import pandas as pd
 MEANS = (0.485, 0.456, 0.406)
 STDS = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a crop becomes a model's input: resized (short side, ``interpolation``) and centre-cropped to
+    ``image_size``, then normalized with ``mean`` and ``std``; the model's own (timm's pretrained config, or
+    ImageNet's for the rest). Recorded in ``params.json`` and the registered ``preprocessing.json``."""
+
+    image_size: int
+    mean: tuple[float, ...] = MEANS
+    std: tuple[float, ...] = STDS
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def record(self) -> dict[str, Any]:
+        """The JSON fields (``image_size``, ``mean``, ``std``, ``interpolation``)."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> "Preprocessing":
+        """From ``params.json`` or ``preprocessing.json``; files written before these fields existed get
+        the ImageNet values every model used then."""
+        return cls(int(record["image_size"]), tuple(record.get("mean") or MEANS), tuple(record.get("std") or STDS),
+                   str(record.get("interpolation") or "bicubic"))
 
 
 def top_ks(num_labels: int) -> tuple[int, int]:

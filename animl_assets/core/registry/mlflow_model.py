@@ -2,9 +2,9 @@
 
 MLflow copies this file into the model; loading it needs MLflow, PyTorch, torchvision and Pillow, not
 animl-assets. Input: a DataFrame with an ``image`` column of encoded crops (JPEG/PNG bytes). Output: one
-probability column per label, in ``label_index.json`` order. Preprocessing is the evaluation's: bicubic
-resize of the short side to the model's input size, centre crop, normalization with the stored mean and
-std (``preprocessing.json``).
+probability column per label, in ``label_index.json`` order. Preprocessing is the evaluation's: resize of
+the short side to the model's input size (its interpolation, bicubic by default), centre crop,
+normalization with the stored mean and std (``preprocessing.json``).
 """
 
 import io
@@ -32,8 +32,9 @@ class CropClassifier(mlflow.pyfunc.PythonModel):
         with open(files["preprocessing"]) as f:
             prep = json.load(f)
         size = int(prep["image_size"])
+        interpolation = v2.InterpolationMode(prep.get("interpolation", "bicubic"))
         self.transform = v2.Compose([
-            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
+            v2.Resize(size, interpolation=interpolation, antialias=True), v2.CenterCrop(size),
             v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep["mean"], prep["std"]),
         ])
 

@@ -18,7 +18,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from animl_assets.core.artifact_files import JsonRecord
-from animl_assets.core.ml.frames import MEANS, STDS
+from animl_assets.core.ml.frames import Preprocessing
 from animl_assets.core.paths import redact_credentials
 from animl_assets.core.registry.tracking import DAGSTER_RUN_TAG
 
@@ -72,10 +72,10 @@ class ModelFiles:
     checkpoint: bytes
 
 
-def preprocessing(image_size: int) -> dict[str, Any]:
-    """The input a model expects: crops resized and centre-cropped to ``image_size``, then normalized."""
-    return {"image_size": image_size, "resize": "bicubic short side, centre crop", "mean": list(MEANS),
-            "std": list(STDS), "color": "RGB"}
+def preprocessing(prep: Preprocessing) -> dict[str, Any]:
+    """``preprocessing.json``: the input a model expects (crops resized and centre-cropped to its size, then
+    normalized with its mean and std)."""
+    return {**prep.record(), "resize": f"{prep.interpolation} short side, centre crop", "color": "RGB"}
 
 
 def _requirements() -> list[str]:
