@@ -15,6 +15,7 @@ from animl_assets.core.ml import evaluation as ev
 from animl_assets.core.ml.frames import Preprocessing, split_frame
 from animl_assets.core.ml.labels import target_columns
 from animl_assets.core.ml.models import build_model
+from animl_assets.core.ml.portable import ONNX_OPSET, max_difference
 
 NAMES = ["cat", "deer", "fox", "owl"]
 
@@ -114,13 +115,16 @@ def sample_set(tmp_path_factory):
 
 
 @pytest.mark.parametrize("label_weighted", [True, False])
-def test_evaluate_writes_every_split_and_a_torchscript_model_that_agrees(sample_set, label_weighted):
+def test_evaluate_writes_every_split_and_standalone_models_that_agree(sample_set, label_weighted):
     sample, ds, label_index, splits = sample_set
     frame = split_frame(ds, label_index, splits, label_weighted)
     torch.manual_seed(0)
     model = build_model("resnet18", len(label_index), image_size=64)
-    result, gap = ev.evaluate(model, frame, sample.crops_dir, label_index, Preprocessing(64), torch.device("cpu"))
-    assert gap < 1e-4
+    result, gaps = ev.evaluate(model, frame, sample.crops_dir, label_index, Preprocessing(64), torch.device("cpu"),
+                               portable=label_weighted)
+    assert set(gaps) == ({"torchscript", "onnx", "torch_export"} if label_weighted else {"torchscript"})
+    assert all(gap < 1e-4 for gap in gaps.values())
+    assert bool(result.onnx) == bool(result.exported) == label_weighted
     for split in ("train", "val", "test"):
         assert len(result.outputs(split)) == (frame["split"] == split).sum()
     if not label_weighted:
@@ -142,12 +146,36 @@ def test_evaluate_writes_every_split_and_a_torchscript_model_that_agrees(sample_
     assert bytes(back.compiled) == bytes(result.compiled)
 
 
-def test_parity_tells_a_traced_model_from_another():
+def test_parity_tells_a_compiled_model_from_another():
     model, other = build_model("resnet18", 3, image_size=64), build_model("resnet18", 3, image_size=64)
-    scripted = ev.compile_model(other, 64)
     batch = torch.rand(2, 3, 64, 64)
-    assert ev.parity(other, scripted, batch) < 1e-5
-    assert ev.parity(model, scripted, batch) > 1e-4
+    for form, (_, runnable) in ev.compiled_forms(other, 64).items():
+        assert max_difference(other, runnable, batch) < 1e-5, form
+        assert max_difference(model, runnable, batch) > 1e-4, form
+
+
+@pytest.mark.parametrize("model_name", ["efficientnet-lite0", "efficientnet-b0", "timm/test_convnext"])
+def test_onnx_and_torch_export_give_the_eager_logits_on_real_crops_for_any_batch(ena24_dir, model_name):
+    """ONNX (opset pinned, batch dimension named and dynamic) and the torch.export program, loaded from their
+    bytes, against the eager model on real ENA24 crops: Lite0 with its ImageNet weights, b0 and a timm model."""
+    import onnx
+
+    from animl_assets_tests.test_pretrained import real_crops
+
+    torch.manual_seed(0)
+    pretrained = "lite0" if model_name == "efficientnet-lite0" else False
+    model = build_model(model_name, 1000, pretrained=pretrained, image_size=224).eval()
+    crops, _ = real_crops(ena24_dir)
+    forms = ev.compiled_forms(model, 224)
+    proto = onnx.load_from_string(forms["onnx"][0])
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [ONNX_OPSET]
+    assert [i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input] == ["batch"]
+    with torch.no_grad():
+        eager = model(crops)
+    for form, (_, runnable) in forms.items():
+        for batch in (crops[:1], crops):  # one crop, then all of them: the batch is dynamic
+            logits = runnable(batch).float()
+            assert (logits - eager[: len(batch)]).abs().max().item() <= 1e-4, form
 
 
 def test_the_file_columns_are_the_reference_evaluate_models():

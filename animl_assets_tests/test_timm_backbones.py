@@ -131,15 +131,24 @@ def _run(settings, dagster_home, job, partition=None, **ops):
     return result
 
 
+def _metadata(result, asset: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(asset)]
+    return {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
+
+
 @pytest.mark.slow
-def test_a_timm_backbone_from_a_local_file_trains_registers_and_classifies_with_its_preprocessing(
+def test_a_timm_backbone_from_a_local_file_trains_registers_and_classifies_on_torch_and_onnx(
         tmp_path_factory, built_dataset_home):
     settings, dagster_home = dataset_home(tmp_path_factory.mktemp("timm"), built_dataset_home)
     torch.manual_seed(0)
     weights = tmp_path_factory.mktemp("weights") / "test_convnext.safetensors"
     save_file(timm.create_model("test_convnext", pretrained=False).state_dict(), str(weights))
-    _run(settings, dagster_home, TRAIN_JOB, classifier_checkpoint=TIMM_TRAINING | {"pretrained": str(weights)},
-         classifier_evaluation={"num_workers": 0})
+    trained = _run(settings, dagster_home, TRAIN_JOB,
+                   classifier_checkpoint=TIMM_TRAINING | {"pretrained": str(weights)},
+                   classifier_evaluation={"num_workers": 0})
+    evaluated = _metadata(trained, "classifier_evaluation")
+    assert max(evaluated[f"{form}_max_abs_diff"] for form in ("torchscript", "onnx", "torch_export")) <= 1e-4
+    assert _metadata(trained, "registered_model")["runtimes"] == "torchscript, onnx, torch.export"
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         params = json.loads((latest_version(settings, instance, "classifier_checkpoint") / "params.json").read_text())
         evaluation = latest_version(settings, instance, "classifier_evaluation")
@@ -155,6 +164,7 @@ def test_a_timm_backbone_from_a_local_file_trains_registers_and_classifies_with_
     champion = MlflowClient(uri, uri).get_model_version_by_alias(registry.DEFAULT_MODEL, registry.CHAMPION)
     files = registry.model_files(uri, champion)
     assert files.preprocessing["mean"] == [0.5] * 3 and files.preprocessing["image_size"] == 64
+    assert files.onnx and files.exported  # registered beside TorchScript
 
     # the champion classifies the export as the evaluation saw its crops: the same probabilities, which
     # ImageNet's mean and std in place of the model's own would change
@@ -166,3 +176,10 @@ def test_a_timm_backbone_from_a_local_file_trains_registers_and_classifies_with_
     names = [c for c in test.columns if c not in ("path", "label", "weight")]
     assert len(test) > 0 and set(test.index) <= set(output.index)
     assert (output.loc[test.index, names] - test[names]).abs().max().max() < 1e-4
+
+    # and on ONNX Runtime, from the registered ONNX model: the same probabilities
+    onnx_run = _run(settings, dagster_home, CLASSIFY_JOB, partition, classifications={"num_workers": 0,
+                                                                                      "runtime": "onnx"})
+    assert _metadata(onnx_run, "classifications")["runtime"] == "onnx"
+    on_onnx = pd.read_csv(output_file).set_index("path")
+    assert len(on_onnx) == len(output) and (on_onnx[names] - output[names]).abs().max().max() < 1e-4

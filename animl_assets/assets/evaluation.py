@@ -47,6 +47,9 @@ class EvaluationConfig(dg.Config):
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, ...")
     sequence_gap_s: float = Field(default=60.0, gt=0, description="Sequences: images of one camera (Animl's, "
                                   "else the location) this close in time, where the export has no seq_id.")
+    portable: bool = Field(default=True, description="Also export the model to ONNX and as a torch.export "
+                           "program (each checked against the eager model), registered beside TorchScript; "
+                           "classifications' runtime: onnx needs it.")
 
 
 def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[DatasetVersion, Path]:
@@ -108,8 +111,8 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
                           mlflow: MlflowTracking) -> Iterator[dg.Output]:
     """The best checkpoint on the train, val and test splits it was trained with: ``outputs_{split}.csv.gz``,
     ``overall_metrics.csv``, ``confusion_matrices.npz``, ``label_stats.csv`` (the reference's), the
-    TorchScript model (checked against the eager one), per-label F1 and thresholds, and plots, also logged
-    to the training's MLflow run."""
+    TorchScript model and its ONNX and torch.export forms (each checked against the eager one), per-label F1
+    and thresholds, and plots, also logged to the training's MLflow run."""
     from animl_assets.core.ml import evaluation as ev
     from animl_assets.core.ml.data import resolve_device
     from animl_assets.core.ml.models import build_model
@@ -125,10 +128,10 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     model = build_model(params["model_name"], len(label_index), image_size=params["image_size"])
     model.load_state_dict(checkpoint.ckpt["model"])
     try:
-        result, gap = ev.evaluate(model, frame, crops_root, label_index, Preprocessing.of(params),
-                                  resolve_device(config.device), target_precision=config.target_precision,
-                                  batch_size=config.batch_size, num_workers=config.num_workers,
-                                  params=params, progress=context.log.info)
+        result, gaps = ev.evaluate(model, frame, crops_root, label_index, Preprocessing.of(params),
+                                   resolve_device(config.device), target_precision=config.target_precision,
+                                   batch_size=config.batch_size, num_workers=config.num_workers,
+                                   portable=config.portable, params=params, progress=context.log.info)
     except ValueError as err:
         raise stop(str(err)) from err
     test = result.outputs_test
@@ -171,13 +174,15 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         "per_label_test": table(test_report.round(4)),
         "thresholds_target_precision": config.target_precision,
         "labels_with_threshold": sum(e["threshold"] is not None for e in result.thresholds["labels"].values()),
-        "torchscript_max_abs_diff": float(f"{gap:.3g}"),
+        **{f"{form}_max_abs_diff": float(f"{gap:.3g}") for form, gap in gaps.items()},
         **{f"num_{split}_crops": len(result.outputs(split)) for split in SPLITS},
         "num_missing_crops": len(missing),
         **figure_metadata,
         "checkpoint_version": value_version(checkpoint, "classifier_checkpoint"),
         "dataset_version": params["dataset_version"], "splits_version": params["splits_version"],
         "torchscript": location(store.uri(f"{folder}/ckpt_best_compiled.pt")),
+        **({"onnx": location(store.uri(f"{folder}/model.onnx")),
+            "torch_export": location(store.uri(f"{folder}/model.pt2"))} if config.portable else {}),
         "mlflow_run_id": run_id or "",
         **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
         "seconds": round(time.perf_counter() - started, 1),

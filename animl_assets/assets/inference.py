@@ -68,6 +68,9 @@ class ClassificationsConfig(dg.Config):
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=2, ge=0)
     device: str = "auto"
+    runtime: Literal["torch", "onnx"] = Field(default="torch", description="torch: the TorchScript model "
+                                              "(frozen for oneDNN on CPU); onnx: the registered ONNX model on ONNX "
+                                              "Runtime (registered versions evaluated with portable: true).")
     decode: Literal["auto", "loader", "device"] = Field(default="auto", description="Where crops are decoded: "
                                                         "loader (PIL in the workers), device (nvJPEG on the GPU) "
                                                         "or auto (the device on CUDA).")
@@ -80,12 +83,16 @@ class ClassificationsConfig(dg.Config):
 
 def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflow: MlflowTracking) -> "Classifier":
     """The configured model: a registered version (default: the champion) or an external TorchScript file."""
+    from animl_assets.core.ml.data import resolve_device
     from animl_assets.core.ml.evaluation import load_script
     from animl_assets.core.ml.inference import Classifier
+    from animl_assets.core.ml.portable import OnnxModel
 
     if config.torchscript:
         if not config.label_index:
             raise stop("an external torchscript model needs its label_index")
+        if config.runtime == "onnx":
+            raise stop("runtime: onnx runs registered versions' ONNX models; an external model is TorchScript")
         data = read_uri(config.torchscript, storage.s3)
         labels = label_names(read_json(config.label_index, storage))
         fingerprint = hashlib.sha256(data + json.dumps(labels).encode()).hexdigest()[:16]
@@ -98,7 +105,12 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
         raise stop(f"{err}: train and register a model first (animl train), or set torchscript") from err
     files = registry.model_files(mlflow.uri, version)
     prep = Preprocessing.of(files.preprocessing)
-    return Classifier(load_script(files.torchscript), label_names(files.label_index), prep.image_size,
+    if config.runtime == "onnx" and not files.onnx:
+        raise stop(f"{version.name} version {version.version} has no ONNX model (evaluated before ONNX export, or "
+                   "with portable: false): re-evaluate and register it, or use runtime: torch")
+    model = (OnnxModel(files.onnx, resolve_device(config.device)) if config.runtime == "onnx"
+             else load_script(files.torchscript))
+    return Classifier(model, label_names(files.label_index), prep.image_size,
                       f"{version.name}/{version.version}", f"{version.name} v{version.version}", prep.mean, prep.std,
                       prep.interpolation)
 
@@ -122,7 +134,8 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     mapping = read_json(config.target_mapping, storage) if config.target_mapping else None
     paths = crops.manifest["crop"].astype(str).tolist()
     key = config_key({"model": classifier.version, "crops": value_version(crops, "crops"), "mapping": mapping,
-                      "sequences": config.sequences and config.sequence_gap_s})
+                      "sequences": config.sequences and config.sequence_gap_s,
+                      **({"runtime": config.runtime} if config.runtime != "torch" else {})})
     folder = artifact_key("classifications", partition, "")
     previous = _previous(storage, partition)
     if previous and previous.key == key and store.exists(f"{folder}/{OUTPUT}"):
@@ -159,7 +172,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     # crops that failed make another version: the run that classifies them too changes what is downstream
     data_version = f"{key}-{len(failures)}-failed" if len(failures) else key
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
-        **_meta(value), "crops_per_s": round(report.crops_per_s, 1), "device": str(device),
+        **_meta(value), "crops_per_s": round(report.crops_per_s, 1), "device": str(device), "runtime": config.runtime,
         "failures": table(failures), "classifier_output": location(store.uri(f"{folder}/{OUTPUT}"))})
 
 

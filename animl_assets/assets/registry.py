@@ -72,7 +72,8 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     example_path = next(iter(evaluation.outputs_test["path"]), None) or dataset.classification_ds["path"].iloc[0]
     files = registry.ModelFiles(bytes(evaluation.compiled), evaluation.label_index,
                                 registry.preprocessing(Preprocessing.of(checkpoint.params)), evaluation.thresholds,
-                                checkpoint.params, torch_bytes(checkpoint.ckpt))
+                                checkpoint.params, torch_bytes(checkpoint.ckpt), bytes(evaluation.onnx),
+                                bytes(evaluation.exported))
     client = mlflow.client()
     _repair(context, client, config.model_name)
     run_id = checkpoint.params.get("mlflow_run_id")
@@ -96,6 +97,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
         "model_name": config.model_name, "model_version": int(version.version),
         "model_uri": value.model_uri, "alias": registry.CHALLENGER,
+        "runtimes": ", ".join(["torchscript", *(["onnx", "torch.export"] if files.onnx else [])]),
         **{f"test_{k}": round(v, 4) for k, v in test.items() if k in ("acc_top1", "macro_recall", "macro_f1")},
         "lineage": dg.MetadataValue.json(tags),
     })

@@ -27,6 +27,14 @@ from animl_assets.core.artifact_files import Arrays, Blob
 from animl_assets.core.ml.data import CropDataset, eval_transform
 from animl_assets.core.ml.frames import SPLITS, Preprocessing, top_ks
 from animl_assets.core.ml.labels import label_names, target_columns
+from animl_assets.core.ml.portable import (
+    OnnxModel,
+    export_program,
+    load_program,
+    max_difference,
+    onnx_bytes,
+    program_bytes,
+)
 from animl_assets.core.ml.recipe import Evaluation
 
 OVERALL_COLUMNS = ("split", "loss", "acc_top1", "acc_top3", "loss_weighted", "acc_weighted_top1",
@@ -209,15 +217,6 @@ def load_script(data: bytes, device: str | torch.device = "cpu") -> torch.jit.Sc
     return torch.jit.load(io.BytesIO(data), map_location=device)
 
 
-def parity(eager: nn.Module, scripted: torch.jit.ScriptModule, batch: torch.Tensor) -> float:
-    """The largest absolute difference between the eager and the TorchScript model's softmax outputs on
-    ``batch`` (CPU, float32)."""
-    with torch.no_grad():
-        a = torch.softmax(eager.eval().to("cpu")(batch), dim=1)
-        b = torch.softmax(scripted(batch), dim=1)
-    return float((a - b).abs().max())
-
-
 # ---- the whole evaluation ---------------------------------------------------------------------------------
 
 def summarize(outputs: Mapping[str, pd.DataFrame], names: Sequence[str]
@@ -233,12 +232,13 @@ def summarize(outputs: Mapping[str, pd.DataFrame], names: Sequence[str]
 
 def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, label_index: Mapping[str, str],
              prep: Preprocessing, device: torch.device, *, target_precision: float = 0.95, batch_size: int = 64,
-             num_workers: int = 0, parity_tolerance: float = 1e-4, params: Mapping[str, Any] | None = None,
-             progress: Callable[[str], None] | None = None) -> tuple[Evaluation, float]:
+             num_workers: int = 0, parity_tolerance: float = 1e-4, portable: bool = True,
+             params: Mapping[str, Any] | None = None, progress: Callable[[str], None] | None = None
+             ) -> tuple[Evaluation, dict[str, float]]:
     """Evaluate ``model`` (its best checkpoint loaded) on every split of ``frame`` (``split_frame``'s rows:
-    path, label, label_index, weight, split), compile it with TorchScript and check that the compiled model
-    gives the eager model's outputs on a batch (ValueError past ``parity_tolerance``). Returns the
-    evaluation and that largest difference."""
+    path, label, label_index, weight, split), compile it with TorchScript and, with ``portable``, export it
+    with ``torch.export`` and to ONNX; each must give the eager model's outputs on a batch of the crops
+    (ValueError past ``parity_tolerance``). Returns the evaluation and each form's largest difference."""
     names = label_names(label_index)
     outputs = {}
     for split in SPLITS:
@@ -254,16 +254,32 @@ def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, labe
     at_threshold = thresholds_table(found).rename(columns={"precision": "precision_at_threshold",
                                                            "recall": "recall_at_threshold"})
     report = report.merge(at_threshold, on="label", how="left")
-    scripted = compile_model(model, prep.image_size)
     sample = frame.head(min(len(frame), 8))
     batch = next(iter(eval_loader(sample["path"], sample["label_index"], sample["weight"], crops_root, prep,
                                   len(sample))))[0]
-    gap = parity(model, scripted, batch)
-    if gap > parity_tolerance:
-        raise ValueError(f"the TorchScript model's outputs differ from the eager model's by {gap:.2e} "
-                         f"(tolerance {parity_tolerance:.0e})")
+    forms, gaps = compiled_forms(model, prep.image_size, portable), {}
+    for form, (_, runnable) in forms.items():
+        gaps[form] = max_difference(model, runnable, batch)
+        if gaps[form] > parity_tolerance:
+            raise ValueError(f"the {form} model's outputs differ from the eager model's by {gaps[form]:.2e} "
+                             f"(tolerance {parity_tolerance:.0e})")
+    files = {form: Blob(data) for form, (data, _) in forms.items()}
     return Evaluation(outputs["train"], outputs["val"], outputs["test"], overall, cms, stats, report, found,
-                      dict(label_index), Blob(script_bytes(scripted)), dict(params or {})), gap
+                      dict(label_index), files["torchscript"], files.get("onnx", Blob(b"")),
+                      files.get("torch_export", Blob(b"")), dict(params or {})), gaps
+
+
+def compiled_forms(model: nn.Module, image_size: int, portable: bool = True
+                   ) -> dict[str, tuple[bytes, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The model's standalone forms, each as its file's bytes and something that runs it as loaded from
+    them: TorchScript (the reference's), and with ``portable`` a ``torch.export`` program and ONNX."""
+    scripted = script_bytes(compile_model(model, image_size))
+    forms = {"torchscript": (scripted, load_script(scripted))}
+    if portable:
+        program = export_program(model, image_size)
+        exported, onnx = program_bytes(program), onnx_bytes(program)
+        forms |= {"torch_export": (exported, load_program(exported)), "onnx": (onnx, OnnxModel(onnx))}
+    return forms
 
 
 def evaluate_scripted(scripted: torch.jit.ScriptModule, model_labels: Sequence[str], outputs: pd.DataFrame,

@@ -36,7 +36,7 @@ Decode = Literal["auto", "loader", "device"]
 class Classifier:
     """A model with what running it needs: its labels, input size and a version (what a re-run compares)."""
 
-    model: nn.Module | torch.jit.ScriptModule
+    model: nn.Module | torch.jit.ScriptModule | Callable[[torch.Tensor], torch.Tensor]  # or an OnnxModel
     labels: list[str]
     image_size: int
     version: str
@@ -159,7 +159,10 @@ def prepare(model: nn.Module | torch.jit.ScriptModule, device: torch.device, ima
             ) -> torch.jit.ScriptModule | nn.Module:
     """The model ready for inference on ``device``, fed channels-last batches. On CPU it is traced (if eager)
     and frozen, for oneDNN's fused kernels (3x an unfrozen TorchScript EfficientNet-B0 on 2 cores, same
-    outputs); on CUDA it runs channels-last in bf16 autocast."""
+    outputs); on CUDA it runs channels-last in bf16 autocast. Another runtime's model (``OnnxModel``) is
+    returned as it is."""
+    if not isinstance(model, nn.Module):
+        return model
     model = model.eval()
     if device.type != "cpu":
         return model.to(device, memory_format=torch.channels_last)

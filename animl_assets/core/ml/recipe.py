@@ -234,8 +234,8 @@ class TrainedClassifier:
 
 @dataclass
 class Evaluation:
-    """An evaluation's files: the reference's four (one outputs file per split), the TorchScript model, the
-    per-label report and thresholds, the label index the probability columns follow, and the evaluated
+    """An evaluation's files: the reference's four (one outputs file per split), the TorchScript model, its
+    ONNX and ``torch.export`` forms, the per-label report and thresholds, the label index the probability columns follow, and the evaluated
     checkpoint's ``params.json`` (model, input size, dataset and splits versions)."""
 
     outputs_train: pd.DataFrame = field(metadata=artifact_file("outputs_train.csv.gz"))
@@ -248,6 +248,8 @@ class Evaluation:
     thresholds: dict[str, Any] = field(metadata=artifact_file("thresholds.json"))
     label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
     compiled: Blob = field(metadata=artifact_file("ckpt_best_compiled.pt"))
+    onnx: Blob = field(default=Blob(b""), metadata=artifact_file("model.onnx"))  # empty: not exported
+    exported: Blob = field(default=Blob(b""), metadata=artifact_file("model.pt2"))  # torch.export program
     params: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("params.json"))
 
     def outputs(self, split: str) -> pd.DataFrame:

@@ -70,6 +70,11 @@ class ModelFiles:
     thresholds: dict[str, Any]
     params: dict[str, Any]
     checkpoint: bytes
+    onnx: bytes = b""  # empty: the evaluation did not export it (versions from before, or portable: false)
+    exported: bytes = b""  # the torch.export program
+
+
+ONNX_FILE, EXPORT_FILE = "model.onnx", "model.pt2"
 
 
 def preprocessing(prep: Preprocessing) -> dict[str, Any]:
@@ -100,7 +105,9 @@ def log_model(client: MlflowClient, run_id: str, files: ModelFiles, example: byt
                      "label_index": ("label_index.json", files.label_index),
                      "preprocessing": ("preprocessing.json", files.preprocessing),
                      "thresholds": ("thresholds.json", files.thresholds),
-                     "params": ("params.json", files.params), "checkpoint": ("ckpt_best.pt", files.checkpoint)}
+                     "params": ("params.json", files.params), "checkpoint": ("ckpt_best.pt", files.checkpoint),
+                     **({"onnx": (ONNX_FILE, files.onnx)} if files.onnx else {}),
+                     **({"torch_export": (EXPORT_FILE, files.exported)} if files.exported else {})}
         paths = {}
         for key, (name, value) in artifacts.items():
             path = folder / "files" / name
@@ -201,9 +208,10 @@ def model_files(tracking_uri: str, version: ModelVersion) -> ModelFiles:
                              f"(model_compiled.pt) at {version.source}")
         folder = found.parent
         load = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+        optional = lambda name: (folder / name).read_bytes() if (folder / name).is_file() else b""  # noqa: E731
         return ModelFiles((folder / "model_compiled.pt").read_bytes(), load("label_index.json"),
                           load("preprocessing.json"), load("thresholds.json"), load("params.json"),
-                          (folder / "ckpt_best.pt").read_bytes())
+                          (folder / "ckpt_best.pt").read_bytes(), optional(ONNX_FILE), optional(EXPORT_FILE))
 
 
 def promote(client: MlflowClient, name: str, version: str, how: str, reason: str = "") -> str | None:
