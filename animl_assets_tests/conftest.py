@@ -38,10 +38,11 @@ from animl_assets.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 # `animl demo --run-config` for tests of storage, lineage and services rather than accuracy: the demo's model
-# trained one epoch at 32 px, every loader in the step's own process (test_demo_home keeps the full demo).
+# trained one epoch at 32 px, every loader in the step's own process, no ONNX or torch.export copies
+# (test_demo_home keeps the full demo; test_timm_backbones and test_evaluation_core test those copies).
 QUICK_DEMO = {"ops": {"classifier_checkpoint": {"config": {"image_size": 32, "epochs": 1, "finetune": 1,
                                                            "num_workers": 0}},
-                      "classifier_evaluation": {"config": {"num_workers": 0}}}}
+                      "classifier_evaluation": {"config": {"num_workers": 0, "portable": False}}}}
 
 
 def quick_demo_config(folder: Path) -> str:

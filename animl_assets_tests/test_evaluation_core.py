@@ -144,6 +144,8 @@ def test_evaluate_writes_every_split_and_standalone_models_that_agree(sample_set
     back = from_files(files.__getitem__)
     pd.testing.assert_frame_equal(back.overall_metrics, result.overall_metrics)
     assert bytes(back.compiled) == bytes(result.compiled)
+    assert ({"model.onnx", "model.pt2"} <= set(files)) == label_weighted  # not exported: no empty files
+    assert bytes(back.onnx) == bytes(result.onnx) and bytes(back.exported) == bytes(result.exported)
 
 
 def test_parity_tells_a_compiled_model_from_another():
@@ -154,8 +156,9 @@ def test_parity_tells_a_compiled_model_from_another():
         assert max_difference(model, runnable, batch) > 1e-4, form
 
 
-@pytest.mark.parametrize("model_name", ["efficientnet-lite0", "efficientnet-b0", "timm/test_convnext"])
-def test_onnx_and_torch_export_give_the_eager_logits_on_real_crops_for_any_batch(ena24_dir, model_name):
+@pytest.mark.parametrize("model_name, size", [("efficientnet-lite0", 224), ("efficientnet-b0", 96),
+                                              ("timm/test_convnext", 96)])
+def test_onnx_and_torch_export_give_the_eager_logits_on_real_crops_for_any_batch(ena24_dir, model_name, size):
     """ONNX (opset pinned, batch dimension named and dynamic) and the torch.export program, loaded from their
     bytes, against the eager model on real ENA24 crops: Lite0 with its ImageNet weights, b0 and a timm model."""
     import onnx
@@ -164,9 +167,9 @@ def test_onnx_and_torch_export_give_the_eager_logits_on_real_crops_for_any_batch
 
     torch.manual_seed(0)
     pretrained = "lite0" if model_name == "efficientnet-lite0" else False
-    model = build_model(model_name, 1000, pretrained=pretrained, image_size=224).eval()
-    crops, _ = real_crops(ena24_dir)
-    forms = ev.compiled_forms(model, 224)
+    model = build_model(model_name, 1000, pretrained=pretrained, image_size=size).eval()
+    crops, _ = real_crops(ena24_dir, Preprocessing(size))
+    forms = ev.compiled_forms(model, size)
     proto = onnx.load_from_string(forms["onnx"][0])
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [ONNX_OPSET]
     assert [i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input] == ["batch"]

@@ -19,7 +19,7 @@ from animl_assets_tests.conftest import dataset_home, free_port
 ANIML = str(Path(sys.executable).with_name("animl"))
 SLOW_ENOUGH = ("ops: {classifier_checkpoint: {config: {model_name: efficientnet-lite0, pretrained: lite0, "
                "image_size: 96, epochs: 3, finetune: 0, patience: 10, batch_size: 16, lr: 0.001, num_workers: 2, "
-               "progress_every: 0}}, classifier_evaluation: {config: {num_workers: 0}}}")
+               "progress_every: 0}}, classifier_evaluation: {config: {num_workers: 0, portable: false}}}")
 pytestmark = pytest.mark.slow
 
 

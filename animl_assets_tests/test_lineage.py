@@ -105,9 +105,11 @@ def test_no_artifact_is_a_pickle(two_exports):
     for path in files:
         head = path.read_bytes()[:2]
         assert not head.startswith(b"\x80"), f"{path} looks like a pickle"
-        assert path.suffix in {".json", ".csv", ".jpg", ".png", ".npz", ".pt", ".gz"}, path
-        if path.suffix == ".pt":  # torch.save's zip of tensors (weights_only loads), or TorchScript's zip
-            assert head == b"PK", path
+        assert path.suffix in {".json", ".csv", ".jpg", ".png", ".npz", ".pt", ".pt2", ".onnx", ".gz"}, path
+        if path.suffix in (".pt", ".pt2"):  # torch.save's zip of tensors (weights_only loads), TorchScript's or
+            assert head == b"PK", path  # torch.export's zip
+        if path.suffix == ".onnx":  # a ModelProto: field 1, ir_version
+            assert head[:1] == b"\x08", path
         if path.suffix == ".gz":  # outputs_{split}.csv.gz
             assert path.name.endswith(".csv.gz") and head == b"\x1f\x8b", path
 

@@ -25,7 +25,7 @@ from animl_assets_tests.conftest import dataset_home, latest_version
 SMALL = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": 64, "epochs": 2, "finetune": 2,
          "batch_size": 16, "lr": 0.001, "num_workers": 0, "progress_every": 0}
 WORSE = SMALL | {"pretrained": "false", "epochs": 1, "finetune": 0, "lr": 1e-5, "label_weighted": False}
-FAST_EVAL = {"num_workers": 0}
+FAST_EVAL = {"num_workers": 0, "portable": False}  # the ONNX and torch.export copies: test_timm_backbones
 # Each module run trains a few small models, and its tests are one story (v1 champion, a worse v2 challenger,
 # promotions): they run in order on one xdist worker (--dist loadfile in pyproject.toml).
 pytestmark = pytest.mark.slow

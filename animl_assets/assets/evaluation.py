@@ -180,13 +180,18 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         **figure_metadata,
         "checkpoint_version": value_version(checkpoint, "classifier_checkpoint"),
         "dataset_version": params["dataset_version"], "splits_version": params["splits_version"],
-        "torchscript": location(store.uri(f"{folder}/ckpt_best_compiled.pt")),
-        **({"onnx": location(store.uri(f"{folder}/model.onnx")),
-            "torch_export": location(store.uri(f"{folder}/model.pt2"))} if config.portable else {}),
+        **_model_locations(store, folder, config.portable),
         "mlflow_run_id": run_id or "",
         **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
         "seconds": round(time.perf_counter() - started, 1),
     })
+
+
+def _model_locations(store: Store, folder: str, portable: bool) -> dict[str, Any]:
+    """Where the evaluation's standalone models are, as metadata."""
+    names = {"torchscript": "ckpt_best_compiled.pt", **({"onnx": "model.onnx", "torch_export": "model.pt2"}
+                                                        if portable else {})}
+    return {form: location(store.uri(f"{folder}/{name}")) for form, name in names.items()}
 
 
 # ---- comparing with other models ----------------------------------------------------------------------------

@@ -128,6 +128,8 @@ def to_files(value: Any, name: str) -> dict[str, bytes]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         files, index = {}, {"class": _class_name(type(value)), "files": {}}
         for field in dataclasses.fields(value):
+            if _left_out(value, field):
+                continue
             kind, data = _dump(getattr(value, field.name))
             file = field.metadata.get("file", f"{field.name}.{kind}")
             files[file] = gzip.compress(data, mtime=0) if file.endswith(".gz") else data
@@ -137,6 +139,13 @@ def to_files(value: Any, name: str) -> dict[str, bytes]:
         files = {f"{name}.{kind}": data}
         index = {"files": {"": {"file": f"{name}.{kind}", "kind": _kind(value, kind)}}}
     return files | {INDEX: json.dumps(index, indent=1).encode()}
+
+
+def _left_out(value: Any, field: dataclasses.Field) -> bool:
+    """An empty ``Blob`` whose field defaults to one (a file not made, e.g. an ONNX model not exported) is
+    not written: loading gives the default back."""
+    return isinstance(getattr(value, field.name), Blob) and not getattr(value, field.name) \
+        and field.default is not dataclasses.MISSING
 
 
 def _kind(value: Any, kind: str) -> str:
