@@ -203,6 +203,8 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, collate_fn=_as_lists if on_device else None)
     model = prepare(classifier.model, device, classifier.image_size)
+    # torch runs channels-last; another runtime (ONNX) takes the plain NCHW layout its graph was exported with
+    memory_format = torch.channels_last if isinstance(model, nn.Module) else torch.contiguous_format
     to_input = normalize(classifier.mean, classifier.std)
     report = ClassifyReport(columns)
     started = time.perf_counter()
@@ -220,7 +222,7 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
             report.failures += [(dataset.paths[i], error) for i, error in zip(indices.tolist(), errors) if error]
             if ok.any():
                 images = images if on_device else images[ok]
-                images = to_input(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+                images = to_input(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(images).float()
                 if cols is not None:
