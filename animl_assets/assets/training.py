@@ -81,7 +81,7 @@ class TrainingConfig(dg.Config):
     epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=64, ge=1)
     recipe: Literal[RECIPES] = Field(default="modern", description="modern: AdamW, warm-up and cosine decay, "
-                                     "label smoothing, a lower body rate, gradient clipping, an EMA of the weights, "
+                                     "label smoothing, an optional lower body rate, gradient clipping, an EMA of the weights, "
                                      "TrivialAugmentWide/RandAugment, optional MixUp/CutMix. reference: "
                                      "train_classifier.py's RMSprop/SGD, step decay and augmentation (parity runs; "
                                      "it ignores the modern-only fields).")
@@ -92,7 +92,7 @@ class TrainingConfig(dg.Config):
     warmup_epochs: float = Field(default=1.0, ge=0, le=100, description="modern: linear warm-up, in epochs, of "
                                                                           "each group from when it starts training.")
     label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="modern: cross-entropy label smoothing.")
-    body_lr_scale: float = Field(default=0.1, gt=0, le=1, description="modern: a pretrained body's rate as a "
+    body_lr_scale: float = Field(default=1.0, gt=0, le=1, description="modern: a pretrained body's rate as a "
                                                                           "fraction of the head's (1: one rate).")
     grad_clip: float = Field(default=1.0, ge=0, description="modern: max gradient norm (0: no clipping).")
     ema_decay: float = Field(default=0.998, ge=0, lt=1, description="modern: EMA of the weights, validated and "

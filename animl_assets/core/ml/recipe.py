@@ -104,8 +104,8 @@ class TrainingParams:
 
     ``recipe``: ``reference`` is ``train_classifier.py``'s (RMSprop or SGD with step decay, its augmentation,
     plain cross-entropy) for parity runs; ``modern`` is AdamW with warm-up and cosine decay, label
-    smoothing, a lower rate for a pretrained body than for the new head, gradient clipping, an EMA of the
-    weights and TrivialAugmentWide/RandAugment with optional MixUp/CutMix. The knobs below ``patience``
+    smoothing, an optional lower rate for a pretrained body than for the new head, gradient clipping, an EMA
+    of the weights and TrivialAugmentWide/RandAugment with optional MixUp/CutMix. The knobs below ``patience``
     belong to ``modern``; ``reference`` ignores them."""
 
     model_name: str = "efficientnet-b0"
@@ -121,7 +121,7 @@ class TrainingParams:
     recipe: str = "modern"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    body_lr_scale: float = 0.1  # a pretrained body's rate relative to the head's (1: one rate)
+    body_lr_scale: float = 1.0  # a pretrained body's rate relative to the head's (1: one rate)
     grad_clip: float = 1.0  # max gradient norm; 0: no clipping
     ema_decay: float = 0.998  # 0: no EMA
     augment: str = "trivialaugment"
