@@ -183,3 +183,31 @@ def test_a_timm_backbone_from_a_local_file_trains_registers_and_classifies_on_to
     assert _metadata(onnx_run, "classifications")["runtime"] == "onnx"
     on_onnx = pd.read_csv(output_file).set_index("path")
     assert len(on_onnx) == len(output) and (on_onnx[names] - output[names]).abs().max().max() < 1e-4
+
+
+def test_a_weights_file_in_s3_is_copied_to_the_cache_for_timm_and_a_checkpoint_keeps_its_head(
+        tmp_path, moto_endpoint, s3_client, bucket):
+    from dagster_aws.s3 import S3Resource
+
+    from animl_assets.assets.training import TrainingConfig, _initial_weights
+    from animl_assets.resources.storage import ArtifactStore
+
+    source, path = _weights_file(tmp_path, "test_convnext", ".safetensors")
+    s3_client.upload_file(path, bucket, "weights/test_convnext.safetensors")
+    storage = ArtifactStore(uri=f"s3://{bucket}/artifacts", home=str(tmp_path / "home"),
+                            s3=S3Resource(endpoint_url=moto_endpoint))
+    config = TrainingConfig(model_name="timm/test_convnext", pretrained=f"s3://{bucket}/weights/test_convnext.safetensors")
+    local, fingerprint = _initial_weights(config, storage, mlflow=None)
+    assert isinstance(local, str) and local.startswith(str(tmp_path / "home")) and len(fingerprint) == 64
+    assert _initial_weights(config, storage, mlflow=None) == (local, fingerprint)  # the same copy, the same key
+    model = build_model("timm/test_convnext", 1000, pretrained=local).eval()
+    batch = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(batch) - source(batch)).abs().max().item() <= 1e-5
+
+    # this project's checkpoint of a timm model is a checkpoint, not a weights file: its head is kept
+    trained = build_model("timm/test_convnext", 4)
+    torch.save({"epoch": 3, "model": trained.state_dict()}, tmp_path / "ckpt_best.pt")
+    weights, _ = _initial_weights(TrainingConfig(model_name="timm/test_convnext", pretrained=str(tmp_path / "ckpt_best.pt")),
+                                  storage, mlflow=None)
+    assert torch.equal(head(build_model("timm/test_convnext", 4, pretrained=weights)).weight, head(trained).weight)
