@@ -47,7 +47,7 @@ def _read(path):
 def test_classify_streams_the_reference_csv_and_reports_a_broken_crop(tmp_path):
     paths = _crops(tmp_path, 9)
     (tmp_path / "cam" / "broken.jpg___crop00_md.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    model = Classifier(torch.jit.script(ColourModel()), ["red", "green", "blue"], 32, "v1")
+    model = Classifier(torch.jit.script(ColourModel()), ["red", "green", "blue"], Preprocessing(32), "v1")
     report = classify(model, tmp_path, [*paths, "cam/broken.jpg___crop00_md.jpg", "cam/missing.jpg"],
                       tmp_path / "out.csv.gz", batch_size=4, workers=0)
     out = _read(tmp_path / "out.csv.gz")
@@ -75,7 +75,7 @@ def test_classify_feeds_the_model_what_evaluation_feeds_it(tmp_path, mean, std):
     with torch.no_grad():
         inputs = torch.stack([transform(Image.open(tmp_path / p).convert("RGB")) for p in paths])
         expected = torch.softmax(net(inputs), dim=1).numpy()
-    classify(Classifier(net, ["a", "b", "c", "d"], 24, "v1", **stats), tmp_path, paths, tmp_path / "out.csv",
+    classify(Classifier(net, ["a", "b", "c", "d"], Preprocessing(24, **stats), "v1"), tmp_path, paths, tmp_path / "out.csv",
              batch_size=2, workers=0)
     assert np.allclose(pd.read_csv(tmp_path / "out.csv")[["a", "b", "c", "d"]], expected, rtol=1e-5, atol=1e-6)
 
@@ -111,7 +111,7 @@ def test_decoding_on_the_device_gives_the_loaders_pixels_and_reports_the_same_cr
         assert (pixels.int() - reference.int()).abs().max() <= 1, path
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
-    model = Classifier(net, ["a", "b", "c"], 32, "v1")
+    model = Classifier(net, ["a", "b", "c"], Preprocessing(32), "v1")
     reports = {decode: classify(model, tmp_path, paths, tmp_path / f"{decode}.csv", batch_size=3, workers=0,
                                 decode=decode) for decode in ("loader", "device")}
     for report in reports.values():
@@ -124,7 +124,7 @@ def test_decoding_on_the_device_gives_the_loaders_pixels_and_reports_the_same_cr
 
 def test_a_target_mapping_sums_probabilities_and_sends_the_rest_to_other(tmp_path):
     paths = _crops(tmp_path, 6)
-    model = Classifier(ColourModel(), ["red", "green", "blue"], 32, "v1")
+    model = Classifier(ColourModel(), ["red", "green", "blue"], Preprocessing(32), "v1")
     classify(model, tmp_path, paths, tmp_path / "plain.csv.gz", workers=0)
     classify(model, tmp_path, paths, tmp_path / "mapped.csv.gz", workers=0, mapping={"warm": ["red"], "cold": ["blue"]})
     plain, mapped = _read(tmp_path / "plain.csv.gz"), _read(tmp_path / "mapped.csv.gz")
@@ -136,7 +136,7 @@ def test_a_target_mapping_sums_probabilities_and_sends_the_rest_to_other(tmp_pat
 
 
 def test_memory_stays_flat_as_the_export_grows(tmp_path):
-    model = Classifier(ColourModel(), ["red", "green", "blue"], 16, "v1")
+    model = Classifier(ColourModel(), ["red", "green", "blue"], Preprocessing(16), "v1")
     peaks = []
     for n in (200, 1600):
         folder = tmp_path / str(n)

@@ -23,6 +23,7 @@ from animl_assets.core.ml.recipe import (
 from animl_assets.definitions import CLASSIFY_JOB, TRAIN_JOB, build_definitions
 from animl_assets_tests.conftest import dataset_home, latest_version
 from animl_assets_tests.test_pretrained import real_crops, top5_found
+from animl_assets_tests.test_registry_assets import _materialized
 
 
 @pytest.fixture(autouse=True)
@@ -131,11 +132,6 @@ def _run(settings, dagster_home, job, partition=None, **ops):
     return result
 
 
-def _metadata(result, asset: str) -> dict:
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(asset)]
-    return {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
-
-
 @pytest.mark.slow
 def test_a_timm_backbone_from_a_local_file_trains_registers_and_classifies_on_torch_and_onnx(
         tmp_path_factory, built_dataset_home):
@@ -146,9 +142,9 @@ def test_a_timm_backbone_from_a_local_file_trains_registers_and_classifies_on_to
     trained = _run(settings, dagster_home, TRAIN_JOB,
                    classifier_checkpoint=TIMM_TRAINING | {"pretrained": str(weights)},
                    classifier_evaluation={"num_workers": 0})
-    evaluated = _metadata(trained, "classifier_evaluation")
+    evaluated = _materialized(trained, "classifier_evaluation")
     assert max(evaluated[f"{form}_max_abs_diff"] for form in ("torchscript", "onnx", "torch_export")) <= 1e-4
-    assert _metadata(trained, "registered_model")["runtimes"] == "torchscript, onnx, torch.export"
+    assert _materialized(trained, "registered_model")["runtimes"] == "torchscript, onnx, torch.export"
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         params = json.loads((latest_version(settings, instance, "classifier_checkpoint") / "params.json").read_text())
         evaluation = latest_version(settings, instance, "classifier_evaluation")
@@ -180,7 +176,7 @@ def test_a_timm_backbone_from_a_local_file_trains_registers_and_classifies_on_to
     # and on ONNX Runtime, from the registered ONNX model: the same probabilities
     onnx_run = _run(settings, dagster_home, CLASSIFY_JOB, partition, classifications={"num_workers": 0,
                                                                                       "runtime": "onnx"})
-    assert _metadata(onnx_run, "classifications")["runtime"] == "onnx"
+    assert _materialized(onnx_run, "classifications")["runtime"] == "onnx"
     on_onnx = pd.read_csv(output_file).set_index("path")
     assert len(on_onnx) == len(output) and (on_onnx[names] - output[names]).abs().max().max() < 1e-4
 

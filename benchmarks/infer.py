@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from animl_assets.core.ingest.sample import write_sample_crops  # noqa: E402
 from animl_assets.core.ml.data import resolve_device  # noqa: E402
 from animl_assets.core.ml.evaluation import compile_model, load_script, script_bytes  # noqa: E402
+from animl_assets.core.ml.frames import Preprocessing  # noqa: E402
 from animl_assets.core.ml.inference import Classifier, CropFiles, classify  # noqa: E402
 from animl_assets.core.artifact_files import read_checkpoint  # noqa: E402
 from animl_assets.core.ml.models import build_model  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     best = None
     for runtime in args.runtime:
         runnable = OnnxModel(onnx_bytes(export_program(model, size)), device) if runtime == "onnx" else model
-        best = _fastest(Classifier(runnable, labels, size, "bench"), root, paths, Path(temp.name), device, args)
+        best = _fastest(Classifier(runnable, labels, Preprocessing(size), "bench"), root, paths, Path(temp.name), device, args)
         figures[f"{runtime}_crops_per_s"] = round(best.crops_per_s, 1)
     if args.reference:
         reference = _reference_speed(Path(args.reference), model, size, root, paths, Path(temp.name), args)

@@ -96,7 +96,7 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
         data = read_uri(config.torchscript, storage.s3)
         labels = label_names(read_json(config.label_index, storage))
         fingerprint = hashlib.sha256(data + json.dumps(labels).encode()).hexdigest()[:16]
-        return Classifier(load_script(data), labels, config.image_size, f"external:{fingerprint}",
+        return Classifier(load_script(data), labels, Preprocessing(config.image_size), f"external:{fingerprint}",
                           Path(config.torchscript).name)
     client = mlflow.client()
     try:
@@ -104,15 +104,13 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
     except ValueError as err:
         raise stop(f"{err}: train and register a model first (animl train), or set torchscript") from err
     files = registry.model_files(mlflow.uri, version)
-    prep = Preprocessing.of(files.preprocessing)
     if config.runtime == "onnx" and not files.onnx:
         raise stop(f"{version.name} version {version.version} has no ONNX model (evaluated before ONNX export, or "
                    "with portable: false): re-evaluate and register it, or use runtime: torch")
     model = (OnnxModel(files.onnx, resolve_device(config.device)) if config.runtime == "onnx"
              else load_script(files.torchscript))
-    return Classifier(model, label_names(files.label_index), prep.image_size,
-                      f"{version.name}/{version.version}", f"{version.name} v{version.version}", prep.mean, prep.std,
-                      prep.interpolation)
+    return Classifier(model, label_names(files.label_index), Preprocessing.of(files.preprocessing),
+                      f"{version.name}/{version.version}", f"{version.name} v{version.version}")
 
 
 @stage_asset(gpu=True, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"},
@@ -135,6 +133,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     paths = crops.manifest["crop"].astype(str).tolist()
     key = config_key({"model": classifier.version, "crops": value_version(crops, "crops"), "mapping": mapping,
                       "sequences": config.sequences and config.sequence_gap_s,
+                      # the default runtime adds nothing: outputs classified before runtimes existed stay current
                       **({"runtime": config.runtime} if config.runtime != "torch" else {})})
     folder = artifact_key("classifications", partition, "")
     previous = _previous(storage, partition)

@@ -26,6 +26,7 @@ from animl_assets.assets.artifacts import (
 )
 from animl_assets.core.artifact_files import TorchFile, read_checkpoint, torch_bytes, value_version
 from animl_assets.core.dataset.classification import DatasetVersion
+from animl_assets.core.files import atomic_write
 from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.layout import artifact_key, partition_folder, training_folder, version_file, version_folder
 from animl_assets.core.ml.frames import trainable_frame
@@ -36,7 +37,6 @@ from animl_assets.core.ml.recipe import (
     AUGMENTS,
     RECIPES,
     RUN_ONLY,
-    TIMM,
     VALID_MODELS,
     Checkpoints,
     FitResult,
@@ -117,9 +117,7 @@ class TrainingConfig(dg.Config):
     @field_validator("model_name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name not in VALID_MODELS and not (name.startswith(TIMM) and len(name) > len(TIMM)):
-            raise ValueError(f"unknown model {name!r}: one of {', '.join(VALID_MODELS)}, or timm/<name>")
-        return name
+        return check_model_name(name, ask_timm=False)  # timm (and torch) load when the step runs
 
     def params(self) -> TrainingParams:
         return TrainingParams(
@@ -198,10 +196,7 @@ def _weights_file(uri: str, data: bytes, fingerprint: str, storage: ArtifactStor
         return str(Path(uri).expanduser().absolute())
     path = storage.cache("weights") / f"{fingerprint}{Path(uri).suffix}"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(data)
-        partial.replace(path)
+        atomic_write(path, data)
     return str(path)
 
 

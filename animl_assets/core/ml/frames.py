@@ -43,8 +43,8 @@ class Preprocessing:
     def of(cls, record: Mapping[str, Any]) -> "Preprocessing":
         """From ``params.json`` or ``preprocessing.json``; files written before these fields existed get
         the ImageNet values every model used then."""
-        return cls(int(record["image_size"]), tuple(record.get("mean") or MEANS), tuple(record.get("std") or STDS),
-                   str(record.get("interpolation") or "bicubic"))
+        return cls(int(record["image_size"]), record.get("mean") or MEANS, record.get("std") or STDS,
+                   record.get("interpolation") or "bicubic")
 
 
 def top_ks(num_labels: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as F
 
 from animl_assets.core.ml.data import eval_resize, normalize
 from animl_assets.core.ml.evaluation import map_logits
-from animl_assets.core.ml.frames import MEANS, STDS
+from animl_assets.core.ml.frames import Preprocessing
 from animl_assets.core.ml.labels import target_columns
 
 Decode = Literal["auto", "loader", "device"]
@@ -34,16 +34,14 @@ Decode = Literal["auto", "loader", "device"]
 
 @dataclass
 class Classifier:
-    """A model with what running it needs: its labels, input size and a version (what a re-run compares)."""
+    """A model with what running it needs: its labels, its input (size, resize, normalization) and a version
+    (what a re-run compares)."""
 
     model: nn.Module | torch.jit.ScriptModule | Callable[[torch.Tensor], torch.Tensor]  # or an OnnxModel
     labels: list[str]
-    image_size: int
+    prep: Preprocessing
     version: str
     name: str = ""
-    mean: Sequence[float] = MEANS
-    std: Sequence[float] = STDS
-    interpolation: str = "bicubic"
 
 
 class CropFiles(Dataset):
@@ -192,20 +190,20 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
     (default: the mapping's keys, in order) plus ``other`` for unmapped labels; probabilities are summed.
     ``decode``: "loader" (PIL in the loader workers, the evaluation's exact pixels), "device" (``decode_on``)
     or "auto" (the device on CUDA). ``progress(done, total)`` is called every ``progress_every`` batches."""
-    device = device or torch.device("cpu")
+    device, prep = device or torch.device("cpu"), classifier.prep
     if mapping is not None:
         columns, cols = target_columns(classifier.labels, list(targets or mapping), mapping)
     else:
         columns, cols = list(classifier.labels), None
     on_device = decode == "device" or (decode == "auto" and device.type == "cuda")
     dataset = (CropBytes(crops_root, paths) if on_device
-               else CropFiles(crops_root, paths, classifier.image_size, classifier.interpolation))
+               else CropFiles(crops_root, paths, prep.image_size, prep.interpolation))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, collate_fn=_as_lists if on_device else None)
-    model = prepare(classifier.model, device, classifier.image_size)
+    model = prepare(classifier.model, device, prep.image_size)
     # torch runs channels-last; another runtime (ONNX) takes the plain NCHW layout its graph was exported with
     memory_format = torch.channels_last if isinstance(model, nn.Module) else torch.contiguous_format
-    to_input = normalize(classifier.mean, classifier.std)
+    to_input = normalize(prep.mean, prep.std)
     report = ClassifyReport(columns)
     started = time.perf_counter()
     opener = gzip.open if str(out).endswith(".gz") else open
@@ -214,8 +212,8 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
         for batch, (images, indices, errors) in enumerate(loader):
             if on_device:  # decode what was read; ``images`` becomes the decoded batch
                 read = [i for i, error in enumerate(errors) if not error]
-                images, decode_errors = decode_on(device, [images[i] for i in read], classifier.image_size,
-                                                  classifier.interpolation)
+                images, decode_errors = decode_on(device, [images[i] for i in read], prep.image_size,
+                                                  prep.interpolation)
                 for i, error in zip(read, decode_errors):
                     errors[i] = error
             ok = torch.tensor([not error for error in errors], dtype=torch.bool)

@@ -72,12 +72,6 @@ class OnnxModel:
         batch = np.ascontiguousarray(images.detach().float().cpu().numpy())
         return torch.from_numpy(self.session.run(None, {self.input: batch})[0])
 
-    def eval(self) -> "OnnxModel":
-        return self
-
-    def to(self, *args, **kwargs) -> "OnnxModel":
-        return self
-
 
 def max_difference(eager: nn.Module, other: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> float:
     """The largest absolute difference between the eager model's softmax outputs and ``other``'s on

@@ -21,7 +21,7 @@ from animl_assets.core.artifact_files import (
     read_checkpoint,
     torch_bytes,
 )
-from animl_assets.core.ml.frames import Preprocessing
+from animl_assets.core.ml.frames import INTERPOLATIONS, Preprocessing
 from animl_assets.core.ml.labels import label_names
 from animl_assets.core.store import Store
 
@@ -49,11 +49,14 @@ def timm_name(model_name: str) -> str:
     return model_name.removeprefix(TIMM)
 
 
-def check_model_name(model_name: str) -> str:
-    """``model_name`` when it names a backbone (one of ``VALID_MODELS`` or a timm model), else ValueError."""
+def check_model_name(model_name: str, ask_timm: bool = True) -> str:
+    """``model_name`` when it names a backbone (one of ``VALID_MODELS`` or a timm model), else ValueError.
+    Without ``ask_timm`` any ``timm/<name>`` passes (timm is not imported)."""
     if model_name in VALID_MODELS:
         return model_name
-    if is_timm(model_name):
+    if is_timm(model_name) and timm_name(model_name):
+        if not ask_timm:
+            return model_name
         import timm
 
         if timm.is_model(timm_name(model_name)):
@@ -86,7 +89,7 @@ def model_preprocessing(model_name: str, image_size: int) -> Preprocessing:
     config = _timm_config(model_name) if is_timm(model_name) else None
     if config is None:
         return Preprocessing(image_size)
-    interpolation = config.interpolation if config.interpolation in ("bilinear", "nearest") else "bicubic"
+    interpolation = config.interpolation if config.interpolation in INTERPOLATIONS else "bicubic"
     return Preprocessing(image_size, tuple(config.mean), tuple(config.std), interpolation)
 
 
