@@ -3,6 +3,7 @@ a local file (offline) or the Hugging Face hub, preprocessing from the model's c
 Definitions from training to classifications."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import huggingface_hub.constants
@@ -207,3 +208,25 @@ def test_a_weights_file_in_s3_is_copied_to_the_cache_for_timm_and_a_checkpoint_k
     weights, _ = _initial_weights(TrainingConfig(model_name="timm/test_convnext", pretrained=str(tmp_path / "ckpt_best.pt")),
                                   storage, mlflow=None)
     assert torch.equal(head(build_model("timm/test_convnext", 4, pretrained=weights)).weight, head(trained).weight)
+
+
+def test_a_weights_file_named_in_capitals_loads_and_one_that_is_not_a_weights_file_is_a_clear_stop(tmp_path):
+    from animl_assets.assets.training import TrainingConfig, _initial_weights
+    from animl_assets.resources.storage import ArtifactStore
+
+    source, path = _weights_file(tmp_path, "test_convnext", ".safetensors")
+    shouted = tmp_path / "TEST_CONVNEXT.SAFETENSORS"
+    shouted.write_bytes(Path(path).read_bytes())
+    storage = ArtifactStore(uri=str(tmp_path / "artifacts"), home=str(tmp_path / "home"))
+    local, _ = _initial_weights(TrainingConfig(model_name="timm/test_convnext", pretrained=str(shouted)), storage,
+                                mlflow=None)
+    model = build_model("timm/test_convnext", 1000, pretrained=local).eval()
+    batch = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(batch) - source(batch)).abs().max().item() <= 1e-5
+
+    junk = tmp_path / "weights.pth"
+    junk.write_bytes(b"not a checkpoint at all" * 10)
+    for model_name in ("timm/test_convnext", "efficientnet-b0"):
+        with pytest.raises(dg.Failure, match="weights.pth' cannot be read"):
+            _initial_weights(TrainingConfig(model_name=model_name, pretrained=str(junk)), storage, mlflow=None)

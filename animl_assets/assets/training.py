@@ -24,7 +24,7 @@ from animl_assets.assets.artifacts import (
     stop,
     table,
 )
-from animl_assets.core.artifact_files import TorchFile, read_checkpoint, torch_bytes, value_version
+from animl_assets.core.artifact_files import NOT_A_CHECKPOINT, TorchFile, read_checkpoint, torch_bytes, value_version
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.files import atomic_write
 from animl_assets.core.detect.crops import CropManifest
@@ -180,8 +180,8 @@ def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: Mlf
     try:
         data = read_uri(choice, storage.s3)
         fingerprint = hashlib.sha256(data).hexdigest()
-        weights = None if choice.endswith(".safetensors") else read_checkpoint(data)
-    except (FileNotFoundError, OSError, RuntimeError) as err:
+        weights = None if choice.lower().endswith(".safetensors") else read_checkpoint(data)
+    except (OSError, *NOT_A_CHECKPOINT) as err:
         raise stop(f"pretrained checkpoint {choice!r} cannot be read: {err}") from err
     if is_timm(config.model_name) and not (isinstance(weights, dict) and "model" in weights):
         return _weights_file(choice, data, fingerprint, storage), fingerprint  # timm's own loading code
@@ -191,10 +191,12 @@ def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: Mlf
 
 
 def _weights_file(uri: str, data: bytes, fingerprint: str, storage: ArtifactStore) -> str:
-    """A local path to a weights file timm loads: the file itself, or a copy of one in S3."""
-    if not uri.startswith("s3://"):
+    """A local path to a weights file timm loads: the file itself, or a copy (of one in S3, or of one whose
+    suffix is not in the lower case timm tells ``.safetensors`` by)."""
+    suffix = Path(uri).suffix
+    if not uri.startswith("s3://") and suffix == suffix.lower():
         return str(Path(uri).expanduser().absolute())
-    path = storage.cache("weights") / f"{fingerprint}{Path(uri).suffix}"
+    path = storage.cache("weights") / f"{fingerprint}{suffix.lower()}"
     if not path.is_file():
         atomic_write(path, data)
     return str(path)

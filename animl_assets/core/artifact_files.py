@@ -15,7 +15,9 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import sys
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -56,8 +58,13 @@ def torch_bytes(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+# what ``read_checkpoint`` raises for bytes that are not a (whole) checkpoint: truncated, another format, junk
+NOT_A_CHECKPOINT = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
 def read_checkpoint(data: bytes | str | os.PathLike[str]) -> dict[str, Any]:
-    """A ``torch.save`` file (a checkpoint) from bytes or a path, loaded without running pickled code."""
+    """A ``torch.save`` file (a checkpoint) from bytes or a path, loaded without running pickled code
+    (``NOT_A_CHECKPOINT`` when the bytes are not one)."""
     import torch
 
     return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu", weights_only=True)

@@ -4,8 +4,6 @@ sizes, the checkpoints a training keeps, and the value types ``TrainedClassifier
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -14,6 +12,7 @@ import pandas as pd
 from animl_assets.core.artifact_files import (
     Arrays,
     Blob,
+    NOT_A_CHECKPOINT,
     JsonRecord,
     TorchFile,
     artifact_file,
@@ -204,7 +203,7 @@ class Checkpoints:
         data = self.store.read_bytes(key)
         try:
             return read_checkpoint(data)
-        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        except NOT_A_CHECKPOINT as err:
             self.store.write_bytes(f"{key}.unreadable", data)
             self.store.delete(key)
             if warn is not None:
