@@ -356,6 +356,17 @@ def _classify(settings, dagster_home, **ops):
             run_config={"ops": {"classifications": {"config": {"num_workers": 0, "sequences": True}}} | ops})
 
 
+def test_runtime_onnx_on_a_version_registered_without_onnx_stops_in_one_line_and_writes_nothing(registered_home):
+    settings, dagster_home, _ = registered_home  # evaluated with portable: false (FAST_EVAL)
+    before = sorted((settings.home / "artifacts").rglob("classifier_output.csv.gz"))
+    result = _classify(settings, dagster_home, classifications={"config": {"num_workers": 0, "runtime": "onnx"}})
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    message = failure.step_failure_data.error.message
+    assert "has no ONNX model" in message and "runtime: torch" in message
+    assert sorted((settings.home / "artifacts").rglob("classifier_output.csv.gz")) == before
+
+
 def test_the_champion_classifies_an_export_into_md_json_for_timelapse_once_per_model(registered_home):
     from animl_assets.core.detect.megadetector import validate_batch_output
 
