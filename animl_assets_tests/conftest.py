@@ -382,14 +382,17 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         object_get = self.command == "GET" and "list-type" not in self.path and response.status == 200
         with server.lock:
             cut = server.chaos is None and object_get and len(data) > 64 and self.path not in server.seen
-            server.seen.add(self.path)
+            if object_get:  # the first GET is cut, even after a HEAD of the same object
+                server.seen.add(self.path)
             if cut:
                 server.truncated.append(self.path)
         self.send_response(response.status)
         for name, value in response.getheaders():
             if name.lower() not in ("transfer-encoding", "connection", "content-length"):
                 self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
+        # a HEAD has no body: its Content-Length is the object's, as upstream announced it
+        self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD"
+                         else str(len(data)))
         if cut:
             self.send_header("Connection", "close")
         self.end_headers()

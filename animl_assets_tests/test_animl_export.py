@@ -114,7 +114,8 @@ def test_an_animl_export_ingests_with_no_config_beyond_where_its_archive_is(anim
     assert export_meta["annotations_set_aside"] == {"null box (the image had no size when it was exported)": 1}
     images = materialization(result, "images")
     assert images["source_key_field"] == "serving_bucket_key"
-    assert images["num_good"] == len(animl.export["images"]) and images["num_nonexistent"] == 0
+    assert images["num_present"] == len(animl.export["images"]) and images["num_nonexistent"] == 0
+    assert images["mirrored"] is False and materialization(result, "crops")["num_failed_images"] == 0
 
 
 def test_no_empty_is_a_detection_or_a_crop(animl):
@@ -296,4 +297,4 @@ def test_register_reads_an_animl_export_from_animl_images_uri_or_says_where_to_p
     registered = json.loads((tmp_path / "home" / "exports" / ANIML_EXPORT_NAME).read_text())
     assert "animl_images_root" not in registered["info"]
     assert f"images: {sample.images} referenced, source {tmp_path / 'download' / ARCHIVE}" in out
-    assert "'num_good': %d, 'num_nonexistent': 0" % sample.images in out
+    assert "'num_present': %d, 'num_nonexistent': 0" % sample.images in out

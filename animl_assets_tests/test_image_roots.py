@@ -52,7 +52,8 @@ def test_an_operator_allows_a_root(tmp_path, instance, sample_dir, sample_counts
     result = run_ingest(settings, instance, "allowed")
     assert result.success
     images = result.asset_materializations_for_node("images")[0].metadata
-    assert images["num_good"].value == sample_counts["good"]
+    assert images["num_present"].value == sample_counts["present"] - 1  # all but missing and zero-byte
+    assert images["source"].value.startswith(str(sample_dir))
 
 
 def test_animl_register_trusts_the_root_it_records(tmp_path, monkeypatch, sample_dir, capsys):

@@ -41,27 +41,64 @@ def test_sample_export_is_validated_and_every_image_accounted_for(settings, inst
                       "md_detections:md_format": True, "crops:failure_rate": True}
 
     images_meta = materialization(result, "images")
-    assert images_meta["num_good"] == sample_counts["good"]
+    # listed, not downloaded: every file but the missing one and the empty one is present
+    assert images_meta["num_present"] == sample_counts["present"] - 1 and images_meta["num_fetched"] == 0
+    assert images_meta["mirrored"] is False
+    assert (images_meta["num_non_image"], images_meta["num_nonexistent"]) == (1, 1)
+    crops_meta = materialization(result, "crops")
+    # the rest is found where each image is decoded, once: by crops
+    failed = {row["file"]: row["category"] for row in table_rows(crops_meta["failures"])}
+    assert failed == {"broken/missing.jpg": "nonexistent", "broken/zero_byte.jpg": "non_image",
+                      "broken/not_an_image.jpg": "non_image", "broken/truncated.jpg": "truncated"}
+    assert set(failed) == {f"broken/{name}.jpg" for name in BROKEN}
+    assert crops_meta["source_bytes_read"] < sum(path.stat().st_size for path in sample_dir.rglob("*.jpg"))
+    table = manifest(settings, partition)
+    assert len(table) == sample_counts["images"]
+    assert not (Path(settings.storage_uri) / "images" / partition_folder(partition) / "files").exists()
+    assert (Path(settings.storage_uri) / "cct_export" / partition_folder(partition) / "export.json").read_bytes() == \
+        (sample_dir / EXPORT_NAME).read_bytes()
+
+
+MIRROR = {"ops": {"images": {"config": {"mirror": True}}}}
+
+
+def test_the_opt_in_mirror_copies_every_good_image_and_crops_read_the_copies(settings, instance, sample_dir,
+                                                                           sample_counts):
+    partition = add_export(settings, instance, sample_dir)
+    result = run_ingest(settings, instance, partition, MIRROR)
+    assert result.success
+    images_meta = materialization(result, "images")
+    assert images_meta["mirrored"] is True and images_meta["num_good"] == sample_counts["good"]
     assert images_meta["num_fetched"] == sample_counts["present"]
     assert (images_meta["num_non_image"], images_meta["num_truncated"], images_meta["num_nonexistent"]) == (2, 1, 1)
     for name in BROKEN:
         assert f"broken/{name}.jpg" in {row["file_name"] for row in table_rows(images_meta["failures"])}
     table = manifest(settings, partition)
-    assert len(table) == sample_counts["images"]
     files = Path(settings.storage_uri) / "images" / partition_folder(partition) / "files"
     for row in table[table["status"] == "good"].itertuples():  # no good image lost, byte for byte
         assert (files / row.file_name).read_bytes() == (sample_dir / row.file_name).read_bytes()
-    assert (Path(settings.storage_uri) / "cct_export" / partition_folder(partition) / "export.json").read_bytes() == \
-        (sample_dir / EXPORT_NAME).read_bytes()
+    crops_meta = materialization(result, "crops")
+    assert crops_meta["source"] == str(files) and crops_meta["num_crops"] == sample_counts["crops"]
 
 
 def test_rerun_fetches_nothing_already_verified(settings, instance, sample_dir, sample_counts):
     partition = add_export(settings, instance, sample_dir)
-    assert run_ingest(settings, instance, partition).success
-    second = run_ingest(settings, instance, partition)
+    assert run_ingest(settings, instance, partition, MIRROR).success
+    second = run_ingest(settings, instance, partition, MIRROR)
     meta = materialization(second, "images")
     assert meta["num_good"] == meta["num_reused"] == sample_counts["good"]
     assert meta["num_fetched"] == sample_counts["broken"] - 1  # only the broken-but-present files, again
+
+
+def test_rerun_reads_no_image_for_crops_it_has(settings, instance, sample_dir, sample_counts):
+    partition = add_export(settings, instance, sample_dir)
+    first = run_ingest(settings, instance, partition)
+    assert materialization(first, "crops")["source_bytes_read"] > 0
+    again = materialization(run_ingest(settings, instance, partition), "crops")
+    assert again["num_reused_crops"] == sample_counts["crops"] and again["num_new_crops"] == 0
+    # the broken files are read again (they may have been fixed); no good image is
+    broken = sum((sample_dir / "broken" / f"{name}.jpg").stat().st_size for name in BROKEN if name != "missing")
+    assert again["source_bytes_read"] <= broken and again["crop_bytes_written"] == 0
 
 
 def test_an_edited_export_gets_a_new_data_version(settings, instance, sample_dir):
@@ -155,10 +192,11 @@ def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, buck
     assert materialization(result, "cct_export")["profile"] == "animl"
     meta = materialization(result, "images")
     assert meta["source_key_field"] == "serving_bucket_key"  # recognised as an Animl export: no config needed
-    assert meta["num_good"] == sample_counts["good"] and meta["num_nonexistent"] == 1
+    assert meta["num_present"] == sample_counts["present"] - 1 and meta["num_nonexistent"] == 1
     assert meta["source"] == f"s3://{bucket}/images" and isinstance(meta["source"], str)
-    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/images/animl~project1/files/")
-    assert listed["KeyCount"] == sample_counts["good"]
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="artifacts/images/")
+    assert "artifacts/images/animl~project1/manifest.csv" in [item["Key"] for item in listed["Contents"]]
+    assert not [item["Key"] for item in listed["Contents"] if "/files/" in item["Key"]]  # no copy of an image
     body = s3_client.get_object(Bucket=bucket, Key="artifacts/images/animl~project1/manifest.csv")["Body"].read()
     assert body.startswith(b"image_id,file_name,status")
     # detections and crops on S3 too: the crops are published under the artifacts prefix
@@ -170,9 +208,7 @@ def test_everything_on_s3_with_animl_serving_keys(moto_endpoint, s3_client, buck
     rerun = run_ingest(settings, instance, "animl/project1",
                        {"ops": {"images": {"config": {"source_key_field": "serving_bucket_key"}}}})
     assert materialization(rerun, "crops")["num_reused_crops"] == sample_counts["crops"]
-    # only the regenerated manifest and contact sheet go up again, no crop image (failures.csv and the
-    # manifest are written to the store by the IO manager)
-    assert materialization(rerun, "crops")["uploaded"] == 2
+    assert materialization(rerun, "crops")["crop_bytes_written"] == 0  # no crop image goes up again
 
 
 def test_thousands_of_failed_images_log_a_bounded_number_of_lines(settings, instance):

@@ -249,7 +249,7 @@ def test_md_detections_is_tested_with_its_inputs_given_directly(tmp_path):
     from animl_assets.assets.detections import DetectionsConfig, md_detections
     from animl_assets.core.ingest.cct import ExportArtifacts
     from animl_assets.core.ingest.images import ImageManifest
-    from animl_assets.resources.storage import ExportsLocation
+    from animl_assets.resources.storage import ExportsLocation, ImageSource
 
     export = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50},
                          {"id": 2, "file_name": "b.jpg"}],
@@ -262,7 +262,7 @@ def test_md_detections_is_tested_with_its_inputs_given_directly(tmp_path):
     output, check = list(md_detections(
         context=context, config=DetectionsConfig(), cct_export=ExportArtifacts(export, {}, {"sha256": "x"}),
         images=ImageManifest(manifest), storage=ArtifactStore(uri=str(tmp_path / "a")),
-        exports=ExportsLocation(uri=str(tmp_path / "exports"))))
+        exports=ExportsLocation(uri=str(tmp_path / "exports")), image_source=ImageSource()))
     boxes = {image["file"]: image["detections"][0]["bbox"] for image in output.value.md["images"]}
     assert boxes == {"a.jpg": [0.1, 0.2, 0.2, 0.4], "b.jpg": [0.0, 0.0, 0.25, 0.5]}  # b's size from the manifest
     assert output.value.labels["label"].tolist() == ["deer", "deer"] and check.passed

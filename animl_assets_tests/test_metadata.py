@@ -37,9 +37,14 @@ def test_failure_rate_checks_warn_without_stopping_the_run(settings, instance, s
     checks = {e.asset_check_key.to_user_string(): e for e in result.get_asset_check_evaluations()}
     for name in ("images:failure_rate", "crops:failure_rate"):
         assert not checks[name].passed and checks[name].severity == dg.AssetCheckSeverity.WARN
-    images = checks["images:failure_rate"].metadata
-    assert images["failed_images"].value == sample_counts["broken"] and images["images"].value == sample_counts["images"]
+    images = checks["images:failure_rate"].metadata  # what a listing finds: missing, and empty
+    assert images["failed_images"].value == 2 and images["images"].value == sample_counts["images"]
     assert {row["category"]: row["images"] for row in table_rows(images["per_category"])} == {
+        "non_image": 1, "nonexistent": 1}
+    crops = checks["crops:failure_rate"].metadata  # and what decoding finds, besides
+    assert crops["failed_images"].value == sample_counts["broken"]
+    assert crops["images"].value == sample_counts["boxed_images"]
+    assert {row["category"]: row["images"] for row in table_rows(crops["per_category"])} == {
         "non_image": 2, "truncated": 1, "nonexistent": 1}
     default = run_ingest(settings, instance, partition).get_asset_check_evaluations()
     assert all(e.passed for e in default if e.check_name == "failure_rate")  # default 5%: 4 of 97 fail

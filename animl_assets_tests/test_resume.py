@@ -22,11 +22,11 @@ COUNT = 300
 CROP_CHILD = """
 import json, sys, time
 from animl_assets.core.detect import crops
-write = crops.write_jpeg
-def slow_write(*args, **kwargs):
-    time.sleep(0.01)  # a slow disk: the run lasts a few seconds
-    write(*args, **kwargs)
-crops.write_jpeg = slow_write
+encode = crops.encode_jpeg
+def slow_encode(*args, **kwargs):
+    time.sleep(0.01)  # a slow machine: the run lasts a few seconds
+    return encode(*args, **kwargs)
+crops.encode_jpeg = slow_encode
 crops.crop_detections(json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], workers=1)
 """
 

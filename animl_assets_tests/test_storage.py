@@ -90,13 +90,13 @@ def test_written_files_get_the_umask_mode_like_any_file(tmp_path, umask):
         "import os, sys, numpy as np\n"
         f"os.umask({umask})\n"
         "from animl_assets.core.files import atomic_write\n"
-        "from animl_assets.core.detect.crops import write_jpeg\n"
+        "from animl_assets.core.detect.crops import encode_jpeg\n"
         "from animl_assets.resources.storage import LocalStore\n"
         "d = sys.argv[1]\n"
         "open(os.path.join(d, 'plain.txt'), 'w').close()\n"
         "atomic_write(os.path.join(d, 'atomic.json'), b'{}')\n"
         "LocalStore(d).write_bytes('sub/store.csv', b'a')\n"
-        "write_jpeg(os.path.join(d, 'crop.jpg'), np.zeros((4, 4, 3), np.uint8))\n"
+        "LocalStore(d).write_bytes('crop.jpg', encode_jpeg(np.zeros((4, 4, 3), np.uint8)))\n"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
     modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.rglob("*") if path.is_file()}
@@ -178,7 +178,7 @@ def test_truncated_s3_bodies_are_retried(faulty_s3, s3_client, bucket):
 def test_everything_on_s3_through_truncating_responses(faulty_s3, s3_client, bucket, tmp_path, instance, sample_dir,
                                                        sample_counts):
     """Artifacts and images on S3; the first GET of every object returns half its body."""
-    from animl_assets_tests.conftest import run_ingest
+    from animl_assets_tests.conftest import bucket_objects, run_ingest
 
     endpoint, proxy = faulty_s3
     for path in sample_dir.rglob("*"):
@@ -191,8 +191,13 @@ def test_everything_on_s3_through_truncating_responses(faulty_s3, s3_client, buc
     result = run_ingest(settings, instance, "sample_export")
     assert result.success
     images = result.asset_materializations_for_node("images")[0].metadata
-    assert images["num_good"].value == sample_counts["good"] and images["num_fetch_failed"].value == 0
+    # listed, not copied: one HEAD each; the zero-byte file is the one present file that is no image
+    assert images["num_present"].value == sample_counts["present"] - 1 and images["num_fetch_failed"].value == 0
     assert images["num_bad"].value == 0  # no transport fault recorded as a property of an image
     crops = result.asset_materializations_for_node("crops")[0].metadata
     assert crops["num_crops"].value == sample_counts["crops"]
-    assert len(proxy.truncated) > sample_counts["good"]  # every image, the export and the manifests were cut once
+    assert crops["num_failed_images"].value == sample_counts["broken"]  # decoded once, by crops: the broken ones
+    cut_images = {path for path in proxy.truncated if path.startswith(f"/{bucket}/images/")}
+    # the one read of every boxed image was cut in half, retried whole, and cropped
+    assert len(cut_images) >= sample_counts["boxed_images"] - sample_counts["broken"]
+    assert not [key for key in bucket_objects(s3_client, bucket) if "/files/" in key]  # no mirror

@@ -6,20 +6,19 @@ import base64
 import functools
 import inspect
 import io
-import os
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import dagster as dg
 import pandas as pd
 from PIL import Image
 
-from animl_assets.core.files import TEMP_PREFIX, atomic_write
 from animl_assets.core.store import Store
 from animl_assets.core.tables import read_csv as read_table
 from animl_assets.k8s import GPU_TAGS
-from animl_assets.resources.storage import LocalStore, location  # noqa: F401 - location: for the assets
+from animl_assets.core.transfers import cache_files
+from animl_assets.resources.storage import ArtifactStore, LocalStore, location
 
 # S3 and MLflow calls fail now and then (a dropped connection, a 503 while a server restarts): a step that
 # talks to them runs again after about 2, 4 and 8 s. ``stop`` failures (bad input or config) are not retried.
@@ -136,32 +135,15 @@ def image_metadata(store: Store, key: str, png: bytes, name: str, alt: str) -> d
     return {name: thumbnail_markdown(png, alt), f"{name}_path": location(store.uri(key))}
 
 
-def local_folder(store: Store, cache_dir: Path) -> Path:
-    """A local folder holding ``store``'s files: the folder itself for a local store, else ``cache_dir``
-    synced from it (files already there with the same size are not downloaded again)."""
+def cached_crops(storage: ArtifactStore, paths: Sequence[str]) -> tuple[Path, dict[str, Any]]:
+    """A local folder holding each of ``paths`` (``<partition folder>/<crop>``, as in classification_ds.csv):
+    the store's own crops folder when it is local; for S3, the explicit cache ``$ANIML_HOME/cache/crops``,
+    filled with exactly these crops through the transfer pool (only those missing are fetched). Returns the
+    folder and metadata saying what the cache holds."""
+    store = storage.store()
     if isinstance(store, LocalStore):
-        return store.root
-    for item in store.list():
-        target = cache_dir / item.key
-        if not (target.is_file() and target.stat().st_size == item.size):
-            atomic_write(target, store.read_bytes(item.key))
-            os.utime(target, (item.mtime, item.mtime))  # a copy is as old as its object: see publish
-    return cache_dir
-
-
-def publish(folder: Path, store: Store) -> int:
-    """Upload the files of ``folder`` that ``store`` lacks, holds at another size, or holds older than
-    the local file (written since it was synced down); returns how many were uploaded."""
-    if isinstance(store, LocalStore) and store.root == folder:
-        return 0
-    present = {item.key: item for item in store.list()}
-    uploaded = 0
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.name.startswith(TEMP_PREFIX):
-            continue
-        key, stat = path.relative_to(folder).as_posix(), path.stat()
-        remote = present.get(key)
-        if remote is None or remote.size != stat.st_size or stat.st_mtime > remote.mtime + 1:
-            store.put_file(key, path)
-            uploaded += 1
-    return uploaded
+        return store.root / "crops", {}
+    root = storage.cache("crops")
+    report = cache_files(store.child("crops"), list(paths), root)
+    return root, {"crop_cache": location(str(root)), "crop_cache_bytes": report.bytes,
+                  "crops_fetched": report.fetched, "crops_cached_before": report.reused}

@@ -10,7 +10,7 @@ from pydantic import Field
 from animl_assets.assets.artifacts import stage_asset, stop, table
 from animl_assets.assets.checks import problems_check
 from animl_assets.assets.exports import exports_partitions
-from animl_assets.assets.images import images_folder
+from animl_assets.assets.images import image_store
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.detect.detector import DetectorUnavailable, run_megadetector
 from animl_assets.core.detect.megadetector import (
@@ -24,8 +24,8 @@ from animl_assets.core.detect.megadetector import (
 )
 from animl_assets.core.ingest.cct import ExportArtifacts
 from animl_assets.core.ingest.exports import export_key_for, mdcache_key_for
-from animl_assets.core.ingest.images import GOOD, ImageManifest
-from animl_assets.resources.storage import ArtifactStore, ExportsLocation
+from animl_assets.core.ingest.images import ImageManifest, upright_sizes, usable_images
+from animl_assets.resources.storage import ArtifactStore, ExportsLocation, ImageSource
 
 
 class DetectionsConfig(dg.Config):
@@ -33,19 +33,11 @@ class DetectionsConfig(dg.Config):
 
     use_mdcache: bool = Field(default=True, description="Merge MegaDetector results found beside the export "
                                                         "as <export>.md.json (any format_version from 1.1).")
-    run_detector: bool = Field(default=False, description="Run MegaDetector (extra [detector]) on good "
-                                                          "images that have no box yet.")
+    run_detector: bool = Field(default=False, description="Run MegaDetector (extra [detector]) on the "
+                                                          "images present that have no box yet, streamed from "
+                                                          "their source.")
     detector_weights: str = Field(default="", description="Path of the MegaDetector weights file.")
     detector_threshold: float = Field(default=0.005, ge=0, le=1)
-
-
-def _image_sizes(manifest) -> dict[str, tuple[int, int]]:
-    """Upright (EXIF-applied) sizes of the verified images, by file name."""
-    sizes = {}
-    for row in manifest[manifest["status"] == GOOD].itertuples():
-        width, height = int(row.width), int(row.height)
-        sizes[row.file_name] = (height, width) if int(row.orientation or 1) in (5, 6, 7, 8) else (width, height)
-    return sizes
 
 
 @stage_asset(partitions_def=exports_partitions, group_name="detections", kinds={"json"},
@@ -53,13 +45,13 @@ def _image_sizes(manifest) -> dict[str, tuple[int, int]]:
                                    description="The batch output follows MegaDetector's format rules "
                                                "(validate_batch_results.py).")])
 def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, cct_export: ExportArtifacts,
-                  images: ImageManifest, storage: ArtifactStore,
-                  exports: ExportsLocation) -> Iterator[dg.Output | dg.AssetCheckResult]:
+                  images: ImageManifest, storage: ArtifactStore, exports: ExportsLocation,
+                  image_source: ImageSource) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """MegaDetector batch output (format 1.4): the export's boxes (cct_to_md, conf 1.0) merged with ingested
     or freshly run detector results; the export's boxes win for the same image."""
     partition = context.partition_key
     cct = cct_export.export
-    sizes = _image_sizes(images.manifest)
+    sizes = upright_sizes(images.manifest)
     md = cct_to_md(cct, image_sizes=sizes)
     detector, mdcache_problems, sources = None, [], {"export boxes": len(md["images"])}
 
@@ -76,10 +68,13 @@ def md_detections(context: dg.AssetExecutionContext, config: DetectionsConfig, c
 
     if config.run_detector:
         covered = {image["file"] for image in md["images"]} | {i["file"] for i in (detector or {}).get("images", [])}
-        todo = [file for file in images_without_boxes(cct) if file in sizes and file not in covered]
-        images_dir = images_folder(storage, partition)
-        try:
-            ran = run_megadetector(config.detector_weights, images_dir, todo, threshold=config.detector_threshold)
+        listed = usable_images(images.manifest)
+        keys = dict(zip(listed["file_name"].astype(str), listed["source_key"]))
+        todo = [file for file in images_without_boxes(cct) if file in keys and file not in covered]
+        try:  # streamed from the images' source (a chunk at a time on local disk), never mirrored
+            ran = run_megadetector(config.detector_weights, image_store(images, storage, partition, exports,
+                                                                        image_source),
+                                   todo, threshold=config.detector_threshold, keys=keys)
         except DetectorUnavailable as err:
             raise stop(str(err)) from err
         sources["detector run"] = len(ran["images"])

@@ -15,9 +15,8 @@ import pandas as pd
 from PIL import Image
 from pydantic import Field
 
-from animl_assets.assets.artifacts import image_metadata, location, stage_asset, stop, table
+from animl_assets.assets.artifacts import cached_crops, image_metadata, location, stage_asset, stop, table
 from animl_assets.assets.exports import export_sequences
-from animl_assets.assets.training import crops_folder
 from animl_assets.core.artifact_files import value_version
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.layout import version_folder
@@ -56,7 +55,7 @@ def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[Datas
     """The dataset version a checkpoint was trained on (its ``params.json`` names it) and a local folder
     holding its crops."""
     dataset = storage.load("classification_dataset", version=params["dataset_version"])
-    return dataset, crops_folder(storage, sorted(dataset.classification_ds["dataset"].unique()))
+    return dataset, cached_crops(storage, dataset.classification_ds["path"].astype(str).tolist())[0]
 
 
 def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.DataFrame, Path, pd.DataFrame]:

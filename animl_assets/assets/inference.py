@@ -18,8 +18,8 @@ import pandas as pd
 from pydantic import Field
 
 from animl_assets.assets.artifacts import (
+    cached_crops,
     image_metadata,
-    local_folder,
     location,
     stage_asset,
     stop,
@@ -143,8 +143,8 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
             yield dg.Output(previous, data_version=dg.DataVersion(key), metadata={"skipped": True, **_meta(previous)})
             return
         context.log.info(f"{partition}: {previous.num_failed} crops failed last time; classifying again")
-    crops_root = local_folder(store.child(artifact_key("crops", partition, "")),
-                              storage.cache("crops", partition_folder(partition)))
+    crops_root, cache = cached_crops(storage, [f"{partition_folder(partition)}/{path}" for path in paths])
+    crops_root = crops_root / partition_folder(partition)
     device = resolve_device(config.device)
     with tempfile.TemporaryDirectory(prefix="animl-classify-") as tmp:
         out = Path(tmp) / OUTPUT
@@ -172,7 +172,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     data_version = f"{key}-{len(failures)}-failed" if len(failures) else key
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
         **_meta(value), "crops_per_s": round(report.crops_per_s, 1), "device": str(device), "runtime": config.runtime,
-        "failures": table(failures), "classifier_output": location(store.uri(f"{folder}/{OUTPUT}"))})
+        **cache, "failures": table(failures), "classifier_output": location(store.uri(f"{folder}/{OUTPUT}"))})
 
 
 def _previous(storage: ArtifactStore, partition: str) -> Classifications | None:

@@ -17,8 +17,8 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from animl_assets.assets.artifacts import (
+    cached_crops,
     image_metadata,
-    local_folder,
     location,
     stage_asset,
     stop,
@@ -28,7 +28,7 @@ from animl_assets.core.artifact_files import NOT_A_CHECKPOINT, TorchFile, read_c
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.files import atomic_write
 from animl_assets.core.detect.crops import CropManifest
-from animl_assets.core.layout import artifact_key, partition_folder, training_folder, version_file, version_folder
+from animl_assets.core.layout import training_folder, version_file, version_folder
 from animl_assets.core.ml.frames import trainable_frame
 from animl_assets.core.ml.plots import learning_curve
 from animl_assets.core.ml.recipe import (
@@ -52,7 +52,7 @@ from animl_assets.core.paths import redact_credentials
 from animl_assets.core.registry import registry, tracking
 from animl_assets.core.store import Store
 from animl_assets.resources.io_manager import read_from
-from animl_assets.resources.storage import ArtifactStore, LocalStore, read_uri
+from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
 from animl_assets.runs import in_progress
 from animl_assets.train_worker import WorkerSpec
@@ -138,18 +138,6 @@ def training_recipe(params: dict[str, Any]) -> dict[str, Any]:
     """The TrainingConfig values a checkpoint's ``params.json`` records about what it learns (model, size,
     hyperparameters): the config that trains such a model again."""
     return {k: params[k] for k in TrainingConfig.model_fields if k in params and k not in NOT_RECIPE}
-
-
-def crops_folder(storage: ArtifactStore, partitions: list[str]) -> Path:
-    """A local folder where ``<partition folder>/<crop>`` exists for every partition: the store's own folder
-    when it is local, else a cache synced from S3."""
-    store = storage.store()
-    if isinstance(store, LocalStore):
-        return store.root / "crops"
-    root = storage.cache("crops")
-    for partition in partitions:
-        local_folder(store.child(artifact_key("crops", partition, "")), root / partition_folder(partition))
-    return root
 
 
 def _champion_checkpoint(config: TrainingConfig, mlflow: MlflowTracking) -> tuple[Any, str]:
@@ -271,6 +259,7 @@ class TrainingInputs:
     crops_root: Path
     frame: pd.DataFrame
     missing: pd.DataFrame  # path, dataset, label, problem
+    cache: dict[str, Any]  # what the local crop cache holds (empty when the store is local)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -292,7 +281,7 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
         raise stop(f"splits {splits_version} were made from classification_dataset {sorted(made_from)[0]}, not from "
                    f"{dataset_version}, the dataset this training reads: materialize splits first")
     partitions = sorted(ds["dataset"].unique())
-    crops_root = crops_folder(storage, partitions)
+    crops_root, cache = cached_crops(storage, ds["path"].astype(str).tolist())
     try:
         frame, missing = trainable_frame(ds, dataset.label_index, splits, crops_root, params.label_weighted,
                                          params.weight_by_detection_conf, _calibration(config, storage))
@@ -301,7 +290,7 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
     if len(missing):
         counts = missing["problem"].value_counts().to_dict()
         context.log.warning(f"{len(missing)} crops of the dataset under {crops_root} are left out: {counts}")
-    inputs = TrainingInputs(params, dataset_version, splits_version, partitions, crops_root, frame, missing)
+    inputs = TrainingInputs(params, dataset_version, splits_version, partitions, crops_root, frame, missing, cache)
     if not inputs.counts.get("train") or not inputs.counts.get("val"):
         raise stop(f"training needs crops in train and val; the splits hold {inputs.counts}")
     return inputs
@@ -400,7 +389,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     url = tracking.run_url(mlflow.uri, mlflow.ui_url, experiment, run_id)
     yield dg.Output(value, data_version=dg.DataVersion(version), metadata={
         **_checkpoint_metadata(params, result, test, inputs, store, version, curve),
-        "training_key": key, "seconds": round(time.perf_counter() - started, 1),
+        "training_key": key, "seconds": round(time.perf_counter() - started, 1), **inputs.cache,
         "mlflow_run_id": run_id, "mlflow_experiment": f"animl/{params.model_name}",
         "mlflow_tracking_uri": redact_credentials(mlflow.uri),
         **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),

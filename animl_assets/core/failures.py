@@ -6,7 +6,9 @@ from PIL import UnidentifiedImageError
 
 GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD = "good", "nonexistent", "non_image", "truncated", "bad"
 FETCH_FAILED = "fetch_failed"  # not the image's fault: the transport failed every attempt; fetched again next run
-STATUSES = (GOOD, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD, FETCH_FAILED)
+PRESENT = "present"  # in the source with a size, not decoded yet: the crops step reads and verifies it once
+STATUSES = (GOOD, PRESENT, NONEXISTENT, NON_IMAGE, TRUNCATED, BAD, FETCH_FAILED)
+USABLE = (GOOD, PRESENT)  # what the crops step reads; every other status is a failure
 
 
 def failure_category(error: BaseException) -> str:
@@ -19,6 +21,13 @@ def failure_category(error: BaseException) -> str:
     if "truncat" in message or "premature end" in message:
         return TRUNCATED
     return BAD
+
+
+def failure_message(error: BaseException) -> str:
+    """``error`` as one line for a failure report, without the in-memory buffer's address Pillow puts in it."""
+    if isinstance(error, UnidentifiedImageError):
+        return "UnidentifiedImageError: not an image format Pillow can read"
+    return f"{type(error).__name__}: {error}"
 
 
 MAX_PIXELS = 50_000_000  # 150 MB decoded (RGB) per worker: camera traps stay well below, PNG bombs do not

@@ -2,14 +2,16 @@
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
+import boto3
 from boto3.s3.transfer import TransferConfig
+from botocore import UNSIGNED
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
@@ -19,89 +21,23 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 from dagster_aws.s3 import S3Resource
-from dagster_aws.s3.utils import construct_s3_client
+from dagster_aws.utils import construct_boto_client_retry_config
 from pydantic import Field
 from urllib3.exceptions import ProtocolError
 
 from animl_assets.core.artifact_files import INDEX, from_files
-from animl_assets.core.files import TEMP_PREFIX, atomic_open, atomic_write
 from animl_assets.core.ingest.exports import EXPORT_SUFFIX
 from animl_assets.core.layout import asset_folder
-from animl_assets.core.paths import redact_credentials, safe_relative_path
-from animl_assets.core.store import Store, StoredFile
+from animl_assets.core.paths import redact_credentials
+from animl_assets.core.store import LocalStore, Store, StoredFile, join_key
+from animl_assets.core.transfers import TRANSFER_WORKERS
 from animl_assets.settings import describe
 
-COPY_CHUNK = 1 << 20
 MULTIPART_BYTES = 8 << 20
 
 # A response cut short, a connection dropped or refused, a read timing out: worth another try.
 TRANSIENT_ERRORS = (IncompleteReadError, ResponseStreamingError, ProtocolError, ConnectionClosedError,
                     EndpointConnectionError, ReadTimeoutError, ConnectionError)
-
-
-def _join(prefix: str, key: str) -> str:
-    key = safe_relative_path(key) if key else ""
-    return "/".join(part for part in (prefix, key) if part)
-
-
-class LocalStore:
-    """Files below a local folder; writes go to a temporary file that is then renamed into place."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser().absolute()
-
-    def _path(self, key: str) -> Path:
-        return self.root / safe_relative_path(key) if key else self.root
-
-    def uri(self, key: str = "") -> str:
-        return str(self._path(key))
-
-    def read_bytes(self, key: str) -> bytes:
-        path = self._path(key)
-        if not path.is_file():
-            raise FileNotFoundError(f"no file at {path}")
-        return path.read_bytes()
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        atomic_write(self._path(key), data)
-
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
-        with open(path, "rb") as source, atomic_open(self._path(key)) as target:
-            shutil.copyfileobj(source, target, COPY_CHUNK)
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def stat(self, key: str) -> StoredFile | None:
-        try:
-            info = self._path(key).stat()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return StoredFile(key, info.st_size, info.st_mtime)
-
-    def list(self, prefix: str = "", *, suffix: str = "", max_depth: int | None = None) -> Iterator[StoredFile]:
-        base = self._path(prefix)
-        if not base.is_dir():
-            return
-        folders = [(base, 0)]
-        while folders:  # only names ending in suffix are stat'ed; folders beyond max_depth are not read
-            folder, depth = folders.pop()
-            with os.scandir(folder) as entries:
-                for entry in sorted(entries, key=lambda e: e.name):
-                    if entry.is_dir(follow_symlinks=False):
-                        if max_depth is None or depth < max_depth:
-                            folders.append((Path(entry.path), depth + 1))
-                    elif (entry.name.endswith(suffix) and not entry.name.startswith(TEMP_PREFIX)
-                          and entry.is_file()):
-                        info = entry.stat()
-                        yield StoredFile(Path(entry.path).relative_to(self.root).as_posix(), info.st_size,
-                                         info.st_mtime)
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-    def child(self, prefix: str) -> "LocalStore":
-        return LocalStore(self._path(prefix))
 
 
 class S3Store:
@@ -112,7 +48,7 @@ class S3Store:
         self.attempts, self.backoff_s = attempts, backoff_s
 
     def _key(self, key: str) -> str:
-        return _join(self.prefix, key)
+        return join_key(self.prefix, key)
 
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -120,9 +56,17 @@ class S3Store:
     def read_bytes(self, key: str) -> bytes:
         """The object's bytes. A body cut short or a dropped connection is retried (``attempts`` in all,
         with backoff) and the length checked: botocore retries the request, not the body's download."""
+        return self._get(key)
+
+    def read_start(self, key: str, length: int) -> bytes:
+        """The object's first ``length`` bytes (one ranged GET), retried as ``read_bytes`` is."""
+        return self._get(key, f"bytes=0-{max(0, length - 1)}")
+
+    def _get(self, key: str, byte_range: str = "") -> bytes:
         for attempt in range(1, self.attempts + 1):
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                                  **({"Range": byte_range} if byte_range else {}))
                 data = response["Body"].read()
                 if len(data) != response["ContentLength"]:
                     raise IncompleteReadError(actual_bytes=len(data), expected_bytes=response["ContentLength"])
@@ -185,6 +129,11 @@ class S3Store:
         return S3Store(self.client, self.bucket, self._key(prefix), self.attempts, self.backoff_s)
 
 
+def disable_signing(*_args: Any, **_kwargs: Any) -> Any:
+    """botocore's choose-signer hook for public buckets: no signature."""
+    return UNSIGNED
+
+
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -207,18 +156,24 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def s3_client(s3: S3Resource | None = None) -> Any:
-    """A boto3 S3 client configured by ``s3``, its endpoint stripped of any ``user:password@`` (S3 signs with
-    access keys, never URL credentials, and botocore puts the endpoint in its error messages)."""
+    """A boto3 S3 client configured by ``s3`` as dagster-aws configures one, its connection pool sized to the
+    transfer pool (``TRANSFER_WORKERS`` requests in flight, see ``core.transfers``) and its endpoint stripped
+    of any ``user:password@`` (S3 signs with access keys, never URL credentials, and botocore puts the endpoint
+    in its error messages)."""
     s3 = s3 or S3Resource()
     endpoint = s3.endpoint_url
     if endpoint:
         parts = urlsplit(endpoint)
         endpoint = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return construct_s3_client(
-        max_attempts=s3.max_attempts, region_name=s3.region_name, endpoint_url=endpoint,
-        use_unsigned_session=s3.use_unsigned_session, profile_name=s3.profile_name, use_ssl=s3.use_ssl,
-        verify=s3.verify, aws_access_key_id=s3.aws_access_key_id, aws_secret_access_key=s3.aws_secret_access_key,
-        aws_session_token=s3.aws_session_token)
+    config = construct_boto_client_retry_config(s3.max_attempts).merge(
+        BotoConfig(max_pool_connections=TRANSFER_WORKERS + 4))  # + 4: a manifest or journal write beside the pool
+    client = boto3.session.Session(profile_name=s3.profile_name).client(
+        "s3", region_name=s3.region_name, use_ssl=s3.use_ssl, verify=s3.verify, endpoint_url=endpoint,
+        aws_access_key_id=s3.aws_access_key_id, aws_secret_access_key=s3.aws_secret_access_key,
+        aws_session_token=s3.aws_session_token, config=config)
+    if s3.use_unsigned_session:
+        client.meta.events.register("choose-signer.s3.*", disable_signing)
+    return client
 
 
 def open_store(uri: str, s3: S3Resource | None = None) -> Store:

@@ -20,8 +20,9 @@ import json
 import multiprocessing
 import os
 import re
+import tempfile
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,9 +32,11 @@ from PIL import Image, ImageOps
 
 from animl_assets.core.artifact_files import artifact_file
 from animl_assets.core.detect.megadetector import animal_categories
-from animl_assets.core.failures import MAX_PIXELS, failure_category, pixel_cap_error
-from animl_assets.core.files import TEMP_PREFIX, Journal, atomic_open, atomic_write
-from animl_assets.core.paths import UnsafePathError, safe_relative_path
+from animl_assets.core.failures import FETCH_FAILED, MAX_PIXELS, NONEXISTENT, failure_category, failure_message, pixel_cap_error
+from animl_assets.core.files import TEMP_PREFIX, Journal
+from animl_assets.core.paths import UnsafePathError, redact_credentials, safe_relative_path
+from animl_assets.core.store import LocalStore, Store
+from animl_assets.core.transfers import parallel_map
 
 try:
     from animl_assets.core.detect._jpegregion import decode_region
@@ -230,12 +233,15 @@ def decode_for_crops(data: bytes, bboxes: list[tuple[float, ...]], *, square: bo
     return DecodedCrops(pixels, [crop_box(width, height, list(bbox), square) for bbox in bboxes], False, comment)
 
 
-def write_jpeg(path: str | os.PathLike[str], pixels: np.ndarray, comment: bytes | None = None) -> None:
-    """Write ``pixels`` as the reference's ``crop.save(path)`` does (Pillow defaults, quality 75), with
-    the source's ``comment`` where the reference's crop carries it. Atomic, and encoded straight into
-    the file: Pillow's encoder holds the GIL when it encodes into memory, not into a file."""
-    with atomic_open(path) as handle:
+def encode_jpeg(pixels: np.ndarray, comment: bytes | None = None) -> bytes:
+    """``pixels`` as the reference's ``crop.save(path)`` writes them (Pillow defaults, quality 75), with the
+    source's ``comment`` where the reference's crop carries it. Encoded into an in-memory file descriptor
+    (memfd): Pillow's encoder releases the GIL for a real file, not for a BytesIO, and is faster that way."""
+    fd = os.memfd_create("crop") if hasattr(os, "memfd_create") else None
+    with (open(fd, "w+b") if fd is not None else tempfile.TemporaryFile()) as handle:
         Image.fromarray(pixels).save(handle, "JPEG", comment=comment)
+        handle.seek(0)
+        return handle.read()
 
 
 @dataclass
@@ -249,6 +255,8 @@ class CropReport:
     zero_size: int = 0
     images_decoded: int = 0
     images_region_decoded: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
     seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -258,92 +266,154 @@ class CropReport:
 @dataclass(frozen=True)
 class _Task:
     file: str
-    source: str
-    crops_dir: str
+    key: str  # the image's key in the source store
     boxes: tuple[tuple[int, str, float, tuple[float, ...]], ...]  # (index, category, conf, bbox)
-    square: bool
-    detector: str
     previous: tuple[tuple[str, Any], ...]  # crop name -> earlier manifest row, for this image
+    fingerprint: tuple[int, int] | None = None  # (size, mtime_ns) from the images manifest; None: stat the source
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """How every image of a run is cropped."""
+
+    square: bool = True
+    detector: str = "unknown"
     max_side: int | None = None
     max_pixels: int = MAX_PIXELS
+    attempts: int = 3
+    backoff_s: float = 0.2
 
 
-def _row(task: _Task, name: str, index: int, category: str, conf: float, bbox: tuple, size: tuple[int, int],
-         stat: os.stat_result) -> dict[str, Any]:
-    return {"crop": name, "file": task.file, "detection_index": index,
-            "category": category, "conf": conf, "bbox": json.dumps(list(bbox)), "square": task.square,
-            "width": size[0], "height": size[1], "source_size": stat.st_size,
-            "source_mtime_ns": stat.st_mtime_ns, "max_side": task.max_side or ""}
+def _row(task: _Task, settings: CropSettings, name: str, box: tuple, size: tuple[int, int],
+         fingerprint: tuple[int, int]) -> dict[str, Any]:
+    index, category, conf, bbox = box
+    return {"crop": name, "file": task.file, "detection_index": index, "category": category, "conf": conf,
+            "bbox": json.dumps(list(bbox)), "square": settings.square, "width": size[0], "height": size[1],
+            "source_size": fingerprint[0], "source_mtime_ns": fingerprint[1], "max_side": settings.max_side or ""}
 
 
-def _crop_image(task: _Task) -> dict[str, Any]:
-    """Worker: crop every box of one image that is missing or stale. Never raises."""
-    result: dict[str, Any] = {"file": task.file, "rows": [], "made": 0, "reused": 0, "zero": 0, "decoded": False,
-                              "region": False}
+def _is_fresh(earlier: dict | None, bbox: tuple, settings: CropSettings, fingerprint: tuple[int, int]) -> bool:
+    return (earlier is not None and earlier["bbox"] == json.dumps(list(bbox))
+            and str(earlier["square"]) == str(settings.square)
+            and str(earlier.get("max_side") or "") == str(settings.max_side or "")
+            and int(earlier["source_size"]) == fingerprint[0] and int(earlier["source_mtime_ns"]) == fingerprint[1])
+
+
+def cut_crops(data: bytes, boxes: list[tuple[float, ...]],
+              settings: CropSettings) -> tuple[list[tuple[bytes, tuple[int, int]] | None], bool]:
+    """Each box's crop from an image's bytes, as JPEG bytes and (width, height) (None for a zero-size box),
+    and whether only a region was decoded. Raises what the decoder raises for a broken image. Pure CPU work: runs in a thread or,
+    with the processes executor, in a worker process."""
+    decoded = decode_for_crops(data, boxes, square=settings.square, max_side=settings.max_side,
+                               max_pixels=settings.max_pixels)
+    out: list[tuple[bytes, tuple[int, int]] | None] = []
+    for box in decoded.boxes:
+        if box is None:
+            out.append(None)
+            continue
+        crop = cut(decoded.pixels, box)
+        if settings.max_side and max(crop.shape[:2]) > settings.max_side:
+            longest = max(crop.shape[:2])
+            crop = np.asarray(Image.fromarray(crop).resize(
+                (max(1, crop.shape[1] * settings.max_side // longest), max(1, crop.shape[0] * settings.max_side // longest)),
+                Image.Resampling.BILINEAR))
+        out.append((encode_jpeg(crop, None if box.padded else decoded.comment), (crop.shape[1], crop.shape[0])))
+    return out, decoded.region
+
+
+def _read(source: Store, key: str, settings: CropSettings) -> bytes:
+    """The image's bytes, read again after a transport fault (with backoff); a missing image raises at once."""
+    for attempt in range(1, settings.attempts + 1):
+        try:
+            return source.read_bytes(key)
+        except (FileNotFoundError, UnsafePathError):
+            raise
+        except Exception:  # noqa: BLE001 - the transport: retried, then reported as fetch_failed
+            if attempt == settings.attempts:
+                raise
+            time.sleep(settings.backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+class _Cropper:
+    """One image at a time, start to end: freshness, one read, crops in memory, each crop written to ``dest``."""
+
+    def __init__(self, source: Store, dest: Store, present: set[str], settings: CropSettings,
+                 processes: Executor | None) -> None:
+        self.source, self.dest, self.present, self.settings, self.processes = source, dest, present, settings, processes
+
+    def __call__(self, task: _Task) -> dict[str, Any]:
+        """Crop every box of ``task``'s image that is missing or stale. Never raises."""
+        result: dict[str, Any] = {"file": task.file, "rows": [], "made": 0, "reused": 0, "zero": 0,
+                                  "decoded": False, "region": False, "bytes_read": 0, "bytes_written": 0}
+        try:
+            fingerprint = task.fingerprint or self._stat(task.key)
+            previous, todo = dict(task.previous), []
+            for box in task.boxes:
+                name = crop_name(task.file, box[0], self.settings.detector)
+                earlier = previous.get(name)
+                if _is_fresh(earlier, box[3], self.settings, fingerprint) and name in self.present:
+                    result["rows"].append(dict(earlier))
+                    result["reused"] += 1
+                else:
+                    todo.append((box, name))
+            if not todo:
+                return result
+            try:
+                data = _read(self.source, task.key, self.settings)
+            except FileNotFoundError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the transport, not the image: tried again next run
+                result.update(failure=FETCH_FAILED, error=redact_credentials(
+                    f"fetch failed after {self.settings.attempts} attempts: {type(err).__name__}: {err}"), rows=[])
+                return result
+            result["bytes_read"] = len(data)
+            fingerprint = (len(data), fingerprint[1])
+            bboxes = [box[3] for box, _ in todo]
+            crops, region = (self.processes.submit(cut_crops, data, bboxes, self.settings).result()
+                             if self.processes else cut_crops(data, bboxes, self.settings))
+            result["decoded"], result["region"] = True, region
+            for (box, name), crop in zip(todo, crops):
+                if crop is None:
+                    result["zero"] += 1
+                    continue
+                self.dest.write_bytes(name, crop[0])
+                result["rows"].append(_row(task, self.settings, name, box, crop[1], fingerprint))
+                result["made"] += 1
+                result["bytes_written"] += len(crop[0])
+        except Exception as err:  # noqa: BLE001 - one bad image never aborts the run
+            result.update(failure=failure_category(err), error=failure_message(err), rows=[])
+        return result
+
+    def _stat(self, key: str) -> tuple[int, int]:
+        found = self.source.stat(key)
+        if found is None:
+            raise FileNotFoundError(f"not found in {self.source.uri(key)}")
+        return found.size, round(found.mtime * 1e9)
+
+
+def read_manifest(crops: str | os.PathLike[str] | Store) -> list[dict[str, Any]]:
+    """The crop manifest a previous run left in ``crops`` (a folder or a store; empty when there is none)."""
+    store = crops if hasattr(crops, "read_bytes") else LocalStore(crops)
     try:
-        stat = os.stat(task.source)
-        previous = dict(task.previous)
-        todo = []
-        for index, category, conf, bbox in task.boxes:
-            name = crop_name(task.file, index, task.detector)
-            earlier = previous.get(name)
-            fresh = (earlier is not None and earlier["bbox"] == json.dumps(list(bbox))
-                     and str(earlier["square"]) == str(task.square)
-                     and str(earlier.get("max_side") or "") == str(task.max_side or "")
-                     and int(earlier["source_size"]) == stat.st_size
-                     and int(earlier["source_mtime_ns"]) == stat.st_mtime_ns
-                     and os.path.exists(os.path.join(task.crops_dir, name)))
-            if fresh:
-                result["rows"].append(dict(earlier))
-                result["reused"] += 1
-            else:
-                todo.append((index, category, conf, bbox, name))
-        if not todo:
-            return result
-        with open(task.source, "rb") as handle:
-            decoded = decode_for_crops(handle.read(), [bbox for *_, bbox, _ in todo], square=task.square,
-                                       max_side=task.max_side, max_pixels=task.max_pixels)
-        result["decoded"], result["region"] = True, decoded.region
-        for (index, category, conf, bbox, name), box in zip(todo, decoded.boxes):
-            if box is None:
-                result["zero"] += 1
-                continue
-            crop = cut(decoded.pixels, box)
-            if task.max_side and max(crop.shape[:2]) > task.max_side:
-                crop = np.asarray(Image.fromarray(crop).resize(
-                    (max(1, crop.shape[1] * task.max_side // max(crop.shape[:2])),
-                     max(1, crop.shape[0] * task.max_side // max(crop.shape[:2]))), Image.Resampling.BILINEAR))
-            write_jpeg(os.path.join(task.crops_dir, name), crop, None if box.padded else decoded.comment)
-            result["rows"].append(_row(task, name, index, category, conf, bbox, (crop.shape[1], crop.shape[0]), stat))
-            result["made"] += 1
-    except Exception as err:  # noqa: BLE001 - one bad image never aborts the run
-        result["failure"] = failure_category(err)
-        result["error"] = f"{type(err).__name__}: {err}"
-        result["rows"] = []
-    return result
-
-
-def read_manifest(crops_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The crop manifest a previous run left in ``crops_dir`` (empty when there is none)."""
-    path = Path(crops_dir) / MANIFEST
-    if not path.is_file():
+        data = store.read_bytes(MANIFEST)
+    except FileNotFoundError:
         return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    return list(csv.DictReader(io.StringIO(data.decode())))
 
 
-def _write_manifest(crops_dir: Path, rows: list[dict[str, Any]]) -> None:
+def manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """``crops.csv``: the rows sorted by crop name."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda row: row["crop"]))
-    atomic_write(crops_dir / MANIFEST, buffer.getvalue().encode())
+    return buffer.getvalue().encode()
 
 
-def _tasks(detections: dict[str, Any], images_dir: Path, crops_dir: Path, threshold: float, square: bool,
-           max_side: int | None, max_pixels: int, previous: dict[str, dict], report: CropReport) -> Iterable[_Task]:
+def _tasks(detections: dict[str, Any], threshold: float, detector: str, previous: dict[str, dict],
+           sources: dict[str, tuple[str, tuple[int, int] | None]] | None, report: CropReport) -> Iterable[_Task]:
     animal = animal_categories(detections)
-    detector = str(detections.get("info", {}).get("detector") or "unknown")
     for image in detections.get("images", []):
         file = image.get("file")
         boxes = tuple(
@@ -359,14 +429,19 @@ def _tasks(detections: dict[str, Any], images_dir: Path, crops_dir: Path, thresh
         except UnsafePathError as err:
             report.failures[str(file)], report.errors[str(file)] = "bad", f"rejected: {err}"
             continue
+        if sources is not None and relative not in sources:
+            report.failures[relative], report.errors[relative] = NONEXISTENT, "not in the images manifest"
+            continue
+        key, fingerprint = sources[relative] if sources is not None else (relative, None)
         names = {crop_name(relative, index, detector) for index, *_ in boxes}
-        yield _Task(relative, str(images_dir / relative), str(crops_dir), boxes, square, detector,
-                    tuple((name, previous[name]) for name in sorted(names & previous.keys())), max_side, max_pixels)
+        yield _Task(relative, key, boxes, tuple((name, previous[name]) for name in sorted(names & previous.keys())),
+                    fingerprint)
 
 
-def _pool(workers: int, executor: str) -> Executor:
+def _pool(workers: int, executor: str) -> Executor | None:
+    """The process pool for the CPU work with ``executor="processes"``; None for threads."""
     if executor == "threads":
-        return ThreadPoolExecutor(max_workers=workers)
+        return None
     if executor != "processes":
         raise ValueError(f"executor must be 'threads' or 'processes', not {executor!r}")
     methods = multiprocessing.get_all_start_methods()
@@ -376,49 +451,69 @@ def _pool(workers: int, executor: str) -> Executor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
-def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[str],
-                    crops_dir: str | os.PathLike[str], *, threshold: float = 0.0, square: bool = True,
-                    workers: int | None = None, executor: str = "threads",
-                    max_side: int | None = None, max_pixels: int = MAX_PIXELS) -> CropReport:
-    """Crop every ``animal`` box at or above ``threshold`` in MegaDetector batch output ``detections``.
+def crop_images(detections: dict[str, Any], source: Store, dest: Store, journal: Journal, *,
+                sources: dict[str, tuple[str, tuple[int, int] | None]] | None = None, threshold: float = 0.0,
+                square: bool = True, workers: int | None = None, executor: str = "threads",
+                max_side: int | None = None, max_pixels: int = MAX_PIXELS, attempts: int = 3,
+                write_manifest: bool = True) -> CropReport:
+    """Crop every ``animal`` box at or above ``threshold`` in MegaDetector batch output ``detections``, reading
+    each image from ``source`` once and writing its crops straight to ``dest`` (no local copy of either).
 
-    Images are read from ``images_dir/<file>``; crops go to ``crops_dir/<file>___cropNN_<detector>.jpg``
-    with a manifest (``crops.csv``). A re-run only decodes images whose crops are missing or whose
-    source or boxes changed; the crops a killed run finished are kept in a journal and not redone. ``workers`` (default: all cores; 1 runs in this thread) are threads or,
-    with ``executor="processes"``, processes. ``max_side`` (opt-in, not pixel-identical to the
-    reference): DCT-scaled JPEG decoding, crops shrunk to at most that side. Images over ``max_pixels``
-    fail as ``bad`` without being decoded.
+    ``sources`` maps an image's file to its key in ``source`` and its ``(size, mtime_ns)`` as listed (the
+    images manifest; an image not in it fails as ``nonexistent``); without it the key is the file and the
+    source is stat'ed. A re-run reads only images whose crops are missing in ``dest`` or whose source or boxes
+    changed; the crops a killed run finished are in ``journal`` and not redone. A transport fault that outlasts
+    ``attempts`` fails the image as ``fetch_failed`` (tried again next run). ``workers`` images are in flight at
+    once (default: all cores; memory stays within workers x ``max_pixels``), their decoding in the same threads
+    or, with ``executor="processes"``, in worker processes. ``max_side`` (opt-in, not pixel-identical to the
+    reference): DCT-scaled JPEG decoding, crops shrunk to at most that side. With ``write_manifest``,
+    ``crops.csv`` is written to ``dest`` (a shard of a fanned-out run leaves it to the merge).
     """
     started = time.perf_counter()
-    images_dir, crops_dir = Path(images_dir), Path(crops_dir)
-    crops_dir.mkdir(parents=True, exist_ok=True)
+    detector = str(detections.get("info", {}).get("detector") or "unknown")
+    settings = CropSettings(square, detector, max_side, max_pixels, attempts)
     report = CropReport()
-    journal = Journal(crops_dir / JOURNAL, MANIFEST_COLUMNS)  # what a killed run finished: not redone
-    previous = {row["crop"]: row for row in [*read_manifest(crops_dir), *journal.read()]}
-    tasks = list(_tasks(detections, images_dir, crops_dir, threshold, square, max_side, max_pixels, previous, report))
+    previous = {row["crop"]: row for row in [*read_manifest(dest), *journal.read()]}
+    tasks = list(_tasks(detections, threshold, detector, previous, sources, report))
+    present = {item.key for item in dest.list(suffix=".jpg")} if previous else set()
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
-    if workers == 1:
-        results = map(_crop_image, tasks)
-    else:
-        pool = _pool(workers, executor)
-        results = pool.map(_crop_image, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 4))))
+    processes = _pool(workers, executor)
     try:
-        for result in results:
-            report.rows.extend(result["rows"])
-            report.crops += result["made"]
-            report.reused += result["reused"]
-            report.zero_size += result["zero"]
-            report.images_decoded += result["decoded"]
-            report.images_region_decoded += result["region"]
-            if "failure" in result:
-                report.failures[result["file"]] = result["failure"]
-                report.errors[result["file"]] = result["error"]
-            elif result["made"]:
-                journal.append(result["rows"])
+        for result in parallel_map(_Cropper(source, dest, present, settings, processes), tasks, workers):
+            _record(report, result, journal)
     finally:
-        if workers > 1:
-            pool.shutdown()
-    _write_manifest(crops_dir, report.rows)
-    journal.remove()
+        if processes is not None:
+            processes.shutdown()
+    journal.close()
+    if write_manifest:
+        dest.write_bytes(MANIFEST, manifest_bytes(report.rows))
+        journal.remove()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _record(report: CropReport, result: dict[str, Any], journal: Journal) -> None:
+    report.rows.extend(result["rows"])
+    report.crops += result["made"]
+    report.reused += result["reused"]
+    report.zero_size += result["zero"]
+    report.images_decoded += result["decoded"]
+    report.images_region_decoded += result["region"]
+    report.bytes_read += result["bytes_read"]
+    report.bytes_written += result["bytes_written"]
+    if "failure" in result:
+        report.failures[result["file"]] = result["failure"]
+        report.errors[result["file"]] = result["error"]
+    elif result["made"]:
+        journal.append(result["rows"])
+
+
+def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[str],
+                    crops_dir: str | os.PathLike[str], **options: Any) -> CropReport:
+    """``crop_images`` between two local folders: images read from ``images_dir/<file>``, crops written to
+    ``crops_dir/<file>___cropNN_<detector>.jpg`` with ``crops.csv``, the journal of a killed run in
+    ``crops_dir`` (temp-prefixed, never taken for a crop)."""
+    crops_dir = Path(crops_dir)
+    crops_dir.mkdir(parents=True, exist_ok=True)
+    return crop_images(detections, LocalStore(images_dir), LocalStore(crops_dir),
+                       Journal(crops_dir / JOURNAL, MANIFEST_COLUMNS), **options)

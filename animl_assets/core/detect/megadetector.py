@@ -86,6 +86,13 @@ def _normalized_box(bbox: list[float], width: int, height: int) -> list[float]:
     return [x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height]
 
 
+def sizes_needed(cct: dict[str, Any]) -> set[str]:
+    """File names of the images with boxes whose width or height the export lacks: ``cct_to_md`` needs their
+    measured size (``image_sizes``) to normalize the boxes."""
+    return {str(image["file_name"]) for image, boxes, empty in _ground_truth_boxes(cct)
+            if boxes and not empty and _image_size(image, None) is None}
+
+
 def cct_to_md(cct: dict[str, Any], *, image_sizes: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """MegaDetector batch output (format 1.4) from an export's own boxes, every box with conf 1.0.
 
