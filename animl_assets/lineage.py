@@ -20,6 +20,7 @@ from animl_assets.assets import ALL_ASSETS
 from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.core.layout import version_folder
 from animl_assets.core.store import Store
+from animl_assets.core.transfers import parallel_map
 from animl_assets.resources.io_manager import INPUT_VERSION_TAG, VERSION_METADATA, failed_blocking_checks
 from animl_assets.resources.storage import LocalStore
 from animl_assets.runs import IN_PROGRESS, process_gone
@@ -183,8 +184,8 @@ def remove_version(store: Store, asset: str, version: str) -> int:
     """Delete one version's files from the artifact store (and its folder, on a local disk); returns how many."""
     folder = version_folder(asset, version)
     files = [item.key for item in store.list(folder)]
-    for key in files:
-        store.delete(key)
+    for _ in parallel_map(store.delete, files):  # concurrent: one request per object on S3
+        pass
     if isinstance(store, LocalStore):
         shutil.rmtree(store.root / folder, ignore_errors=True)
     return len(files)

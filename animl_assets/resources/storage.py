@@ -2,7 +2,9 @@
 
 import os
 import re
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -155,6 +157,64 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+# botocore event hooks every client this module makes is given: (event name, handler). Instrumentation, such
+# as S3Requests below, registers here; the platform itself adds none.
+S3_CLIENT_HOOKS: list[tuple[str, Any]] = []
+
+
+class S3Requests:
+    """Counts the S3 requests of every client made while it is active (``with S3Requests() as requests``)
+    through botocore's event hooks: ``calls[(operation, bucket/prefix)]`` (a ranged GET is "GetObject(ranged)"),
+    and the bytes got and put per bucket/prefix. ``prefix_depth`` path parts of each key are kept."""
+
+    def __init__(self, prefix_depth: int = 1) -> None:
+        self.prefix_depth = prefix_depth
+        self.calls: Counter = Counter()
+        self.bytes_got: Counter = Counter()
+        self.bytes_put: Counter = Counter()
+        self.lock = threading.Lock()
+
+    def _where(self, params: dict) -> str:
+        key = str(params.get("Key") or params.get("Prefix") or "")
+        return "/".join([str(params.get("Bucket", "")), *key.split("/")[: self.prefix_depth]])
+
+    def _before(self, params: dict, model: Any, context: dict, **_: Any) -> None:
+        name = model.name + ("(ranged)" if model.name == "GetObject" and params.get("Range") else "")
+        context["animl_where"] = self._where(params)
+        with self.lock:
+            self.calls[(name, self._where(params))] += 1
+            if model.name in ("PutObject", "UploadPart"):
+                self.bytes_put[self._where(params)] += _remaining(params.get("Body"))
+
+    def _after(self, parsed: dict, context: dict, **_: Any) -> None:
+        with self.lock:
+            self.bytes_got[context.get("animl_where", "")] += int(parsed.get("ContentLength") or 0)
+
+    def count(self, operation: str, where: str = "") -> int:
+        """Requests of ``operation`` under ``where`` (a bucket, or bucket/prefix)."""
+        return sum(n for (name, place), n in self.calls.items() if name == operation and place.startswith(where))
+
+    def __enter__(self) -> "S3Requests":
+        S3_CLIENT_HOOKS.extend([("before-parameter-build.s3", self._before), ("after-call.s3.GetObject", self._after)])
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for hook in [("before-parameter-build.s3", self._before), ("after-call.s3.GetObject", self._after)]:
+            S3_CLIENT_HOOKS.remove(hook)
+
+
+def _remaining(body: Any) -> int:
+    """The bytes left to send in a request body (bytes, or a seekable file at its current position)."""
+    if isinstance(body, (bytes, bytearray)):
+        return len(body)
+    if hasattr(body, "seek") and hasattr(body, "tell"):
+        here = body.tell()
+        end = body.seek(0, os.SEEK_END)
+        body.seek(here)
+        return end - here
+    return 0
+
+
 def s3_client(s3: S3Resource | None = None) -> Any:
     """A boto3 S3 client configured by ``s3`` as dagster-aws configures one, its connection pool sized to the
     transfer pool (``TRANSFER_WORKERS`` requests in flight, see ``core.transfers``) and its endpoint stripped
@@ -173,6 +233,8 @@ def s3_client(s3: S3Resource | None = None) -> Any:
         aws_session_token=s3.aws_session_token, config=config)
     if s3.use_unsigned_session:
         client.meta.events.register("choose-signer.s3.*", disable_signing)
+    for event, handler in S3_CLIENT_HOOKS:
+        client.meta.events.register(event, handler)
     return client
 
 
