@@ -68,6 +68,13 @@ def stage_asset(*, gpu: bool = False, **asset_args: Any) -> Callable[[Callable[.
     return decorate
 
 
+def stage_op(**op_args: Any) -> Callable[[Callable[..., Any]], dg.OpDefinition]:
+    """``dg.op`` with the same step policy as ``stage_asset``, for the steps of a graph-backed asset."""
+    def decorate(fn: Callable[..., Any]) -> dg.OpDefinition:
+        return dg.op(retry_policy=NETWORK_RETRY, **op_args)(retry_only_transient(fn))
+    return decorate
+
+
 def stage_check(**check_args: Any) -> Callable[[Callable[..., Any]], dg.AssetChecksDefinition]:
     """``dg.asset_check`` with the same step policy as ``stage_asset``."""
     def decorate(fn: Callable[..., Any]) -> dg.AssetChecksDefinition:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import multiprocessing
 import os
 import re
 import tempfile
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -506,6 +507,46 @@ def _record(report: CropReport, result: dict[str, Any], journal: Journal) -> Non
         report.errors[result["file"]] = result["error"]
     elif result["made"]:
         journal.append(result["rows"])
+
+
+def shard_count(detections: dict[str, Any], shards: int, images_per_shard: int) -> int:
+    """How many shards a fanned-out crop run has: ``shards`` when set, else one per ``images_per_shard`` images
+    with a detection (at least one; a small export is one shard)."""
+    if shards:
+        return shards
+    boxed = sum(1 for image in detections.get("images", []) if image.get("detections"))
+    return max(1, math.ceil(boxed / images_per_shard))
+
+
+def shard_of(detections: dict[str, Any], index: int, count: int) -> dict[str, Any]:
+    """Shard ``index`` of ``count``: the batch output with a contiguous ``count``-th of its images that have a
+    detection (the others have nothing to crop). The shards are disjoint, in order, and together all of it."""
+    boxed = [image for image in detections.get("images", []) if image.get("detections")]
+    return {**detections, "images": boxed[index * len(boxed) // count:(index + 1) * len(boxed) // count]}
+
+
+def report_bytes(report: CropReport) -> bytes:
+    """``report`` as JSON, for a shard's report left in the store for the merge."""
+    return json.dumps(asdict(report), sort_keys=True).encode()
+
+
+def read_report(data: bytes) -> CropReport:
+    """The report ``report_bytes`` wrote."""
+    return CropReport(**json.loads(data))
+
+
+def merge_reports(reports: Iterable[CropReport]) -> CropReport:
+    """One report for shards run side by side: counts summed, failures and rows joined, the longest time."""
+    merged = CropReport()
+    for report in reports:
+        for name in ("images", "crops", "reused", "zero_size", "images_decoded", "images_region_decoded",
+                     "bytes_read", "bytes_written"):
+            setattr(merged, name, getattr(merged, name) + getattr(report, name))
+        merged.seconds = max(merged.seconds, report.seconds)
+        merged.failures.update(report.failures)
+        merged.errors.update(report.errors)
+        merged.rows.extend(report.rows)
+    return merged
 
 
 def crop_detections(detections: dict[str, Any], images_dir: str | os.PathLike[str],
