@@ -24,6 +24,7 @@ from animl_assets.core.transfers import cache_files, parallel_map
 from animl_assets.resources.storage import S3Requests, open_store
 from animl_assets.settings import Settings
 from animl_assets_tests.conftest import bucket_objects, run_ingest, table_rows
+from animl_assets_tests.test_resume import SLOW_CROPS, _kill_when
 
 
 def test_parallel_map_keeps_the_order_and_bounds_what_is_in_flight():
@@ -149,17 +150,10 @@ def test_an_archive_on_s3_is_read_once_per_boxed_image_and_never_copied(moto_end
     assert on_disk < 0.1 * sum(sizes.values())  # no image, no crop kept on the worker's disk
 
 
-CHILD = """
-import json, sys, time
+CHILD = SLOW_CROPS.replace("{delay}", "0.02") + """
 from dagster_aws.s3 import S3Resource
-from animl_assets.core.detect import crops
 from animl_assets.core.files import Journal
 from animl_assets.resources.storage import open_store
-encode = crops.encode_jpeg
-def slow_encode(*args, **kwargs):
-    time.sleep(0.02)  # a slow machine: the run lasts a few seconds
-    return encode(*args, **kwargs)
-crops.encode_jpeg = slow_encode
 md, endpoint, source, dest, journal = sys.argv[1:]
 s3 = S3Resource(endpoint_url=endpoint)
 crops.crop_images(json.load(open(md)), open_store(source, s3), open_store(dest, s3),
@@ -170,8 +164,6 @@ COUNT = 120
 
 @pytest.mark.slow
 def test_crops_killed_on_s3_resume_reading_only_the_images_left(moto_endpoint, s3_client, bucket, tmp_path):
-    from animl_assets_tests.test_resume import _kill_when
-
     names = []
     for i in range(COUNT):
         buffer = io.BytesIO()

@@ -127,9 +127,10 @@ def test_the_instance_retries_crashed_runs_frees_their_slots_and_gives_the_gpu_p
 def test_s3_and_mlflow_steps_retry_with_exponential_backoff():
     defs = build_definitions(Settings.from_env({}))
     for asset in ("cct_export", "images", "crops", "classifications", "registered_model"):
-        policy = defs.resolve_assets_def(asset).op.retry_policy
-        assert policy.max_retries >= 3 and policy.backoff == dg.Backoff.EXPONENTIAL
-        assert policy.calculate_delay(3) > policy.calculate_delay(1)
+        for op in defs.resolve_assets_def(asset).node_def.iterate_op_defs():  # crops: each of its steps
+            policy = op.retry_policy
+            assert policy.max_retries >= 3 and policy.backoff == dg.Backoff.EXPONENTIAL, op.name
+            assert policy.calculate_delay(3) > policy.calculate_delay(1)
 
 
 def test_a_malformed_export_fails_at_once_without_retries(settings, instance, tmp_path):

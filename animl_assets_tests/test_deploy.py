@@ -47,11 +47,12 @@ def test_gpu_steps_get_a_gpu_on_a_gpu_node(asset):
 
 
 def test_cpu_steps_stay_off_gpu_nodes():
-    op = build_definitions(Settings.from_env({})).resolve_assets_def("crops").op
-    spec = _pod_spec(op.tags)
-    assert not spec.node_selector and not spec.tolerations
-    resources = spec.containers[0].resources
-    assert resources is None or "nvidia.com/gpu" not in (resources.limits or {})
+    crops = build_definitions(Settings.from_env({})).resolve_assets_def("crops")
+    for op in crops.node_def.iterate_op_defs():  # the plan, every shard and the merge
+        spec = _pod_spec(op.tags)
+        assert not spec.node_selector and not spec.tolerations
+        resources = spec.containers[0].resources
+        assert resources is None or "nvidia.com/gpu" not in (resources.limits or {})
 
 
 def test_the_step_executor_config_passes_dagster_k8s_schema_and_is_chosen_by_the_environment(monkeypatch):

@@ -19,14 +19,16 @@ from animl_assets.resources.storage import LocalStore
 
 COUNT = 300
 
-CROP_CHILD = """
+SLOW_CROPS = """
 import json, sys, time
 from animl_assets.core.detect import crops
 encode = crops.encode_jpeg
 def slow_encode(*args, **kwargs):
-    time.sleep(0.01)  # a slow machine: the run lasts a few seconds
+    time.sleep({delay})  # a slow machine: the run lasts a few seconds
     return encode(*args, **kwargs)
 crops.encode_jpeg = slow_encode
+"""  # a child process's preamble: crops encoded slowly enough to be killed halfway
+CROP_CHILD = SLOW_CROPS.replace("{delay}", "0.01") + """
 crops.crop_detections(json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], workers=1)
 """
 

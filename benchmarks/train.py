@@ -74,7 +74,7 @@ def main() -> None:
         if eval_split == "train" else loaders["val"]
     model = init_model(params, len(label_index))
     model.to(device, memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
-    optimizer, _ = make_optimizer(model, params, device)
+    optimizer, _, _ = make_optimizer(model, params, device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     utilization: list[float] = []
     stop = threading.Event()
