@@ -1,15 +1,18 @@
 """What runs without anyone clicking: the sensor that evaluates the classifications' automation conditions
-(they follow a new champion or a new export), and a weekly retraining of the champion's recipe that skips
-when no export changed since the dataset the newest classifier was trained on."""
+(they follow a new champion or a new export), a weekly retraining of the champion's recipe that skips
+when no export changed since the dataset the newest classifier was trained on, and a retraining when an
+export's classifications drift."""
 
 import json
 from typing import Any
 
 import dagster as dg
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from mlflow.entities.model_registry import ModelVersion
 
 from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.assets.exports import exports_partitions
+from animl_assets.assets.inference import DRIFT_CHECK
 from animl_assets.core.registry import registry
 from animl_assets.core.registry.registry import TRAINING_CONFIG_TAG
 from animl_assets.lineage import DATA_VERSION_TAG, newest_record, records
@@ -88,6 +91,47 @@ def make_retraining_schedule(job: dg.JobDefinition | Any) -> dg.ScheduleDefiniti
                              tags={"animl/retraining": "weekly", "animl/changes": "; ".join(changes)[:200]})
 
     return weekly_retraining
+
+
+DRIFT_SENSOR = "retrain_on_drift"
+
+
+def drifted_exports(instance: dg.DagsterInstance, after: int = 0, limit: int = 500) -> list[tuple[int, dict[str, Any]]]:
+    """The failed ``drift`` checks of ``classifications`` recorded after the event id ``after``, oldest first:
+    (id, the check's metadata and description)."""
+    key = dg.AssetCheckKey(dg.AssetKey("classifications"), DRIFT_CHECK)
+    found = []
+    for record in instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=limit, status={AssetCheckExecutionRecordStatus.FAILED}):
+        if record.id <= after or record.event is None or record.event.dagster_event is None:
+            continue
+        evaluation = record.event.dagster_event.event_specific_data
+        found.append((record.id, {**{k: v.value for k, v in evaluation.metadata.items()},
+                                  "description": evaluation.description or ""}))
+    return sorted(found, key=lambda item: item[0])
+
+
+def make_drift_sensor(job: dg.JobDefinition | Any) -> dg.SensorDefinition:
+    """A retraining, warm-started from the champion, for each export version whose classifications drifted."""
+
+    @dg.sensor(name=DRIFT_SENSOR, job=job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Every minute: an export whose classifications failed the drift check starts one retraining "
+                           "(once per export version), its tags saying which export and why.")
+    def retrain_on_drift(context: dg.SensorEvaluationContext, mlflow: MlflowTracking) -> dg.SensorResult:
+        failed = drifted_exports(context.instance, int(context.cursor or 0))
+        if not failed:
+            return dg.SensorResult(skip_reason="no export's classifications drifted since the last look")
+        champion = registry.by_alias(mlflow.client(), registry.DEFAULT_MODEL, registry.CHAMPION)
+        requests = {}
+        for _, found in failed:
+            run_key = f"drift-{found['export']}-{found['export_version']}"
+            requests[run_key] = dg.RunRequest(run_key=run_key, run_config=retraining_run_config(champion), tags={
+                "animl/retraining": "drift", "animl/drift_export": found["export"],
+                "animl/drift_export_version": found["export_version"], "animl/drift_model": found["model"],
+                "animl/drift_reasons": found["description"][:200]})
+        return dg.SensorResult(run_requests=list(requests.values()), cursor=str(failed[-1][0]))
+
+    return retrain_on_drift
 
 
 def make_automation_sensor(selection: dg.AssetSelection) -> dg.AutomationConditionSensorDefinition:

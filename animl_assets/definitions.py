@@ -16,7 +16,12 @@ from animl_assets.assets import (
     make_new_exports_sensor,
     model_comparison,
 )
-from animl_assets.automation import end_dead_runs_sensor, make_automation_sensor, make_retraining_schedule
+from animl_assets.automation import (
+    end_dead_runs_sensor,
+    make_automation_sensor,
+    make_drift_sensor,
+    make_retraining_schedule,
+)
 from animl_assets.k8s import executor
 from animl_assets.resources import build_resources
 from animl_assets.settings import Settings
@@ -66,7 +71,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         asset_checks=TRAINING_CHECKS,
         jobs=[ingest_job, dataset_job, train_job, compare_job, classify_job, retrain_job],
         sensors=[make_new_exports_sensor(ingest_job),
-                 make_automation_sensor(dg.AssetSelection.assets(*REVIEW_ASSETS)), end_dead_runs_sensor],
+                 make_automation_sensor(dg.AssetSelection.assets(*REVIEW_ASSETS)), end_dead_runs_sensor,
+                 make_drift_sensor(retrain_job)],
         schedules=[make_retraining_schedule(retrain_job)],
         resources=build_resources(settings),
         executor=executor(os.environ),

@@ -75,7 +75,7 @@ def test_the_automation_sensor_is_on_from_the_start_and_targets_the_review_asset
     sensor = defs.resolve_sensor_def(AUTOMATION_SENSOR)
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert {key.path[-1] for key in sensor.asset_selection.resolve(defs.resolve_asset_graph())} == {
-        "classifications", "classified_detections"}
+        "classifications", "classified_detections", "review_queue"}
 
 
 def _dataset(instance: dg.DagsterInstance, crops: dict[str, str], trained: bool = True) -> None:

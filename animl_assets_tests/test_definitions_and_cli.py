@@ -25,14 +25,15 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "cct_export", "images", "md_detections", "crops", "classification_dataset", "splits", "classifier_checkpoint",
         "classifier_evaluation", "registered_model", "champion_model", "model_comparison", "classifications",
-        "classified_detections", "mislabeled_candidates"}
+        "classified_detections", "mislabeled_candidates", "review_queue"}
     assert repo.has_job(INGEST_JOB) and repo.has_job(TRAIN_JOB) and repo.has_sensor_def("new_exports")
     assert {key.to_user_string() for key in defs.resolve_asset_graph().asset_check_keys} == {
         "cct_export:schema", "cct_export:unique_ids", "cct_export:references", "cct_export:bboxes",
         "cct_export:boxes_clipped", "cct_export:annotations_set_aside",
         "images:failure_rate", "md_detections:md_format", "crops:failure_rate",
         "classification_dataset:enough_labels_to_train", "splits:no_location_leakage",
-        "splits:every_label_in_every_split", "registered_model:beats_champion", "classified_detections:md_format"}
+        "splits:every_label_in_every_split", "registered_model:beats_champion", "classified_detections:md_format",
+        "classifications:drift"}
     assert repo.has_job(DATASET_JOB) and repo.has_job(COMPARE_JOB) and repo.has_job(CLASSIFY_JOB)
     storage = defs.resources["storage"]
     assert storage.location == str(tmp_path / ".animl" / "artifacts")

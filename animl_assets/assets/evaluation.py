@@ -8,7 +8,7 @@ load."""
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import dagster as dg
 import pandas as pd
@@ -23,6 +23,7 @@ from animl_assets.core.layout import version_folder
 from animl_assets.core.ml import plots
 from animl_assets.core.ml.frames import SPLITS, Preprocessing, trainable_frame
 from animl_assets.core.ml.labels import label_names
+from animl_assets.core.ml.open_set import DEFAULT_SCORE
 from animl_assets.core.ml.recipe import Evaluation, TrainedClassifier
 from animl_assets.core.registry import registry, tracking
 from animl_assets.core.review.sequences import sequence_top1
@@ -49,6 +50,11 @@ class EvaluationConfig(dg.Config):
     portable: bool = Field(default=True, description="Also export the model to ONNX and as a torch.export "
                            "program (each checked against the eager model), registered beside TorchScript; "
                            "classifications' runtime: onnx needs it.")
+    unknown_score: Literal["msp", "energy", "margin"] = Field(
+        default=DEFAULT_SCORE, description="Unknowns: the score that tells crops of known classes from animals the "
+        "model never saw (max softmax probability, energy or top-1 - top-2 margin; see benchmarks/open_set.py).")
+    unknown_recall: float = Field(default=0.95, gt=0, le=1, description="Unknowns: the threshold keeps this share "
+                                  "of the val crops (all of known classes) known; classifications flags crops below it.")
 
 
 def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[DatasetVersion, Path]:
@@ -130,7 +136,8 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         result, gaps = ev.evaluate(model, frame, crops_root, label_index, Preprocessing.of(params),
                                    resolve_device(config.device), target_precision=config.target_precision,
                                    batch_size=config.batch_size, num_workers=config.num_workers,
-                                   portable=config.portable, params=params, progress=context.log.info)
+                                   portable=config.portable, params=params, progress=context.log.info,
+                                   unknown_score=config.unknown_score, unknown_recall=config.unknown_recall)
     except ValueError as err:
         raise stop(str(err)) from err
     test = result.outputs_test
@@ -146,22 +153,9 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
                                           name.removesuffix(".png").replace("_", " "))
 
     run_id = params.get("mlflow_run_id")
-    client = mlflow.client()
     test_summary = ev.summary_row(result.outputs_test, result.names) if len(result.outputs_test) else {}
-    if run_id:
-        metrics = {f"eval/{row['split']}/{k}": v for row in result.overall_metrics.to_dict("records")
-                   for k, v in row.items() if k != "split" and v == v}
-        metrics |= {f"eval/test/{k}": v for k, v in test_summary.items() if k.startswith("macro") and v == v}
-        if sequence_acc == sequence_acc:
-            metrics["eval/test/sequence_acc_top1"] = sequence_acc
-        tracking.log_metrics(client, run_id, metrics, int(checkpoint.ckpt.get("epoch", 0)))
-        tracking.log_artifacts(client, run_id, "evaluation", {
-            **figures, "overall_metrics.csv": result.overall_metrics.to_csv(index=False).encode(),
-            "label_stats.csv": result.label_stats.to_csv(index=False).encode(),
-            "label_report.csv": result.label_report.to_csv(index=False).encode(),
-            "thresholds.json": json.dumps(result.thresholds, indent=1).encode()})
-        tracking.set_tags(client, run_id, {"animl.evaluation_version": version})
-    url = tracking.run_url(mlflow.uri, mlflow.ui_url, client.get_run(run_id).info.experiment_id, run_id) if run_id else ""
+    url = _track(mlflow, run_id, result, test_summary, sequence_acc, figures, int(checkpoint.ckpt.get("epoch", 0)),
+                 version) if run_id else ""
     test_report = result.label_report[result.label_report["split"] == "test"].drop(columns="split")
     test_metrics = result.metrics("test")
     yield dg.Output(result, data_version=dg.DataVersion(version), metadata={
@@ -173,6 +167,7 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         "per_label_test": table(test_report.round(4)),
         "thresholds_target_precision": config.target_precision,
         "labels_with_threshold": sum(e["threshold"] is not None for e in result.thresholds["labels"].values()),
+        **_unknowns_metadata(result),
         **{f"{form}_max_abs_diff": float(f"{gap:.3g}") for form, gap in gaps.items()},
         **{f"num_{split}_crops": len(result.outputs(split)) for split in SPLITS},
         "num_missing_crops": len(missing),
@@ -184,6 +179,36 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
         "seconds": round(time.perf_counter() - started, 1),
     })
+
+
+def _track(mlflow: MlflowTracking, run_id: str, result: Evaluation, test_summary: dict[str, float],
+           sequence_acc: float, figures: dict[str, bytes], epoch: int, version: str) -> str:
+    """The evaluation's metrics, files and version logged to the training's MLflow run; the run's URL."""
+    client = mlflow.client()
+    metrics = {f"eval/{row['split']}/{k}": v for row in result.overall_metrics.to_dict("records")
+               for k, v in row.items() if k != "split" and v == v}
+    metrics |= {f"eval/test/{k}": v for k, v in test_summary.items() if k.startswith("macro") and v == v}
+    if sequence_acc == sequence_acc:
+        metrics["eval/test/sequence_acc_top1"] = sequence_acc
+    tracking.log_metrics(client, run_id, metrics, epoch)
+    tracking.log_artifacts(client, run_id, "evaluation", {
+        **figures, "overall_metrics.csv": result.overall_metrics.to_csv(index=False).encode(),
+        "label_stats.csv": result.label_stats.to_csv(index=False).encode(),
+        "label_report.csv": result.label_report.to_csv(index=False).encode(),
+        "thresholds.json": json.dumps(result.thresholds, indent=1).encode(),
+        "open_set.json": json.dumps(result.open_set, indent=1).encode()})
+    tracking.set_tags(client, run_id, {"animl.evaluation_version": version})
+    return tracking.run_url(mlflow.uri, mlflow.ui_url, client.get_run(run_id).info.experiment_id, run_id)
+
+
+def _unknowns_metadata(result: Evaluation) -> dict[str, Any]:
+    """The unknowns' score, threshold and the val recall kept there; the test crops flagged at it."""
+    found, test = result.open_set, result.prediction_profile
+    if found.get("threshold") is None:
+        return {"unknown_threshold": "none (no val crops)"}
+    return {"unknown_score": found["score"], "unknown_threshold": round(found["threshold"], 4),
+            "unknown_val_recall": round(found["val_recall"], 4),
+            **({"test_unknown_share": round(test["unknown_share"], 4)} if test.get("unknown_share") is not None else {})}
 
 
 def _model_locations(store: Store, folder: str, portable: bool) -> dict[str, Any]:

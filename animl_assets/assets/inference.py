@@ -32,13 +32,16 @@ from animl_assets.core.detect.contact_sheet import contact_sheet
 from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.detect.megadetector import Detections, validate_batch_output
 from animl_assets.core.layout import artifact_key, partition_folder, version_file
+from animl_assets.core.ml import drift, plots
+from animl_assets.core.ml.drift import DriftLimits
 from animl_assets.core.ml.frames import Preprocessing
 from animl_assets.core.ml.labels import label_names, remapped_label_index
 from animl_assets.core.ml.recipe import Classifications, Evaluation
 from animl_assets.core.registry import registry
-from animl_assets.core.review import candidates
+from animl_assets.core.review import candidates, queue
+from animl_assets.core.review.queue import ReviewQueue
 from animl_assets.core.review.merge import merge_classifications
-from animl_assets.core.review.sequences import aggregate_csv, crop_image, sequence_ids
+from animl_assets.core.review.sequences import aggregate_csv, crop_image, image_cameras, sequence_ids
 from animl_assets.core.tables import read_csv
 from animl_assets.resources.storage import ArtifactStore, read_uri
 from animl_assets.resources.tracking import MlflowTracking
@@ -79,6 +82,18 @@ class ClassificationsConfig(dg.Config):
                             "probabilities per sequence (export seq_id, else one camera's images within the gap: Animl's "
                             "camera, else the location).")
     sequence_gap_s: float = Field(default=60.0, gt=0)
+    drift_max_psi: float = Field(default=0.25, ge=0, description="Drift check: the most the population stability "
+                                 "index of the predicted labels may reach against the model's test split.")
+    drift_max_confidence_drop: float = Field(default=0.10, ge=0, le=1, description="Drift check: the most the mean "
+                                             "top-1 confidence may fall below the test split's.")
+    drift_max_unknown_rise: float = Field(default=0.10, ge=0, le=1, description="Drift check: the most the share "
+                                          "of unknowns may rise above the test split's.")
+    drift_min_crops: int = Field(default=30, ge=1, description="Drift check: a camera (Animl) or location with at "
+                                 "least this many crops is checked on its own too.")
+
+    def drift_limits(self) -> DriftLimits:
+        return DriftLimits(self.drift_max_psi, self.drift_max_confidence_drop, self.drift_max_unknown_rise,
+                           self.drift_min_crops)
 
 
 def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflow: MlflowTracking) -> "Classifier":
@@ -110,19 +125,27 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
     model = (OnnxModel(files.onnx, resolve_device(config.device)) if config.runtime == "onnx"
              else load_script(files.torchscript))
     return Classifier(model, label_names(files.label_index), Preprocessing.of(files.preprocessing),
-                      f"{version.name}/{version.version}", f"{version.name} v{version.version}")
+                      f"{version.name}/{version.version}", f"{version.name} v{version.version}", files.open_set,
+                      files.prediction_profile)
+
+
+DRIFT_CHECK = "drift"
 
 
 @stage_asset(gpu=True, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"},
              deps=["champion_model"],
-             automation_condition=FOLLOW_UPSTREAM)
+             automation_condition=FOLLOW_UPSTREAM,
+             check_specs=[dg.AssetCheckSpec(DRIFT_CHECK, asset="classifications", blocking=False,
+                                            description="The export's predictions against the model's test split: "
+                                                        "PSI of the predicted labels, mean confidence, unknowns, "
+                                                        "overall and per camera. A failure starts a retraining.")])
 def classifications(context: dg.AssetExecutionContext, config: ClassificationsConfig, crops: CropManifest,
-                    storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
+                    storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """The export's crops classified by the champion (or a chosen version, or an external TorchScript model):
-    ``classifier_output.csv.gz`` (``path`` + one probability column per category) streamed batch by batch,
-    and its ``label_index.json``. A re-run with the same model and crops does nothing unless crops failed last
-    time (they are tried again); a new champion makes
-    it stale."""
+    ``classifier_output.csv.gz`` (``path`` + one probability column per category, and ``unknown``: 1 for a
+    crop below the model's unknowns' threshold) streamed batch by batch, and its ``label_index.json``; the
+    ``drift`` check. A re-run with the same model and crops does nothing unless crops failed last time (they
+    are tried again); a new champion makes it stale."""
     from animl_assets.core.ml.data import resolve_device
     from animl_assets.core.ml.inference import classify
 
@@ -141,6 +164,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
         if not previous.num_failed:
             context.log.info(f"{partition}: already classified by {classifier.name} ({key}); nothing to do")
             yield dg.Output(previous, data_version=dg.DataVersion(key), metadata={"skipped": True, **_meta(previous)})
+            yield drift_check(context, config, previous, classifier, crops, storage)
             return
         context.log.info(f"{partition}: {previous.num_failed} crops failed last time; classifying again")
     crops_root, cache = cached_crops(storage, [f"{partition_folder(partition)}/{path}" for path in paths])
@@ -167,12 +191,47 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     value = Classifications(key, classifier.version, classifier.name, label_index, f"{folder}/{OUTPUT}",
                             report.classified, len(failures), mapping, failures.to_dict("records"),
                             datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            f"{folder}/{SEQUENCE_OUTPUT}" if config.sequences else "")
+                            f"{folder}/{SEQUENCE_OUTPUT}" if config.sequences else "",
+                            report.columns[-1] if classifier.flags_unknowns else "", report.unknown)
     # crops that failed make another version: the run that classifies them too changes what is downstream
     data_version = f"{key}-{len(failures)}-failed" if len(failures) else key
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
         **_meta(value), "crops_per_s": round(report.crops_per_s, 1), "device": str(device), "runtime": config.runtime,
         **cache, "failures": table(failures), "classifier_output": location(store.uri(f"{folder}/{OUTPUT}"))})
+    yield drift_check(context, config, value, classifier, crops, storage)
+
+
+def drift_check(context: dg.AssetExecutionContext, config: ClassificationsConfig, value: Classifications,
+                classifier: "Classifier", crops: CropManifest, storage: ArtifactStore) -> dg.AssetCheckResult:
+    """The ``drift`` check of an export's classifications against the model's test-split profile: a warning
+    past the configured limits, overall or for a camera, with the table and a plot of the label shares."""
+    partition, store = context.partition_key, storage.store()
+    identity = {"export": partition, "export_version": value_version(crops, "crops"), "model": value.model}
+    reference = classifier.prediction_profile
+    if not reference or value.mapping is not None:
+        why = "the model has no test-split profile" if not reference else "a target mapping changes the labels"
+        return dg.AssetCheckResult(passed=True, check_name=DRIFT_CHECK, description=f"not measured: {why}",
+                                   metadata={**identity, "measured": False})
+    outputs = read_csv(gzip.decompress(store.read_bytes(value.output)))
+    labels = [name for name in label_names(value.label_index) if name != value.unknown_column]
+    cameras = image_cameras(storage.load("cct_export", partition=partition).export["images"])
+    group_of = {crop: cameras.get(file, "") for crop, file in zip(crops.manifest["crop"], crops.manifest["file"])}
+    found = drift.drift_table(outputs, labels, value.unknown_column or None, group_of, reference,
+                              config.drift_limits())
+    overall = found.iloc[0]
+    observed = outputs[labels].to_numpy().argmax(axis=1) if len(outputs) else []
+    shares = pd.Series([labels[i] for i in observed], dtype=object).value_counts(normalize=True).to_dict()
+    png = plots.label_shares(reference["predicted"], shares, f"predicted labels: {partition}")
+    drifted = found[found["drifted"]]
+    return dg.AssetCheckResult(
+        passed=drifted.empty, check_name=DRIFT_CHECK, severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(f"{row.scope}: {row.reasons}" for row in drifted.itertuples())[:1000] or None,
+        metadata={**identity, "measured": True, "psi": round(float(overall["psi"]), 4),
+                  "mean_top1": round(float(overall["mean_top1"] or 0), 4),
+                  "unknown_share": round(float(overall["unknown_share"] or 0), 4),
+                  "scopes_drifted": len(drifted), "scopes_checked": len(found), "drift": table(found.round(4)),
+                  **image_metadata(store, artifact_key("classifications", partition, "drift.png"), png,
+                                   "label_shares", "predicted label shares: test split vs export")})
 
 
 def _previous(storage: ArtifactStore, partition: str) -> Classifications | None:
@@ -185,7 +244,10 @@ def _previous(storage: ArtifactStore, partition: str) -> Classifications | None:
 
 def _meta(value: Classifications) -> dict[str, Any]:
     return {"model": value.model, "classifier": value.classifier, "num_classified": value.num_classified,
-            "num_failed": value.num_failed, "labels": len(value.label_index), "dagster/row_count": value.num_classified}
+            "num_failed": value.num_failed, "labels": len(value.label_index), "dagster/row_count": value.num_classified,
+            **({"num_unknown": value.num_unknown,
+                "unknown_share": round(value.num_unknown / max(1, value.num_classified), 4)}
+               if value.unknown_column else {"num_unknown": "not flagged (the model has no unknowns' threshold)"})}
 
 
 class ReviewConfig(dg.Config):
@@ -212,12 +274,7 @@ def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfi
     Timelapse opens. Detections without a crop keep their place and get none."""
     outputs = read_csv(gzip.decompress(storage.store().read_bytes(classifications.output)))
     labels = label_names(classifications.label_index)
-    truth = None
-    if config.label_pos != "none" or config.relative_conf:
-        keys = crops.manifest[["crop", "file", "detection_index"]].astype({"detection_index": int})
-        labelled = keys.merge(md_detections.labels[["file", "detection_index", "label"]]
-                              .astype({"detection_index": int}), on=["file", "detection_index"], how="left")
-        truth = {c: lab for c, lab in zip(labelled["crop"], labelled["label"].fillna("")) if lab}
+    truth = crop_labels(crops, md_detections) if config.label_pos != "none" or config.relative_conf else None
     merged, unmatched = merge_classifications(
         md_detections.md, outputs, labels, classifications.classifier, threshold=config.threshold,
         ground_truth=truth, label_pos=None if config.label_pos == "none" else config.label_pos,
@@ -233,6 +290,59 @@ def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfi
         "threshold": config.threshold})
     yield dg.AssetCheckResult(check_name="md_format", passed=not problems, metadata={
         "problems": len(problems), "first_problems": dg.MetadataValue.json(problems[:20])})
+
+
+def crop_labels(crops: CropManifest, md_detections: Detections) -> dict[str, str]:
+    """``{crop: the export's label of its box}`` for the crops whose box the export labels."""
+    keys = crops.manifest[["crop", "file", "detection_index"]].astype({"detection_index": int})
+    labelled = keys.merge(md_detections.labels[["file", "detection_index", "label"]]
+                          .astype({"detection_index": int}), on=["file", "detection_index"], how="left")
+    return {c: lab for c, lab in zip(labelled["crop"], labelled["label"].fillna("")) if lab}
+
+
+class ReviewQueueConfig(dg.Config):
+    """How many crops a reviewer gets, and how bursts are told apart."""
+
+    budget: int = Field(default=200, ge=1, description="The most crops in the queue.")
+    sequence_gap_s: float = Field(default=60.0, gt=0, description="Bursts: images of one camera this close in "
+                                  "time, where the export has no seq_id.")
+
+
+@stage_asset(partitions_def=exports_partitions, group_name="inference", kinds={"csv", "json"},
+             deps=["cct_export"], automation_condition=FOLLOW_UPSTREAM)  # cct_export: its sequences and cameras
+def review_queue(context: dg.AssetExecutionContext, config: ReviewQueueConfig, classified_detections: dict,
+                 classifications: Classifications, crops: CropManifest, md_detections: Detections,
+                 storage: ArtifactStore) -> dg.Output[ReviewQueue]:
+    """The export's crops a person should look at first, within the budget: unsure, unknown, or against the
+    export's own label, one per burst, spread over classes and cameras. ``review_queue.csv`` (mark
+    ``reviewed``, fix ``correct_label``; then give it to ``classification_dataset``'s corrections) and
+    ``review_queue.md.json``, the MegaDetector JSON of just those images, for Timelapse."""
+    partition, store = context.partition_key, storage.store()
+    outputs = read_csv(gzip.decompress(store.read_bytes(classifications.output)))
+    labels = [n for n in label_names(classifications.label_index) if n != classifications.unknown_column]
+    crops_frame = queue.crop_priorities(outputs, labels, classifications.unknown_column or None,
+                                        crop_labels(crops, md_detections))
+    images = storage.load("cct_export", partition=partition).export["images"]
+    sequences = sequence_ids(images, config.sequence_gap_s)
+    of_crop = {crop: sequences.get(crop_image(crop), "") for crop in crops_frame["crop"]}
+    ranked = queue.review_queue(crops_frame, config.budget, {c: s for c, s in of_crop.items() if s},
+                                image_cameras(images))
+    value = ReviewQueue(queue.queue_file(ranked, partition), queue.queue_md(classified_detections, ranked["file"]))
+    sample = {f"{row.rank}. {row.pred} ({row.confidence:.2f})": [row.crop] for row in value.queue.head(24).itertuples()}
+    sheet = contact_sheet(sample, lambda crop: store.read_bytes(artifact_key("crops", partition, crop)))
+    reasons = value.queue["reasons"].str.split(", ").explode()
+    reasons = reasons[reasons.fillna("") != ""].str.replace(r" .*", "", regex=True).value_counts()
+    per_class = value.queue.groupby("pred").size().reset_index(name="crops")
+    return dg.Output(value, metadata={
+        "queued": len(value.queue), "budget": config.budget, "classified_crops": len(outputs),
+        "queued_unknown": int(value.queue["unknown"].sum()),
+        "queued_disagreeing": int((value.queue["reasons"].str.contains("export says")).sum()),
+        "classes": int(value.queue["pred"].nunique()), "cameras": int(value.queue["camera"].nunique()),
+        "images": len(value.md["images"]), "reasons": dg.MetadataValue.json(reasons.to_dict()),
+        "per_class": table(per_class), "queue": table(value.queue),
+        **image_metadata(store, artifact_key("review_queue", partition, "contact_sheet.png"), sheet, "contact_sheet",
+                         "the queue's first crops"),
+        "dagster/row_count": len(value.queue)})
 
 
 class MislabeledConfig(dg.Config):

@@ -73,7 +73,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     files = registry.ModelFiles(bytes(evaluation.compiled), evaluation.label_index,
                                 registry.preprocessing(Preprocessing.of(checkpoint.params)), evaluation.thresholds,
                                 checkpoint.params, torch_bytes(checkpoint.ckpt), bytes(evaluation.onnx),
-                                bytes(evaluation.exported))
+                                bytes(evaluation.exported), evaluation.open_set, evaluation.prediction_profile)
     client = mlflow.client()
     _repair(context, client, config.model_name)
     run_id = checkpoint.params.get("mlflow_run_id")

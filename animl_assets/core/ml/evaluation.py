@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from animl_assets.core.artifact_files import Arrays, Blob
+from animl_assets.core.ml import drift, open_set
 from animl_assets.core.ml.data import CropDataset, eval_transform
 from animl_assets.core.ml.frames import SPLITS, Preprocessing, top_ks
 from animl_assets.core.ml.labels import label_names, target_columns
@@ -233,22 +234,28 @@ def summarize(outputs: Mapping[str, pd.DataFrame], names: Sequence[str]
 def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, label_index: Mapping[str, str],
              prep: Preprocessing, device: torch.device, *, target_precision: float = 0.95, batch_size: int = 64,
              num_workers: int = 0, parity_tolerance: float = 1e-4, portable: bool = True,
-             params: Mapping[str, Any] | None = None, progress: Callable[[str], None] | None = None
+             params: Mapping[str, Any] | None = None, progress: Callable[[str], None] | None = None,
+             unknown_score: str = open_set.DEFAULT_SCORE, unknown_recall: float = 0.95
              ) -> tuple[Evaluation, dict[str, float]]:
     """Evaluate ``model`` (its best checkpoint loaded) on every split of ``frame`` (``split_frame``'s rows:
-    path, label, label_index, weight, split), compile it with TorchScript and, with ``portable``, export it
-    with ``torch.export`` and to ONNX; each must give the eager model's outputs on a batch of the crops
-    (ValueError past ``parity_tolerance``). Returns the evaluation and each form's largest difference."""
+    path, label, label_index, weight, split), fit the unknowns' threshold on val (``unknown_score`` at
+    ``unknown_recall`` of its crops) and profile the test predictions for drift, compile it with TorchScript
+    and, with ``portable``, export it with ``torch.export`` and to ONNX; each must give the eager model's
+    outputs on a batch of the crops (ValueError past ``parity_tolerance``). Returns the evaluation and each
+    form's largest difference."""
     names = label_names(label_index)
-    outputs = {}
+    outputs, logits = {}, {}
     for split in SPLITS:
         rows = frame[frame["split"] == split]
         loader = eval_loader(rows["path"], rows["label_index"], rows["weight"], crops_root, prep,
                              batch_size, num_workers)
-        probs = softmax(predict_logits(model, loader, device)) if len(rows) else np.zeros((0, len(names)))
-        outputs[split] = outputs_frame(rows["path"], rows["label"], rows["weight"], probs, names)
+        logits[split] = predict_logits(model, loader, device) if len(rows) else np.zeros((0, len(names)))
+        outputs[split] = outputs_frame(rows["path"], rows["label"], rows["weight"], softmax(logits[split]), names)
         if progress:
             progress(f"evaluated {len(rows)} {split} crops")
+    unknowns = open_set.fit(logits["val"], unknown_score, unknown_recall)
+    test_profile = drift.profile(outputs["test"][names].to_numpy(), open_set.is_unknown(logits["test"], unknowns),
+                                 names)
     overall, cms, stats, report = summarize(outputs, names)
     found = thresholds(outputs["val"], names, target_precision)
     at_threshold = thresholds_table(found).rename(columns={"precision": "precision_at_threshold",
@@ -266,7 +273,7 @@ def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, labe
     files = {form: Blob(data) for form, (data, _) in forms.items()}
     return Evaluation(outputs["train"], outputs["val"], outputs["test"], overall, cms, stats, report, found,
                       dict(label_index), files["torchscript"], files.get("onnx", Blob(b"")),
-                      files.get("torch_export", Blob(b"")), dict(params or {})), gaps
+                      files.get("torch_export", Blob(b"")), dict(params or {}), unknowns, test_profile), gaps
 
 
 def compiled_forms(model: nn.Module, image_size: int, portable: bool = True

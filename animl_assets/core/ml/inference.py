@@ -14,7 +14,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
+from animl_assets.core.ml import open_set
 from animl_assets.core.ml.data import eval_resize, normalize
 from animl_assets.core.ml.evaluation import map_logits
 from animl_assets.core.ml.frames import Preprocessing
@@ -42,6 +43,12 @@ class Classifier:
     prep: Preprocessing
     version: str
     name: str = ""
+    open_set: dict[str, Any] = field(default_factory=dict)  # open_set.json: unknowns flagged below its threshold
+    prediction_profile: dict[str, Any] = field(default_factory=dict)  # its test predictions, for drift
+
+    @property
+    def flags_unknowns(self) -> bool:
+        return self.open_set.get("threshold") is not None
 
 
 class CropFiles(Dataset):
@@ -145,6 +152,7 @@ class ClassifyReport:
 
     columns: list[str]
     classified: int = 0
+    unknown: int = 0  # crops flagged unknown (their column is the last one)
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -189,12 +197,15 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
     ``out`` (gzipped when it ends in ``.gz``) batch by batch. With ``mapping`` the columns are ``targets``
     (default: the mapping's keys, in order) plus ``other`` for unmapped labels; probabilities are summed.
     ``decode``: "loader" (PIL in the loader workers, the evaluation's exact pixels), "device" (``decode_on``)
-    or "auto" (the device on CUDA). ``progress(done, total)`` is called every ``progress_every`` batches."""
+    or "auto" (the device on CUDA). ``progress(done, total)`` is called every ``progress_every`` batches. A
+    classifier with an unknowns' threshold adds a last column (``unknown``): 1 for a crop below it, else 0."""
     device, prep = device or torch.device("cpu"), classifier.prep
     if mapping is not None:
         columns, cols = target_columns(classifier.labels, list(targets or mapping), mapping)
     else:
         columns, cols = list(classifier.labels), None
+    if classifier.flags_unknowns:  # 1 for a crop below the threshold, else 0; scored on the model's own labels
+        columns.append(open_set.unknown_column(columns))
     on_device = decode == "device" or (decode == "auto" and device.type == "cuda")
     dataset = (CropBytes(crops_root, paths) if on_device
                else CropFiles(crops_root, paths, prep.image_size, prep.interpolation))
@@ -223,9 +234,13 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
                 images = to_input(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(images).float()
+                unknown = open_set.is_unknown(logits.cpu().numpy(), classifier.open_set)
                 if cols is not None:
                     logits = map_logits(logits, cols)
                 probs = torch.softmax(logits, dim=1).cpu().numpy()
+                if classifier.flags_unknowns:
+                    probs = np.column_stack([probs, unknown.astype(probs.dtype)])
+                    report.unknown += int(unknown.sum())
                 names = [dataset.paths[i] for i in indices[ok].tolist()]
                 _write_rows(stream, names, probs)
                 report.classified += len(names)

@@ -96,3 +96,18 @@ def error_grid(rows: Sequence[tuple[str, Sequence[tuple[Any, str]]]], title: str
                     spine.set_visible(False)
     figure.suptitle(title, fontsize=10)
     return _png(figure)
+
+
+def label_shares(reference: Mapping[str, float], observed: Mapping[str, float], title: str) -> bytes:
+    """The share of crops predicted as each label: a model's test split beside an export (drift)."""
+    names = sorted(set(reference) | set(observed))
+    x = np.arange(len(names))
+    figure = _figure(2.5 + 0.5 * len(names), 3.2)
+    axis = figure.subplots()
+    axis.bar(x - 0.2, [reference.get(n, 0.0) for n in names], width=0.4, label="model's test split")
+    axis.bar(x + 0.2, [observed.get(n, 0.0) for n in names], width=0.4, label="this export")
+    axis.set_xticks(x, names, rotation=45, ha="right")
+    axis.set_ylabel("share of crops predicted")
+    axis.set_title(title)
+    axis.legend()
+    return _png(figure)

@@ -237,8 +237,9 @@ class TrainedClassifier:
 @dataclass
 class Evaluation:
     """An evaluation's files: the reference's four (one outputs file per split), the TorchScript model, its
-    ONNX and ``torch.export`` forms, the per-label report and thresholds, the label index the probability columns follow, and the evaluated
-    checkpoint's ``params.json`` (model, input size, dataset and splits versions)."""
+    ONNX and ``torch.export`` forms, the per-label report and thresholds, the label index the probability columns
+    follow, the evaluated checkpoint's ``params.json`` (model, input size, dataset and splits versions), the
+    unknowns' threshold (``open_set.json``) and the test predictions' profile that drift is measured against."""
 
     outputs_train: pd.DataFrame = field(metadata=artifact_file("outputs_train.csv.gz"))
     outputs_val: pd.DataFrame = field(metadata=artifact_file("outputs_val.csv.gz"))
@@ -253,6 +254,10 @@ class Evaluation:
     onnx: Blob = field(default=Blob(b""), metadata=artifact_file("model.onnx"))  # empty: not exported
     exported: Blob = field(default=Blob(b""), metadata=artifact_file("model.pt2"))  # torch.export program
     params: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("params.json"))
+    # the unknowns' score and threshold fitted on val (core.ml.open_set), and the test split's prediction profile
+    # (core.ml.drift): {} in evaluations from before they existed
+    open_set: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("open_set.json"))
+    prediction_profile: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("prediction_profile.json"))
 
     def outputs(self, split: str) -> pd.DataFrame:
         return getattr(self, f"outputs_{split}")
@@ -282,3 +287,5 @@ class Classifications(JsonRecord):
     failures: list[dict[str, str]]
     completed: str  # ISO 8601, UTC
     sequence_output: str  # "" without per-sequence outputs
+    unknown_column: str = ""  # the output's column flagging unknowns ("": the model has no unknowns' threshold)
+    num_unknown: int = 0

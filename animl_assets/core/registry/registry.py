@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -72,6 +72,8 @@ class ModelFiles:
     checkpoint: bytes
     onnx: bytes = b""  # empty: the evaluation did not export it (versions from before, or portable: false)
     exported: bytes = b""  # the torch.export program
+    open_set: dict[str, Any] = field(default_factory=dict)  # open_set.json: the unknowns' threshold ({}: none)
+    prediction_profile: dict[str, Any] = field(default_factory=dict)  # its test predictions, for drift
 
 
 ONNX_FILE, EXPORT_FILE = "model.onnx", "model.pt2"
@@ -107,7 +109,10 @@ def log_model(client: MlflowClient, run_id: str, files: ModelFiles, example: byt
                      "thresholds": ("thresholds.json", files.thresholds),
                      "params": ("params.json", files.params), "checkpoint": ("ckpt_best.pt", files.checkpoint),
                      **({"onnx": (ONNX_FILE, files.onnx)} if files.onnx else {}),
-                     **({"torch_export": (EXPORT_FILE, files.exported)} if files.exported else {})}
+                     **({"torch_export": (EXPORT_FILE, files.exported)} if files.exported else {}),
+                     **{key: (f"{key}.json", value) for key, value in (("open_set", files.open_set),
+                                                                       ("prediction_profile", files.prediction_profile))
+                        if value}}
         paths = {}
         for key, (name, value) in artifacts.items():
             path = folder / "files" / name
@@ -211,7 +216,9 @@ def model_files(tracking_uri: str, version: ModelVersion) -> ModelFiles:
         optional = lambda name: (folder / name).read_bytes() if (folder / name).is_file() else b""  # noqa: E731
         return ModelFiles((folder / "model_compiled.pt").read_bytes(), load("label_index.json"),
                           load("preprocessing.json"), load("thresholds.json"), load("params.json"),
-                          (folder / "ckpt_best.pt").read_bytes(), optional(ONNX_FILE), optional(EXPORT_FILE))
+                          (folder / "ckpt_best.pt").read_bytes(), optional(ONNX_FILE), optional(EXPORT_FILE),
+                          json.loads(optional("open_set.json") or b"{}"),
+                          json.loads(optional("prediction_profile.json") or b"{}"))
 
 
 def promote(client: MlflowClient, name: str, version: str, how: str, reason: str = "") -> str | None:

@@ -25,11 +25,13 @@ def read_corrections(data: bytes, dataset: str = "") -> pd.DataFrame:
 
     Either Timelapse's exported CSV (``File``, ``RelativePath``, a ``mislabeled`` flag and ``correct_class``;
     only flagged rows count; Timelapse files are per export, so ``dataset`` names it) or a plain
-    ``file,correct_label`` list, optionally with a ``dataset`` (or ``export``) column. Raises ValueError for
-    anything else."""
+    ``file,correct_label`` list, optionally with a ``dataset`` (or ``export``) column and a ``reviewed`` flag
+    (a review queue's CSV: only flagged rows count). Raises ValueError for anything else."""
     frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     columns = {c.lower(): c for c in frame.columns}
     if "file" in columns and "correct_label" in columns:
+        if "reviewed" in columns:  # a review queue's CSV: only the rows a reviewer marked count
+            frame = frame[frame[columns["reviewed"]].str.strip().str.lower().isin(TRUE)]
         named = columns.get("dataset") or columns.get("export")
         out = pd.DataFrame({"dataset": frame[named] if named else dataset, "file": frame[columns["file"]],
                             "correct_label": frame[columns["correct_label"]]})

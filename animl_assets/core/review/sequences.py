@@ -30,13 +30,21 @@ def image_times(values: Sequence[Any]) -> pd.Series:
     return times
 
 
+def image_cameras(images: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """``{file_name: camera}`` for a COCO Camera Traps ``images`` list: an Animl export's camera (the second
+    segment of ``file_name``), else the image's location."""
+    images = list(images)
+    by_camera = export_profile({"images": images}) == "animl"
+    return {image["file_name"]: image_camera(image) if by_camera else image_location(image) for image in images}
+
+
 def sequence_ids(images: Iterable[Mapping[str, Any]], gap_s: float = 60.0) -> dict[str, str]:
     """``{file_name: sequence id}`` for a COCO Camera Traps ``images`` list."""
     images = list(images)
-    by_camera = export_profile({"images": images}) == "animl"
+    cameras = image_cameras(images)
     frame = pd.DataFrame({
         "file": [image["file_name"] for image in images], "seq_id": [image.get("seq_id") for image in images],
-        "camera": [image_camera(image) if by_camera else image_location(image) for image in images],
+        "camera": [cameras[image["file_name"]] for image in images],
         "time": image_times([image.get("datetime") for image in images])})
     given = frame["seq_id"].notna() & (frame["seq_id"].astype(str).str.strip() != "")
     ids = {f: f"seq:{s}" for f, s in zip(frame.loc[given, "file"], frame.loc[given, "seq_id"].astype(str))}
