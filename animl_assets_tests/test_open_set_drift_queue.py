@@ -147,3 +147,9 @@ def test_the_queue_takes_each_label_in_turn_and_within_a_label_each_camera():
     ranked = queue.review_queue(_crops(rows), 6, {}, cameras)
     assert list(ranked["pred"]) == ["deer", "fox", "raccoon"] * 2  # the most urgent label first, each in turn
     assert ranked.groupby("pred")["camera"].nunique().eq(2).all()  # a label's second crop: another camera
+
+
+def test_reasons_are_counted_by_kind():
+    reasons = pd.Series(["unknown, export says Fox, margin 0.10", "margin 0.20, burst disagrees with itself", ""])
+    assert queue.reason_counts(reasons) == {"unknown": 1, "export says": 1, "margin": 2,
+                                            "burst disagrees with itself": 1}

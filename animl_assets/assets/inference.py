@@ -324,21 +324,18 @@ def review_queue(context: dg.AssetExecutionContext, config: ReviewQueueConfig, c
                                         crop_labels(crops, md_detections))
     images = storage.load("cct_export", partition=partition).export["images"]
     sequences = sequence_ids(images, config.sequence_gap_s)
-    of_crop = {crop: sequences.get(crop_image(crop), "") for crop in crops_frame["crop"]}
-    ranked = queue.review_queue(crops_frame, config.budget, {c: s for c, s in of_crop.items() if s},
-                                image_cameras(images))
+    of_crop = {crop: sequences[crop_image(crop)] for crop in crops_frame["crop"] if crop_image(crop) in sequences}
+    ranked = queue.review_queue(crops_frame, config.budget, of_crop, image_cameras(images))
     value = ReviewQueue(queue.queue_file(ranked, partition), queue.queue_md(classified_detections, ranked["file"]))
     sample = {f"{row.rank}. {row.pred} ({row.confidence:.2f})": [row.crop] for row in value.queue.head(24).itertuples()}
     sheet = contact_sheet(sample, lambda crop: store.read_bytes(artifact_key("crops", partition, crop)))
-    reasons = value.queue["reasons"].str.split(", ").explode()
-    reasons = reasons[reasons.fillna("") != ""].str.replace(r" .*", "", regex=True).value_counts()
+    reasons = queue.reason_counts(value.queue["reasons"])
     per_class = value.queue.groupby("pred").size().reset_index(name="crops")
     return dg.Output(value, metadata={
         "queued": len(value.queue), "budget": config.budget, "classified_crops": len(outputs),
-        "queued_unknown": int(value.queue["unknown"].sum()),
-        "queued_disagreeing": int((value.queue["reasons"].str.contains("export says")).sum()),
+        "queued_unknown": reasons[queue.UNKNOWN], "queued_disagreeing": reasons[queue.DISAGREES],
         "classes": int(value.queue["pred"].nunique()), "cameras": int(value.queue["camera"].nunique()),
-        "images": len(value.md["images"]), "reasons": dg.MetadataValue.json(reasons.to_dict()),
+        "images": len(value.md["images"]), "reasons": dg.MetadataValue.json(reasons),
         "per_class": table(per_class), "queue": table(value.queue),
         **image_metadata(store, artifact_key("review_queue", partition, "contact_sheet.png"), sheet, "contact_sheet",
                          "the queue's first crops"),

@@ -24,6 +24,8 @@ from animl_assets.core.artifact_files import artifact_file
 from animl_assets.core.review.corrections import normalize_label
 from animl_assets.core.review.sequences import crop_image
 
+UNKNOWN, DISAGREES, LOW_MARGIN, SPLIT_BURST = "unknown", "export says", "margin", "burst disagrees with itself"
+REASONS = (UNKNOWN, DISAGREES, LOW_MARGIN, SPLIT_BURST)
 QUEUE_COLUMNS = ["rank", "dataset", "file", "crop", "pred", "confidence", "margin", "unknown", "export_label",
                  "sequence", "camera", "priority", "reasons", "reviewed", "correct_label"]
 
@@ -53,9 +55,15 @@ def crop_priorities(outputs: pd.DataFrame, labels: Sequence[str], unknown_column
                           "margin": margin, "unknown": unknown, "export_label": given})
     frame["priority"] = (1 - margin) + unknown + disagree
     frame["reasons"] = [", ".join(reason for reason, on in (
-        ("unknown", u), (f"export says {g}", d), (f"margin {m:.2f}", m < 0.5)) if on)
+        (UNKNOWN, u), (f"{DISAGREES} {g}", d), (f"{LOW_MARGIN} {m:.2f}", m < 0.5)) if on)
         for u, d, g, m in zip(unknown, disagree, given, margin)]
     return frame
+
+
+def reason_counts(reasons: pd.Series) -> dict[str, int]:
+    """How many queued crops have each kind of reason (a crop may have several)."""
+    listed = [reason for text in reasons for reason in str(text).split(", ") if reason]
+    return {kind: sum(reason.startswith(kind) for reason in listed) for kind in REASONS}
 
 
 def review_queue(crops: pd.DataFrame, budget: int, sequence_of: Mapping[str, str], camera_of: Mapping[str, str]
@@ -71,7 +79,7 @@ def review_queue(crops: pd.DataFrame, budget: int, sequence_of: Mapping[str, str
     split_bursts = preds_per_sequence > 1
     frame.loc[split_bursts, "priority"] += 0.5
     frame.loc[split_bursts, "reasons"] = frame.loc[split_bursts, "reasons"].map(
-        lambda r: ", ".join(filter(None, [r, "burst disagrees with itself"])))
+        lambda r: ", ".join(filter(None, [r, SPLIT_BURST])))
     candidates = frame.sort_values(["priority", "crop"], ascending=[False, True], kind="stable") \
         .drop_duplicates(["sequence", "pred"])
     # within a label, its cameras take turns; across labels, the labels take turns (most urgent label first)
