@@ -153,3 +153,12 @@ def test_reasons_are_counted_by_kind():
     reasons = pd.Series(["unknown, export says Fox, margin 0.10", "margin 0.20, burst disagrees with itself", ""])
     assert queue.reason_counts(reasons) == {"unknown": 1, "export says": 1, "margin": 2,
                                             "burst disagrees with itself": 1}
+
+
+def test_an_export_without_crops_has_not_drifted_and_queues_nothing():
+    reference = drift.profile(_outputs(LABELS * 10)[LABELS].to_numpy(), np.zeros(30, bool), LABELS)
+    empty = pd.DataFrame(columns=["path", *LABELS, "unknown"])
+    [row] = drift.drift_table(empty, LABELS, "unknown", {}, reference).to_dict("records")
+    assert row["crops"] == 0 and not row["drifted"] and row["reasons"] == "no crops to compare"
+    ranked = queue.review_queue(queue.crop_priorities(empty, LABELS, "unknown", {}), 10, {}, {})
+    assert ranked.empty and queue.queue_file(ranked, "x").empty

@@ -226,9 +226,9 @@ def drift_check(context: dg.AssetExecutionContext, config: ClassificationsConfig
     return dg.AssetCheckResult(
         passed=drifted.empty, check_name=DRIFT_CHECK, severity=dg.AssetCheckSeverity.WARN,
         description="; ".join(f"{row.scope}: {row.reasons}" for row in drifted.itertuples())[:1000] or None,
-        metadata={**identity, "measured": True, "psi": round(float(overall["psi"]), 4),
-                  "mean_top1": round(float(overall["mean_top1"] or 0), 4),
-                  "unknown_share": round(float(overall["unknown_share"] or 0), 4),
+        metadata={**identity, "measured": True,
+                  **{k: round(float(overall[k]), 4) for k in ("psi", "mean_top1", "unknown_share")
+                     if overall[k] is not None and overall[k] == overall[k]},
                   "scopes_drifted": len(drifted), "scopes_checked": len(found), "drift": table(found.round(4)),
                   **image_metadata(store, artifact_key("classifications", partition, "drift.png"), png,
                                    "label_shares", "predicted label shares: test split vs export")})

@@ -50,7 +50,12 @@ class DriftLimits:
 
 
 def compare(reference: Mapping[str, Any], observed: Mapping[str, Any], limits: DriftLimits) -> dict[str, Any]:
-    """One row of the drift table: the figures of ``observed`` against ``reference`` and why it drifted."""
+    """One row of the drift table: the figures of ``observed`` against ``reference`` and why it drifted (no
+    crops: nothing to compare, not drifted)."""
+    if not observed["crops"]:
+        return {"crops": 0, "psi": None, "mean_top1": None, "reference_mean_top1": reference["mean_top1"],
+                "unknown_share": None, "reference_unknown_share": reference.get("unknown_share"),
+                "drifted": False, "reasons": "no crops to compare"}
     row = {"crops": observed["crops"], "psi": psi(reference["predicted"], observed["predicted"]),
            "mean_top1": observed["mean_top1"], "reference_mean_top1": reference["mean_top1"],
            "unknown_share": observed["unknown_share"], "reference_unknown_share": reference.get("unknown_share")}
