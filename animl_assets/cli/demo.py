@@ -88,15 +88,16 @@ def run_demo(settings: Settings, challenger: bool = False, user: dict[str, Any] 
     print(f"[5/6] classifier_checkpoint ({DEMO_TRAINING['model_name']}, MLflow run) -> classifier_evaluation -> "
           "registered_model -> beats_champion -> champion_model")
     train(_step(user, training, {"classifier_checkpoint": DEMO_TRAINING}))
-    print("[6/6] classifying the export with the champion: classifications -> classified_detections "
-          "(MegaDetector JSON for Timelapse)")
+    print("[6/6] classifying the export with the champion: classifications (unknowns, drift check) -> "
+          "classified_detections (MegaDetector JSON for Timelapse) -> review_queue")
     classify_export(partition, _step(user, REVIEW_ASSETS, {"classified_detections": {"label_pos": "last"}}))
     print(f"\ndone in {time.perf_counter() - started:.1f}s")
     print(f"artifacts:    {settings.storage_uri}")
     print(f"dagster home: {os.environ[DAGSTER_HOME_VAR]}")
     print(f"registry:     {_registry_line(settings)}")
-    print(f"for Timelapse: {settings.storage_uri.rstrip('/')}/classified_detections/{partition_folder(partition)}/"
-          "classified_detections.json")
+    artifacts = settings.storage_uri.rstrip("/")
+    print(f"for Timelapse: {artifacts}/classified_detections/{partition_folder(partition)}/classified_detections.json")
+    print(f"to review:    {artifacts}/review_queue/{partition_folder(partition)}/review_queue.md.json (and .csv)")
     print("open the UI:  make ui   (then http://127.0.0.1:3000); MLflow: animl mlflow-ui")
     print("next:         animl demo --challenger   (a worse model: the gate keeps the champion)")
     return 0

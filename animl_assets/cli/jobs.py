@@ -112,7 +112,7 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
         materialization = event.step_materialization_data.materialization
         counts = {k: v.value for k, v in materialization.metadata.items()
                   if (k.startswith(("num_", "val_acc_top1", "test_acc_top1", "test_macro_recall", "best_epoch",
-                                    "model_version", "champion_version")) or k == "score")
+                                    "model_version", "champion_version", "queued")) or k == "score")
                   and isinstance(v.value, (int, float))}
         print(f"  materialized {materialization.asset_key.to_user_string()}{where}: {counts}")
     expected, unexpected, gated = [], [], False
@@ -128,7 +128,7 @@ def run_job(job_name: str, partition: str | None = None, run_config: dict | None
         problems = check.metadata.get("problems")
         message = f"check {check.check_name} on {check.asset_key.to_user_string()} failed" + (
             f" ({problems.value} problems)" if problems and isinstance(problems.value, int) else "")
-        print(f"  {message}{'' if blocking else ' (warning)'}")
+        print(f"  {message}{'' if blocking else ' (warning)'}" + (f": {check.description}" if check.description else ""))
         if blocking:
             expected.append(message)
     for event in result.get_step_failure_events():
