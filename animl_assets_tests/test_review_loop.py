@@ -73,6 +73,7 @@ def test_an_unshifted_export_passes_the_drift_check_and_starts_nothing(loop_home
     check = _drift(result)
     meta = {k: v.value for k, v in check.metadata.items()}
     assert check.passed and meta["measured"] and meta["export"] == partition and meta["psi"] < 0.25
+    assert check.partition == partition  # the UI shows each export's own drift
     assert meta["label_shares"].startswith("![") and meta["scopes_checked"] >= 1
     defs = build_definitions(settings)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:

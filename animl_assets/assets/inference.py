@@ -136,6 +136,7 @@ DRIFT_CHECK = "drift"
              deps=["champion_model"],
              automation_condition=FOLLOW_UPSTREAM,
              check_specs=[dg.AssetCheckSpec(DRIFT_CHECK, asset="classifications", blocking=False,
+                                            partitions_def=exports_partitions,  # each export's own result
                                             description="The export's predictions against the model's test split: "
                                                         "PSI of the predicted labels, mean confidence, unknowns, "
                                                         "overall and per camera. A failure starts a retraining.")])
