@@ -58,7 +58,7 @@ LONGEST_FILES = ("test_demo_home.py", "test_concurrency.py", "test_production.py
                  "test_registry_assets.py", "test_definitions_and_cli.py", "test_lineage.py", "test_animl_export.py",
                  "test_storage.py",
                  "test_training_assets.py", "test_training_core.py", "test_faults_gc.py", "test_ingest_assets.py",
-                 "test_postgres.py")
+                 "test_postgres.py", "test_review_loop.py", "test_crop_shards.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -32,9 +32,9 @@ def _run(settings, dagster_home, job, partition=None, selection=None, **ops):
     return result
 
 
-def _classify(settings, dagster_home, partition):
-    return _run(settings, dagster_home, CLASSIFY_JOB, partition, classifications={"num_workers": 0},
-                review_queue={"budget": BUDGET})
+def _classify(settings, dagster_home, partition, **classifications):
+    return _run(settings, dagster_home, CLASSIFY_JOB, partition,
+                classifications={"num_workers": 0, **classifications}, review_queue={"budget": BUDGET})
 
 
 def _drift(result):
@@ -79,6 +79,14 @@ def test_an_unshifted_export_passes_the_drift_check_and_starts_nothing(loop_home
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         with dg.build_sensor_context(instance=instance, resources={"mlflow": defs.resources["mlflow"]}) as context:
             assert not defs.get_sensor_def(DRIFT_SENSOR)(context).run_requests
+    # the same export checked per location too, where a location has enough crops (the sample's have about 10;
+    # limits this loose keep so few crops from failing the check, which would start a retraining)
+    again = _drift(_classify(settings, dagster_home, partition, drift_min_crops=5, drift_max_psi=100.0,
+                             drift_max_confidence_drop=1.0, drift_max_unknown_rise=1.0))
+    scopes = [row.data["scope"] for row in again.metadata["drift"].records]
+    assert scopes[0] == "(all)" and len(scopes) > 2 and set(scopes[1:]) <= {"ridge", "creek", "meadow", "pines",
+                                                                          "quarry", "marsh", "bluff", "glade",
+                                                                          "ford", "hollow"}
 
 
 def test_a_shifted_export_fails_the_drift_check_and_starts_one_retraining(loop_home, tmp_path):
