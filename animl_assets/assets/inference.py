@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import tempfile
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
@@ -130,6 +131,10 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
 
 
 DRIFT_CHECK = "drift"
+# A check partitioned like its asset records each export's result apart (the UI's history per export). Dagster
+# 1.13 calls a partitioned check spec a preview; the project pins Dagster's version.
+warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec",
+                        category=dg.PreviewWarning)
 
 
 @stage_asset(gpu=True, partitions_def=exports_partitions, group_name="inference", kinds={"pytorch"},
