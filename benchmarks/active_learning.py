@@ -26,7 +26,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from open_set import logits_of  # noqa: E402
+from open_set import logits_of, outputs_of  # noqa: E402
 
 from animl_assets.core.ingest.sample import write_sample_crops  # noqa: E402
 from animl_assets.core.ml import open_set  # noqa: E402
@@ -52,11 +52,7 @@ def one_round(ds: pd.DataFrame, labelled: set[str], splits: dict, crops: Path, p
                   == test["label"].map({n: i for i, n in enumerate(names)}).to_numpy()).mean())
     fitted = open_set.fit(logits_of(result.best, params, ds[ds["split"] == "val"], crops, len(names)))
     pool = ds[(ds["split"] == "train") & ~ds["path"].isin(labelled)]
-    logits = logits_of(result.best, params, pool, crops, len(names))
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    outputs = pd.DataFrame(probs / probs.sum(1, keepdims=True), columns=names)
-    outputs.insert(0, "path", pool["path"].to_numpy())
-    outputs["unknown"] = open_set.is_unknown(logits, fitted).astype(float)
+    outputs = outputs_of(logits_of(result.best, params, pool, crops, len(names)), list(pool["path"]), names, fitted)
     return top1, outputs, {"names": names, "locations": dict(zip(pool["path"], pool["location"]))}
 
 

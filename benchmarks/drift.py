@@ -18,28 +18,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from open_set import logits_of  # noqa: E402
+from open_set import logits_of, outputs_of  # noqa: E402
 
 from animl_assets.core.ingest.sample import LOCATIONS, SPECIES, write_sample_crops  # noqa: E402
 from animl_assets.core.ml import drift, open_set  # noqa: E402
 from animl_assets.core.ml.frames import split_frame  # noqa: E402
 from animl_assets.core.ml.recipe import Checkpoints, TrainingParams  # noqa: E402
 from animl_assets.resources.storage import LocalStore  # noqa: E402
-
-
-def outputs_of(logits: np.ndarray, paths: list[str], names: list[str], fitted: dict) -> pd.DataFrame:
-    """Classifier outputs as ``classifications`` writes them: probabilities and the unknowns' column."""
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    frame = pd.DataFrame(probs / probs.sum(1, keepdims=True), columns=names)
-    frame.insert(0, "path", paths)
-    frame["unknown"] = open_set.is_unknown(logits, fitted).astype(float)
-    return frame
 
 
 def main() -> None:

@@ -71,6 +71,16 @@ def logits_of(best: dict, params: TrainingParams, rows: pd.DataFrame, crops: Pat
     return predict_logits(model, loader, resolve_device("cpu"))
 
 
+def outputs_of(logits: np.ndarray, paths: list[str], names: list[str], fitted: dict) -> pd.DataFrame:
+    """Classifier outputs as ``classifications`` writes them: ``path``, probabilities, the unknowns' column."""
+    from animl_assets.core.ml.evaluation import softmax
+
+    frame = pd.DataFrame(softmax(np.asarray(logits, dtype=np.float64)), columns=names)
+    frame.insert(0, "path", list(paths))
+    frame["unknown"] = open_set.is_unknown(logits, fitted).astype(float)
+    return frame
+
+
 def held_out(ds: pd.DataFrame, splits: dict, crops: Path, label: str, params: TrainingParams, recall: float,
              folder: Path) -> dict[str, dict[str, float]]:
     """Train without ``label``; per score: AUROC (known test vs held-out crops), held-out share flagged, known

@@ -225,9 +225,8 @@ def drift_check(context: dg.AssetExecutionContext, config: ClassificationsConfig
     found = drift.drift_table(outputs, labels, value.unknown_column or None, group_of, reference,
                               config.drift_limits())
     overall = found.iloc[0]
-    observed = outputs[labels].to_numpy().argmax(axis=1) if len(outputs) else []
-    shares = pd.Series([labels[i] for i in observed], dtype=object).value_counts(normalize=True).to_dict()
-    png = plots.label_shares(reference["predicted"], shares, f"predicted labels: {partition}")
+    observed = drift.outputs_profile(outputs, labels, value.unknown_column or None)
+    png = plots.label_shares(reference["predicted"], observed["predicted"], f"predicted labels: {partition}")
     drifted = found[found["drifted"]]
     return dg.AssetCheckResult(
         passed=drifted.empty, check_name=DRIFT_CHECK, severity=dg.AssetCheckSeverity.WARN,

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from animl_assets.core.ml import open_set
+
 PSI_FLOOR = 1e-4  # a label's share where it has none (the PSI of an empty bin is infinite otherwise)
 ALL = "(all)"
 
@@ -27,6 +29,11 @@ def profile(probs: np.ndarray, unknown: np.ndarray, labels: Sequence[str]) -> di
     return {"crops": int(n), "predicted": {name: float(c / n) if n else 0.0 for name, c in zip(labels, counts)},
             "mean_top1": float(probs.max(axis=1).mean()) if n else None,
             "unknown_share": float(np.mean(unknown)) if n else None}
+
+
+def outputs_profile(outputs: pd.DataFrame, labels: Sequence[str], unknown_column: str | None) -> dict[str, Any]:
+    """The prediction profile of classifier outputs (``path``, a probability column per label, the unknowns')."""
+    return profile(outputs[list(labels)].to_numpy(dtype=np.float64), open_set.flags(outputs, unknown_column), labels)
 
 
 def psi(expected: Mapping[str, float], actual: Mapping[str, float]) -> float:
@@ -78,7 +85,7 @@ def drift_table(outputs: pd.DataFrame, labels: Sequence[str], unknown_column: st
     when the model has one) against a model's ``reference`` profile: a row for all crops, then one per group
     (camera or location, from ``group_of``: crop path -> group) with at least ``limits.min_crops`` crops."""
     probs = outputs[list(labels)].to_numpy(dtype=np.float64)
-    unknown = (outputs[unknown_column].to_numpy() >= 0.5) if unknown_column else np.zeros(len(outputs), bool)
+    unknown = open_set.flags(outputs, unknown_column)
     rows = [{"scope": ALL, **compare(reference, profile(probs, unknown, labels), limits)}]
     groups = np.array([group_of.get(path, "") for path in outputs["path"]], dtype=object)
     for group in sorted(set(groups) - {""}):

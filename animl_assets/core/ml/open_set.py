@@ -36,9 +36,22 @@ def known_score(logits: np.ndarray, score: str, temperature: float = 1.0) -> np.
     if score == "msp":
         return probs.max(axis=1)
     if score == "margin":
-        top = np.sort(probs, axis=1)
-        return top[:, -1] - (top[:, -2] if probs.shape[1] > 1 else 0.0)
+        return margin(probs)
     raise ValueError(f"unknown open-set score {score!r}: one of {', '.join(SCORES)}")
+
+
+def margin(probs: np.ndarray) -> np.ndarray:
+    """Per row of class probabilities, the top-1 minus the top-2 (the top-1 alone with one class)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if not probs.size:
+        return np.zeros(len(probs))
+    top = np.sort(probs, axis=1)
+    return top[:, -1] - (top[:, -2] if probs.shape[1] > 1 else 0.0)
+
+
+def flags(outputs: Any, column: str | None) -> np.ndarray:
+    """The unknown flags of classifier outputs (a frame with the unknowns' ``column``; all False without one)."""
+    return outputs[column].to_numpy() >= 0.5 if column else np.zeros(len(outputs), dtype=bool)
 
 
 def fit(val_logits: np.ndarray, score: str = DEFAULT_SCORE, target_recall: float = 0.95) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from animl_assets.core.artifact_files import artifact_file
+from animl_assets.core.ml import open_set
 from animl_assets.core.review.corrections import normalize_label
 from animl_assets.core.review.sequences import crop_image
 
@@ -44,11 +45,10 @@ def crop_priorities(outputs: pd.DataFrame, labels: Sequence[str], unknown_column
     """Per crop of classifier ``outputs`` (``path`` + a probability column per label, the unknowns' column):
     pred, confidence, margin, unknown, export_label, priority and the reasons for it."""
     probs = outputs[list(labels)].to_numpy(dtype=np.float64)
-    top = np.sort(probs, axis=1) if len(probs) else np.zeros((0, 2))
-    confidence = top[:, -1] if len(probs) else np.zeros(0)
-    margin = confidence - (top[:, -2] if probs.shape[1] > 1 else 0.0)
+    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
+    margin = open_set.margin(probs)
     pred = np.asarray(labels, dtype=object)[probs.argmax(axis=1)] if len(probs) else np.array([], dtype=object)
-    unknown = (outputs[unknown_column].to_numpy() >= 0.5) if unknown_column else np.zeros(len(outputs), bool)
+    unknown = open_set.flags(outputs, unknown_column)
     given = [str(export_label.get(path) or "") for path in outputs["path"]]
     disagree = np.array([bool(g) and normalize_label(g) != normalize_label(p) for g, p in zip(given, pred)], bool)
     frame = pd.DataFrame({"crop": outputs["path"].to_numpy(), "pred": pred, "confidence": confidence,
