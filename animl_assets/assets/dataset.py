@@ -37,6 +37,16 @@ from animl_assets.core.dataset.label_spec import (
     parse_taxonomy,
     resolve_label_spec,
 )
+from animl_assets.core.dataset.outputs import (
+    SPECIES,
+    OutputSpec,
+    OutputSpecError,
+    annotation_fields,
+    crop_outputs,
+    output_counts,
+    output_index,
+    parse_outputs,
+)
 from animl_assets.core.dataset.splits import (
     check_splits,
     linked_locations,
@@ -90,6 +100,16 @@ class DatasetConfig(dg.Config):
                                                "or a file,correct_label list, for that export's images only.")
     allow_new_labels: bool = Field(default=False, description="Let corrections name labels the dataset does not "
                                    "have yet (by default an unknown label, such as a typo, is refused).")
+    outputs: list[str] = Field(default=[], description="A multi-output model's outputs: species (always first) and "
+                               "annotation fields of the exports, e.g. [species, count, standing, resting, moving, "
+                               "eating, interacting, young_present]. Each extra output is a column of "
+                               "classification_ds.csv with its own label_index_<output>.json; a missing value is "
+                               "left out of that output's loss, never a class.")
+    output_bins: dict[str, list[int]] = Field(default={}, description="Numeric outputs binned by lower bounds "
+                                              "(count's default [1, 2, 3, 6]: 1, 2, 3-5, 6+).")
+    output_values: dict[str, dict[str, str]] = Field(default={}, description="Outputs mapped value by value "
+                                                     "({output: {raw value: class}}); values not listed are missing. "
+                                                     "Flag-like fields are yes/no without one.")
 
 
 def _read_text(uri: str, storage: ArtifactStore) -> str:
@@ -167,6 +187,30 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections, expo
     return frame, {"crops": value_version(crops, "crops"), "cct_export": export.source["sha256"]}, unreviewed
 
 
+def _with_outputs(config: DatasetConfig, frame: pd.DataFrame, cct_export: dict[str, ExportArtifacts],
+                  ready: list[str]) -> tuple[pd.DataFrame, list[OutputSpec], dict[str, Any]]:
+    """The crop rows with a column per extra output, read from each export's annotations; the outputs' specs
+    and, per output, the crops whose value is missing or conflicting."""
+    names = [name for name in config.outputs if name != SPECIES]
+    if not names:
+        return frame, [], {}
+    fields = {p: annotation_fields(cct_export[p].export, names) for p in ready}
+    seen = {name: pd.concat([f[name] for f in fields.values()]).tolist() for name in names}
+    try:
+        specs = parse_outputs(config.outputs, config.output_bins, config.output_values, seen)
+    except OutputSpecError as err:
+        raise stop(f"outputs: {err}") from err
+    absent = [name for name in names if not any(v is not None for v in seen[name])]
+    if absent:
+        raise stop(f"outputs: no annotation of {ready} has the fields {absent}")
+    parts, report = [], {}
+    for partition in ready:
+        rows, missing = crop_outputs(frame[frame["dataset"] == partition], fields[partition], specs)
+        parts.append(rows)
+        report[partition] = missing
+    return pd.concat(parts).sort_index(), specs, report
+
+
 def _label_mapping(config: DatasetConfig, storage: ArtifactStore, classes: set[tuple[str, str]]
                    ) -> tuple[dict[str, Any] | None, dict[tuple[str, str], str]]:
     """The label spec (None without one) and each (dataset, class) pair's label."""
@@ -196,6 +240,24 @@ def _report_label_merges(context: dg.AssetExecutionContext, unreviewed: dict[str
     return merged
 
 
+def _per_label(ds: pd.DataFrame) -> pd.DataFrame:
+    """Crops, exports and locations per label."""
+    return pd.DataFrame({
+        "crops": ds.groupby("label").size(),
+        "datasets": ds.groupby("label")["dataset"].nunique(),
+        "locations": ds.drop_duplicates(["label", "dataset", "location"]).groupby("label").size(),
+    }).reset_index(names="label")
+
+
+def _outputs_metadata(dataset: DatasetVersion, missing: dict[str, Any]) -> dict[str, Any]:
+    """A multi-output dataset's outputs, crops per class of each, and the crops whose value is missing."""
+    if not dataset.output_index:
+        return {}
+    return {"outputs": dg.MetadataValue.json([SPECIES, *dataset.output_index]),
+            "crops_per_output_class": table(output_counts(dataset.classification_ds, dataset.output_index)),
+            "outputs_missing": dg.MetadataValue.json(missing)}
+
+
 @stage_asset(group_name="dataset", kinds={"csv"},
              check_specs=[dg.AssetCheckSpec("enough_labels_to_train", asset="classification_dataset", blocking=True,
                                             description="At least two labels have min_crops_per_label crops.")])
@@ -217,13 +279,15 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     per_export = {p: _crop_rows(p, crops[p], md_detections[p], cct_export[p], config.ground_truth == "reviewed")
                   for p in ready}
     frame = pd.concat([rows for rows, _, _ in per_export.values()], ignore_index=True)
+    frame, output_specs, outputs_missing = _with_outputs(config, frame, cct_export, ready)
     unreviewed = {p: left_out for p, (_, _, left_out) in per_export.items() if left_out}
     spec, mapping = _label_mapping(config, storage, set(zip(frame["dataset"], frame["dataset_class"]))
                                    - {(d, "") for d in ready})
     merged = _report_label_merges(context, unreviewed, {} if spec else merged_spellings(mapping))
     ds, report = build_classification_dataset(frame, mapping, spec=spec, threshold=config.threshold,
                                               min_locs=config.min_locs or None,
-                                              one_label_per_image=config.one_label_per_image, seed=config.seed)
+                                              one_label_per_image=config.one_label_per_image, seed=config.seed,
+                                              extra_columns=[spec.name for spec in output_specs])
     test_locations = []
     if config.match_test_csv:
         earlier = read_table(_read_text(config.match_test_csv, storage)).fillna({"location": ""})
@@ -234,13 +298,10 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     if ds.empty:
         raise stop(f"the dataset is empty; left out: {report.dropped}")
     dataset = DatasetVersion(ds, label_index(ds), spec or {
-        "generated": {f"{d}|{c}": label for (d, c), label in sorted(mapping.items())}}, test_locations)
+        "generated": {f"{d}|{c}": label for (d, c), label in sorted(mapping.items())}}, test_locations,
+        output_index(ds, output_specs))
     version = value_version(dataset, "classification_dataset")
-    per_label = pd.DataFrame({
-        "crops": ds.groupby("label").size(),
-        "datasets": ds.groupby("label")["dataset"].nunique(),
-        "locations": ds.drop_duplicates(["label", "dataset", "location"]).groupby("label").size(),
-    }).reset_index(names="label")
+    per_label = _per_label(ds)
     sample = ds.groupby("label")["path"].apply(lambda s: list(s.sample(min(len(s), 8), random_state=0))).to_dict()
     grid = contact_sheet(sample, lambda path: store.read_bytes(artifact_key("crops", None, path)))
     trainable = per_label[per_label["crops"] >= config.min_crops_per_label]
@@ -262,6 +323,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
             "conflicting_images": table(report.conflicts),
             "sampled": dg.MetadataValue.json({k: {"before": a, "after": b} for k, (a, b) in report.sampled.items()}),
             "match_test_locations": len(test_locations),
+            **_outputs_metadata(dataset, outputs_missing),
             "corrections": dg.MetadataValue.json(corrected),
             **_correction_files(store, folder, correction_tables),
             **image_metadata(store, f"{folder}/{SAMPLE_GRID}", grid, "sample_grid", "sample crops per label"),

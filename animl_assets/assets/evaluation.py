@@ -17,7 +17,7 @@ from pydantic import Field
 
 from animl_assets.assets.artifacts import cached_crops, image_metadata, location, stage_asset, stop, table
 from animl_assets.assets.exports import export_sequences
-from animl_assets.core.artifact_files import value_version
+from animl_assets.core.artifact_files import Blob, value_version
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.layout import version_folder
 from animl_assets.core.ml import plots
@@ -71,7 +71,7 @@ def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.Da
     dataset, crops_root = dataset_crops(storage, params)
     splits = storage.load("splits", version=params["splits_version"])
     frame, left_out = trainable_frame(dataset.classification_ds, dataset.label_index, splits, crops_root,
-                                      bool(params["label_weighted"]))
+                                      bool(params["label_weighted"]), output_index=dataset.output_index)
     return frame, crops_root, left_out
 
 
@@ -120,7 +120,7 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     and thresholds, and plots, also logged to the training's MLflow run."""
     from animl_assets.core.ml import evaluation as ev
     from animl_assets.core.ml.data import resolve_device
-    from animl_assets.core.ml.models import build_model
+    from animl_assets.core.ml.models import model_from_checkpoint, species_model
 
     started = time.perf_counter()
     checkpoint = classifier_checkpoint
@@ -130,16 +130,16 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     if len(missing):
         context.log.warning(f"{len(missing)} crops of the dataset are missing under {crops_root}; left out")
     label_index = checkpoint.label_index
-    model = build_model(params["model_name"], len(label_index), image_size=params["image_size"])
-    model.load_state_dict(checkpoint.ckpt["model"])
+    model = model_from_checkpoint(checkpoint.ckpt, params["model_name"], len(label_index), params["image_size"])
     try:
-        result, gaps = ev.evaluate(model, frame, crops_root, label_index, Preprocessing.of(params),
+        result, gaps = ev.evaluate(species_model(model), frame, crops_root, label_index, Preprocessing.of(params),
                                    resolve_device(config.device), target_precision=config.target_precision,
                                    batch_size=config.batch_size, num_workers=config.num_workers,
                                    portable=config.portable, params=params, progress=context.log.info,
                                    unknown_score=config.unknown_score, unknown_recall=config.unknown_recall)
     except ValueError as err:
         raise stop(str(err)) from err
+    per_output = _evaluate_outputs(result, model, frame, crops_root, checkpoint, config)
     test = result.outputs_test
     sequences = export_sequences(storage, sorted(frame["dataset"].unique()), test["path"], config.sequence_gap_s)
     known = test[test["path"].isin(sequences.keys())]
@@ -168,6 +168,9 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         "thresholds_target_precision": config.target_precision,
         "labels_with_threshold": sum(e["threshold"] is not None for e in result.thresholds["labels"].values()),
         **_unknowns_metadata(result),
+        **({"outputs_top1": table(per_output.round(4)),
+            **{f"test_{row.output}_acc_top1": round(row.acc_top1, 4) for row in per_output.itertuples()
+               if row.split == "test" and row.acc_top1 == row.acc_top1}} if len(per_output) else {}),
         **{f"{form}_max_abs_diff": float(f"{gap:.3g}") for form, gap in gaps.items()},
         **{f"num_{split}_crops": len(result.outputs(split)) for split in SPLITS},
         "num_missing_crops": len(missing),
@@ -181,6 +184,25 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     })
 
 
+def _evaluate_outputs(result: Evaluation, model: "torch.nn.Module", frame: pd.DataFrame, crops_root: Path,
+                     checkpoint: TrainedClassifier, config: EvaluationConfig) -> pd.DataFrame:
+    """A multi-output model's extra outputs, evaluated into ``result`` (their files, label indices and the
+    TorchScript model of every head); their top-1 per split (empty for a species-only model)."""
+    from animl_assets.core.ml import evaluation as ev
+    from animl_assets.core.ml.data import resolve_device
+    from animl_assets.core.ml.models import MultiHead
+
+    if not isinstance(model, MultiHead):
+        return pd.DataFrame(columns=["output", "split", "crops", "acc_top1"])
+    prep = Preprocessing.of(checkpoint.params)
+    files, summary = ev.evaluate_outputs(model, frame, crops_root, checkpoint.output_index, prep,
+                                         resolve_device(config.device), batch_size=config.batch_size,
+                                         num_workers=config.num_workers)
+    result.output_index, result.output_files = dict(checkpoint.output_index), files
+    result.compiled_outputs = Blob(ev.script_bytes(ev.compile_model(model, prep.image_size)))
+    return summary
+
+
 def _track(mlflow: MlflowTracking, run_id: str, result: Evaluation, test_summary: dict[str, float],
            sequence_acc: float, figures: dict[str, bytes], epoch: int, version: str) -> str:
     """The evaluation's metrics, files and version logged to the training's MLflow run; the run's URL."""
@@ -188,6 +210,10 @@ def _track(mlflow: MlflowTracking, run_id: str, result: Evaluation, test_summary
     metrics = {f"eval/{row['split']}/{k}": v for row in result.overall_metrics.to_dict("records")
                for k, v in row.items() if k != "split" and v == v}
     metrics |= {f"eval/test/{k}": v for k, v in test_summary.items() if k.startswith("macro") and v == v}
+    for output in result.output_index:  # a multi-output model's extra outputs
+        overall = result.output_files[f"overall_metrics_{output}.csv"]
+        metrics |= {f"eval/{row['split']}/{output}/{k}": v for row in overall.to_dict("records")
+                    for k, v in row.items() if k in ("acc_top1", "loss") and v == v}
     if sequence_acc == sequence_acc:
         metrics["eval/test/sequence_acc_top1"] = sequence_acc
     tracking.log_metrics(client, run_id, metrics, epoch)
@@ -196,7 +222,9 @@ def _track(mlflow: MlflowTracking, run_id: str, result: Evaluation, test_summary
         "label_stats.csv": result.label_stats.to_csv(index=False).encode(),
         "label_report.csv": result.label_report.to_csv(index=False).encode(),
         "thresholds.json": json.dumps(result.thresholds, indent=1).encode(),
-        "open_set.json": json.dumps(result.open_set, indent=1).encode()})
+        "open_set.json": json.dumps(result.open_set, indent=1).encode(),
+        **{name: frame.to_csv(index=False).encode() for name, frame in result.output_files.items()
+           if name.startswith(("overall_metrics_", "label_stats_"))}})
     tracking.set_tags(client, run_id, {"animl.evaluation_version": version})
     return tracking.run_url(mlflow.uri, mlflow.ui_url, client.get_run(run_id).info.experiment_id, run_id)
 

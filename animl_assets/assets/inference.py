@@ -41,7 +41,7 @@ from animl_assets.core.ml.recipe import Classifications, Evaluation
 from animl_assets.core.registry import registry
 from animl_assets.core.review import candidates, queue
 from animl_assets.core.review.queue import ReviewQueue
-from animl_assets.core.review.merge import merge_classifications
+from animl_assets.core.review.merge import add_outputs, merge_classifications
 from animl_assets.core.review.sequences import aggregate_csv, crop_image, image_cameras, sequence_ids
 from animl_assets.core.tables import read_csv
 from animl_assets.resources.storage import ArtifactStore, read_uri
@@ -123,11 +123,14 @@ def load_classifier(config: ClassificationsConfig, storage: ArtifactStore, mlflo
     if config.runtime == "onnx" and not files.onnx:
         raise stop(f"{version.name} version {version.version} has no ONNX model (evaluated before ONNX export, or "
                    "with portable: false): re-evaluate and register it, or use runtime: torch")
+    if config.runtime == "onnx" and files.output_index:
+        raise stop(f"{version.name} version {version.version} is a multi-output model: its extra outputs run on "
+                   "runtime: torch (the ONNX model is its species head alone)")
     model = (OnnxModel(files.onnx, resolve_device(config.device)) if config.runtime == "onnx"
-             else load_script(files.torchscript))
+             else load_script(files.outputs_torchscript or files.torchscript))
     return Classifier(model, label_names(files.label_index), Preprocessing.of(files.preprocessing),
                       f"{version.name}/{version.version}", f"{version.name} v{version.version}", files.open_set,
-                      files.prediction_profile)
+                      files.prediction_profile, {name: label_names(index) for name, index in files.output_index.items()})
 
 
 DRIFT_CHECK = "drift"
@@ -153,7 +156,7 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
     ``drift`` check. A re-run with the same model and crops does nothing unless crops failed last time (they
     are tried again); a new champion makes it stale."""
     from animl_assets.core.ml.data import resolve_device
-    from animl_assets.core.ml.inference import classify
+    from animl_assets.core.ml.inference import classify, output_file
 
     partition = context.partition_key
     store = storage.store()
@@ -183,6 +186,8 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
                           progress=lambda done, total: context.log.info(f"classified {done}/{total} crops"),
                           progress_every=config.progress_every)
         store.put_file(f"{folder}/{OUTPUT}", out)
+        for name in classifier.outputs:  # a multi-output model's extra outputs, a file each
+            store.put_file(f"{folder}/{output_file(OUTPUT, name)}", output_file(out, name))
         if config.sequences:
             export = storage.load("cct_export", partition=partition).export
             images = sequence_ids(export["images"], config.sequence_gap_s)
@@ -198,7 +203,8 @@ def classifications(context: dg.AssetExecutionContext, config: ClassificationsCo
                             report.classified, len(failures), mapping, failures.to_dict("records"),
                             datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             f"{folder}/{SEQUENCE_OUTPUT}" if config.sequences else "",
-                            report.columns[-1] if classifier.flags_unknowns else "", report.unknown)
+                            report.columns[-1] if classifier.flags_unknowns else "", report.unknown,
+                            {name: f"{folder}/{output_file(OUTPUT, name)}" for name in classifier.outputs})
     # crops that failed make another version: the run that classifies them too changes what is downstream
     data_version = f"{key}-{len(failures)}-failed" if len(failures) else key
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
@@ -252,7 +258,8 @@ def _meta(value: Classifications) -> dict[str, Any]:
             "num_failed": value.num_failed, "labels": len(value.label_index), "dagster/row_count": value.num_classified,
             **({"num_unknown": value.num_unknown,
                 "unknown_share": round(value.num_unknown / max(1, value.num_classified), 4)}
-               if value.unknown_column else {"num_unknown": "not flagged (the model has no unknowns' threshold)"})}
+               if value.unknown_column else {"num_unknown": "not flagged (the model has no unknowns' threshold)"}),
+            **({"outputs": dg.MetadataValue.json(value.outputs)} if value.outputs else {})}
 
 
 class ReviewConfig(dg.Config):
@@ -286,12 +293,17 @@ def classified_detections(context: dg.AssetExecutionContext, config: ReviewConfi
         relative_conf=config.relative_conf,
         typical_threshold=config.typical_threshold if config.typical_threshold >= 0 else None,
         completed=datetime.fromisoformat(classifications.completed))
+    extra = {name: read_csv(gzip.decompress(storage.store().read_bytes(key)))
+             for name, key in classifications.outputs.items()}
+    with_outputs = add_outputs(merged, extra) if extra else 0
     problems = validate_batch_output(merged)
     classified = sum(1 for image in merged["images"] for d in image.get("detections") or []
                      if d.get("classifications"))
     yield dg.Output(merged, metadata={
         "classifier": classifications.classifier, "num_images": len(merged["images"]),
         "num_classified_detections": classified, "num_unmatched_crops": len(unmatched),
+        **({"outputs": dg.MetadataValue.json(sorted(extra)), "num_detections_with_outputs": with_outputs}
+           if extra else {}),
         "threshold": config.threshold})
     yield dg.AssetCheckResult(check_name="md_format", passed=not problems, metadata={
         "problems": len(problems), "first_problems": dg.MetadataValue.json(problems[:20])})

@@ -73,7 +73,8 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
     files = registry.ModelFiles(bytes(evaluation.compiled), evaluation.label_index,
                                 registry.preprocessing(Preprocessing.of(checkpoint.params)), evaluation.thresholds,
                                 checkpoint.params, torch_bytes(checkpoint.ckpt), bytes(evaluation.onnx),
-                                bytes(evaluation.exported), evaluation.open_set, evaluation.prediction_profile)
+                                bytes(evaluation.exported), evaluation.open_set, evaluation.prediction_profile,
+                                bytes(evaluation.compiled_outputs), evaluation.output_index)
     client = mlflow.client()
     _repair(context, client, config.model_name)
     run_id = checkpoint.params.get("mlflow_run_id")
@@ -98,6 +99,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
         "model_name": config.model_name, "model_version": int(version.version),
         "model_uri": value.model_uri, "alias": registry.CHALLENGER,
         "runtimes": ", ".join(["torchscript", *(["onnx", "torch.export"] if files.onnx else [])]),
+        **({"outputs": dg.MetadataValue.json(["species", *files.output_index])} if files.output_index else {}),
         **{f"test_{k}": round(v, 4) for k, v in test.items() if k in ("acc_top1", "macro_recall", "macro_f1")},
         "lineage": dg.MetadataValue.json(tags),
     })

@@ -8,7 +8,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
@@ -24,7 +24,14 @@ from animl_assets.assets.artifacts import (
     stop,
     table,
 )
-from animl_assets.core.artifact_files import NOT_A_CHECKPOINT, TorchFile, read_checkpoint, torch_bytes, value_version
+from animl_assets.core.artifact_files import (
+    NOT_A_CHECKPOINT,
+    TorchFile,
+    config_key,
+    read_checkpoint,
+    torch_bytes,
+    value_version,
+)
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.files import atomic_write
 from animl_assets.core.detect.crops import CropManifest
@@ -77,6 +84,10 @@ class TrainingConfig(dg.Config):
                                                                        "the head is replaced when labels differ).")
     registry_name: str = Field(default=registry.DEFAULT_MODEL, description="The registered model init_from "
                                                                              "reads.")
+    class_mapping: str = Field(default="", description="init_from: champion: a class-mapping JSON (path or s3:// URI), "
+                               "{new_class: [old classes]} for the species or {species: {...}, <output>: {...}}: "
+                               "each new class's head row starts from its old classes' (Panthera's "
+                               "-class_mapping_json). Classes it does not name keep the old class of the same name.")
     image_size: int = Field(default=0, ge=0, description="Input size; 0: the model's (b0 224 ... b7 600, others 224).")
     epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=64, ge=1)
@@ -113,6 +124,10 @@ class TrainingConfig(dg.Config):
     resume: bool = Field(default=True, description="Continue from the last complete epoch of the same config and data.")
     processes: int = Field(default=1, ge=1, description="Training processes (torchrun, DDP): one per GPU.")
     progress_every: int = Field(default=50, ge=0, description="A progress line every N batches (0: none).")
+    output_weights: dict[str, float] = Field(default={}, description="A multi-output dataset (its outputs): each "
+                                             "extra output's weight in the loss (1 unless given; species 1).")
+    early_stopping_output: str = Field(default="species", description="The output whose val top-1 keeps the best "
+                                       "epoch and stops the training early: species or an extra output.")
 
     @field_validator("model_name")
     @classmethod
@@ -128,6 +143,14 @@ class TrainingConfig(dg.Config):
             device=self.device, amp=self.amp, progress_every=self.progress_every,
             **{name: getattr(self, name) for name in MODERN_FIELDS})
 
+    def params_for(self, output_index: dict[str, dict[str, str]]) -> TrainingParams:
+        """The parameters for a dataset with these extra outputs (its ``output_index``)."""
+        unknown = sorted(set(self.output_weights) - set(output_index))
+        if unknown:
+            raise ValueError(f"output_weights name outputs the dataset does not have: {unknown}")
+        return replace(self.params(), outputs={name: len(index) for name, index in output_index.items()},
+                       output_weights=dict(self.output_weights), early_stopping_output=self.early_stopping_output)
+
 
 MODERN_FIELDS = ("recipe", "warmup_epochs", "label_smoothing", "body_lr_scale", "grad_clip", "ema_decay", "augment",
                  "mixup_alpha", "cutmix_alpha")
@@ -140,8 +163,12 @@ def training_recipe(params: dict[str, Any]) -> dict[str, Any]:
     return {k: params[k] for k in TrainingConfig.model_fields if k in params and k not in NOT_RECIPE}
 
 
-def _champion_checkpoint(config: TrainingConfig, mlflow: MlflowTracking) -> tuple[Any, str]:
-    """The registry champion's checkpoint (its head is replaced when the labels differ)."""
+def _champion_checkpoint(config: TrainingConfig, storage: ArtifactStore, mlflow: MlflowTracking,
+                         dataset: DatasetVersion) -> tuple[Any, str, dict[str, Any]]:
+    """The registry champion's checkpoint with its heads rewritten for the dataset's classes, by name and through
+    the class mapping (``core.ml.transfer``); its fingerprint; and where each class's head row starts from."""
+    from animl_assets.core.ml.transfer import ClassMappingError, parse_class_mapping, transfer_checkpoint
+
     client = mlflow.client()
     champion = registry.by_alias(client, config.registry_name, registry.CHAMPION)
     if champion is None:
@@ -151,13 +178,31 @@ def _champion_checkpoint(config: TrainingConfig, mlflow: MlflowTracking) -> tupl
     if files.params.get("model_name") != config.model_name:
         raise stop(f"the champion (version {champion.version}) is a {files.params.get('model_name')}; "
                    f"model_name is {config.model_name}")
-    return read_checkpoint(files.checkpoint), f"champion:{champion.version}:{hashlib.sha256(files.checkpoint).hexdigest()}"
+    fingerprint = f"champion:{champion.version}:{hashlib.sha256(files.checkpoint).hexdigest()}"
+    try:
+        mapping = parse_class_mapping(json.loads(read_uri(config.class_mapping, storage.s3)),
+                                      list(dataset.output_index)) if config.class_mapping else {}
+        weights, sources = transfer_checkpoint(
+            read_checkpoint(files.checkpoint), config.model_name, config.params().image_size, files.label_index,
+            dataset.label_index, files.output_index, dataset.output_index, mapping)
+    except (ClassMappingError, json.JSONDecodeError, OSError) as err:
+        raise stop(f"class_mapping {config.class_mapping}: {err}") from err
+    return weights, fingerprint + (f":mapping:{config_key(mapping)}" if mapping else ""), sources
 
 
-def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: MlflowTracking) -> tuple[Any, str]:
-    """What the model starts from, and a fingerprint of it for the resume key."""
+def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: MlflowTracking,
+                     dataset: DatasetVersion) -> tuple[Any, str, dict[str, Any]]:
+    """What the model starts from, a fingerprint of it for the resume key and, from a champion, where each
+    class's head row starts from."""
     if config.init_from == "champion":
-        return _champion_checkpoint(config, mlflow)
+        return _champion_checkpoint(config, storage, mlflow, dataset)
+    if config.class_mapping:
+        raise stop("class_mapping maps a champion's classes: it needs init_from: champion")
+    return (*_pretrained_weights(config, storage), {})
+
+
+def _pretrained_weights(config: TrainingConfig, storage: ArtifactStore) -> tuple[Any, str]:
+    """The ``pretrained`` weights, and their fingerprint."""
     choice = config.pretrained.strip()
     if choice.lower() in ("", "false"):
         return False, "none"
@@ -213,6 +258,8 @@ def reference_params(params: TrainingParams, pretrained: str, dataset_dir: str, 
             "log_extreme_examples": 0, "seed": params.seed,
             "image_size": params.image_size, "patience": params.patience, "amp": params.amp,
             "splits_json": splits_uri, **{name: getattr(params, name) for name in MODERN_FIELDS},
+            **({"outputs": params.outputs, "output_weights": params.output_weights,
+                "early_stopping_output": params.early_stopping_output} if params.outputs else {}),
             **params.preprocessing.record(), **extra}
 
 
@@ -272,9 +319,10 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
     or leave train or val empty."""
     try:
         check_model_name(config.model_name)
+        params = config.params_for(dataset.output_index)
     except ValueError as err:
         raise stop(str(err)) from err
-    params, ds = config.params(), dataset.classification_ds
+    ds = dataset.classification_ds
     dataset_version, splits_version = value_version(dataset, "classification_dataset"), value_version(splits, "splits")
     made_from = read_from(context.instance, "splits", splits_version, "classification_dataset")
     if made_from and dataset_version not in made_from:
@@ -284,7 +332,8 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
     crops_root, cache = cached_crops(storage, ds["path"].astype(str).tolist())
     try:
         frame, missing = trainable_frame(ds, dataset.label_index, splits, crops_root, params.label_weighted,
-                                         params.weight_by_detection_conf, _calibration(config, storage))
+                                         params.weight_by_detection_conf, _calibration(config, storage),
+                                         dataset.output_index)
     except ValueError as err:
         raise stop(f"the dataset cannot be trained on: {err}") from err
     if len(missing):
@@ -297,16 +346,18 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
 
 
 def _log_inputs(client: Any, run_id: str, config: TrainingConfig, inputs: TrainingInputs, dataset: DatasetVersion,
-                store: Store, checkpoints: Checkpoints, dagster_run_id: str) -> dict[str, Any]:
+                store: Store, checkpoints: Checkpoints, dagster_run_id: str,
+                transferred: dict[str, Any] | None = None) -> dict[str, Any]:
     """``params.json`` of this training, logged to its MLflow run with the dataset and splits as inputs."""
     dataset_uri = store.uri(version_folder("classification_dataset", inputs.dataset_version))
     splits_uri = store.uri(version_file("splits", inputs.splits_version, "splits.json"))
     versions = {"dataset_version": inputs.dataset_version, "splits_version": inputs.splits_version,
-                "init_from": config.init_from, "dagster_run_id": dagster_run_id, "mlflow_run_id": run_id}
+                "init_from": config.init_from, "dagster_run_id": dagster_run_id, "mlflow_run_id": run_id,
+                **({"class_mapping": config.class_mapping, "transferred_from": transferred} if transferred else {})}
     params_json = reference_params(inputs.params, config.pretrained, dataset_uri, splits_uri, str(inputs.crops_root),
                                    checkpoints.uri(""), versions)
     tracking.log_params(client, run_id, {k: v for k, v in params_json.items()
-                                         if k not in ("dagster_run_id", "mlflow_run_id")})
+                                         if k not in ("dagster_run_id", "mlflow_run_id", "transferred_from")})
     tracking.log_dataset(client, run_id, "classification_dataset", inputs.dataset_version, dataset_uri,
                          {"num_rows": len(dataset.classification_ds), "num_labels": len(dataset.label_index)})
     tracking.log_dataset(client, run_id, "splits", inputs.splits_version, splits_uri,
@@ -355,7 +406,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     inputs = _training_inputs(context, config, classification_dataset, splits, storage)
     params = inputs.params
     label_index = classification_dataset.label_index
-    init, init_fingerprint = _initial_weights(config, storage, mlflow)
+    init, init_fingerprint, transferred = _initial_weights(config, storage, mlflow, classification_dataset)
     key = resume_key(params, inputs.dataset_version, inputs.splits_version,
                      {p: value_version(crops[p], "crops") for p in inputs.partitions if p in crops}, init_fingerprint)
     checkpoints = Checkpoints(store, training_folder(key))
@@ -370,7 +421,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
                                f"{params.model_name}-{inputs.dataset_version[:8]}", lineage_tags,
                                resumes=resumes if config.resume else None) as (run_id, reopened):
         params_json = _log_inputs(client, run_id, config, inputs, classification_dataset, store, checkpoints,
-                                  context.run.run_id)
+                                  context.run.run_id, transferred)
         context.log.info(f"MLflow run {run_id} ({'continued' if reopened else 'new'}) in experiment "
                          f"animl/{params.model_name}; checkpoints at {checkpoints.uri('')}")
         result = _fit(context, config, inputs, len(label_index), init, checkpoints, storage, mlflow, client, run_id)
@@ -379,7 +430,8 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         tracking.log_metrics(client, run_id, {"best/val_acc_top1": result.best["val/acc"] / 100,
                                               "best/epoch": best_epoch,
                                               **{f"test/{k}": v for k, v in test.items() if k != "count"}}, best_epoch)
-        value = TrainedClassifier(TorchFile(result.best), params_json, label_index, pd.DataFrame(result.history))
+        value = TrainedClassifier(TorchFile(result.best), params_json, label_index, pd.DataFrame(result.history),
+                                  classification_dataset.output_index)
         version = value_version(value, "classifier_checkpoint")
         curve = learning_curve(result.history, best_epoch)
         tracking.log_artifacts(client, run_id, "checkpoint", {
@@ -408,6 +460,8 @@ def _checkpoint_metadata(params: TrainingParams, result: FitResult, test: dict[s
         "resumed_from_epoch": -1 if result.resumed_from_epoch is None else result.resumed_from_epoch,
         "val_acc_top1": round(result.best["val/acc"] / 100, 4),
         **{f"test_{k}": round(v, 4) for k, v in test.items() if k.startswith(("acc", "loss"))},
+        **{f"test_{k.replace('/', '_')}": round(v, 4) for k, v in test.items()  # extra outputs' (output/acc_top1)
+           if "/" in k and k.endswith(("acc_top1", "loss"))},
         "train_crops_per_s": round(float(history["train/crops_per_s"].mean()), 1),
         **{f"num_{split}_crops": n for split, n in inputs.counts.items()},
         "num_missing_crops": len(missing), "missing_crops": table(missing),

@@ -114,8 +114,10 @@ def run_sample_export(args: argparse.Namespace, _settings: Settings) -> int:
         return 0
     from animl_assets.core.ingest.sample import write_sample_export
 
-    result = write_sample_export(args.dir, seed=args.seed)
-    print(f"wrote {result.path}: {result.images} images, {result.annotations} annotations")
+    result = write_sample_export(args.dir, seed=args.seed, behaviours=args.behaviours,
+                                 empties_per_location=args.empties_per_location)
+    print(f"wrote {result.path}: {result.images} images, {result.annotations} annotations"
+          + (" (with count and behaviour fields, some missing)" if args.behaviours else ""))
     return 0
 
 
@@ -127,6 +129,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--format", choices=("coco", "animl"), default="coco",
                         help="coco: the LILA-style sample (image-level labels, seq_id); animl: written the way the "
                              "Animl web app writes an export (per-box labels, reviewed and unreviewed, empties)")
+    sample.add_argument("--behaviours", action="store_true",
+                        help="coco: each animal annotation also carries Snapshot Safari-style fields, count and the "
+                             "flags standing, resting, moving, eating, interacting, young_present (some missing): "
+                             "the outputs of a multi-output model")
+    sample.add_argument("--empties-per-location", type=int, default=1, metavar="N",
+                        help="coco: empty frames per location (for the empty-or-not model)")
     sample.set_defaults(func=run_sample_export, needs_home=False)
     demo = commands.add_parser("demo", help="sample export -> register -> cct_export, images, md_detections, crops "
                                             "-> classification_dataset, splits -> classifier_checkpoint -> "

@@ -75,6 +75,12 @@ def artifact_file(name: str) -> dict[str, str]:
     return {"file": name}
 
 
+def artifact_files(pattern: str) -> dict[str, str]:
+    """Field metadata for a field holding ``{key: value}``, each value stored as its own file named
+    ``pattern.format(key)`` (e.g. one ``label_index_{}.json`` per extra output); an empty dict writes no file."""
+    return {"files": pattern}
+
+
 def _dump(value: Any) -> tuple[str, bytes]:
     if isinstance(value, Blob):
         return "bytes", bytes(value)
@@ -135,6 +141,12 @@ def to_files(value: Any, name: str) -> dict[str, bytes]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         files, index = {}, {"class": _class_name(type(value)), "files": {}}
         for field in dataclasses.fields(value):
+            if "files" in field.metadata:
+                entries = _file_set(getattr(value, field.name), field.metadata["files"])
+                files |= {file: data for file, (_, data) in entries.items()}
+                index["files"][field.name] = {"set": {file: kind for file, (kind, _) in entries.items()},
+                                              "pattern": field.metadata["files"]}
+                continue
             if _left_out(value, field):
                 continue
             kind, data = _dump(getattr(value, field.name))
@@ -146,6 +158,23 @@ def to_files(value: Any, name: str) -> dict[str, bytes]:
         files = {f"{name}.{kind}": data}
         index = {"files": {"": {"file": f"{name}.{kind}", "kind": _kind(value, kind)}}}
     return files | {INDEX: json.dumps(index, indent=1).encode()}
+
+
+def _file_set(values: dict[str, Any], pattern: str) -> dict[str, tuple[str, bytes]]:
+    """``{file: (kind, bytes)}`` of a field stored a file per key."""
+    entries = {}
+    for key, item in values.items():
+        kind, data = _dump(item)
+        file = pattern.format(key)
+        entries[file] = (_kind(item, kind), gzip.compress(data, mtime=0) if file.endswith(".gz") else data)
+    return entries
+
+
+def _read_file_set(entry: dict[str, Any], read: Any) -> dict[str, Any]:
+    """The ``{key: value}`` a field stored a file per key holds, keys recovered through its file name pattern."""
+    prefix, _, suffix = entry["pattern"].partition("{}")
+    return {file[len(prefix):len(file) - len(suffix)]: _load(kind, _unzipped(file, read(file)))
+            for file, kind in entry["set"].items()}
 
 
 def _left_out(value: Any, field: dataclasses.Field) -> bool:
@@ -172,7 +201,8 @@ def from_files(read: Any, expected: type | None = None) -> Any:
     cls = _loaded(index["class"])
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise ValueError(f"refusing to load an artifact set of class {index['class']!r}: not a loaded dataclass")
-    return cls(**{field: _load(entry["kind"], _unzipped(entry["file"], read(entry["file"])))
+    return cls(**{field: _read_file_set(entry, read) if "set" in entry
+                  else _load(entry["kind"], _unzipped(entry["file"], read(entry["file"])))
                   for field, entry in index["files"].items()})
 
 

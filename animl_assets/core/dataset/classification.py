@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from animl_assets.core.artifact_files import artifact_file
+from animl_assets.core.artifact_files import artifact_file, artifact_files
 from animl_assets.core.dataset.label_spec import Pair
+from animl_assets.core.dataset.outputs import output_values
 from animl_assets.core.dataset.splits import pair_keys
 from animl_assets.core.detect.crops import crop_names
 from animl_assets.core.detect.megadetector import animal_categories, with_box_labels
@@ -42,6 +43,16 @@ class DatasetVersion:
     label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
     label_spec: dict[str, Any] = field(metadata=artifact_file("label_spec.json"))
     match_test_locations: list[list[str]] = field(metadata=artifact_file("match_test_locations.json"))
+    # extra outputs (core.dataset.outputs): one label_index_<output>.json each; their columns follow DS_COLUMNS
+    output_index: dict[str, dict[str, str]] = field(default_factory=dict,
+                                                    metadata=artifact_files("label_index_{}.json"))
+
+    def __post_init__(self) -> None:
+        # the extra outputs' columns as class names however the CSV reader typed them ("2", not 2.0; missing ""):
+        # a loaded version writes the bytes it was read from, so its version is the same
+        for name in self.output_index:
+            if name in self.classification_ds:
+                self.classification_ds[name] = output_values(self.classification_ds[name])
 
 
 def detection_rows(md: dict[str, Any], dataset: str, dataset_classes: pd.DataFrame,
@@ -90,6 +101,7 @@ def _sample_with_priority(rows: pd.DataFrame, max_count: int, prioritize: list[l
 def build_classification_dataset(
     crops: pd.DataFrame, mapping: dict[Pair, str], *, spec: dict[str, dict[str, Any]] | None = None,
     threshold: float = 0.0, min_locs: int | None = None, one_label_per_image: bool = True, seed: int = 0,
+    extra_columns: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, DatasetReport]:
     """``classification_ds.csv`` rows (DS_COLUMNS, sorted by path) from CROP_COLUMNS rows.
 
@@ -98,7 +110,8 @@ def build_classification_dataset(
     crops would get different labels (reported, not guessed; crops whose class is their own box's, the
     ``own_box`` column, are never such a clash), labels seen at fewer than ``min_locs``
     distinct (dataset, location) pairs, and crops beyond a label's ``max_count`` (sampled with its
-    ``prioritize`` order, seeded). Every row left out is counted in the report by reason.
+    ``prioritize`` order, seeded). Every row left out is counted in the report by reason. ``extra_columns``
+    (the extra outputs' labels) are kept after DS_COLUMNS.
     """
     report = DatasetReport()
     rows = crops.reset_index(drop=True)  # a copy, with one index label per row
@@ -143,7 +156,7 @@ def build_classification_dataset(
             group = sampled
         parts.append(group)
     rows = pd.concat(parts) if parts else rows
-    return rows[DS_COLUMNS].sort_values("path", kind="stable").reset_index(drop=True), report
+    return rows[[*DS_COLUMNS, *extra_columns]].sort_values("path", kind="stable").reset_index(drop=True), report
 
 
 def label_index(ds: pd.DataFrame) -> dict[str, str]:
@@ -157,5 +170,6 @@ def match_test(ds: pd.DataFrame, earlier_ds: pd.DataFrame, earlier_splits: dict[
     test = {(str(d), str(loc)) for d, loc in earlier_splits.get("test", [])}
     at_test = pair_keys(earlier_ds).isin({f"{d}\x1f{loc}" for d, loc in test})
     extra = earlier_ds[at_test & earlier_ds["label"].isin(set(ds["label"]))]
-    rows = pd.concat([ds, extra[DS_COLUMNS]]).drop_duplicates("path", keep="first")
+    columns = [c for c in ds.columns if c in extra.columns]  # an earlier dataset may lack the extra outputs
+    rows = pd.concat([ds, extra[columns]]).drop_duplicates("path", keep="first")
     return rows.sort_values("path", kind="stable").reset_index(drop=True), sorted(test)

@@ -13,6 +13,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,6 +26,7 @@ BACKDROPS = {"ridge": (96, 110, 70), "creek": (70, 100, 110), "meadow": (120, 14
              "ford": (75, 90, 100), "hollow": (60, 75, 55)}
 EXPORT_NAME = "sample_export.json"
 BROKEN = ("zero_byte", "truncated", "not_an_image", "missing")
+BEHAVIOURS = ("standing", "resting", "moving", "eating", "interacting", "young_present")  # Snapshot Safari's
 ODD_BUT_VALID = ("cmyk", "grayscale", "exif_rotated")
 
 
@@ -89,11 +91,33 @@ def jpeg(image: Image.Image, **options) -> bytes:
     return buffer.getvalue()
 
 
+def behaviour_fields(rng: np.random.Generator, bbox: list[int], count: int, missing: float = 0.15
+                     ) -> dict[str, Any]:
+    """Snapshot Safari-style fields of an image's animals: ``count`` and yes/no behaviour flags (a tall first box
+    stands, a wide one rests, so the two can mostly be learned from a crop), each missing (absent or null) with
+    probability ``missing``."""
+    standing = bbox[3] > bbox[2]
+    values: dict[str, Any] = {"count": count, "standing": standing, "resting": not standing,
+                              **{name: bool(rng.random() < 0.3) for name in BEHAVIOURS[2:]}}
+    fields: dict[str, Any] = {}
+    for name, value in values.items():
+        draw = rng.random()
+        if draw >= missing:
+            fields[name] = value
+        elif draw < missing / 2:
+            fields[name] = None  # written as null; otherwise the key is absent
+    return fields
+
+
 def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_and_location: int = 2,
-                        size: tuple[int, int] = (640, 480)) -> SampleExport:
-    """Write ``sample_export.json`` and its JPEGs (file names relative to ``out_dir``) deterministically."""
+                        size: tuple[int, int] = (640, 480), behaviours: bool = False,
+                        empties_per_location: int = 1) -> SampleExport:
+    """Write ``sample_export.json`` and its JPEGs (file names relative to ``out_dir``) deterministically. With
+    ``behaviours`` each animal annotation also carries ``count`` and behaviour flags (``behaviour_fields``,
+    some missing); ``empties_per_location`` empty frames are written per location."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
+    fields_rng = np.random.default_rng(seed + 7_919)  # its own draws: the images stay those of a plain export
     images, annotations, files = [], [], {}
     borders = [None, "left", "right", "top", "bottom", None]
 
@@ -103,9 +127,11 @@ def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_
         images.append({"id": image_id, "file_name": file_name, "width": pixels.width, "height": pixels.height,
                        "location": location, "datetime": f"2024-06-{1 + len(images) % 28:02d} 12:00:00",
                        "seq_id": f"seq{len(images):04d}", "frame_num": 0})
+        # Snapshot Safari labels per image and species: every box of the image carries the same fields
+        extra = behaviour_fields(fields_rng, boxes[0][1], len(boxes)) if behaviours and boxes[0][1] else {}
         for category_id, bbox in boxes:
             annotations.append({"id": f"ann{len(annotations):04d}", "image_id": image_id,
-                                "category_id": category_id, "bbox": bbox})
+                                "category_id": category_id, "bbox": bbox, **extra})
         files[file_name] = jpeg(pixels) if data is None else data
 
     for location_index, location in enumerate(LOCATIONS):
@@ -122,7 +148,8 @@ def write_sample_export(out_dir: str | Path, *, seed: int = 0, images_per_class_
                     draw_animal(draw, species, tuple(bbox))
                     boxes.append((category_id, bbox))
                 add_image(f"{location}/{species}_{index:03d}.jpg", location, pixels, boxes)
-        add_image(f"{location}/empty_000.jpg", location, backdrop(rng, size, location), [(0, None)])
+        for index in range(empties_per_location):
+            add_image(f"{location}/empty_{index:03d}.jpg", location, backdrop(rng, size, location), [(0, None)])
 
     # Valid but awkward encodings: each has one deer at a known box in display coordinates.
     for odd in ODD_BUT_VALID:

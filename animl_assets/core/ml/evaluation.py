@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 from animl_assets.core.artifact_files import Arrays, Blob
 from animl_assets.core.ml import drift, open_set
 from animl_assets.core.ml.data import CropDataset, eval_transform
-from animl_assets.core.ml.frames import SPLITS, Preprocessing, top_ks
+from animl_assets.core.ml.frames import SPLITS, Preprocessing, output_index_column, top_ks
 from animl_assets.core.ml.labels import label_names, target_columns
+from animl_assets.core.ml.models import MultiHead
 from animl_assets.core.ml.portable import (
     OnnxModel,
     export_program,
@@ -274,6 +275,40 @@ def evaluate(model: nn.Module, frame: pd.DataFrame, crops_root: str | Path, labe
     return Evaluation(outputs["train"], outputs["val"], outputs["test"], overall, cms, stats, report, found,
                       dict(label_index), files["torchscript"], files.get("onnx", Blob(b"")),
                       files.get("torch_export", Blob(b"")), dict(params or {}), unknowns, test_profile), gaps
+
+
+def evaluate_outputs(model: MultiHead, frame: pd.DataFrame, crops_root: str | Path,
+                     output_index: Mapping[str, Mapping[str, str]], prep: Preprocessing, device: torch.device, *,
+                     batch_size: int = 64, num_workers: int = 0) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The reference's evaluation files for each extra output of a multi-output model, over the crops that
+    have its value: ``outputs_{split}_<output>.csv.gz``, ``overall_metrics_<output>.csv``,
+    ``confusion_matrices_<output>.npz`` and ``label_stats_<output>.csv`` (weights 1: the species' sampling
+    weights say nothing of other outputs); and one ``output, split, crops, acc_top1`` row per output and split."""
+    logits = {}
+    for split in SPLITS:
+        rows = frame[frame["split"] == split]
+        loader = eval_loader(rows["path"], rows["label_index"], rows["weight"], crops_root, prep, batch_size,
+                             num_workers)
+        logits[split] = predict_logits(model, loader, device) if len(rows) else np.zeros((0, sum(model.sizes.values())))
+    ends = np.cumsum([0, *model.sizes.values()]).tolist()  # the species head's columns first, then each output's
+    bounds = {name: (ends[i], ends[i + 1]) for i, name in enumerate(model.sizes)}
+    files, summary = {}, []
+    for name, index in output_index.items():
+        (start, end), names, outputs = bounds[name], label_names(index), {}
+        for split in SPLITS:
+            rows = frame[frame["split"] == split]
+            known = (rows[output_index_column(name)] >= 0).to_numpy()
+            probs = softmax(logits[split][known, start:end])
+            labels = [names[i] for i in rows[output_index_column(name)][known]]
+            outputs[split] = outputs_frame(rows["path"][known], labels, np.ones(int(known.sum())), probs, names)
+            summary.append({"output": name, "split": split, "crops": int(known.sum()),
+                            "acc_top1": overall_metrics(outputs[split], names)["acc_top1"] / 100 if known.any()
+                            else float("nan")})
+        overall, cms, stats, _ = summarize(outputs, names)
+        files |= {f"outputs_{split}_{name}.csv.gz": outputs[split] for split in SPLITS}
+        files |= {f"overall_metrics_{name}.csv": overall, f"confusion_matrices_{name}.npz": cms,
+                  f"label_stats_{name}.csv": stats}
+    return files, pd.DataFrame(summary, columns=["output", "split", "crops", "acc_top1"])
 
 
 def compiled_forms(model: nn.Module, image_size: int, portable: bool = True

@@ -90,13 +90,33 @@ def readable_crops(ds: pd.DataFrame, crops_root: Path) -> tuple[pd.Series, pd.Da
     return usable, ds.loc[~usable, ["path", "dataset", "label"]].assign(problem=problems[~usable])
 
 
+def output_index_column(output: str) -> str:
+    """The frame's column of an extra output's class index (-1: missing)."""
+    return f"{output}_index"
+
+
+def with_output_indices(frame: pd.DataFrame, output_index: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
+    """``frame`` with each extra output's class index (``output_index_column``): -1 where the value is missing
+    or a class the index lacks, which that output's loss and metrics leave out."""
+    from animl_assets.core.dataset.outputs import output_values
+
+    columns = {}
+    for name, classes in output_index.items():
+        to_index = {label: int(i) for i, label in classes.items()}
+        values = output_values(frame[name]) if name in frame else pd.Series("", index=frame.index)
+        columns[output_index_column(name)] = values.map(to_index).fillna(-1).astype(int)
+    return frame.assign(**columns)
+
+
 def split_frame(ds: pd.DataFrame, label_index: Mapping[str, str], splits: Mapping[str, Sequence[Sequence[str]]],
                 label_weighted: bool, weight_by_detection_conf: bool = False,
-                calibration: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
+                calibration: Mapping[str, np.ndarray] | None = None,
+                output_index: Mapping[str, Mapping[str, str]] | None = None) -> pd.DataFrame:
     """The dataset rows with ``split``, ``label_index`` and ``weight``, as the reference's ``load_dataset_csv``:
     training rows weighted by detection confidence (optionally calibrated) when asked; with ``label_weighted``
     each split's weight is shared equally among the labels it holds and sums to its (weighted) size. Unlike
-    the reference this does not fail when a split lacks a label."""
+    the reference this does not fail when a split lacks a label. Extra outputs (``output_index``) get their
+    class index columns (``with_output_indices``)."""
     to_index = {name: int(i) for i, name in label_index.items()}
     if ds["label"].str.contains(",").any():
         raise ValueError("multi-label rows (comma-joined labels) are not supported for training")
@@ -115,14 +135,16 @@ def split_frame(ds: pd.DataFrame, label_index: Mapping[str, str], splits: Mappin
         split_total = frame.groupby("split")["weight"].transform("sum")
         labels_in_split = frame.groupby("split")["label"].transform("nunique")
         frame["weight"] = frame["weight"] * (split_total / labels_in_split) / per_label
-    return frame
+    return with_output_indices(frame, output_index or {})
 
 
 def trainable_frame(ds: pd.DataFrame, label_index: Mapping[str, str], splits: Mapping[str, Sequence[Sequence[str]]],
                     crops_root: Path, label_weighted: bool, weight_by_detection_conf: bool = False,
-                    calibration: Mapping[str, np.ndarray] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    calibration: Mapping[str, np.ndarray] | None = None,
+                    output_index: Mapping[str, Mapping[str, str]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``split_frame`` over the rows whose crop can be read (training and evaluation see the same crops),
     and the rows left out as ``path, dataset, label, problem``."""
     usable, left_out = readable_crops(ds, crops_root)
-    frame = split_frame(ds[usable], label_index, splits, label_weighted, weight_by_detection_conf, calibration)
+    frame = split_frame(ds[usable], label_index, splits, label_weighted, weight_by_detection_conf, calibration,
+                        output_index)
     return frame, left_out

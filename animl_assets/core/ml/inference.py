@@ -45,6 +45,16 @@ class Classifier:
     name: str = ""
     open_set: dict[str, Any] = field(default_factory=dict)  # open_set.json: unknowns flagged below its threshold
     prediction_profile: dict[str, Any] = field(default_factory=dict)  # its test predictions, for drift
+    # a multi-output model's extra outputs and their classes, in the order of its logits after the species'
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+
+    def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The species logits and each extra output's probabilities from a multi-output model's logits."""
+        start, found = len(self.labels), {}
+        for name, classes in self.outputs.items():
+            found[name] = torch.softmax(logits[:, start:start + len(classes)], dim=1)
+            start += len(classes)
+        return logits[:, :len(self.labels)], found
 
     @property
     def flags_unknowns(self) -> bool:
@@ -188,6 +198,13 @@ def _onednn_fusion(enabled: bool) -> Iterator[None]:
         torch.jit.enable_onednn_fusion(before)
 
 
+def output_file(out: str | Path, output: str) -> Path:
+    """Where ``classify`` writes an extra output's rows beside ``out``: ``classifier_output_<output>.csv.gz``."""
+    out = Path(out)
+    stem, dot, suffix = out.name.partition(".")
+    return out.with_name(f"{stem}_{output}{dot}{suffix}")
+
+
 def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str], out: str | Path, *,
              mapping: Mapping[str, Sequence[str]] | None = None, targets: Sequence[str] | None = None,
              device: torch.device | None = None, batch_size: int = 64, workers: int = 2,
@@ -198,7 +215,8 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
     (default: the mapping's keys, in order) plus ``other`` for unmapped labels; probabilities are summed.
     ``decode``: "loader" (PIL in the loader workers, the evaluation's exact pixels), "device" (``decode_on``)
     or "auto" (the device on CUDA). ``progress(done, total)`` is called every ``progress_every`` batches. A
-    classifier with an unknowns' threshold adds a last column (``unknown``): 1 for a crop below it, else 0."""
+    classifier with an unknowns' threshold adds a last column (``unknown``): 1 for a crop below it, else 0. A
+    multi-output classifier also writes each extra output's ``path,<class>…`` rows to ``output_file(out, name)``."""
     device, prep = device or torch.device("cpu"), classifier.prep
     if mapping is not None:
         columns, cols = target_columns(classifier.labels, list(targets or mapping), mapping)
@@ -218,8 +236,12 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
     report = ClassifyReport(columns)
     started = time.perf_counter()
     opener = gzip.open if str(out).endswith(".gz") else open
-    with opener(out, "wt", newline="") as stream, torch.inference_mode(), _onednn_fusion(device.type == "cpu"):
-        stream.write(",".join(["path", *(_csv_field(c) for c in columns)]) + "\n")
+    with contextlib.ExitStack() as files, torch.inference_mode(), _onednn_fusion(device.type == "cpu"):
+        stream = files.enter_context(opener(out, "wt", newline=""))
+        extra = {name: files.enter_context(opener(output_file(out, name), "wt", newline=""))
+                 for name in classifier.outputs}
+        for name, header in [("", columns), *classifier.outputs.items()]:
+            (extra[name] if name else stream).write(",".join(["path", *(_csv_field(c) for c in header)]) + "\n")
         for batch, (images, indices, errors) in enumerate(loader):
             if on_device:  # decode what was read; ``images`` becomes the decoded batch
                 read = [i for i, error in enumerate(errors) if not error]
@@ -234,6 +256,7 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
                 images = to_input(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(images).float()
+                logits, output_probs = classifier.split(logits)
                 unknown = open_set.is_unknown(logits.cpu().numpy(), classifier.open_set)
                 if cols is not None:
                     logits = map_logits(logits, cols)
@@ -243,6 +266,8 @@ def classify(classifier: Classifier, crops_root: str | Path, paths: Sequence[str
                     report.unknown += int(unknown.sum())
                 names = [dataset.paths[i] for i in indices[ok].tolist()]
                 _write_rows(stream, names, probs)
+                for name, output in output_probs.items():
+                    _write_rows(extra[name], names, output.cpu().numpy())
                 report.classified += len(names)
             if progress and progress_every and (batch + 1) % progress_every == 0:
                 progress(report.classified + len(report.failures), len(dataset))

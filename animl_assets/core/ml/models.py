@@ -29,10 +29,72 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def head(model: nn.Module) -> nn.Linear:
-    """The final fully-connected layer (``_fc`` of EfficientNets, ``fc`` of ResNets, a timm model's
-    ``get_classifier()``)."""
+class MultiHead(nn.Module):
+    """A species classifier with extra heads (count, behaviours, ...) on the features its own head reads: one
+    backbone, one linear head per output. ``forward`` gives every head's logits side by side, species first
+    (``sizes`` says how many columns each has); ``model`` alone is the species classifier, whose weights stay
+    the reference's layout."""
+
+    def __init__(self, model: nn.Module, outputs: Mapping[str, int]) -> None:
+        super().__init__()
+        self.model = model
+        features = head(model).in_features
+        self.heads = nn.ModuleDict({name: nn.Linear(features, size) for name, size in outputs.items()})
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Columns per output, in ``forward``'s order (the species head's as ``""``)."""
+        return {"": head(self.model).out_features, **{n: h.out_features for n, h in self.heads.items()}}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features: list[torch.Tensor] = []
+        hook = head(self.model).register_forward_hook(lambda _, inputs, __: features.append(inputs[0]))
+        try:
+            species = self.model(images)
+        finally:
+            hook.remove()
+        return torch.cat([species, *(layer(features[0]) for layer in self.heads.values())], dim=1)
+
+
+def species_model(model: nn.Module) -> nn.Module:
+    """The species classifier of a (possibly multi-head, possibly DDP-wrapped) model."""
     model = unwrap(model)
+    return model.model if isinstance(model, MultiHead) else model
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every head: the species head and a multi-head model's extra ones."""
+    model = unwrap(model)
+    extra = list(model.heads.parameters()) if isinstance(model, MultiHead) else []
+    return [*head(model).parameters(), *extra]
+
+
+def checkpoint_weights(model: nn.Module) -> dict[str, Any]:
+    """A model's weights as ``best.pt`` keeps them: ``model`` (the species classifier, loadable by the
+    reference alone) and, for a multi-head model, ``heads`` and ``outputs`` (each head's size)."""
+    model = unwrap(model)
+    if not isinstance(model, MultiHead):
+        return {"model": model.state_dict()}
+    return {"model": model.model.state_dict(), "heads": model.heads.state_dict(),
+            "outputs": {name: layer.out_features for name, layer in model.heads.items()}}
+
+
+def model_from_checkpoint(checkpoint: Mapping[str, Any], model_name: str, num_classes: int,
+                          image_size: int | None = None) -> nn.Module:
+    """The model a checkpoint holds, its weights loaded: a ``MultiHead`` when it has extra heads."""
+    model = build_model(model_name, num_classes, image_size=image_size)
+    model.load_state_dict(state_dict_of(checkpoint))
+    if not checkpoint.get("heads"):
+        return model
+    multi = MultiHead(model, checkpoint["outputs"])
+    multi.heads.load_state_dict(checkpoint["heads"])
+    return multi
+
+
+def head(model: nn.Module) -> nn.Linear:
+    """The species head: the final fully-connected layer (``_fc`` of EfficientNets, ``fc`` of ResNets, a timm
+    model's ``get_classifier()``)."""
+    model = species_model(model)
     if hasattr(model, "get_classifier"):
         return model.get_classifier()
     return model._fc if hasattr(model, "_fc") else model.fc
@@ -211,6 +273,7 @@ def build_model(model_name: str, num_classes: int, pretrained: bool | str | Mapp
 
 
 def set_finetune(model: nn.Module, finetune: bool) -> None:
-    """Train only the head (``finetune``) or every layer."""
+    """Train only the heads (``finetune``) or every layer."""
     model.requires_grad_(not finetune)
-    head(model).requires_grad_(True)
+    for parameter in head_parameters(model):
+        parameter.requires_grad_(True)

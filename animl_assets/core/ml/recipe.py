@@ -16,6 +16,7 @@ from animl_assets.core.artifact_files import (
     JsonRecord,
     TorchFile,
     artifact_file,
+    artifact_files,
     config_key,
     read_checkpoint,
     torch_bytes,
@@ -130,6 +131,11 @@ class TrainingParams:
     mixup_alpha: float = 0.0  # 0: no MixUp
     cutmix_alpha: float = 0.0  # 0: no CutMix
     seed: int = 0
+    # a multi-output model: its extra outputs' class counts (from the dataset), their loss weights (1 unless
+    # given) and the output whose val top-1 picks the best epoch and stops the training early
+    outputs: dict[str, int] = field(default_factory=dict)
+    output_weights: dict[str, float] = field(default_factory=dict)
+    early_stopping_output: str = "species"
     num_workers: int = 2
     device: str = "auto"
     amp: bool = True
@@ -137,6 +143,11 @@ class TrainingParams:
     progress_every: int = 50
 
     def __post_init__(self) -> None:
+        if self.early_stopping_output not in ("species", *self.outputs):
+            raise ValueError(f"early_stopping_output must be species or one of the outputs {list(self.outputs)}, "
+                             f"not {self.early_stopping_output!r}")
+        if self.outputs and (self.mixup_alpha or self.cutmix_alpha) and self.modern:
+            raise ValueError("MixUp and CutMix mix the species labels only: turn them off for a multi-output model")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
         if self.augment not in AUGMENTS:
@@ -169,13 +180,15 @@ class TrainingParams:
 
 
 RUN_ONLY = ("num_workers", "device", "progress_every")  # how it runs, not what it learns: not in the resume key
+SPECIES_ONLY = {"outputs": {}, "output_weights": {}, "early_stopping_output": "species"}  # a one-head training's
 
 
 def resume_key(params: TrainingParams, dataset_version: str, splits_version: str, crops_versions: Mapping[str, str],
                init_fingerprint: str) -> str:
     """What one training learns from (its hyperparameters, data versions and starting weights): a re-run
     with the same key resumes its checkpoints."""
-    learned = {k: v for k, v in asdict(params).items() if k not in RUN_ONLY}
+    learned = {k: v for k, v in asdict(params).items()  # a one-head training keeps the key it had before outputs
+               if k not in RUN_ONLY and not (k in SPECIES_ONLY and v == SPECIES_ONLY[k])}
     return config_key({"params": learned, "dataset": dataset_version, "splits": splits_version,
                        "crops": dict(crops_versions), "init": init_fingerprint})
 
@@ -232,6 +245,9 @@ class TrainedClassifier:
     params: dict[str, Any] = field(metadata=artifact_file("params.json"))
     label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
     history: pd.DataFrame = field(metadata=artifact_file("history.csv"))
+    # a multi-output model's extra outputs: one label_index_<output>.json each, in its heads' order
+    output_index: dict[str, dict[str, str]] = field(default_factory=dict,
+                                                    metadata=artifact_files("label_index_{}.json"))
 
 
 @dataclass
@@ -258,6 +274,13 @@ class Evaluation:
     # (core.ml.drift): {} in evaluations from before they existed
     open_set: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("open_set.json"))
     prediction_profile: dict[str, Any] = field(default_factory=dict, metadata=artifact_file("prediction_profile.json"))
+    # a multi-output model: each extra output's label index and reference files (outputs_{split}_<output>.csv.gz,
+    # overall_metrics_<output>.csv, confusion_matrices_<output>.npz, label_stats_<output>.csv), and the TorchScript
+    # model of every head (its logits side by side, species first) that classification runs
+    output_index: dict[str, dict[str, str]] = field(default_factory=dict,
+                                                    metadata=artifact_files("label_index_{}.json"))
+    output_files: dict[str, Any] = field(default_factory=dict, metadata=artifact_files("{}"))
+    compiled_outputs: Blob = field(default=Blob(b""), metadata=artifact_file("ckpt_best_compiled_outputs.pt"))
 
     def outputs(self, split: str) -> pd.DataFrame:
         return getattr(self, f"outputs_{split}")
@@ -289,3 +312,4 @@ class Classifications(JsonRecord):
     sequence_output: str  # "" without per-sequence outputs
     unknown_column: str = ""  # the output's column flagging unknowns ("": the model has no unknowns' threshold)
     num_unknown: int = 0
+    outputs: dict[str, str] = field(default_factory=dict)  # a multi-output model's: {output: its file's store key}

@@ -26,17 +26,35 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler
 
 from animl_assets.core.ml.data import CropDataset, batch_mix, eval_transform, resolve_device, train_transform
-from animl_assets.core.ml.frames import SPLITS, top_ks
-from animl_assets.core.ml.models import build_model, head, set_finetune, unwrap
+from animl_assets.core.ml.frames import SPLITS, output_index_column, top_ks
+from animl_assets.core.ml.models import (
+    MultiHead,
+    build_model,
+    checkpoint_weights,
+    head,
+    head_parameters,
+    model_from_checkpoint,
+    set_finetune,
+    unwrap,
+)
 from animl_assets.core.ml.recipe import BEST, EFFICIENTNETS, LAST, LITE0, Checkpoints, FitResult, TrainingParams
 
 
 def init_model(params: TrainingParams, num_classes: int, pretrained: bool | str | Mapping[str, Any] = False
                ) -> nn.Module:
-    """The model to train, its new layers initialised from ``params.seed``."""
+    """The model to train, its new layers initialised from ``params.seed``: with extra ``params.outputs`` a
+    ``MultiHead``, whose heads start from the initial checkpoint's where it has them at the same size."""
     torch.manual_seed(params.seed)
-    return build_model(params.model_name, num_classes, pretrained=pretrained, finetune=params.finetune > 0,
-                       image_size=params.image_size)
+    model = build_model(params.model_name, num_classes, pretrained=pretrained, finetune=params.finetune > 0,
+                        image_size=params.image_size)
+    if not params.outputs:
+        return model
+    multi = MultiHead(model, params.outputs)
+    kept = pretrained.get("heads", {}) if isinstance(pretrained, Mapping) else {}
+    own = multi.heads.state_dict()
+    multi.heads.load_state_dict({k: v for k, v in kept.items() if k in own and own[k].shape == v.shape}, strict=False)
+    set_finetune(multi, params.finetune > 0)
+    return multi
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -81,7 +99,8 @@ def make_loaders(frame: pd.DataFrame, crops_root: str | Path, params: TrainingPa
         if rows.empty:
             continue
         train = split == "train"
-        dataset = CropDataset(crops_root, rows["path"], rows["label_index"], rows["weight"],
+        labels = rows[["label_index", *map(output_index_column, params.outputs)]].to_numpy()
+        dataset = CropDataset(crops_root, rows["path"], labels if params.outputs else labels[:, 0], rows["weight"],
                               train_transform(params.preprocessing, params.augment if params.modern else "reference")
                               if train else eval_transform(params.preprocessing))
         weights = dataset.weights if train and (params.label_weighted or params.weight_by_detection_conf) else None
@@ -125,6 +144,69 @@ class Totals:
                 "acc_weighted_top3": weighted_top3 / weight, "count": sums[0].item()}
 
 
+class OutputLoss:
+    """The extra outputs' part of a multi-output model's loss: each head's cross-entropy (class-balanced where
+    ``class_weights`` give weights; a missing label, -1, left out) times its weight, summed per crop; and the
+    running sums of their per-epoch loss and top-1 (``count``, ``loss``, ``hits`` per output)."""
+
+    def __init__(self, num_species: int, sizes: Mapping[str, int], weights: Mapping[str, float],
+                 class_weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.names, self.weights = list(sizes), {name: float(weights.get(name, 1.0)) for name in sizes}
+        ends = torch.tensor([num_species, *sizes.values()]).cumsum(0).tolist()
+        self.columns = dict(zip(self.names, zip(ends[:-1], ends[1:])))
+        self.class_weights = dict(class_weights or {})
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(len(logits), device=logits.device)
+        for number, name in enumerate(self.names, start=1):
+            start, end = self.columns[name]
+            weight = self.class_weights.get(name)
+            total = total + self.weights[name] * nn.functional.cross_entropy(
+                logits[:, start:end], labels[:, number], reduction="none", ignore_index=-1,
+                weight=None if weight is None else weight.to(logits.device))
+        return total
+
+    def sums(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(len(self.names), 3, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, sums: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        for number, name in enumerate(self.names, start=1):
+            start, end = self.columns[name]
+            y, known = labels[:, number], labels[:, number] >= 0
+            if known.any():
+                part = logits[known, start:end].float()
+                loss = nn.functional.cross_entropy(part, y[known], reduction="sum")
+                hits = (part.argmax(dim=1) == y[known]).sum()
+                sums[number - 1] += torch.stack([known.sum().double(), loss.double(), hits.double()])
+
+    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        sums = sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        found = {}
+        for name, (count, loss, hits) in zip(self.names, sums.tolist()):
+            found |= {f"{name}/count": count, f"{name}/loss": loss / max(count, 1.0),
+                      f"{name}/acc_top1": hits / max(count, 1.0)}
+        return found
+
+
+def output_loss(frame: pd.DataFrame, params: TrainingParams, num_species: int) -> OutputLoss | None:
+    """The extra outputs' loss of a training (None without extra outputs); with ``label_weighted`` each output's
+    classes are weighted by their inverse frequency among the train crops that have a value."""
+    if not params.outputs:
+        return None
+    train, class_weights = frame[frame["split"] == "train"], {}
+    for name, size in params.outputs.items():
+        values = train[output_index_column(name)]
+        counts = torch.bincount(torch.tensor(values[values >= 0].to_numpy(), dtype=torch.long), minlength=size).double()
+        if params.label_weighted and counts.sum() > 0:
+            present = counts > 0
+            class_weights[name] = torch.where(present, counts.sum() / (present.sum() * counts.clamp(min=1)),
+                                              torch.zeros_like(counts)).float()
+    return OutputLoss(num_species, params.outputs, params.output_weights, class_weights)
+
+
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
     dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=amp and device.type == "cuda")
@@ -152,19 +234,26 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     scaler: torch.amp.GradScaler, device: torch.device, *, amp: bool = True,
                     channels_last: bool = False, head_only: bool = False, step: StepRecipe = StepRecipe(),
                     progress: Callable[[int, int, dict[str, float]], None] | None = None,
-                    progress_every: int = 50) -> dict[str, float]:
+                    progress_every: int = 50, outputs: OutputLoss | None = None) -> dict[str, float]:
     """One pass over ``loader`` updating ``model``; loss is unweighted (the sampler balances labels, as the
-    reference). ``head_only``: BN and dropout stay in eval mode (the reference's fine-tune). Accuracy counts
-    the unmixed labels. Returns the epoch's metrics and ``crops_per_s``."""
+    reference), plus the extra ``outputs``' loss of a multi-output model. ``head_only``: BN and dropout stay in
+    eval mode (the reference's fine-tune). Accuracy counts the unmixed labels. Returns the epoch's metrics
+    (each extra output's as ``<output>/...``) and ``crops_per_s``."""
     model.train(not head_only)
     loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=step.label_smoothing)
-    totals = Totals(head(model).out_features, device)
+    species = head(model).out_features
+    totals = Totals(species, device)
+    output_sums = outputs.sums(device) if outputs is not None else None
     started, batches = time.perf_counter(), len(loader)
-    for number, (images, labels, weights) in enumerate(_batches(loader, device, channels_last), start=1):
+    for number, (images, all_labels, weights) in enumerate(_batches(loader, device, channels_last), start=1):
+        labels = all_labels[:, 0] if all_labels.ndim > 1 else all_labels
         images, targets = step.mix(images, labels) if step.mix is not None else (images, labels)
         with _autocast(device, amp):
-            logits = model(images)
+            all_logits = model(images)
+            logits = all_logits[:, :species]
             losses = loss_fn(logits.float(), targets)
+            if outputs is not None:
+                losses = losses + outputs(all_logits.float(), all_labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses.mean()).backward()
         if step.grad_clip > 0:
@@ -175,28 +264,37 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if step.after_step is not None:
             step.after_step()
         totals.add(logits.detach(), labels, weights, losses.detach())
+        if outputs is not None:
+            outputs.add(output_sums, all_logits.detach(), all_labels)
         if progress is not None and progress_every and number % progress_every == 0 and number < batches:
             done = totals.sums[0].item()
             progress(number, batches, {"loss": totals.sums[1].item() / done,
                                        "crops_per_s": done / (time.perf_counter() - started)})
-    metrics = totals.metrics()
+    metrics = totals.metrics() | (outputs.metrics(output_sums) if outputs is not None else {})
     metrics["crops_per_s"] = metrics["count"] / (time.perf_counter() - started)
     return metrics
 
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool = True,
-             channels_last: bool = False) -> dict[str, float]:
-    """Loss and top-k accuracy of ``model`` over ``loader``, plain and sample-weighted, with ``crops_per_s``."""
+             channels_last: bool = False, outputs: OutputLoss | None = None) -> dict[str, float]:
+    """Loss and top-k accuracy of ``model`` over ``loader``, plain and sample-weighted, with ``crops_per_s``;
+    a multi-output model's extra ``outputs`` as ``<output>/loss`` and ``<output>/acc_top1``."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="none")
-    totals = Totals(head(model).out_features, device)
+    species = head(model).out_features
+    totals = Totals(species, device)
+    output_sums = outputs.sums(device) if outputs is not None else None
     started = time.perf_counter()
-    for images, labels, weights in _batches(loader, device, channels_last):
+    for images, all_labels, weights in _batches(loader, device, channels_last):
+        labels = all_labels[:, 0] if all_labels.ndim > 1 else all_labels
         with _autocast(device, amp):
-            logits = model(images).float()
+            all_logits = model(images).float()
+        logits = all_logits[:, :species]
         totals.add(logits, labels, weights, loss_fn(logits, labels))
-    metrics = totals.metrics()
+        if outputs is not None:
+            outputs.add(output_sums, all_logits, all_labels)
+    metrics = totals.metrics() | (outputs.metrics(output_sums) if outputs is not None else {})
     metrics["crops_per_s"] = metrics["count"] / (time.perf_counter() - started)
     return metrics
 
@@ -213,7 +311,7 @@ def make_optimizer(model: nn.Module, params: TrainingParams, device: torch.devic
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     lr = params.learning_rate
     if params.modern:
-        head_ids = {id(p) for p in head(model).parameters()}
+        head_ids = {id(p) for p in head_parameters(model)}
         body_lr = lr * (params.body_lr_scale if pretrained_body else 1.0)
         groups = [{"params": [p for p in model.parameters()
                               if (id(p) in head_ids) == is_head and (p.ndim > 1) == decays],
@@ -267,7 +365,7 @@ def train_classifier(frame: pd.DataFrame, crops_root: str | Path, num_classes: i
     loaders = make_loaders(frame, crops_root, params, device)
     model = init_model(params, num_classes, init)
     return fit(model, loaders, params, checkpoints, device, resume=resume, pretrained_body=init is not False,
-               on_epoch=on_epoch, progress=progress)
+               on_epoch=on_epoch, progress=progress, outputs=output_loss(frame, params, num_classes))
 
 
 def evaluate_checkpoint(checkpoint: Mapping[str, Any], frame: pd.DataFrame, crops_root: str | Path,
@@ -277,11 +375,11 @@ def evaluate_checkpoint(checkpoint: Mapping[str, Any], frame: pd.DataFrame, crop
     if rows.empty:
         return {}
     device = resolve_device(params.device)
-    model = build_model(params.model_name, num_classes, image_size=params.image_size)
-    model.load_state_dict(checkpoint["model"])
+    model = model_from_checkpoint(checkpoint, params.model_name, num_classes, params.image_size)
     model.to(device, memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
     loader = make_loaders(rows, crops_root, params, device)[split]
-    return validate(model, loader, device, amp=params.amp, channels_last=params.channels_last)
+    return validate(model, loader, device, amp=params.amp, channels_last=params.channels_last,
+                    outputs=output_loss(frame, params, num_classes))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -297,20 +395,22 @@ def _restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _score(metrics: Mapping[str, float], prefix: str = "val") -> tuple[float, float]:
+def _score(metrics: Mapping[str, float], prefix: str = "val", output: str = "species") -> tuple[float, float]:
     """A higher val top-1, or the same with a lower val loss: on a small val set top-1 saturates early, and
-    the reference's strict ``>`` would keep the first epoch that reached it."""
-    return metrics[f"{prefix}/acc_top1"], -metrics[f"{prefix}/loss"]
+    the reference's strict ``>`` would keep the first epoch that reached it. ``output``: the species head's,
+    or an extra output's."""
+    name = prefix if output == "species" else f"{prefix}/{output}"
+    return metrics[f"{name}/acc_top1"], -metrics[f"{name}/loss"]
 
 
-def _ema_better(metrics: Mapping[str, float]) -> bool:
+def _ema_better(metrics: Mapping[str, float], output: str = "species") -> bool:
     """Whether an epoch's EMA validated better than its raw weights (False when it was not validated)."""
-    return "val_ema/loss" in metrics and _score(metrics, "val_ema") > _score(metrics)
+    return "val_ema/loss" in metrics and _score(metrics, "val_ema", output) > _score(metrics, "val", output)
 
 
-def _epoch_score(metrics: Mapping[str, float]) -> tuple[float, float]:
+def _epoch_score(metrics: Mapping[str, float], output: str = "species") -> tuple[float, float]:
     """An epoch's score: that of its raw weights or of their EMA, whichever is better."""
-    return _score(metrics, "val_ema" if _ema_better(metrics) else "val")
+    return _score(metrics, "val_ema" if _ema_better(metrics, output) else "val", output)
 
 
 def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
@@ -325,7 +425,7 @@ def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
 def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingParams, checkpoints: Checkpoints,
         device: torch.device, *, resume: bool = True, pretrained_body: bool = False,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
-        progress: Callable[[str], None] | None = None) -> FitResult:
+        progress: Callable[[str], None] | None = None, outputs: OutputLoss | None = None) -> FitResult:
     """Train for up to ``params.epochs`` epochs, validating after each and keeping the best on val top-1 (ties:
     lower val loss); stop when it has not improved for ``params.patience`` epochs. With an EMA (``modern``)
     both the raw weights and their average are validated (``val/`` and ``val_ema/``) and the better is the
@@ -334,7 +434,8 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
     ``best.pt`` when it improved; with ``resume`` an existing ``last.pt`` is continued from the next epoch, so
     a killed run ends with the weights an uninterrupted one would have (same seed, same device). Under DDP
     only rank 0 writes and reports; metrics are summed over ranks. ``pretrained_body``: the body starts from
-    trained weights (it learns at ``body_lr_scale`` of the head's rate)."""
+    trained weights (it learns at ``body_lr_scale`` of the head's rate). A multi-output model trains its extra
+    ``outputs`` too; ``params.early_stopping_output`` picks the output whose val score keeps the best epoch."""
     started = time.perf_counter()
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     model.to(device, memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
@@ -366,15 +467,16 @@ def fit(model: nn.Module, loaders: Mapping[str, DataLoader], params: TrainingPar
 
         train = train_one_epoch(trained, loader, optimizer, scaler, device, amp=params.amp,
                                 channels_last=params.channels_last, head_only=epoch < params.finetune, step=step,
-                                progress=report, progress_every=params.progress_every)
+                                progress=report, progress_every=params.progress_every, outputs=outputs)
         metrics = {"epoch": epoch, "lr": lr, **{f"train/{k}": v for k, v in train.items()},
-                   **_validation(model, ema, loaders, device, params, train)}
+                   **_validation(model, ema, loaders, device, params, train, outputs)}
         if not per_batch:
             scheduler.step()
         history.append(metrics)
         best_metrics = next((m for m in history if m["epoch"] == best_epoch), None)
-        improved = best_metrics is None or _epoch_score(metrics) > _epoch_score(best_metrics)
-        state = {"epoch": epoch, "val/acc": 100 * _epoch_score(metrics)[0], **_weights(model, ema, metrics),
+        output = params.early_stopping_output
+        improved = best_metrics is None or _epoch_score(metrics, output) > _epoch_score(best_metrics, output)
+        state = {"epoch": epoch, "val/acc": 100 * _epoch_score(metrics)[0], **_weights(model, ema, metrics, output),
                  "optimizer": optimizer.state_dict()}
         if improved:  # a copy: state_dict() tensors are the live, still-training weights
             best, best_epoch = copy.deepcopy(state), epoch
@@ -429,23 +531,26 @@ def _step_recipe(params: TrainingParams, num_classes: int, scheduler: LRSchedule
 
 
 def _validation(model: nn.Module, ema: AveragedModel | None, loaders: Mapping[str, DataLoader],
-                device: torch.device, params: TrainingParams, train: Mapping[str, float]) -> dict[str, float]:
+                device: torch.device, params: TrainingParams, train: Mapping[str, float],
+                outputs: OutputLoss | None = None) -> dict[str, float]:
     """``val/`` metrics of the raw weights and ``val_ema/`` of their EMA (the train metrics without val)."""
     if "val" not in loaders:
         return {f"val/{k}": v for k, v in train.items()}
     run = functools.partial(validate, loader=loaders["val"], device=device, amp=params.amp,
-                            channels_last=params.channels_last)
+                            channels_last=params.channels_last, outputs=outputs)
     metrics = {f"val/{k}": v for k, v in run(model).items()}
     if ema is not None:
         metrics |= {f"val_ema/{k}": v for k, v in run(ema.module).items()}
     return metrics
 
 
-def _weights(model: nn.Module, ema: AveragedModel | None, metrics: Mapping[str, float]) -> dict[str, Any]:
+def _weights(model: nn.Module, ema: AveragedModel | None, metrics: Mapping[str, float],
+             output: str = "species") -> dict[str, Any]:
     """An epoch's model for ``best.pt``: the raw weights, or their EMA when it validated better (``weights``
-    says which; one copy, so ``best.pt`` stays the reference's size)."""
+    says which; one copy, so ``best.pt`` stays the reference's size). ``checkpoint_weights``' layout: the
+    species classifier as ``model``, a multi-output model's extra heads beside it."""
     if ema is None:
-        return {"model": unwrap(model).state_dict()}
-    if _ema_better(metrics):
-        return {"model": ema.module.state_dict(), "weights": "ema"}
-    return {"model": unwrap(model).state_dict(), "weights": "raw"}
+        return checkpoint_weights(model)
+    if _ema_better(metrics, output):
+        return {**checkpoint_weights(ema.module), "weights": "ema"}
+    return {**checkpoint_weights(model), "weights": "raw"}

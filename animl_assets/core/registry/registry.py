@@ -74,9 +74,13 @@ class ModelFiles:
     exported: bytes = b""  # the torch.export program
     open_set: dict[str, Any] = field(default_factory=dict)  # open_set.json: the unknowns' threshold ({}: none)
     prediction_profile: dict[str, Any] = field(default_factory=dict)  # its test predictions, for drift
+    # a multi-output model: the TorchScript model of every head and each extra output's label index
+    outputs_torchscript: bytes = b""
+    output_index: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 ONNX_FILE, EXPORT_FILE = "model.onnx", "model.pt2"
+OUTPUTS_FILE, OUTPUT_INDEX_FILE = "model_compiled_outputs.pt", "output_index.json"
 
 
 def preprocessing(prep: Preprocessing) -> dict[str, Any]:
@@ -110,6 +114,8 @@ def log_model(client: MlflowClient, run_id: str, files: ModelFiles, example: byt
                      "params": ("params.json", files.params), "checkpoint": ("ckpt_best.pt", files.checkpoint),
                      **({"onnx": (ONNX_FILE, files.onnx)} if files.onnx else {}),
                      **({"torch_export": (EXPORT_FILE, files.exported)} if files.exported else {}),
+                     **({"outputs_torchscript": (OUTPUTS_FILE, files.outputs_torchscript),
+                         "output_index": (OUTPUT_INDEX_FILE, files.output_index)} if files.output_index else {}),
                      **{key: (f"{key}.json", value) for key, value in (("open_set", files.open_set),
                                                                        ("prediction_profile", files.prediction_profile))
                         if value}}
@@ -218,7 +224,8 @@ def model_files(tracking_uri: str, version: ModelVersion) -> ModelFiles:
                           load("preprocessing.json"), load("thresholds.json"), load("params.json"),
                           (folder / "ckpt_best.pt").read_bytes(), optional(ONNX_FILE), optional(EXPORT_FILE),
                           json.loads(optional("open_set.json") or b"{}"),
-                          json.loads(optional("prediction_profile.json") or b"{}"))
+                          json.loads(optional("prediction_profile.json") or b"{}"), optional(OUTPUTS_FILE),
+                          json.loads(optional(OUTPUT_INDEX_FILE) or b"{}"))
 
 
 def promote(client: MlflowClient, name: str, version: str, how: str, reason: str = "") -> str | None:

@@ -79,4 +79,27 @@ def merge_classifications(md: Mapping[str, Any], outputs: pd.DataFrame, labels: 
     return merged, unmatched
 
 
+def add_outputs(merged: dict[str, Any], outputs: Mapping[str, pd.DataFrame]) -> int:
+    """A multi-output model's extra outputs into merged batch output (in place): each cropped detection gets
+    ``outputs: {output: [class, conf]}`` (the most probable class, confidence rounded to 4 decimals) beside its
+    ``classifications``, and ``info.classifier_outputs`` lists each output's classes. ``outputs``: per output, a
+    ``path`` column of crop names and one probability column per class. Returns the detections given outputs."""
+    images = {image["file"]: image for image in merged["images"]}
+    merged["info"]["classifier_outputs"] = {name: [c for c in frame.columns if c != "path"]
+                                            for name, frame in outputs.items()}
+    given = set()
+    for name, frame in outputs.items():
+        classes = [c for c in frame.columns if c != "path"]
+        probs = frame[classes].to_numpy(dtype=float)
+        best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+        for row, crop in enumerate(frame["path"]):
+            file, detection = crop_source(crop)
+            detections = (images.get(file) or {}).get("detections") or []
+            if detection < len(detections):
+                found = detections[detection].setdefault("outputs", {})
+                found[name] = [classes[best[row]], round(float(probs[row, best[row]]), 4)]
+                given.add((file, detection))
+    return len(given)
+
+
 # ---- mislabeled candidates and corrections ----------------------------------------------------------------
