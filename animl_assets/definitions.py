@@ -8,6 +8,9 @@ import dagster as dg
 from animl_assets.assets import (
     ALL_ASSETS,
     DATASET_ASSETS,
+    EMPTY_CHECKS,
+    EMPTY_PER_EXPORT_ASSETS,
+    EMPTY_TRAINING_ASSETS,
     PER_EXPORT_ASSETS,
     REVIEW_ACROSS_EXPORTS,
     REVIEW_ASSETS,
@@ -35,6 +38,9 @@ TRAIN_JOB = "train_classifier"
 COMPARE_JOB = "compare_models"
 CLASSIFY_JOB = "classify_export"
 RETRAIN_JOB = "retrain_classifier"
+EMPTY_FRAMES_JOB = "empty_frames"
+EMPTY_TRAIN_JOB = "train_empty_model"
+EMPTY_SCORE_JOB = "score_empties"
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -66,10 +72,20 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         description="A new dataset version across exports, its splits, and a classifier trained on them (from the "
                     "champion when the schedule starts it), evaluated, registered and gated.",
     )
+    empty_jobs = [
+        dg.define_asset_job(EMPTY_FRAMES_JOB, selection=dg.AssetSelection.assets(EMPTY_PER_EXPORT_ASSETS[0]),
+                            description="One export's images as whole frames with their empty-or-not labels."),
+        dg.define_asset_job(EMPTY_TRAIN_JOB, selection=dg.AssetSelection.assets(*EMPTY_TRAINING_ASSETS),
+                            description="The empty-or-not model on whole frames: dataset, splits by location, "
+                                        "training, evaluation, registration as animl-empty and its champion gate."),
+        dg.define_asset_job(EMPTY_SCORE_JOB, selection=dg.AssetSelection.assets(*EMPTY_PER_EXPORT_ASSETS),
+                            description="One export's images scored empty or not by the animl-empty champion, "
+                                        "before any detection: set aside, or ranked for review."),
+    ]
     return dg.Definitions(
         assets=ALL_ASSETS,
-        asset_checks=TRAINING_CHECKS,
-        jobs=[ingest_job, dataset_job, train_job, compare_job, classify_job, retrain_job],
+        asset_checks=[*TRAINING_CHECKS, *EMPTY_CHECKS],
+        jobs=[ingest_job, dataset_job, train_job, compare_job, classify_job, retrain_job, *empty_jobs],
         sensors=[make_new_exports_sensor(ingest_job),
                  make_automation_sensor(dg.AssetSelection.assets(*REVIEW_ASSETS)), end_dead_runs_sensor,
                  make_drift_sensor(retrain_job)],

@@ -142,15 +142,15 @@ def image_metadata(store: Store, key: str, png: bytes, name: str, alt: str) -> d
     return {name: thumbnail_markdown(png, alt), f"{name}_path": location(store.uri(key))}
 
 
-def cached_crops(storage: ArtifactStore, paths: Sequence[str]) -> tuple[Path, dict[str, Any]]:
-    """A local folder holding each of ``paths`` (``<partition folder>/<crop>``, as in classification_ds.csv):
-    the store's own crops folder when it is local; for S3, the explicit cache ``$ANIML_HOME/cache/crops``,
-    filled with exactly these crops through the transfer pool (only those missing are fetched). Returns the
-    folder and metadata saying what the cache holds."""
+def cached_crops(storage: ArtifactStore, paths: Sequence[str], folder: str = "crops") -> tuple[Path, dict[str, Any]]:
+    """A local folder holding each of ``paths`` (``<partition folder>/<crop>``, as in classification_ds.csv) of
+    the store's ``folder`` (crops, or the empty-or-not model's whole frames): the store's own folder when it is
+    local; for S3, the explicit cache ``$ANIML_HOME/cache/<folder>``, filled with exactly these files through the
+    transfer pool (only those missing are fetched). Returns the folder and metadata saying what the cache holds."""
     store = storage.store()
     if isinstance(store, LocalStore):
-        return store.root / "crops", {}
-    root = storage.cache("crops")
-    report = cache_files(store.child("crops"), list(paths), root)
+        return store.root / folder, {}
+    root = storage.cache(folder)
+    report = cache_files(store.child(folder), list(paths), root)
     return root, {"crop_cache": location(str(root)), "crop_cache_bytes": report.bytes,
                   "crops_fetched": report.fetched, "crops_cached_before": report.reused}

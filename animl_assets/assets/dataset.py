@@ -351,17 +351,9 @@ class SplitsConfig(dg.Config):
                                   "put in one split.")
 
 
-@stage_asset(group_name="dataset", kinds={"json"},
-    check_specs=[
-        dg.AssetCheckSpec("no_location_leakage", asset="splits", blocking=True,
-                          description="Every (dataset, location) is in exactly one split."),
-        dg.AssetCheckSpec("every_label_in_every_split", asset="splits", blocking=True,
-                          description="Each label has crops in train, val and test."),
-    ],)
-def splits(config: SplitsConfig, classification_dataset: DatasetVersion, storage: ArtifactStore
-           ) -> Iterator[dg.Output | dg.AssetCheckResult]:
-    """``splits.json``: (dataset, location) pairs for train, val and test, from one dataset version; locations
-    that share a sequence (from the exports) go to one split."""
+def split_dataset(config: SplitsConfig, classification_dataset: DatasetVersion, storage: ArtifactStore
+                  ) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    """The splits of one dataset version of the asset's family (``splits_asset``)."""
     ds, test_locations = classification_dataset.classification_ds, classification_dataset.match_test_locations
     test_frac = 0.0 if test_locations else config.test_frac
     linked = linked_locations(ds, export_sequences(storage, sorted(ds["dataset"].unique()), ds["path"],
@@ -388,3 +380,18 @@ def splits(config: SplitsConfig, classification_dataset: DatasetVersion, storage
     yield dg.AssetCheckResult(check_name="every_label_in_every_split", passed=not missing,
                               severity=dg.AssetCheckSeverity.ERROR,
                               metadata={"labels_that_cannot_be_placed": dg.MetadataValue.json(missing)})
+
+
+def splits_asset(name: str, dataset: str, group_name: str, description: str) -> dg.AssetsDefinition:
+    """``split_dataset`` as the splits asset ``name`` of the dataset asset ``dataset``, with its blocking checks."""
+    return stage_asset(name=name, group_name=group_name, kinds={"json"}, description=description,
+                       ins={"classification_dataset": dg.AssetIn(dataset)}, check_specs=[
+                           dg.AssetCheckSpec("no_location_leakage", asset=name, blocking=True,
+                                             description="Every (dataset, location) is in exactly one split."),
+                           dg.AssetCheckSpec("every_label_in_every_split", asset=name, blocking=True,
+                                             description="Each label has crops in train, val and test.")])(split_dataset)
+
+
+splits = splits_asset("splits", "classification_dataset", "dataset", (
+    "splits.json: (dataset, location) pairs for train, val and test, from one dataset version; locations that share "
+    "a sequence (from the exports) go to one split."))

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from animl_assets.assets.artifacts import cached_crops, image_metadata, location, stage_asset, stop, table
 from animl_assets.assets.exports import export_sequences
+from animl_assets.assets.families import CLASSIFIER, ModelFamily, family_of
 from animl_assets.core.artifact_files import Blob, value_version
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.layout import version_folder
@@ -57,11 +58,18 @@ class EvaluationConfig(dg.Config):
                                   "of the val crops (all of known classes) known; classifications flags crops below it.")
 
 
+def checkpoint_family(params: dict[str, Any]) -> ModelFamily:
+    """The model family a checkpoint's ``params.json`` belongs to (its ``dataset_asset``; the classifier's
+    without one)."""
+    return family_of(params.get("dataset_asset", CLASSIFIER.dataset))
+
+
 def dataset_crops(storage: ArtifactStore, params: dict[str, Any]) -> tuple[DatasetVersion, Path]:
     """The dataset version a checkpoint was trained on (its ``params.json`` names it) and a local folder
-    holding its crops."""
-    dataset = storage.load("classification_dataset", version=params["dataset_version"])
-    return dataset, cached_crops(storage, dataset.classification_ds["path"].astype(str).tolist())[0]
+    holding its crops (or whole frames)."""
+    family = checkpoint_family(params)
+    dataset = storage.load(family.dataset, version=params["dataset_version"])
+    return dataset, cached_crops(storage, dataset.classification_ds["path"].astype(str).tolist(), family.images)[0]
 
 
 def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.DataFrame, Path, pd.DataFrame]:
@@ -69,7 +77,7 @@ def training_data(storage: ArtifactStore, params: dict[str, Any]) -> tuple[pd.Da
     that can be read (weighted as in training; no detection-confidence weights, as the reference), with the
     local crops folder and the crops left out (missing or unreadable, with why)."""
     dataset, crops_root = dataset_crops(storage, params)
-    splits = storage.load("splits", version=params["splits_version"])
+    splits = storage.load(checkpoint_family(params).splits, version=params["splits_version"])
     frame, left_out = trainable_frame(dataset.classification_ds, dataset.label_index, splits, crops_root,
                                       bool(params["label_weighted"]), output_index=dataset.output_index)
     return frame, crops_root, left_out
@@ -105,19 +113,10 @@ def evaluation_figures(result: Evaluation, crops_root: Path, errors_per_label: i
     return figures
 
 
-# besides the checkpoint it evaluates: the dataset and splits versions that checkpoint names, and the exports'
-# sequences, read through ArtifactStore.load
-READS = ["classification_dataset", "splits", "cct_export"]
-
-
-@stage_asset(gpu=True, group_name="evaluation", kinds={"pytorch", "mlflow"}, deps=READS)
-def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig,
-                          classifier_checkpoint: TrainedClassifier, storage: ArtifactStore,
-                          mlflow: MlflowTracking) -> Iterator[dg.Output]:
-    """The best checkpoint on the train, val and test splits it was trained with: ``outputs_{split}.csv.gz``,
-    ``overall_metrics.csv``, ``confusion_matrices.npz``, ``label_stats.csv`` (the reference's), the
-    TorchScript model and its ONNX and torch.export forms (each checked against the eager one), per-label F1
-    and thresholds, and plots, also logged to the training's MLflow run."""
+def evaluate_model(context: dg.AssetExecutionContext, config: EvaluationConfig,
+                   classifier_checkpoint: TrainedClassifier, storage: ArtifactStore,
+                   mlflow: MlflowTracking) -> Iterator[dg.Output]:
+    """The best checkpoint of the asset's family on its splits (``evaluation_asset``)."""
     from animl_assets.core.ml import evaluation as ev
     from animl_assets.core.ml.data import resolve_device
     from animl_assets.core.ml.models import model_from_checkpoint, species_model
@@ -144,8 +143,9 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
     sequences = export_sequences(storage, sorted(frame["dataset"].unique()), test["path"], config.sequence_gap_s)
     known = test[test["path"].isin(sequences.keys())]
     sequence_acc = sequence_top1(known, result.names, sequences)
-    version = value_version(result, "classifier_evaluation")
-    folder = version_folder("classifier_evaluation", version)
+    family = family_of(context.asset_key.path[-1])
+    version = value_version(result, family.evaluation)
+    folder = version_folder(family.evaluation, version)
     figures = evaluation_figures(result, crops_root, config.errors_per_label)
     figure_metadata: dict[str, Any] = {}
     for name, png in figures.items():
@@ -162,6 +162,7 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         **{f"test_{k}": round(v, 4) for k, v in ev.as_fractions(test_metrics).items() if v == v},
         **{f"test_{k}": round(v, 4) for k, v in test_summary.items() if k.startswith("macro") and v == v},
         **({"test_sequence_acc_top1": round(sequence_acc, 4)} if sequence_acc == sequence_acc else {}),
+        **({"test_auroc": round(auroc, 4)} if (auroc := ev.binary_auroc(test, result.names)) == auroc else {}),
         "num_test_sequences": int(pd.Series(list(sequences.values())).nunique()) if sequences else 0,
         "overall_metrics": table(result.overall_metrics.round(4)),
         "per_label_test": table(test_report.round(4)),
@@ -175,13 +176,30 @@ def classifier_evaluation(context: dg.AssetExecutionContext, config: EvaluationC
         **{f"num_{split}_crops": len(result.outputs(split)) for split in SPLITS},
         "num_missing_crops": len(missing),
         **figure_metadata,
-        "checkpoint_version": value_version(checkpoint, "classifier_checkpoint"),
+        "checkpoint_version": value_version(checkpoint, family.checkpoint),
         "dataset_version": params["dataset_version"], "splits_version": params["splits_version"],
         **_model_locations(store, folder, config.portable),
         "mlflow_run_id": run_id or "",
         **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
         "seconds": round(time.perf_counter() - started, 1),
     })
+
+
+# besides the checkpoint it evaluates: the dataset and splits versions that checkpoint names, and the exports'
+# sequences, read through ArtifactStore.load
+def evaluation_asset(family: ModelFamily, description: str) -> dg.AssetsDefinition:
+    """``evaluate_model`` as the family's evaluation asset."""
+    return stage_asset(name=family.evaluation, gpu=True, group_name="evaluation" if family is CLASSIFIER else "empty",
+                       kinds={"pytorch", "mlflow"}, deps=[family.dataset, family.splits, "cct_export"],
+                       ins={"classifier_checkpoint": dg.AssetIn(family.checkpoint)},
+                       description=description)(evaluate_model)
+
+
+classifier_evaluation = evaluation_asset(CLASSIFIER, (
+    "The best checkpoint on the train, val and test splits it was trained with: outputs_{split}.csv.gz, "
+    "overall_metrics.csv, confusion_matrices.npz, label_stats.csv (the reference's), the TorchScript model and its "
+    "ONNX and torch.export forms (each checked against the eager one), per-label F1 and thresholds, and plots, also "
+    "logged to the training's MLflow run; a multi-output model's files per extra output."))
 
 
 def _evaluate_outputs(result: Evaluation, model: "torch.nn.Module", frame: pd.DataFrame, crops_root: Path,

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from animl_assets.assets.artifacts import stage_asset, stage_check, stop, table
 from animl_assets.assets.evaluation import dataset_crops, registered_scores
+from animl_assets.assets.families import CLASSIFIER, EMPTY_MODEL, ModelFamily, family_of
 from animl_assets.assets.training import training_recipe
 from animl_assets.core.artifact_files import torch_bytes, value_version
 from animl_assets.core.ml.frames import Preprocessing
@@ -26,7 +27,9 @@ GATE_METRICS = ("acc_top1", "macro_recall")
 class RegistryConfig(dg.Config):
     """Where the model is registered and what it must do to replace the champion."""
 
-    model_name: str = Field(default=registry.DEFAULT_MODEL, description="The registered model's name.")
+    model_name: str = Field(default="", description="The registered model's name; empty: the model family's "
+                            f"({registry.DEFAULT_MODEL} for the species classifier, {EMPTY_MODEL} for the "
+                            "empty-or-not model).")
     gate_margin: float = Field(default=0.0, ge=-1, le=1, description="How much a new version must beat the "
                                "champion by on the same test split, on both top-1 accuracy and macro recall "
                                "(fractions; 0: at least as good, ties go to the newer model).")
@@ -43,31 +46,30 @@ def _repair(context: dg.AssetExecutionContext, client: Any, name: str) -> None:
         context.log.warning(f"{name}: {line}")
 
 
-def _lineage_tags(checkpoint: TrainedClassifier, evaluation: Evaluation, exports: list[str],
+def _lineage_tags(family: ModelFamily, checkpoint: TrainedClassifier, evaluation: Evaluation, exports: list[str],
                   dagster_run_id: str) -> dict[str, str]:
     params = checkpoint.params
     return {"animl.dataset_version": params["dataset_version"], "animl.splits_version": params["splits_version"],
-            "animl.checkpoint_version": value_version(checkpoint, "classifier_checkpoint"),
-            "animl.evaluation_version": value_version(evaluation, "classifier_evaluation"),
+            "animl.checkpoint_version": value_version(checkpoint, family.checkpoint),
+            "animl.evaluation_version": value_version(evaluation, family.evaluation),
             "animl.exports": ",".join(exports), registry.DAGSTER_RUN_TAG: dagster_run_id,
             "animl.training_run_id": params.get("mlflow_run_id") or "", "animl.model_name": params["model_name"],
             "animl.image_size": str(params["image_size"]),
             registry.TRAINING_CONFIG_TAG: json.dumps(training_recipe(params), sort_keys=True)}
 
 
-@stage_asset(group_name="registry", kinds={"mlflow"})
-def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
-                     classifier_evaluation: Evaluation, classifier_checkpoint: TrainedClassifier,
-                     storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
-    """The evaluated model as a new version of the registered model (a pyfunc that predicts class
-    probabilities for a batch of crops, with its TorchScript file, labels, preprocessing, thresholds and
-    params), tagged with its lineage and aliased ``challenger`` until the champion gate promotes it."""
+def register_model(context: dg.AssetExecutionContext, config: RegistryConfig,
+                   classifier_evaluation: Evaluation, classifier_checkpoint: TrainedClassifier,
+                   storage: ArtifactStore, mlflow: MlflowTracking) -> Iterator[dg.Output]:
+    """The evaluated model of the asset's family as a new version of its registered model (``registered_asset``)."""
     from animl_assets.core.ml import evaluation as ev
 
+    family = family_of(context.asset_key.path[-1])
+    model_name = config.model_name or family.registry_name
     evaluation, checkpoint = classifier_evaluation, classifier_checkpoint
     if evaluation.params != checkpoint.params:
-        raise stop("classifier_evaluation is not of the latest classifier_checkpoint: materialize "
-                   "classifier_evaluation first")
+        raise stop(f"{family.evaluation} is not of the latest {family.checkpoint}: materialize "
+                   f"{family.evaluation} first")
     dataset, crops_root = dataset_crops(storage, checkpoint.params)
     example_path = next(iter(evaluation.outputs_test["path"]), None) or dataset.classification_ds["path"].iloc[0]
     files = registry.ModelFiles(bytes(evaluation.compiled), evaluation.label_index,
@@ -76,27 +78,27 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryConfig,
                                 bytes(evaluation.exported), evaluation.open_set, evaluation.prediction_profile,
                                 bytes(evaluation.compiled_outputs), evaluation.output_index)
     client = mlflow.client()
-    _repair(context, client, config.model_name)
+    _repair(context, client, model_name)
     run_id = checkpoint.params.get("mlflow_run_id")
     if not run_id:
         raise stop("the checkpoint names no MLflow run (params.json mlflow_run_id): retrain it")
     exports = sorted(dataset.classification_ds["dataset"].unique())
     source = registry.log_model(client, run_id, files, (crops_root / example_path).read_bytes())
     test = ev.summary_row(evaluation.outputs_test, evaluation.names) if len(evaluation.outputs_test) else {}
-    tags = _lineage_tags(checkpoint, evaluation, exports, context.run.run_id) | {
+    tags = _lineage_tags(family, checkpoint, evaluation, exports, context.run.run_id) | {
         f"animl.test_{k}": f"{test[k]:.4f}" for k in GATE_METRICS if k in test}
-    version = registry.register(client, config.model_name, source, run_id, tags,
+    version = registry.register(client, model_name, source, run_id, tags,
                                 description=f"{checkpoint.params['model_name']} on dataset "
                                             f"{checkpoint.params['dataset_version']}")
-    client.set_registered_model_alias(config.model_name, registry.CHALLENGER, str(version.version))
-    value = registry.RegisteredVersion(config.model_name, str(version.version), source, run_id, config.gate_margin,
+    client.set_registered_model_alias(model_name, registry.CHALLENGER, str(version.version))
+    value = registry.RegisteredVersion(model_name, str(version.version), source, run_id, config.gate_margin,
                                        {k: test.get(k) for k in GATE_METRICS},
-                                       f"models:/{config.model_name}/{version.version}", tags)
-    data_version = value_version(value, "registered_model")
-    client.set_model_version_tag(config.model_name, str(version.version), registry.REGISTERED_TAG, data_version)
-    context.log.info(f"registered {config.model_name} version {version.version} (alias challenger)")
+                                       f"models:/{model_name}/{version.version}", tags)
+    data_version = value_version(value, family.registered)
+    client.set_model_version_tag(model_name, str(version.version), registry.REGISTERED_TAG, data_version)
+    context.log.info(f"registered {model_name} version {version.version} (alias challenger)")
     yield dg.Output(value, data_version=dg.DataVersion(data_version), metadata={
-        "model_name": config.model_name, "model_version": int(version.version),
+        "model_name": model_name, "model_version": int(version.version),
         "model_uri": value.model_uri, "alias": registry.CHALLENGER,
         "runtimes": ", ".join(["torchscript", *(["onnx", "torch.export"] if files.onnx else [])]),
         **({"outputs": dg.MetadataValue.json(["species", *files.output_index])} if files.output_index else {}),
@@ -116,12 +118,9 @@ def _comparison(new: dict[str, float], champion: dict[str, float], margin: float
     return passed, rows
 
 
-@stage_check(asset=registered_model, blocking=True, additional_ins={"classifier_evaluation": dg.AssetIn()},
-             description="The new version beats the current champion on the same test split (top-1 and macro "
-                         "recall, by the configured margin); the first version passes. Blocks promotion. "
-                         "Fails closed: a registry that cannot be asked for the champion fails the check.")
-def beats_champion(registered_model: registry.RegisteredVersion, classifier_evaluation: Evaluation,
-                   storage: ArtifactStore, mlflow: MlflowTracking) -> dg.AssetCheckResult:
+def compare_with_champion(registered_model: registry.RegisteredVersion, classifier_evaluation: Evaluation,
+                          storage: ArtifactStore, mlflow: MlflowTracking) -> dg.AssetCheckResult:
+    """The gate (``gate_check``): the new version against its registered model's champion on the same test split."""
     from animl_assets.core.ml.data import resolve_device
 
     value, evaluation = registered_model, classifier_evaluation
@@ -150,17 +149,50 @@ def beats_champion(registered_model: registry.RegisteredVersion, classifier_eval
     })
 
 
-@stage_asset(group_name="registry", kinds={"mlflow"})
-def champion_model(context: dg.AssetExecutionContext, registered_model: registry.RegisteredVersion,
-                   mlflow: MlflowTracking) -> dg.Output[registry.Champion]:
-    """The registered model's ``champion`` alias, moved to the new version once ``beats_champion`` passed
-    (``animl promote`` moves it by hand)."""
+def promote_champion(context: dg.AssetExecutionContext, registered_model: registry.RegisteredVersion,
+                     mlflow: MlflowTracking) -> dg.Output[registry.Champion]:
+    """The registered model's ``champion`` alias, moved to the new version (``champion_asset``)."""
     name, version = registered_model.name, registered_model.version
     client = mlflow.client()
     _repair(context, client, name)
     previous = registry.promote(client, name, version, how="gate")
     context.log.info(f"{name} version {version} is champion (was: {previous or 'none'})")
     value = registry.Champion(name, version, previous, "gate", f"models:/{name}@{registry.CHAMPION}")
-    return dg.Output(value, data_version=dg.DataVersion(value_version(value, "champion_model")), metadata={
+    family = family_of(context.asset_key.path[-1])
+    return dg.Output(value, data_version=dg.DataVersion(value_version(value, family.champion)), metadata={
         "model_name": name, "champion_version": int(version), "replaced_version": previous or "",
         "model_uri": value.model_uri})
+
+
+def registered_asset(family: ModelFamily, description: str) -> dg.AssetsDefinition:
+    """``register_model`` as the family's registration asset."""
+    return stage_asset(name=family.registered, group_name="registry" if family is CLASSIFIER else "empty",
+                       kinds={"mlflow"}, description=description,
+                       ins={"classifier_evaluation": dg.AssetIn(family.evaluation),
+                            "classifier_checkpoint": dg.AssetIn(family.checkpoint)})(register_model)
+
+
+def gate_check(family: ModelFamily, registered: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
+    """The family's blocking ``beats_champion`` check on its registration asset."""
+    return stage_check(asset=registered, name="beats_champion", blocking=True,
+                       additional_ins={"classifier_evaluation": dg.AssetIn(family.evaluation)},
+                       description="The new version beats the current champion on the same test split (top-1 and "
+                                   "macro recall, by the configured margin); the first version passes. Blocks "
+                                   "promotion. Fails closed: a registry that cannot be asked for the champion fails "
+                                   "the check.")(compare_with_champion)
+
+
+def champion_asset(family: ModelFamily) -> dg.AssetsDefinition:
+    """``promote_champion`` as the family's champion asset, after its registration asset."""
+    return stage_asset(name=family.champion, group_name="registry" if family is CLASSIFIER else "empty",
+                       kinds={"mlflow"}, ins={"registered_model": dg.AssetIn(family.registered)},
+                       description="The registered model's champion alias, moved to the new version once "
+                                   "beats_champion passed (animl promote moves it by hand).")(promote_champion)
+
+
+registered_model = registered_asset(CLASSIFIER, (
+    "The evaluated model as a new version of the registered model (a pyfunc that predicts class probabilities for a "
+    "batch of crops, with its TorchScript file, labels, preprocessing, thresholds and params), tagged with its "
+    "lineage and aliased challenger until the champion gate promotes it."))
+beats_champion = gate_check(CLASSIFIER, registered_model)
+champion_model = champion_asset(CLASSIFIER)

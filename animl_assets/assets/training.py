@@ -24,6 +24,7 @@ from animl_assets.assets.artifacts import (
     stop,
     table,
 )
+from animl_assets.assets.families import CLASSIFIER, EMPTY_MODEL, ModelFamily, family_of
 from animl_assets.core.artifact_files import (
     NOT_A_CHECKPOINT,
     TorchFile,
@@ -34,7 +35,6 @@ from animl_assets.core.artifact_files import (
 )
 from animl_assets.core.dataset.classification import DatasetVersion
 from animl_assets.core.files import atomic_write
-from animl_assets.core.detect.crops import CropManifest
 from animl_assets.core.layout import training_folder, version_file, version_folder
 from animl_assets.core.ml.frames import trainable_frame
 from animl_assets.core.ml.plots import learning_curve
@@ -82,8 +82,9 @@ class TrainingConfig(dg.Config):
     init_from: Literal["", "champion"] = Field(default="", description="champion: start from the registry's "
                                                                        "current champion model (its checkpoint; "
                                                                        "the head is replaced when labels differ).")
-    registry_name: str = Field(default=registry.DEFAULT_MODEL, description="The registered model init_from "
-                                                                             "reads.")
+    registry_name: str = Field(default="", description="The registered model init_from reads; empty: the model "
+                               f"family's ({registry.DEFAULT_MODEL} for the species classifier, {EMPTY_MODEL} for "
+                               "the empty-or-not model).")
     class_mapping: str = Field(default="", description="init_from: champion: a class-mapping JSON (path or s3:// URI), "
                                "{new_class: [old classes]} for the species or {species: {...}, <output>: {...}}: "
                                "each new class's head row starts from its old classes' (Panthera's "
@@ -163,16 +164,16 @@ def training_recipe(params: dict[str, Any]) -> dict[str, Any]:
     return {k: params[k] for k in TrainingConfig.model_fields if k in params and k not in NOT_RECIPE}
 
 
-def _champion_checkpoint(config: TrainingConfig, storage: ArtifactStore, mlflow: MlflowTracking,
+def _champion_checkpoint(config: TrainingConfig, family: ModelFamily, storage: ArtifactStore, mlflow: MlflowTracking,
                          dataset: DatasetVersion) -> tuple[Any, str, dict[str, Any]]:
     """The registry champion's checkpoint with its heads rewritten for the dataset's classes, by name and through
     the class mapping (``core.ml.transfer``); its fingerprint; and where each class's head row starts from."""
     from animl_assets.core.ml.transfer import ClassMappingError, parse_class_mapping, transfer_checkpoint
 
-    client = mlflow.client()
-    champion = registry.by_alias(client, config.registry_name, registry.CHAMPION)
+    client, name = mlflow.client(), config.registry_name or family.registry_name
+    champion = registry.by_alias(client, name, registry.CHAMPION)
     if champion is None:
-        raise stop(f"init_from: champion, but {config.registry_name!r} has no champion yet: train from "
+        raise stop(f"init_from: champion, but {name!r} has no champion yet: train from "
                    "pretrained weights first (the first registered version becomes champion)")
     files = registry.model_files(mlflow.uri, champion)
     if files.params.get("model_name") != config.model_name:
@@ -190,12 +191,12 @@ def _champion_checkpoint(config: TrainingConfig, storage: ArtifactStore, mlflow:
     return weights, fingerprint + (f":mapping:{config_key(mapping)}" if mapping else ""), sources
 
 
-def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: MlflowTracking,
+def _initial_weights(config: TrainingConfig, family: ModelFamily, storage: ArtifactStore, mlflow: MlflowTracking,
                      dataset: DatasetVersion) -> tuple[Any, str, dict[str, Any]]:
     """What the model starts from, a fingerprint of it for the resume key and, from a champion, where each
     class's head row starts from."""
     if config.init_from == "champion":
-        return _champion_checkpoint(config, storage, mlflow, dataset)
+        return _champion_checkpoint(config, family, storage, mlflow, dataset)
     if config.class_mapping:
         raise stop("class_mapping maps a champion's classes: it needs init_from: champion")
     return (*_pretrained_weights(config, storage), {})
@@ -300,6 +301,7 @@ class TrainingInputs:
     """One training, checked: its parameters, the frame it trains on and what was left out of it."""
 
     params: TrainingParams
+    family: ModelFamily
     dataset_version: str
     splits_version: str
     partitions: list[str]
@@ -313,8 +315,9 @@ class TrainingInputs:
         return {split: int(n) for split, n in self.frame.groupby("split").size().items()}
 
 
-def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, dataset: DatasetVersion,
-                     splits: dict[str, list[list[str]]], storage: ArtifactStore) -> TrainingInputs:
+def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, family: ModelFamily,
+                     dataset: DatasetVersion, splits: dict[str, list[list[str]]], storage: ArtifactStore
+                     ) -> TrainingInputs:
     """The dataset framed by split (readable crops only), or a stop when the splits belong to another dataset
     or leave train or val empty."""
     try:
@@ -323,13 +326,13 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
     except ValueError as err:
         raise stop(str(err)) from err
     ds = dataset.classification_ds
-    dataset_version, splits_version = value_version(dataset, "classification_dataset"), value_version(splits, "splits")
-    made_from = read_from(context.instance, "splits", splits_version, "classification_dataset")
+    dataset_version, splits_version = value_version(dataset, family.dataset), value_version(splits, family.splits)
+    made_from = read_from(context.instance, family.splits, splits_version, family.dataset)
     if made_from and dataset_version not in made_from:
-        raise stop(f"splits {splits_version} were made from classification_dataset {sorted(made_from)[0]}, not from "
-                   f"{dataset_version}, the dataset this training reads: materialize splits first")
+        raise stop(f"{family.splits} {splits_version} were made from {family.dataset} {sorted(made_from)[0]}, not "
+                   f"from {dataset_version}, the dataset this training reads: materialize {family.splits} first")
     partitions = sorted(ds["dataset"].unique())
-    crops_root, cache = cached_crops(storage, ds["path"].astype(str).tolist())
+    crops_root, cache = cached_crops(storage, ds["path"].astype(str).tolist(), family.images)
     try:
         frame, missing = trainable_frame(ds, dataset.label_index, splits, crops_root, params.label_weighted,
                                          params.weight_by_detection_conf, _calibration(config, storage),
@@ -339,7 +342,8 @@ def _training_inputs(context: dg.AssetExecutionContext, config: TrainingConfig, 
     if len(missing):
         counts = missing["problem"].value_counts().to_dict()
         context.log.warning(f"{len(missing)} crops of the dataset under {crops_root} are left out: {counts}")
-    inputs = TrainingInputs(params, dataset_version, splits_version, partitions, crops_root, frame, missing, cache)
+    inputs = TrainingInputs(params, family, dataset_version, splits_version, partitions, crops_root, frame, missing,
+                            cache)
     if not inputs.counts.get("train") or not inputs.counts.get("val"):
         raise stop(f"training needs crops in train and val; the splits hold {inputs.counts}")
     return inputs
@@ -349,18 +353,20 @@ def _log_inputs(client: Any, run_id: str, config: TrainingConfig, inputs: Traini
                 store: Store, checkpoints: Checkpoints, dagster_run_id: str,
                 transferred: dict[str, Any] | None = None) -> dict[str, Any]:
     """``params.json`` of this training, logged to its MLflow run with the dataset and splits as inputs."""
-    dataset_uri = store.uri(version_folder("classification_dataset", inputs.dataset_version))
-    splits_uri = store.uri(version_file("splits", inputs.splits_version, "splits.json"))
+    family = inputs.family
+    dataset_uri = store.uri(version_folder(family.dataset, inputs.dataset_version))
+    splits_uri = store.uri(version_file(family.splits, inputs.splits_version, f"{family.splits}.json"))
     versions = {"dataset_version": inputs.dataset_version, "splits_version": inputs.splits_version,
                 "init_from": config.init_from, "dagster_run_id": dagster_run_id, "mlflow_run_id": run_id,
-                **({"class_mapping": config.class_mapping, "transferred_from": transferred} if transferred else {})}
+                **({"class_mapping": config.class_mapping, "transferred_from": transferred} if transferred else {}),
+                **({"dataset_asset": family.dataset} if family is not CLASSIFIER else {})}
     params_json = reference_params(inputs.params, config.pretrained, dataset_uri, splits_uri, str(inputs.crops_root),
                                    checkpoints.uri(""), versions)
     tracking.log_params(client, run_id, {k: v for k, v in params_json.items()
                                          if k not in ("dagster_run_id", "mlflow_run_id", "transferred_from")})
-    tracking.log_dataset(client, run_id, "classification_dataset", inputs.dataset_version, dataset_uri,
+    tracking.log_dataset(client, run_id, family.dataset, inputs.dataset_version, dataset_uri,
                          {"num_rows": len(dataset.classification_ds), "num_labels": len(dataset.label_index)})
-    tracking.log_dataset(client, run_id, "splits", inputs.splits_version, splits_uri,
+    tracking.log_dataset(client, run_id, family.splits, inputs.splits_version, splits_uri,
                          {"crops_per_split": inputs.counts})
     return params_json
 
@@ -392,27 +398,27 @@ def _fit(context: dg.AssetExecutionContext, config: TrainingConfig, inputs: Trai
         raise stop(str(err)) from err
 
 
-@stage_asset(gpu=True, group_name="training", kinds={"pytorch", "mlflow"}, pool="gpu")
-def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
-                          crops: dict[str, CropManifest], classification_dataset: DatasetVersion,
-                          splits: dict[str, list[list[str]]], storage: ArtifactStore,
-                          mlflow: MlflowTracking) -> Iterator[dg.Output]:
-    """An EfficientNet or ResNet trained on the crops of one dataset version with its splits: the best-on-val
-    checkpoint (reference layout) with ``params.json`` and ``label_index.json``. Every epoch is checkpointed;
-    a re-materialization of the same config and data resumes. One MLflow run per materialization."""
+def train_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, crops: dict[str, Any],
+                     classification_dataset: DatasetVersion, splits: dict[str, list[list[str]]], storage: ArtifactStore,
+                     mlflow: MlflowTracking) -> Iterator[dg.Output]:
+    """A model of the asset's family trained on one dataset version with its splits (``checkpoint_asset``);
+    ``crops``: the family's per-export files (crops, or whole frames)."""
     from animl_assets.core.ml.training import evaluate_checkpoint
 
     store, started = storage.store(), time.perf_counter()
-    inputs = _training_inputs(context, config, classification_dataset, splits, storage)
+    family = family_of(context.asset_key.path[-1])
+    inputs = _training_inputs(context, config, family, classification_dataset, splits, storage)
     params = inputs.params
     label_index = classification_dataset.label_index
-    init, init_fingerprint, transferred = _initial_weights(config, storage, mlflow, classification_dataset)
+    init, init_fingerprint, transferred = _initial_weights(config, family, storage, mlflow, classification_dataset)
     key = resume_key(params, inputs.dataset_version, inputs.splits_version,
-                     {p: value_version(crops[p], "crops") for p in inputs.partitions if p in crops}, init_fingerprint)
+                     {p: value_version(crops[p], family.images) for p in inputs.partitions if p in crops},
+                     init_fingerprint)
     checkpoints = Checkpoints(store, training_folder(key))
     client = mlflow.client()
-    experiment = tracking.experiment_id(client, f"animl/{params.model_name}", mlflow.artifact_root)
-    lineage_tags = {"dagster.asset": "classifier_checkpoint", "animl.dataset_version": inputs.dataset_version,
+    experiment_name = f"{family.experiment}/{params.model_name}"
+    experiment = tracking.experiment_id(client, experiment_name, mlflow.artifact_root)
+    lineage_tags = {"dagster.asset": family.checkpoint, "animl.dataset_version": inputs.dataset_version,
                     "animl.splits_version": inputs.splits_version, "animl.exports": ",".join(inputs.partitions),
                     tracking.TRAINING_KEY_TAG: key}
     # a re-execution (e.g. after a lost pod) has a new run id but the same root: it continues the same MLflow run
@@ -423,7 +429,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         params_json = _log_inputs(client, run_id, config, inputs, classification_dataset, store, checkpoints,
                                   context.run.run_id, transferred)
         context.log.info(f"MLflow run {run_id} ({'continued' if reopened else 'new'}) in experiment "
-                         f"animl/{params.model_name}; checkpoints at {checkpoints.uri('')}")
+                         f"{experiment_name}; checkpoints at {checkpoints.uri('')}")
         result = _fit(context, config, inputs, len(label_index), init, checkpoints, storage, mlflow, client, run_id)
         test = evaluate_checkpoint(result.best, inputs.frame, inputs.crops_root, len(label_index), params)
         best_epoch = int(result.best["epoch"])
@@ -432,7 +438,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
                                               **{f"test/{k}": v for k, v in test.items() if k != "count"}}, best_epoch)
         value = TrainedClassifier(TorchFile(result.best), params_json, label_index, pd.DataFrame(result.history),
                                   classification_dataset.output_index)
-        version = value_version(value, "classifier_checkpoint")
+        version = value_version(value, family.checkpoint)
         curve = learning_curve(result.history, best_epoch)
         tracking.log_artifacts(client, run_id, "checkpoint", {
             "ckpt_best.pt": torch_bytes(result.best), "params.json": json.dumps(params_json, indent=1).encode(),
@@ -442,7 +448,7 @@ def classifier_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     yield dg.Output(value, data_version=dg.DataVersion(version), metadata={
         **_checkpoint_metadata(params, result, test, inputs, store, version, curve),
         "training_key": key, "seconds": round(time.perf_counter() - started, 1), **inputs.cache,
-        "mlflow_run_id": run_id, "mlflow_experiment": f"animl/{params.model_name}",
+        "mlflow_run_id": run_id, "mlflow_experiment": experiment_name,
         "mlflow_tracking_uri": redact_credentials(mlflow.uri),
         **({"mlflow_run": dg.MetadataValue.url(url)} if url else {}),
     })
@@ -452,7 +458,7 @@ def _checkpoint_metadata(params: TrainingParams, result: FitResult, test: dict[s
                          store: Store, version: str, curve: bytes) -> dict[str, Any]:
     """The checkpoint's metadata in the event log: the training's figures, its history and what it left out."""
     history, missing = pd.DataFrame(result.history), inputs.missing
-    folder = version_folder("classifier_checkpoint", version)
+    folder = version_folder(inputs.family.checkpoint, version)
     return {
         "model_name": params.model_name, "image_size": params.image_size,
         "best_epoch": int(result.best["epoch"]), "epochs_run": len(result.history),
@@ -474,3 +480,17 @@ def _checkpoint_metadata(params: TrainingParams, result: FitResult, test: dict[s
         "last_epoch_val_acc_top1": round(result.history[-1]["val/acc_top1"], 4),
     }
 
+
+
+def checkpoint_asset(family: ModelFamily, description: str) -> dg.AssetsDefinition:
+    """``train_checkpoint`` as the family's checkpoint asset, reading the family's files, dataset and splits."""
+    return stage_asset(name=family.checkpoint, gpu=True, group_name="training" if family is CLASSIFIER else "empty",
+                       kinds={"pytorch", "mlflow"}, pool="gpu", description=description,
+                       ins={"crops": dg.AssetIn(family.images), "classification_dataset": dg.AssetIn(family.dataset),
+                            "splits": dg.AssetIn(family.splits)})(train_checkpoint)
+
+
+classifier_checkpoint = checkpoint_asset(CLASSIFIER, (
+    "An EfficientNet, ResNet or timm model trained on the crops of one dataset version with its splits: the "
+    "best-on-val checkpoint (reference layout) with params.json and label_index.json. Every epoch is checkpointed; "
+    "a re-materialization of the same config and data resumes. One MLflow run per materialization."))

@@ -164,6 +164,14 @@ def label_report(outputs: pd.DataFrame, names: Sequence[str], split: str) -> pd.
     return rows
 
 
+def binary_auroc(outputs: pd.DataFrame, names: Sequence[str]) -> float:
+    """A two-label model's ROC AUC for its second label (e.g. ``not_empty``) against the first; NaN for other
+    models or a split with one label only."""
+    if len(names) != 2 or outputs["label"].nunique() != 2:
+        return float("nan")
+    return float(skm.roc_auc_score(outputs["label"] == names[1], outputs[names[1]]))
+
+
 def macro_recall(outputs: pd.DataFrame, names: Sequence[str]) -> float:
     """Mean recall over the labels with crops in ``outputs`` (scikit-learn's balanced accuracy)."""
     y, probs, _ = _arrays(outputs, names)

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from animl_assets.core.dataset.empty import frame_image
 from animl_assets.core.layout import partition_folder
 from animl_assets.core.ingest.cct import export_profile, image_camera, image_location
 from animl_assets.core.review.merge import CROP_MARK
@@ -59,8 +60,9 @@ def sequence_ids(images: Iterable[Mapping[str, Any]], gap_s: float = 60.0) -> di
 
 
 def crop_image(path: str) -> str:
-    """The image a crop path (``…/<file>___cropNN_<detector>.jpg``) was cut from."""
-    return path.rpartition(CROP_MARK)[0]
+    """The image a crop path (``…/<file>___cropNN_<detector>.jpg``) was cut from, or a whole frame's
+    (``…/<file>___frame.jpg``, the empty-or-not model's) was made from."""
+    return path.rpartition(CROP_MARK)[0] or frame_image(path)
 
 
 def crop_sequences(images_by_partition: Mapping[str, Iterable[Mapping[str, Any]]], crops: Iterable[str],
