@@ -38,7 +38,7 @@ TRAIN_JOB = "train_classifier"
 COMPARE_JOB = "compare_models"
 CLASSIFY_JOB = "classify_export"
 RETRAIN_JOB = "retrain_classifier"
-EMPTY_FRAMES_JOB = "empty_frames"
+EMPTY_FRAMES_JOB = "make_empty_frames"
 EMPTY_TRAIN_JOB = "train_empty_model"
 EMPTY_SCORE_JOB = "score_empties"
 

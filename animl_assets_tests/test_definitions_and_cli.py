@@ -10,7 +10,17 @@ import dagster as dg
 import pytest
 
 from animl_assets.cli import main
-from animl_assets.definitions import CLASSIFY_JOB, COMPARE_JOB, DATASET_JOB, INGEST_JOB, TRAIN_JOB, build_definitions
+from animl_assets.definitions import (
+    CLASSIFY_JOB,
+    COMPARE_JOB,
+    DATASET_JOB,
+    EMPTY_FRAMES_JOB,
+    EMPTY_SCORE_JOB,
+    EMPTY_TRAIN_JOB,
+    INGEST_JOB,
+    TRAIN_JOB,
+    build_definitions,
+)
 from animl_assets.resources.storage import LocalStore, S3Store
 from animl_assets.settings import Settings
 from animl_assets_tests.conftest import REPO
@@ -25,7 +35,9 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
     assert {key.to_user_string() for key in defs.resolve_all_asset_keys()} == {
         "cct_export", "images", "md_detections", "crops", "classification_dataset", "splits", "classifier_checkpoint",
         "classifier_evaluation", "registered_model", "champion_model", "model_comparison", "classifications",
-        "classified_detections", "mislabeled_candidates", "review_queue"}
+        "classified_detections", "mislabeled_candidates", "review_queue", "empty_frames", "empty_dataset",
+        "empty_splits", "empty_checkpoint", "empty_evaluation", "registered_empty_model", "empty_champion",
+        "empty_scores"}
     assert repo.has_job(INGEST_JOB) and repo.has_job(TRAIN_JOB) and repo.has_sensor_def("new_exports")
     assert {key.to_user_string() for key in defs.resolve_asset_graph().asset_check_keys} == {
         "cct_export:schema", "cct_export:unique_ids", "cct_export:references", "cct_export:bboxes",
@@ -33,8 +45,10 @@ def test_definitions_load_with_no_configuration(tmp_path, monkeypatch):
         "images:failure_rate", "md_detections:md_format", "crops:failure_rate",
         "classification_dataset:enough_labels_to_train", "splits:no_location_leakage",
         "splits:every_label_in_every_split", "registered_model:beats_champion", "classified_detections:md_format",
-        "classifications:drift"}
+        "classifications:drift", "empty_splits:no_location_leakage", "empty_splits:every_label_in_every_split",
+        "registered_empty_model:beats_champion"}
     assert repo.has_job(DATASET_JOB) and repo.has_job(COMPARE_JOB) and repo.has_job(CLASSIFY_JOB)
+    assert all(repo.has_job(job) for job in (EMPTY_FRAMES_JOB, EMPTY_TRAIN_JOB, EMPTY_SCORE_JOB))
     storage = defs.resources["storage"]
     assert storage.location == str(tmp_path / ".animl" / "artifacts")
     assert isinstance(storage.store(), LocalStore)

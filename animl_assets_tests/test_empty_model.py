@@ -118,3 +118,32 @@ def test_a_new_export_is_scored_before_detection_and_its_empties_ranked_first(em
     assert (top["export_label"] == EMPTY).mean() >= 0.8
     set_aside = scores[scores["set_aside"]]
     assert meta["num_set_aside"] == len(set_aside) > 0 and (set_aside["export_label"] == EMPTY).mean() >= 0.8
+
+
+def test_an_animl_export_gives_its_empties_and_its_reviewed_boxes(tmp_path):
+    from animl_assets.core.ingest.sample_animl import write_animl_export
+
+    export = json.loads(write_animl_export(tmp_path).path.read_text())
+    labels = frame_labels(export)
+    names = {c["id"]: c["name"] for c in export["categories"]}
+    by_image: dict = {}
+    for ann in export["annotations"]:
+        if ann.get("validated") is not False:
+            by_image.setdefault(ann["image_id"], set()).add(names[ann["category_id"]])
+    files = {image["id"]: image["file_name"] for image in export["images"]}
+    expected = {files[i]: NOT_EMPTY if found - {"empty"} else EMPTY for i, found in by_image.items()}
+    got = labels[labels["label"] != ""].set_index("file")["label"].to_dict()
+    assert got == expected and EMPTY in got.values() and NOT_EMPTY in got.values()
+    assert len(labels) == len(export["images"])  # images with no reviewed label stay, unlabelled
+
+
+def test_the_commands_refuse_what_they_cannot_do_in_one_line(tmp_path, monkeypatch, capsys):
+    from animl_assets.cli import main
+
+    monkeypatch.setenv("ANIML_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", "")
+    for command, expected in ((["train-empty"], "no exports registered yet"),
+                              (["score-empties", "nope"], "unknown partition 'nope'")):
+        assert main(command) == 2
+        stderr = capsys.readouterr().err
+        assert expected in stderr and len(stderr.strip().splitlines()) == 1, stderr

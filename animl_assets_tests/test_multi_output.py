@@ -188,3 +188,28 @@ def test_a_transfer_with_a_class_mapping_starts_other_exports_classes_from_the_c
     unmapped, _, unmapped_epoch = _transfer(settings, dagster_home)
     assert mapped["val/acc"] >= 75 and mapped_epoch["val/loss"] < 0.5
     assert unmapped_epoch["val/loss"] == pytest.approx(np.log(3), abs=0.01)
+
+
+def test_outputs_can_come_from_a_csv_beside_the_export(multi_home, tmp_path):
+    settings, dagster_home, partition, *_ = multi_home
+    export = json.loads(next((settings.home / "exports" / "sample").rglob("sample_export.json")).read_text())
+    files = sorted(image["file_name"] for image in export["images"] if image["file_name"].startswith("ridge/"))
+    counts = tmp_path / "counts.csv"
+    pd.DataFrame({"file": files, "count": [12 if "fox" in f else "" for f in files]}).to_csv(counts, index=False)
+    result = _run(settings, dagster_home, DATASET_JOB, classification_dataset={
+        "outputs": ["species", "count"], "exports": [partition], "outputs_csv": {partition: str(counts)}})
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        folder = latest_version(settings, instance, "classification_dataset")
+    ds = pd.read_csv(folder / "classification_ds.csv", dtype=str, keep_default_na=False)
+    assert list(ds.columns)[-1] == "count"
+    foxes = ds["path"].str.contains("/ridge/fox_")
+    assert foxes.any() and set(ds.loc[foxes, "count"]) == {"6+"} and set(ds.loc[~foxes, "count"]) == {""}
+    assert _materialized(result, "classification_dataset")["outputs"] == ["species", "count"]
+    missing = tmp_path / "bad.csv"
+    missing.write_text("file,size\nridge/fox_000.jpg,3\n")
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        failed = build_definitions(settings).resolve_job_def(DATASET_JOB).execute_in_process(
+            instance=instance, raise_on_error=False, run_config={"ops": {"classification_dataset": {"config": {
+                "outputs": ["species", "count"], "outputs_csv": {partition: str(missing)}}}}})
+    [failure] = failed.get_step_failure_events()
+    assert "lacks the columns ['count']" in failure.step_failure_data.error.to_string()

@@ -114,3 +114,17 @@ def test_mapped_rows_merge_old_classes_keep_names_and_start_unknown_ones_at_zero
     assert parse_class_mapping({"predator": ["fox"]}) == {"species": {"predator": ["fox"]}}
     with pytest.raises(ClassMappingError, match="neither species nor an output"):
         parse_class_mapping({"size": {"big": ["large"]}}, ["count"])
+
+
+def test_a_csv_beside_the_export_gives_values_per_image_or_per_image_and_class():
+    from animl_assets.core.dataset.outputs import csv_fields
+
+    crops = pd.DataFrame({"image": ["a.jpg", "a.jpg", "b.jpg"], "dataset_class": ["lion", "zebra", "lion"]})
+    per_image = csv_fields(b"file,count\na.jpg,3\nb.jpg,\n", ["count"], crops)
+    [count] = parse_outputs(["count"])
+    out, report = crop_outputs(crops, per_image, [count])
+    assert list(out["count"]) == ["3-5", "3-5", MISSING] and report["count"]["missing"] == 1
+    per_class = csv_fields(b"file,class,count\na.jpg,zebra,1\n", ["count"], crops)
+    assert list(crop_outputs(crops, per_class, [count])[0]["count"]) == [MISSING, "1", MISSING]
+    with pytest.raises(OutputSpecError, match="lacks the columns \\['count'\\]"):
+        csv_fields(b"file,size\na.jpg,1\n", ["count"], crops)

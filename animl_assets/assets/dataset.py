@@ -43,6 +43,7 @@ from animl_assets.core.dataset.outputs import (
     OutputSpecError,
     annotation_fields,
     crop_outputs,
+    csv_fields,
     output_counts,
     output_index,
     parse_outputs,
@@ -107,6 +108,9 @@ class DatasetConfig(dg.Config):
                                "left out of that output's loss, never a class.")
     output_bins: dict[str, list[int]] = Field(default={}, description="Numeric outputs binned by lower bounds "
                                               "(count's default [1, 2, 3, 6]: 1, 2, 3-5, 6+).")
+    outputs_csv: dict[str, str] = Field(default={}, description="Per export {partition: path or s3:// URI}: a CSV "
+                                        "of the outputs' values (file, optional class, one column per output) read "
+                                        "instead of that export's annotation fields.")
     output_values: dict[str, dict[str, str]] = Field(default={}, description="Outputs mapped value by value "
                                                      "({output: {raw value: class}}); values not listed are missing. "
                                                      "Flag-like fields are yes/no without one.")
@@ -188,13 +192,19 @@ def _crop_rows(partition: str, crops: CropManifest, detections: Detections, expo
 
 
 def _with_outputs(config: DatasetConfig, frame: pd.DataFrame, cct_export: dict[str, ExportArtifacts],
-                  ready: list[str]) -> tuple[pd.DataFrame, list[OutputSpec], dict[str, Any]]:
-    """The crop rows with a column per extra output, read from each export's annotations; the outputs' specs
-    and, per output, the crops whose value is missing or conflicting."""
+                  ready: list[str], storage: ArtifactStore) -> tuple[pd.DataFrame, list[OutputSpec], dict[str, Any]]:
+    """The crop rows with a column per extra output, read from each export's annotations (or the CSV beside
+    it, ``outputs_csv``); the outputs' specs and, per output, the crops whose value is missing or conflicting."""
     names = [name for name in config.outputs if name != SPECIES]
     if not names:
         return frame, [], {}
-    fields = {p: annotation_fields(cct_export[p].export, names) for p in ready}
+    if unknown := sorted(set(config.outputs_csv) - set(ready)):
+        raise stop(f"outputs_csv names exports that are not in the dataset: {unknown}")
+    try:
+        fields = {p: csv_fields(read_uri(config.outputs_csv[p], storage.s3), names, frame[frame["dataset"] == p])
+                  if p in config.outputs_csv else annotation_fields(cct_export[p].export, names) for p in ready}
+    except (OutputSpecError, OSError) as err:
+        raise stop(f"outputs_csv: {err}") from err
     seen = {name: pd.concat([f[name] for f in fields.values()]).tolist() for name in names}
     try:
         specs = parse_outputs(config.outputs, config.output_bins, config.output_values, seen)
@@ -279,7 +289,7 @@ def classification_dataset(context: dg.AssetExecutionContext, config: DatasetCon
     per_export = {p: _crop_rows(p, crops[p], md_detections[p], cct_export[p], config.ground_truth == "reviewed")
                   for p in ready}
     frame = pd.concat([rows for rows, _, _ in per_export.values()], ignore_index=True)
-    frame, output_specs, outputs_missing = _with_outputs(config, frame, cct_export, ready)
+    frame, output_specs, outputs_missing = _with_outputs(config, frame, cct_export, ready, storage)
     unreviewed = {p: left_out for p, (_, _, left_out) in per_export.items() if left_out}
     spec, mapping = _label_mapping(config, storage, set(zip(frame["dataset"], frame["dataset_class"]))
                                    - {(d, "") for d in ready})

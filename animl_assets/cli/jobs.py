@@ -161,14 +161,19 @@ def known_partitions() -> list[str]:
     return sorted(dg.DagsterInstance.get().get_dynamic_partitions(exports_partitions.name))
 
 
+def run_for_export(job_name: str, partition: str, run_config: dict | None = None) -> None:
+    """Run a per-export job for one registered partition."""
+    known = known_partitions()
+    if partition not in known:
+        raise CliError(f"unknown partition {partition!r}; known: {', '.join(known) or 'none (animl register one)'}")
+    run_job(job_name, partition, run_config)
+
+
 def materialize_export(partition: str, run_config: dict | None = None) -> None:
     """Run the per-export job for one partition."""
     from animl_assets.definitions import INGEST_JOB
 
-    known = known_partitions()
-    if partition not in known:
-        raise CliError(f"unknown partition {partition!r}; known: {', '.join(known) or 'none (animl register one)'}")
-    run_job(INGEST_JOB, partition, run_config)
+    run_for_export(INGEST_JOB, partition, run_config)
 
 
 def build_dataset(run_config: dict | None = None) -> None:
@@ -192,10 +197,31 @@ def classify_export(partition: str, run_config: dict | None = None) -> None:
     """classifications and classified_detections of one export (the champion by default)."""
     from animl_assets.definitions import CLASSIFY_JOB
 
-    known = known_partitions()
-    if partition not in known:
-        raise CliError(f"unknown partition {partition!r}; known: {', '.join(known) or 'none (animl register one)'}")
-    run_job(CLASSIFY_JOB, partition, run_config)
+    run_for_export(CLASSIFY_JOB, partition, run_config)
+
+
+def train_empty(run_config: dict | None = None) -> bool:
+    """Whole frames of every export that has none yet, then the empty-or-not model on them: dataset, splits,
+    training, evaluation, registration and the gate; True when the new version became champion."""
+    import dagster as dg
+
+    from animl_assets.assets.families import EMPTY
+    from animl_assets.definitions import EMPTY_FRAMES_JOB, EMPTY_TRAIN_JOB
+
+    partitions = known_partitions()
+    if not partitions:
+        raise CliError("no exports registered yet: animl register EXPORT (or animl demo) first")
+    done = dg.DagsterInstance.get().get_materialized_partitions(dg.AssetKey(EMPTY.images))
+    for partition in sorted(set(partitions) - set(done)):
+        run_job(EMPTY_FRAMES_JOB, partition, run_config)
+    return run_job(EMPTY_TRAIN_JOB, None, run_config, outcomes=(GATE_CHECK,))
+
+
+def score_empties(partition: str, run_config: dict | None = None) -> None:
+    """empty_frames and empty_scores of one export (the animl-empty champion by default)."""
+    from animl_assets.definitions import EMPTY_SCORE_JOB
+
+    run_for_export(EMPTY_SCORE_JOB, partition, run_config)
 
 
 def _with_run_config(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -232,8 +258,19 @@ def run_classify(args: argparse.Namespace, _settings: Settings) -> int:
     return 0
 
 
+def run_train_empty(args: argparse.Namespace, _settings: Settings) -> int:
+    train_empty(load_run_config(args.run_config))
+    return 0
+
+
+def run_score_empties(args: argparse.Namespace, _settings: Settings) -> int:
+    score_empties(args.partition, load_run_config(args.run_config))
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """``register``, ``materialize``, ``build-dataset``, ``train`` and ``classify``."""
+    """``register``, ``materialize``, ``build-dataset``, ``train``, ``classify``, ``train-empty`` and
+    ``score-empties``."""
     register = _with_run_config(commands.add_parser(
         "register", help="add an export (path or s3:// URI) as a partition and ingest it",
         description="Add an export as a partition of 'exports' and ingest it. An export outside the exports "
@@ -262,3 +299,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          "classifications (for Timelapse)"))
     classify.add_argument("partition")
     classify.set_defaults(func=run_classify)
+    empty = _with_run_config(commands.add_parser(
+        "train-empty", help="the empty-or-not model on whole frames of every export: frames, dataset, splits, "
+                            "training, evaluation, registration as animl-empty and its gate"))
+    empty.set_defaults(func=run_train_empty)
+    scores = _with_run_config(commands.add_parser(
+        "score-empties", help="score a partition's images empty or not with the animl-empty champion, before any "
+                              "detection (empty_scores.csv: set aside, or ranked for review)"))
+    scores.add_argument("partition")
+    scores.set_defaults(func=run_score_empties)

@@ -133,6 +133,24 @@ def annotation_fields(export: Mapping[str, Any], names: Sequence[str]) -> pd.Dat
     return pd.DataFrame(rows, columns=["image", "dataset_class", *names]).dropna(subset=["image"])
 
 
+def csv_fields(data: bytes, names: Sequence[str], classes: pd.DataFrame) -> pd.DataFrame:
+    """``annotation_fields``' rows from a CSV beside an export: ``file`` (or ``image``), optionally ``class``, and
+    a column per field in ``names``. Rows without a class hold for every class of their image in ``classes``
+    (``image, dataset_class``: the export's crops). Raises OutputSpecError naming missing columns."""
+    from animl_assets.core.tables import read_csv
+
+    frame = read_csv(data).rename(columns={"file": "image", "class": "dataset_class"})
+    missing = sorted({"image", *names} - set(frame.columns))
+    if missing:
+        raise OutputSpecError(f"the outputs CSV lacks the columns {missing} (it has {list(frame.columns)})")
+    frame = frame.astype({"image": str}).astype({name: object for name in names})
+    frame = frame.where(frame.notna(), None)
+    if "dataset_class" not in frame:
+        pairs = classes[["image", "dataset_class"]].astype(str).drop_duplicates()
+        frame = frame.merge(pairs, on="image", how="inner")
+    return frame[["image", "dataset_class", *names]]
+
+
 def crop_outputs(rows: pd.DataFrame, fields: pd.DataFrame, specs: Sequence[OutputSpec]
                  ) -> tuple[pd.DataFrame, dict[str, dict[str, int]]]:
     """``rows`` (with ``image`` and ``dataset_class``) with one column per extra output: the class of its
