@@ -14,7 +14,7 @@ from animl_assets.assets.dataset import READ_METADATA
 from animl_assets.assets.exports import exports_partitions
 from animl_assets.assets.inference import DRIFT_CHECK
 from animl_assets.core.registry import registry
-from animl_assets.core.registry.registry import TRAINING_CONFIG_TAG
+from animl_assets.core.registry.registry import OUTPUTS_TAG, TRAINING_CONFIG_TAG
 from animl_assets.lineage import DATA_VERSION_TAG, newest_record, records
 from animl_assets.resources.io_manager import INPUT_VERSION_TAG
 from animl_assets.resources.tracking import MlflowTracking
@@ -62,13 +62,17 @@ def exports_changed(instance: dg.DagsterInstance) -> list[str]:
 
 
 def retraining_run_config(champion: ModelVersion | None) -> dict[str, Any]:
-    """The champion's own training recipe (model, size, hyperparameters), warm-started from it; without a
-    champion, the training config's defaults."""
+    """The champion's own training recipe (model, size, hyperparameters, and a multi-output model's outputs),
+    warm-started from it; without a champion, the training config's defaults."""
     if champion is None:
         return {}
     recipe = json.loads(champion.tags.get(TRAINING_CONFIG_TAG) or "{}") or {
         "model_name": champion.tags.get("animl.model_name"), "image_size": int(champion.tags.get("animl.image_size") or 0)}
-    return {"ops": {"classifier_checkpoint": {"config": {**recipe, "init_from": "champion"}}}}
+    ops: dict[str, Any] = {"classifier_checkpoint": {"config": {**recipe, "init_from": "champion"}}}
+    outputs = json.loads(champion.tags.get(OUTPUTS_TAG) or "[]")
+    if outputs:  # a multi-output champion: the new dataset carries the same outputs
+        ops["classification_dataset"] = {"config": {"outputs": outputs}}
+    return {"ops": ops}
 
 
 def make_retraining_schedule(job: dg.JobDefinition | Any) -> dg.ScheduleDefinition:

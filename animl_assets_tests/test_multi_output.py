@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from animl_assets.automation import retraining_run_config
 from animl_assets.core.artifact_files import read_checkpoint
 from animl_assets.core.ingest.sample import write_sample_export
 from animl_assets.core.layout import partition_folder
@@ -122,6 +123,10 @@ def test_the_evaluation_writes_the_reference_files_per_output_and_the_gate_reads
     files = registry.model_files(tracking.embedded_tracking_uri(settings.home), champion)
     assert set(files.output_index) == set(EXTRA) and files.outputs_torchscript
     assert champion.tags["animl.test_acc_top1"] == f"{_materialized(train, 'classifier_evaluation')['test_acc_top1']:.4f}"
+    # the weekly or drift retraining builds its dataset with the champion's outputs, and trains its recipe
+    ops = retraining_run_config(champion)["ops"]
+    assert ops["classification_dataset"]["config"]["outputs"] == OUTPUTS
+    assert ops["classifier_checkpoint"]["config"]["output_weights"] == {"count": 0.5}
 
 
 def test_classification_writes_every_head_and_the_md_json_carries_them(multi_home):

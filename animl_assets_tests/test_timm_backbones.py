@@ -186,7 +186,7 @@ def test_a_weights_file_in_s3_is_copied_to_the_cache_for_timm_and_a_checkpoint_k
         tmp_path, moto_endpoint, s3_client, bucket):
     from dagster_aws.s3 import S3Resource
 
-    from animl_assets.assets.training import TrainingConfig, _initial_weights
+    from animl_assets.assets.training import TrainingConfig, _pretrained_weights
     from animl_assets.resources.storage import ArtifactStore
 
     source, path = _weights_file(tmp_path, "test_convnext", ".safetensors")
@@ -194,9 +194,9 @@ def test_a_weights_file_in_s3_is_copied_to_the_cache_for_timm_and_a_checkpoint_k
     storage = ArtifactStore(uri=f"s3://{bucket}/artifacts", home=str(tmp_path / "home"),
                             s3=S3Resource(endpoint_url=moto_endpoint))
     config = TrainingConfig(model_name="timm/test_convnext", pretrained=f"s3://{bucket}/weights/test_convnext.safetensors")
-    local, fingerprint = _initial_weights(config, storage, mlflow=None)
+    local, fingerprint = _pretrained_weights(config, storage)
     assert isinstance(local, str) and local.startswith(str(tmp_path / "home")) and len(fingerprint) == 64
-    assert _initial_weights(config, storage, mlflow=None) == (local, fingerprint)  # the same copy, the same key
+    assert _pretrained_weights(config, storage) == (local, fingerprint)  # the same copy, the same key
     model = build_model("timm/test_convnext", 1000, pretrained=local).eval()
     batch = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -205,21 +205,20 @@ def test_a_weights_file_in_s3_is_copied_to_the_cache_for_timm_and_a_checkpoint_k
     # this project's checkpoint of a timm model is a checkpoint, not a weights file: its head is kept
     trained = build_model("timm/test_convnext", 4)
     torch.save({"epoch": 3, "model": trained.state_dict()}, tmp_path / "ckpt_best.pt")
-    weights, _ = _initial_weights(TrainingConfig(model_name="timm/test_convnext", pretrained=str(tmp_path / "ckpt_best.pt")),
-                                  storage, mlflow=None)
+    weights, _ = _pretrained_weights(TrainingConfig(model_name="timm/test_convnext", pretrained=str(tmp_path / "ckpt_best.pt")),
+                                  storage)
     assert torch.equal(head(build_model("timm/test_convnext", 4, pretrained=weights)).weight, head(trained).weight)
 
 
 def test_a_weights_file_named_in_capitals_loads_and_one_that_is_not_a_weights_file_is_a_clear_stop(tmp_path):
-    from animl_assets.assets.training import TrainingConfig, _initial_weights
+    from animl_assets.assets.training import TrainingConfig, _pretrained_weights
     from animl_assets.resources.storage import ArtifactStore
 
     source, path = _weights_file(tmp_path, "test_convnext", ".safetensors")
     shouted = tmp_path / "TEST_CONVNEXT.SAFETENSORS"
     shouted.write_bytes(Path(path).read_bytes())
     storage = ArtifactStore(uri=str(tmp_path / "artifacts"), home=str(tmp_path / "home"))
-    local, _ = _initial_weights(TrainingConfig(model_name="timm/test_convnext", pretrained=str(shouted)), storage,
-                                mlflow=None)
+    local, _ = _pretrained_weights(TrainingConfig(model_name="timm/test_convnext", pretrained=str(shouted)), storage)
     model = build_model("timm/test_convnext", 1000, pretrained=local).eval()
     batch = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -229,4 +228,4 @@ def test_a_weights_file_named_in_capitals_loads_and_one_that_is_not_a_weights_fi
     junk.write_bytes(b"not a checkpoint at all" * 10)
     for model_name in ("timm/test_convnext", "efficientnet-b0"):
         with pytest.raises(dg.Failure, match="weights.pth' cannot be read"):
-            _initial_weights(TrainingConfig(model_name=model_name, pretrained=str(junk)), storage, mlflow=None)
+            _pretrained_weights(TrainingConfig(model_name=model_name, pretrained=str(junk)), storage)

@@ -5,7 +5,9 @@ each trained, evaluated and registered through the Definitions.
 
 A generated sample export with counts and behaviour flags (``animl sample-export --behaviours``; about 15% of each
 field missing) and ``--empties`` empty frames per location. Prints, per output, the test top-1 of the multi-output
-model beside the majority class's (what always guessing the commonest train class scores), then the empty-or-not
+model beside the majority class's (what always guessing the commonest train class scores) and its macro recall
+beside chance's (each output's classes are balanced in the loss, so macro recall is what it aims at), then the
+empty-or-not
 model's test ROC AUC and, on a second export it never saw (another seed), the AUROC of its scores against that
 export's labels and the share of its empties among the images it sets aside. The last line is JSON.
 """
@@ -85,10 +87,13 @@ def multi_output(home: Home, partition: str, training: dict) -> list[dict]:
         column = "label" if output == "species" else output
         train, test = (ds[(ds["split"] == s) & (ds[column] != "")] for s in ("train", "test"))
         majority = train[column].value_counts().idxmax()
-        name = "overall_metrics.csv" if output == "species" else f"overall_metrics_{output}.csv"
-        overall = pd.read_csv(home.artifact("classifier_evaluation", name)).set_index("split")
+        suffix = "" if output == "species" else f"_{output}"
+        overall = pd.read_csv(home.artifact("classifier_evaluation", f"overall_metrics{suffix}.csv")).set_index("split")
+        stats = pd.read_csv(home.artifact("classifier_evaluation", f"label_stats{suffix}.csv"), dtype={"label": str})
+        recalls = stats[(stats["split"] == "test") & stats["label"].isin(set(test[column]))]["recall"]
         rows.append({"output": output, "test_crops": len(test), "top1": round(overall.loc["test", "acc_top1"] / 100, 3),
-                     "majority_top1": round(float((test[column] == majority).mean()), 3)})
+                     "majority_top1": round(float((test[column] == majority).mean()), 3),
+                     "macro_recall": round(float(recalls.mean()), 3), "chance_macro_recall": round(1 / len(recalls), 3)})
     return rows
 
 
@@ -115,19 +120,23 @@ def main() -> None:
     parser.add_argument("--empties", type=int, default=4, help="empty frames per location")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--early-stopping-output", default="species", help="the output whose val top-1 keeps the "
+                        "best epoch (species saturates first on the sample, leaving the other heads early)")
     args = parser.parse_args()
     training = {"model_name": "efficientnet-lite0", "pretrained": "lite0", "image_size": args.image_size,
                 "epochs": args.epochs, "finetune": 1, "batch_size": 16, "num_workers": 0, "progress_every": 0}
+    multi = training | {"early_stopping_output": args.early_stopping_output}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="animl-panthera-") as tmp:
         home = Home(Path(tmp))
         partition = home.add_export("sample", images_per_class_and_location=args.images, behaviours=True,
                                     empties_per_location=args.empties)
-        heads = multi_output(home, partition, training)
+        heads = multi_output(home, partition, multi)
         empty = empty_or_not(home, partition, training, args.empties)
-    print(f"{'output':<14} {'test crops':>10} {'top-1':>7} {'majority':>9}")
+    print(f"{'output':<14} {'test crops':>10} {'top-1':>7} {'majority':>9} {'macro recall':>13} {'chance':>7}")
     for row in heads:
-        print(f"{row['output']:<14} {row['test_crops']:>10} {row['top1']:>7.3f} {row['majority_top1']:>9.3f}")
+        print(f"{row['output']:<14} {row['test_crops']:>10} {row['top1']:>7.3f} {row['majority_top1']:>9.3f} "
+              f"{row['macro_recall']:>13.3f} {row['chance_macro_recall']:>7.3f}")
     print(f"empty-or-not: test AUROC {empty['test_auroc']} on {empty['test_frames']} frames; a new export "
           f"({empty['new_export_images']} images, {empty['new_export_empties']} empty): AUROC {empty['new_export_auroc']}, "
           f"{empty['set_aside']} set aside at p(empty) >= 0.5, {empty['set_aside_precision']} of them empty")

@@ -55,7 +55,8 @@ def _lineage_tags(family: ModelFamily, checkpoint: TrainedClassifier, evaluation
             "animl.exports": ",".join(exports), registry.DAGSTER_RUN_TAG: dagster_run_id,
             "animl.training_run_id": params.get("mlflow_run_id") or "", "animl.model_name": params["model_name"],
             "animl.image_size": str(params["image_size"]),
-            registry.TRAINING_CONFIG_TAG: json.dumps(training_recipe(params), sort_keys=True)}
+            registry.TRAINING_CONFIG_TAG: json.dumps(training_recipe(params), sort_keys=True),
+            **({registry.OUTPUTS_TAG: json.dumps(["species", *params["outputs"]])} if params.get("outputs") else {})}
 
 
 def register_model(context: dg.AssetExecutionContext, config: RegistryConfig,

@@ -191,11 +191,12 @@ def _champion_checkpoint(config: TrainingConfig, family: ModelFamily, storage: A
     return weights, fingerprint + (f":mapping:{config_key(mapping)}" if mapping else ""), sources
 
 
-def _initial_weights(config: TrainingConfig, family: ModelFamily, storage: ArtifactStore, mlflow: MlflowTracking,
-                     dataset: DatasetVersion) -> tuple[Any, str, dict[str, Any]]:
-    """What the model starts from, a fingerprint of it for the resume key and, from a champion, where each
-    class's head row starts from."""
-    if config.init_from == "champion":
+def _initial_weights(config: TrainingConfig, storage: ArtifactStore, mlflow: MlflowTracking | None,
+                     family: ModelFamily = CLASSIFIER, dataset: DatasetVersion | None = None
+                     ) -> tuple[Any, str, dict[str, Any]]:
+    """What the model starts from, a fingerprint of it for the resume key and, from a champion (for ``dataset``'s
+    classes), where each class's head row starts from."""
+    if config.init_from == "champion" and mlflow is not None and dataset is not None:
         return _champion_checkpoint(config, family, storage, mlflow, dataset)
     if config.class_mapping:
         raise stop("class_mapping maps a champion's classes: it needs init_from: champion")
@@ -410,7 +411,7 @@ def train_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, 
     inputs = _training_inputs(context, config, family, classification_dataset, splits, storage)
     params = inputs.params
     label_index = classification_dataset.label_index
-    init, init_fingerprint, transferred = _initial_weights(config, family, storage, mlflow, classification_dataset)
+    init, init_fingerprint, transferred = _initial_weights(config, storage, mlflow, family, classification_dataset)
     key = resume_key(params, inputs.dataset_version, inputs.splits_version,
                      {p: value_version(crops[p], family.images) for p in inputs.partitions if p in crops},
                      init_fingerprint)

@@ -188,6 +188,11 @@ def _kind(value: Any, kind: str) -> str:
     return "ndarray" if isinstance(value, np.ndarray) else kind
 
 
+def listed_files(index: dict[str, Any]) -> list[str]:
+    """Every file an ``artifacts.json`` index lists (a field stored a file per key lists each)."""
+    return [file for entry in index["files"].values() for file in (entry["set"] if "set" in entry else [entry["file"]])]
+
+
 def from_files(read: Any, expected: type | None = None) -> Any:
     """The value ``to_files`` stored; ``read(file_name) -> bytes`` reads a file of its folder. A record loads
     as its class (plain JSON when that class is not loaded here); a JSON mapping stored without a class loads

@@ -27,6 +27,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTED_TAG, REPLACING_TAG = "animl.promoted", "animl.replacing"  # how it became champion; whom it replaces
 REGISTERED_TAG = "animl.registered_version"  # set last: a version without it was never fully registered
 TRAINING_CONFIG_TAG = "animl.training_config"  # the recipe a version was trained with (JSON), for retraining
+OUTPUTS_TAG = "animl.outputs"  # a multi-output version's outputs, species first (JSON): what retraining builds
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # the lineage tags of a registered version, and the assets whose versions they name
 ASSET_OF_TAG = {"animl.dataset_version": "classification_dataset", "animl.splits_version": "splits",
