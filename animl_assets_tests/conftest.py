@@ -132,6 +132,18 @@ def add_export(settings: Settings, instance: dg.DagsterInstance, source: Path, f
     return partition
 
 
+def run_job(settings: Settings, dagster_home: Path, job: str, partition: str | None = None,
+            selection: list[dg.AssetKey] | None = None, **ops):
+    """Run ``job`` of the Definitions over a home in this process (``ops``: each op's config); the result, once
+    it is known to have succeeded."""
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        result = build_definitions(settings).resolve_job_def(job).execute_in_process(
+            instance=instance, raise_on_error=False, partition_key=partition, asset_selection=selection,
+            run_config={"ops": {name: {"config": config} for name, config in ops.items()}})
+    assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
+    return result
+
+
 def run_ingest(settings: Settings, instance: dg.DagsterInstance, partition: str, run_config=None):
     """Materialize the per-export job through the Definitions for one partition."""
     defs = build_definitions(settings)

@@ -13,22 +13,13 @@ from animl_assets.core.dataset.empty import EMPTY, NOT_EMPTY, frame_labels
 from animl_assets.core.ingest.sample import write_sample_export
 from animl_assets.core.layout import partition_folder
 from animl_assets.core.registry import registry, tracking
-from animl_assets.definitions import EMPTY_FRAMES_JOB, EMPTY_SCORE_JOB, EMPTY_TRAIN_JOB, INGEST_JOB, build_definitions
+from animl_assets.definitions import EMPTY_FRAMES_JOB, EMPTY_SCORE_JOB, EMPTY_TRAIN_JOB, INGEST_JOB
 from animl_assets.settings import Settings
-from animl_assets_tests.conftest import REPO, add_export, latest_version
+from animl_assets_tests.conftest import REPO, add_export, latest_version, run_job as _run
 from animl_assets_tests.test_registry_assets import FAST_EVAL, SMALL, _client, _materialized
 
 pytestmark = pytest.mark.slow
 IMAGES = [dg.AssetKey("cct_export"), dg.AssetKey("images")]  # no detector, no crops
-
-
-def _run(settings, dagster_home, job, partition=None, selection=None, **ops):
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        result = build_definitions(settings).resolve_job_def(job).execute_in_process(
-            instance=instance, raise_on_error=False, partition_key=partition, asset_selection=selection,
-            run_config={"ops": {name: {"config": config} for name, config in ops.items()}})
-    assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
-    return result
 
 
 def _export(settings, dagster_home, root, folder, **sample):

@@ -19,21 +19,12 @@ from animl_assets.core.registry import registry, tracking
 from animl_assets.core.review.merge import crop_source
 from animl_assets.definitions import CLASSIFY_JOB, DATASET_JOB, INGEST_JOB, TRAIN_JOB, build_definitions
 from animl_assets.settings import Settings
-from animl_assets_tests.conftest import REPO, add_export, latest_version
+from animl_assets_tests.conftest import REPO, add_export, latest_version, run_job as _run
 from animl_assets_tests.test_registry_assets import FAST_EVAL, SMALL, _client, _materialized
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ["species", "count", "standing", "resting", "moving", "eating", "interacting", "young_present"]
 EXTRA = OUTPUTS[1:]
-
-
-def _run(settings, dagster_home, job, partition=None, selection=None, **ops):
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        result = build_definitions(settings).resolve_job_def(job).execute_in_process(
-            instance=instance, raise_on_error=False, partition_key=partition, asset_selection=selection,
-            run_config={"ops": {name: {"config": config} for name, config in ops.items()}})
-    assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 (a drifted one starts one retraining), and a review queue's corrections change the next dataset."""
 
 import json
-import shutil
 
 import dagster as dg
 import numpy as np
@@ -16,20 +15,11 @@ from animl_assets.core.layout import partition_folder
 from animl_assets.core.ml import open_set
 from animl_assets.core.registry import registry, tracking
 from animl_assets.definitions import CLASSIFY_JOB, DATASET_JOB, RETRAIN_JOB, TRAIN_JOB, build_definitions
-from animl_assets_tests.conftest import add_export, dataset_home, latest_version, run_ingest
+from animl_assets_tests.conftest import add_export, dataset_home, latest_version, run_ingest, run_job as _run
 from animl_assets_tests.test_registry_assets import FAST_EVAL, SMALL, _client, _materialized
 
 pytestmark = pytest.mark.slow
 BUDGET = 10
-
-
-def _run(settings, dagster_home, job, partition=None, selection=None, **ops):
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        result = build_definitions(settings).resolve_job_def(job).execute_in_process(
-            instance=instance, raise_on_error=False, partition_key=partition, asset_selection=selection,
-            run_config={"ops": {name: {"config": config} for name, config in ops.items()}})
-    assert result.success, [e.step_failure_data.error.to_string() for e in result.get_step_failure_events()]
-    return result
 
 
 def _classify(settings, dagster_home, partition, **classifications):

@@ -6,7 +6,7 @@ export's images scored before any detection or crop, so its empties can be set a
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import dagster as dg
 import pandas as pd
