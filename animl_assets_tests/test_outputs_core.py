@@ -128,3 +128,12 @@ def test_a_csv_beside_the_export_gives_values_per_image_or_per_image_and_class()
     assert list(crop_outputs(crops, per_class, [count])[0]["count"]) == [MISSING, "1", MISSING]
     with pytest.raises(OutputSpecError, match="lacks the columns \\['count'\\]"):
         csv_fields(b"file,size\na.jpg,1\n", ["count"], crops)
+
+
+def test_an_outputs_class_that_looks_like_a_number_reads_back_as_written():
+    ds = pd.DataFrame({"path": ["a", "b"], "dataset": ["d", "d"], "location": ["l", "l"],
+                       "dataset_class": ["lion", "lion"], "confidence": [1.0, 1.0], "label": ["lion", "lion"],
+                       "age": ["01", ""]})
+    version = DatasetVersion(ds, {"0": "lion"}, {}, [], {"age": {"0": "01"}})
+    loaded = from_files(to_files(version, "classification_dataset").__getitem__)
+    assert list(loaded.classification_ds["age"]) == ["01", ""]  # not 1: the class its index names

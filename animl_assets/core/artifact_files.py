@@ -70,9 +70,10 @@ def read_checkpoint(data: bytes | str | os.PathLike[str]) -> dict[str, Any]:
     return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu", weights_only=True)
 
 
-def artifact_file(name: str) -> dict[str, str]:
-    """Field metadata naming the file a field of an artifact-set dataclass is stored as."""
-    return {"file": name}
+def artifact_file(name: str, keep_text: bool = False) -> dict[str, Any]:
+    """Field metadata naming the file a field of an artifact-set dataclass is stored as. ``keep_text``: a table
+    whose text columns read back as the text written (``01`` stays ``01``, not the number 1)."""
+    return {"file": name, **({"keep_text": True} if keep_text else {})}
 
 
 def artifact_files(pattern: str) -> dict[str, str]:
@@ -98,13 +99,13 @@ def _dump(value: Any) -> tuple[str, bytes]:
                     "arrays or a dataclass of them")
 
 
-def _load(kind: str, data: bytes) -> Any:
+def _load(kind: str, data: bytes, text: tuple[str, ...] = ()) -> Any:
     if kind == "bytes":
         return Blob(data)
     if kind == "pt":
         return TorchFile(read_checkpoint(data))
     if kind == "csv":
-        return read_csv(data)
+        return read_csv(data, text)
     if kind == "json":
         return json.loads(data)
     if kind in ("npz", "ndarray"):
@@ -152,7 +153,8 @@ def to_files(value: Any, name: str) -> dict[str, bytes]:
             kind, data = _dump(getattr(value, field.name))
             file = field.metadata.get("file", f"{field.name}.{kind}")
             files[file] = gzip.compress(data, mtime=0) if file.endswith(".gz") else data
-            index["files"][field.name] = {"file": file, "kind": _kind(getattr(value, field.name), kind)}
+            index["files"][field.name] = {"file": file, "kind": _kind(getattr(value, field.name), kind),
+                                          **_text_columns(getattr(value, field.name), field)}
     else:
         kind, data = _dump(value)
         files = {f"{name}.{kind}": data}
@@ -175,6 +177,14 @@ def _read_file_set(entry: dict[str, Any], read: Any) -> dict[str, Any]:
     prefix, _, suffix = entry["pattern"].partition("{}")
     return {file[len(prefix):len(file) - len(suffix)]: _load(kind, _unzipped(file, read(file)))
             for file, kind in entry["set"].items()}
+
+
+def _text_columns(value: Any, field: dataclasses.Field) -> dict[str, list[str]]:
+    """The index's record of a ``keep_text`` table's text columns, which loading reads as text."""
+    if not (field.metadata.get("keep_text") and isinstance(value, pd.DataFrame)):
+        return {}
+    return {"text": [str(c) for c in value.columns
+                     if pd.api.types.is_object_dtype(value[c]) or pd.api.types.is_string_dtype(value[c])]}
 
 
 def _left_out(value: Any, field: dataclasses.Field) -> bool:
@@ -207,7 +217,7 @@ def from_files(read: Any, expected: type | None = None) -> Any:
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise ValueError(f"refusing to load an artifact set of class {index['class']!r}: not a loaded dataclass")
     return cls(**{field: _read_file_set(entry, read) if "set" in entry
-                  else _load(entry["kind"], _unzipped(entry["file"], read(entry["file"])))
+                  else _load(entry["kind"], _unzipped(entry["file"], read(entry["file"])), tuple(entry.get("text", ())))
                   for field, entry in index["files"].items()})
 
 

@@ -12,7 +12,9 @@ ID_COLUMNS = ("path", "dataset", "location", "dataset_class", "label", "labels",
               "image", "crop", "category", "status", "error", "source", "mode")
 
 
-def read_csv(data: bytes | str) -> pd.DataFrame:
-    """A CSV table with the ID_COLUMNS it has as strings (empty cells missing); other columns inferred."""
+def read_csv(data: bytes | str, text: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV table with the ID_COLUMNS it has, and the ``text`` columns, as strings (empty cells missing); other
+    columns inferred."""
     buffer = io.BytesIO(data) if isinstance(data, bytes) else io.StringIO(data)
-    return pd.read_csv(buffer, dtype={name: str for name in ID_COLUMNS}, keep_default_na=False, na_values=[""])
+    return pd.read_csv(buffer, dtype={name: str for name in (*ID_COLUMNS, *text)}, keep_default_na=False,
+                       na_values=[""])

@@ -39,7 +39,7 @@ class DatasetReport:
 class DatasetVersion:
     """One version of the classification dataset, as the reference scripts' files."""
 
-    classification_ds: pd.DataFrame = field(metadata=artifact_file("classification_ds.csv"))
+    classification_ds: pd.DataFrame = field(metadata=artifact_file("classification_ds.csv", keep_text=True))
     label_index: dict[str, str] = field(metadata=artifact_file("label_index.json"))
     label_spec: dict[str, Any] = field(metadata=artifact_file("label_spec.json"))
     match_test_locations: list[list[str]] = field(metadata=artifact_file("match_test_locations.json"))
